@@ -1,0 +1,3 @@
+from magic_align.cli import app
+
+app()

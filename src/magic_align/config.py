@@ -1,0 +1,341 @@
+"""Typed configuration for every stage, loaded from TOML, with presets and `--set key=value` overrides.
+
+One pydantic model per stage. Defaults are the paper's values (method.md section 3) unless a field says
+otherwise; the `paper` preset spells them out, `tiny` and `demo` shrink them for CPU machines.
+Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user: which key, which value, what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    # hub: a Hugging Face id (+ revision); local: a diffusers folder; tiny: random-init tiny SD for tests;
+    # demo: the built-in demo base model (trained on first use and cached).
+    source: Literal["hub", "local", "tiny", "demo"] = "hub"
+    pretrained: str = "stabilityai/stable-diffusion-2-1-base"
+    revision: str | None = None
+    resolution: int = Field(512, ge=32)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 0  # seeds the random init of the tiny model
+    negative_prompt: str = ""
+    prompt_template: str = "an image of {token} on human skin"
+
+
+# ------------------------------------------------------------------------------------------------ data
+class DataConfig(Section):
+    kind: Literal["fitzpatrick17k", "scin", "pad-ufes-20", "folder", "procedural"] = "fitzpatrick17k"
+    csv: Path | None = None
+    images: Path | None = None
+    num_classes: int = Field(20, ge=2)  # the N largest classes
+    train_fraction: float = Field(0.5, gt=0, lt=1)
+    split_seed: int = 0
+    few_shot_fraction: float | None = Field(None, gt=0, le=1)
+    on_bad_image: Literal["skip", "stop"] = "skip"
+    max_image_pixels: int = Field(89_478_485, ge=1)
+    procedural_per_class: int = Field(200, ge=1)  # only for kind = "procedural"
+
+
+# -------------------------------------------------------------------------------------------- sampling
+class SampleConfig(Section):
+    num_sources: int = Field(1024, ge=1)  # (source, target) units; each gives `samples_per_unit` samples
+    samples_per_unit: int = Field(2, ge=1)  # K; 2 is the paper's pair
+    steps: int = Field(100, ge=1)
+    strength: float = Field(0.3, gt=0, le=1)
+    eta: float = Field(1.0, ge=0)
+    guidance: float = Field(5.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    target_selection: Literal["uniform", "same_region"] = "same_region"
+    latent_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    shard_size: int = Field(256, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------- judge
+class Price(Section):
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class JudgeConfig(Section):
+    backend: Literal["openai", "hf", "rules", "human", "ensemble"] = "openai"
+    checklist: str = "fitzpatrick20"  # a built-in id or a path to a YAML file
+    model: str = "gpt-4o"
+    base_url: str | None = None  # None: the OpenAI API
+    api_key_env: str = "OPENAI_API_KEY"
+    prompt_style: Literal["paper", "structured"] = "paper"
+    concurrency: int = Field(16, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    image_size: int = Field(512, ge=32)  # longest side of the image sent
+    allow_remote: bool = False
+    send_real_images: bool = False
+    budget_usd: float | None = Field(None, ge=0)
+    prices: dict[str, Price] = Field(
+        default_factory=lambda: {
+            "gpt-4o": Price(input_per_mtok=2.5, output_per_mtok=10.0),
+            "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.6),
+        }
+    )
+    members: list[str] = Field(default_factory=list)  # ensemble: judge ids already in the ledger
+    ensemble_rule: Literal["majority", "mean"] = "majority"
+    hf_batch_size: int = Field(4, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------- pairs
+class PairsConfig(Section):
+    rule: Literal["paper", "margin", "weighted"] = "paper"
+    margin: float = Field(1.0, ge=0)
+    item_weights: list[float] | None = None
+    prefer_human: bool = False
+    min_kappa: float | None = Field(None, ge=-1, le=1)
+    reward: Literal["count", "fraction"] = "fraction"
+
+
+# ------------------------------------------------------------------------------------------- training
+class FinetuneConfig(Section):
+    seed: int = 0
+    resolution: int | None = None  # None: model.resolution
+    # textual inversion
+    ti_init_word: str = "skin"
+    ti_steps: int = Field(500, ge=0)
+    ti_lr: float = Field(5e-4, gt=0)
+    ti_scale_lr: bool = True  # lr x batch x accumulation, as the paper's scripts do
+    ti_batch_size: int = Field(4, ge=1)
+    ti_grad_accum: int = Field(4, ge=1)
+    # UNet LoRA
+    lora_rank: int = Field(32, ge=1)
+    lora_alpha: float = Field(32, gt=0)
+    lora_steps: int = Field(3000, ge=0)
+    lora_lr: float = Field(5e-6, gt=0)
+    lora_batch_size: int = Field(4, ge=1)
+    lr_scheduler: str = "cosine"
+    grad_clip: float = Field(1.0, gt=0)
+    center_crop: bool = True
+    random_flip: bool = True
+    checkpoint_every: int = Field(500, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+class DPOConfig(Section):
+    seed: int = 0
+    beta: float = Field(0.1, gt=0)
+    clip: float | None = Field(0.1, gt=0)  # ratio clamp [1 - clip, 1 + clip]; None disables it
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    lora_rank: int = Field(32, ge=1)
+    lora_alpha: float = Field(32, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    pairs_per_step: int = Field(8, ge=1)
+    iterations: int = Field(128, ge=1)
+    lr_scheduler: str = "constant"
+    use_8bit_adam: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    recompute_reference: bool = False
+    checkpoint_every: int = Field(32, ge=1)
+    log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
+    rounds: int = Field(1, ge=1)
+
+
+class RFTConfig(Section):
+    seed: int = 0
+    reward_backbone: str = "efficientnet-lite0"
+    reward_epochs: int = Field(20, ge=1)
+    reward_lr: float = Field(1e-3, gt=0)
+    beta_real: float = Field(0.1, ge=0)  # beta_r: weight of the denoising loss on real images
+    steps: int = Field(500, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    lora_rank: int = Field(32, ge=1)
+    lora_alpha: float = Field(32, gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    reward_power: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+# --------------------------------------------------------------------------------- synthesis and eval
+class SynthesizeConfig(Section):
+    per_image: int = Field(1, ge=1)
+    size: int = Field(256, ge=16)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    extra_sources: Path | None = None  # a folder of unlabeled images (MAGIC-A)
+    judge: bool = False
+
+
+class EvaluateConfig(Section):
+    backbones: list[str] = Field(default_factory=lambda: ["resnet-18", "dinov2"])
+    mode: Literal["linear_probe", "finetune"] = "finetune"
+    seeds: int = Field(5, ge=1)
+    epochs: int = Field(200, ge=1)
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["adam", "sgd", "adamw"] = "adam"
+    step_size: int = Field(50, ge=1)
+    gamma: float = Field(0.1, gt=0)
+    batch_size: int = Field(32, ge=1)
+    rho: float = Field(0.2, ge=0, lt=1)
+    image_size: int = Field(224, ge=16)
+    fid_features: str = "efficientnet-lite0"
+    bootstrap: int = Field(1000, ge=0)
+    held_out_judge: str | None = None
+
+
+class ReviewConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    queue: Literal["stratified", "disagreements", "uncertain"] = "disagreements"
+    per_condition: int = Field(20, ge=1)
+
+
+# ------------------------------------------------------------------------------------------------- run
+class RunConfig(Section):
+    name: str = "run"
+    runs_dir: Path = Path("runs")
+    seed: int = 0
+    rounds: int = Field(1, ge=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    rft: RFTConfig = Field(default_factory=RFTConfig)
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str) -> str:
+        if not value or "/" in value or "\\" in value or value in {".", ".."}:
+            raise ValueError("must be a plain folder name (no slashes)")
+        return value
+
+    @model_validator(mode="after")
+    def _tiny_models_are_local(self) -> "RunConfig":
+        if self.model.source == "local" and not Path(self.model.pretrained).exists():
+            raise ValueError(
+                f"model.pretrained = {self.model.pretrained!r} is not a folder; with model.source = 'local' it "
+                "must point at a diffusers model folder (the one holding model_index.json)"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+
+PRESETS = ("paper", "tiny", "demo")
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("magic_align") / "presets" / f"{name}.toml"))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set sample.strength=0.5")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: the key before '=' is empty")
+    try:  # a TOML value (number, bool, list, quoted string); anything else is taken as a bare string
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_nested(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (or name a preset: {', '.join(PRESETS)})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check the spelling; `magic config show` lists every key)")
+            continue
+        value = problem.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  {key}{shown}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(source: str | Path = "paper", overrides: list[str] | None = None) -> RunConfig:
+    """Load a run configuration from a preset name or a TOML file, then apply `key=value` overrides.
+
+    A TOML file may start from a preset with a top-level `preset = "tiny"` key.
+    """
+    source_text = str(source)
+    if source_text in PRESETS:
+        data = _read_toml(preset_path(source_text))
+    else:
+        data = _read_toml(Path(source_text))
+        base = data.pop("preset", None)
+        if base is not None:
+            if base not in PRESETS:
+                raise ConfigError(f"{source_text}: preset = {base!r} is not a preset; expected one of {PRESETS}")
+            data = _deep_merge(_read_toml(preset_path(base)), data)
+    for text in overrides or []:
+        path, value = _parse_override(text)
+        _set_nested(data, path, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source_text)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved configuration as TOML (written once into the run directory)."""
+    import tomli_w
+
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))

@@ -40,3 +40,204 @@ def config_show(config: ConfigArg = "paper", set_: SetOpt = None) -> None:
 
 
 # Stage commands are added below, one per stage module.
+
+
+@app.command("evaluate")
+def evaluate_command(
+    config: ConfigArg,
+    settings: Annotated[
+        Optional[list[str]],
+        typer.Option("--settings", help="Settings to compare (repeatable or comma-separated): real, t2i, i2i, "
+                     "magic-dpo, magic-rft. Default: all; 'real' is always included."),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Classifier real vs real + synthetic, FID/KID and checklist pass rate -> run/eval/metrics.json."""
+    from magic_align.data.records import DataError
+    from magic_align.evaluate.stage import EvaluateError, run_evaluate
+
+    run_config = load(config, set_)
+    chosen = [part for text in settings or [] for part in text.split(",") if part.strip()] or None
+    try:
+        metrics = run_evaluate(run_config, chosen, progress=lambda text: console.print(text, highlight=False))
+    except (EvaluateError, DataError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    for row in metrics["classifier"]:
+        accuracy = row["accuracy"]
+        typer.echo(f"{row['backbone']:<18} {row['group']:<9} {row['label']:<36} accuracy "
+                   f"{accuracy['value']:.3f} [{accuracy['low']:.3f}, {accuracy['high']:.3f}]  "
+                   f"F1 {row['f1']['value']:.3f}")
+    for note in metrics["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {run_config.run_dir / 'eval' / 'metrics.json'}")
+
+
+# ------------------------------------------------------------------------------- judge, pairs, agreement
+RoundOpt = Annotated[int, typer.Option("--round", help="Sampling round (0 for the first).")]
+JudgeIdOpt = Annotated[
+    Optional[str], typer.Option("--judge", help="Judge id in the ledger (default: the configured judge).")
+]
+
+
+def _feedback_errors() -> tuple[type[BaseException], ...]:
+    from magic_align.checklists.schema import ChecklistError
+    from magic_align.feedback import FeedbackError
+    from magic_align.judge import JudgeStageError
+    from magic_align.judges.privacy import PrivacyError
+    from magic_align.ledger import LedgerError
+
+    return (JudgeStageError, FeedbackError, ChecklistError, LedgerError, PrivacyError)
+
+
+@app.command("judge")
+def judge_command(
+    config: ConfigArg,
+    round_: RoundOpt = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate calls, tokens and cost; ask nothing.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Grade the round's samples against their checklists; every answer goes to the ledger as it arrives."""
+    from magic_align.judge import run_judge
+
+    run_config = load(config, set_)
+    try:
+        summary = run_judge(run_config, round_index=round_, dry_run=dry_run, console=console)
+    except _feedback_errors() as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    output = Console()
+    for table in summary.tables():
+        output.print(table)
+    if summary.stopped:
+        console.print(f"[yellow]stopped:[/yellow] {summary.stopped}", highlight=False)
+    for problem in summary.not_readable:
+        console.print(f"[yellow]not graded:[/yellow] {problem}", highlight=False)
+
+
+@app.command("pairs")
+def pairs_command(
+    config: ConfigArg,
+    round_: RoundOpt = 0,
+    judge: JudgeIdOpt = None,
+    export_dpo: Annotated[
+        Optional[Path], typer.Option("--export-dpo", help="Also write the pairs as a Diffusion-DPO dataset folder.")
+    ] = None,
+    import_authors: Annotated[
+        Optional[Path], typer.Option("--import-authors", help="Import the authors' feedback JSON and build pairs from it.")
+    ] = None,
+    export_authors: Annotated[
+        Optional[Path], typer.Option("--export-authors", help="Also write the verdicts in the authors' feedback JSON layout.")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build the round's preference pairs (and rewards) from the verdicts or reviews."""
+    from magic_align.feedback import export_authors_feedback, export_dpo_dataset, import_authors_feedback, run_pairs
+
+    run_config = load(config, set_)
+    try:
+        if import_authors is not None:
+            judge = import_authors_feedback(run_config, import_authors, round_)
+            console.print(f"imported {import_authors} as judge {judge}", highlight=False)
+        summary = run_pairs(run_config, round_index=round_, judge_id=judge)
+        Console().print(summary.table())
+        if export_authors is not None:
+            count = export_authors_feedback(run_config, export_authors, round_, judge_id=judge)
+            console.print(f"wrote {count} prompts to {export_authors}", highlight=False)
+        if export_dpo is not None:
+            count = export_dpo_dataset(run_config, export_dpo, round_)
+            console.print(f"wrote {count} pairs to {export_dpo}/metadata.jsonl (+ metadata.csv, images/)", highlight=False)
+    except _feedback_errors() as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+@app.command("agreement")
+def agreement_command(
+    config: ConfigArg,
+    against: Annotated[str, typer.Option("--against", help="'human' (the reviews) or another judge id.")] = "human",
+    judge: JudgeIdOpt = None,
+    round_: Annotated[Optional[int], typer.Option("--round", help="Only this round (default: all).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Per-item Cohen's kappa, agreement, TPR and TNR with bootstrap 95 % intervals."""
+    from magic_align.judges.agreement import run_agreement
+
+    run_config = load(config, set_)
+    try:
+        report = run_agreement(run_config, against=against, judge_id=judge, round_index=round_)
+    except (*_feedback_errors(), ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    if not report.items:
+        console.print(f"no image is graded by both {report.judge_id} and {against}", highlight=False)
+        raise typer.Exit(1)
+    Console().print(report.table())
+    if report.skipped:
+        console.print(f"{report.skipped} images skipped (older checklist version or failed answer)", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------ data
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: check images and labels, build the train/test split.")
+app.add_typer(data_app, name="data")
+
+
+def _data_errors() -> tuple[type[Exception], ...]:
+    from magic_align.checklists.schema import ChecklistError
+    from magic_align.data.images import BadImageError
+    from magic_align.data.records import DataError
+
+    return DataError, BadImageError, ChecklistError
+
+
+def _image_progress(description: str):
+    """A rich progress bar plus the two callbacks the data functions take (total, advance)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+    task = bar.add_task(description, total=None)
+    return bar, (lambda total: bar.update(task, total=total)), (lambda step: bar.advance(task, step))
+
+
+@data_app.command("check")
+def data_check_command(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Report skipped CSV rows, unreadable images (file and row) and labels without a checklist."""
+    from magic_align.data.check import run_data_check
+    from magic_align.run import prepare_run
+
+    run_config = load(config, set_)
+    bar, on_total, advance = _image_progress("checking images")
+    try:
+        with bar:
+            report = run_data_check(run_config, prepare_run(run_config), progress=advance, on_total=on_total)
+    except _data_errors() as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    typer.echo(report.summary())
+    if report.images.bad:
+        raise typer.Exit(1)
+
+
+@data_app.command("split")
+def data_split_command(
+    config: ConfigArg,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild run/data/split.csv even if it exists.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Build (or show) the run's train/test split: the N largest classes, stratified, group-aware."""
+    from magic_align.data.split import run_split
+    from magic_align.run import prepare_run
+
+    run_config = load(config, set_)
+    paths = prepare_run(run_config)
+    bar, on_total, advance = _image_progress("checking images")
+    try:
+        with bar:
+            split = run_split(run_config, paths, force=force, progress=advance, on_total=on_total)
+    except _data_errors() as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    for name, (train, test) in split.counts().items():
+        typer.echo(f"{name:<32} train {train:>5}  test {test:>5}")
+    few = f", few-shot {len(split.few_shot)}" if split.few_shot else ""
+    typer.echo(f"{len(split.classes)} classes: train {len(split.train)}, test {len(split.test)}{few} -> {paths.data / 'split.csv'}")

@@ -49,6 +49,7 @@ class DataConfig(Section):
     on_bad_image: Literal["skip", "stop"] = "skip"
     max_image_pixels: int = Field(89_478_485, ge=1)
     procedural_per_class: int = Field(200, ge=1)  # only for kind = "procedural"
+    procedural_seed: int = 0  # only for kind = "procedural": seeds the generated demo images
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -84,6 +85,8 @@ class JudgeConfig(Section):
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
     max_retries: int = Field(6, ge=0)
+    retry_base_s: float = Field(1.0, gt=0)  # first backoff step; doubles per retry (with jitter), up to retry_max_s
+    retry_max_s: float = Field(60.0, gt=0)  # a Retry-After header from the server takes precedence
     timeout_s: float = Field(60.0, gt=0)
     image_size: int = Field(512, ge=32)  # longest side of the image sent
     allow_remote: bool = False
@@ -95,7 +98,9 @@ class JudgeConfig(Section):
             "gpt-4o-mini": Price(input_per_mtok=0.15, output_per_mtok=0.6),
         }
     )
-    members: list[str] = Field(default_factory=list)  # ensemble: judge ids already in the ledger
+    # ensemble: member judges as "backend" or "backend:model" (e.g. "openai:gpt-4o", "hf:google/medgemma-4b-it",
+    # "rules"), each built from this section with that backend and model; combined per item by ensemble_rule
+    members: list[str] = Field(default_factory=list)
     ensemble_rule: Literal["majority", "mean"] = "majority"
     hf_batch_size: int = Field(4, ge=1)
 
@@ -133,6 +138,7 @@ class FinetuneConfig(Section):
     random_flip: bool = True
     checkpoint_every: int = Field(500, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
 
 
 class DPOConfig(Section):
@@ -150,10 +156,16 @@ class DPOConfig(Section):
     lr_scheduler: str = "constant"
     use_8bit_adam: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    recompute_reference: bool = False
+    lr_warmup_steps: int = Field(0, ge=0)
+    # The reference of the loss. "initial": the model DPO starts from (preliminary model), which in round 0 are
+    # the log-probs stored at sampling time (no second UNet) and in later rounds are recomputed with the DPO
+    # adapter disabled. "sampling": always the stored log-probs, i.e. the policy that sampled each round.
+    reference: Literal["initial", "sampling"] = "initial"
+    recompute_reference: bool = False  # force recomputation (trajectories sampled by another policy)
+    guidance: float | None = None  # None: the guidance the trajectories were sampled with (their header)
+    steps_per_forward: int | None = Field(None, ge=1)  # (sample, step) rows per UNet pass; None: a whole pair
     checkpoint_every: int = Field(32, ge=1)
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
-    rounds: int = Field(1, ge=1)
 
 
 class RFTConfig(Section):
@@ -195,9 +207,14 @@ class EvaluateConfig(Section):
     batch_size: int = Field(32, ge=1)
     rho: float = Field(0.2, ge=0, lt=1)
     image_size: int = Field(224, ge=16)
-    fid_features: str = "efficientnet-lite0"
+    fid_features: str = "efficientnet-lite0"  # "inception" (needs torch-fidelity + weights) or a backbone name
+    fid_resamples: int = Field(100, ge=0)  # bootstrap resamples for the FID/KID intervals (each one is an FID)
+    kid_subsets: int = Field(100, ge=1)
     bootstrap: int = Field(1000, ge=0)
-    held_out_judge: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backbone_paths: dict[str, Path] = Field(default_factory=dict)  # backbone name -> local save_pretrained folder
+    judge_synthetic: bool = False  # grade synthetic sets without manifest verdicts with the run's judge
+    held_out_judge: JudgeConfig | None = None  # a second judge, not used in training, for the pass rate
 
 
 class ReviewConfig(Section):

@@ -1,0 +1,213 @@
+"""The train/test split: the N largest classes, stratified per class, seeded, group-aware.
+
+The paper's split is the 20 largest Fitzpatrick17k classes, 50/50 at random. Here a leakage group (a SCIN
+case, a PAD-UFES-20 patient; the image itself otherwise) always lands on one side, so no patient is both
+trained and tested on. Groups are placed greedily, largest first, each on the side that keeps every class
+closest to its train fraction; with one image per group this is exact (round(fraction x count) per class).
+
+The split is written once to `run/data/split.csv` (id, label, group, split, few_shot) with the settings it
+was made with in `run/data/split.json`; every later stage reads it back (`run_split`), so all stages and
+reruns see the same images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from magic_align.data.records import DataError, Record
+from magic_align.run import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    from magic_align.config import RunConfig
+    from magic_align.run import RunPaths
+
+SPLIT_COLUMNS = ("id", "label", "group", "split", "few_shot")
+
+
+@dataclass
+class Split:
+    train: list[Record]
+    test: list[Record]
+    classes: list[str]  # largest first; classes[i] is class index i for a classifier
+    few_shot: list[Record] = field(default_factory=list)  # a stratified subset of train (empty if not asked)
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """class -> (train images, test images)."""
+        train, test = Counter(r.label for r in self.train), Counter(r.label for r in self.test)
+        return {name: (train[name], test[name]) for name in self.classes}
+
+
+def largest_classes(records: list[Record], num_classes: int) -> list[str]:
+    """The `num_classes` labels with most records (ties broken by name, so the choice is reproducible)."""
+    counts = Counter(r.label for r in records if r.label is not None)
+    if len(counts) < num_classes:
+        raise DataError(
+            f"data.num_classes = {num_classes} but the data has only {len(counts)} label(s): "
+            f"{', '.join(sorted(counts)) or 'none'}; lower data.num_classes or add data"
+        )
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [label for label, _ in ranked[:num_classes]]
+
+
+def assign_groups(records: list[Record], train_fraction: float, rng: random.Random) -> set[str]:
+    """The ids that go to train. Whole groups move together; per-class counts stay near the fraction.
+
+    Groups are taken largest first (random order among equal sizes); each goes to the side where the sum of
+    squared distances between every class's count and its target grows least (ties: a coin flip).
+    """
+    by_group: dict[str, list[Record]] = defaultdict(list)
+    for record in records:
+        by_group[record.group or record.id].append(record)
+    names = sorted(by_group)
+    rng.shuffle(names)
+    names.sort(key=lambda name: -len(by_group[name]))  # stable: random order within one size
+
+    totals = Counter(r.label for r in records)
+    target = {label: {"train": round(train_fraction * n), "test": n - round(train_fraction * n)}
+              for label, n in totals.items()}
+    placed = {label: {"train": 0, "test": 0} for label in totals}
+    train_ids: set[str] = set()
+    for name in names:
+        members = Counter(r.label for r in by_group[name])
+
+        def growth(side: str) -> int:
+            # change in sum over classes of (placed - target)^2 when this group's k members join `side`
+            return sum(2 * k * (placed[c][side] - target[c][side]) + k * k for c, k in members.items())
+
+        train_cost, test_cost = growth("train"), growth("test")
+        side = "train" if train_cost < test_cost or (train_cost == test_cost and rng.random() < 0.5) else "test"
+        for label, k in members.items():
+            placed[label][side] += k
+        if side == "train":
+            train_ids.update(r.id for r in by_group[name])
+    return train_ids
+
+
+def few_shot_subset(train: list[Record], fraction: float, rng: random.Random) -> list[Record]:
+    """A stratified random fraction of the training images (at least one per class)."""
+    by_label: dict[str, list[Record]] = defaultdict(list)
+    for record in train:
+        by_label[record.label].append(record)
+    chosen: set[str] = set()
+    for label in sorted(by_label):
+        members = sorted(by_label[label], key=lambda r: r.id)
+        count = max(1, round(fraction * len(members)))
+        chosen.update(r.id for r in rng.sample(members, count))
+    return [r for r in train if r.id in chosen]
+
+
+def build_split(records: list[Record], num_classes: int, train_fraction: float, seed: int,
+                few_shot_fraction: float | None = None) -> Split:
+    """Split the records of the N largest classes into train and test (see the module docstring)."""
+    classes = largest_classes(records, num_classes)
+    wanted = set(classes)
+    kept = sorted((r for r in records if r.label in wanted), key=lambda r: r.id)
+    rng = random.Random(seed)
+    train_ids = assign_groups(kept, train_fraction, rng)
+    train = [r for r in kept if r.id in train_ids]
+    test = [r for r in kept if r.id not in train_ids]
+    train_counts, test_counts = Counter(r.label for r in train), Counter(r.label for r in test)
+    lopsided = [f"{c} (train {train_counts[c]}, test {test_counts[c]})" for c in classes
+                if not train_counts[c] or not test_counts[c]]
+    if lopsided:
+        raise DataError(f"the split left class(es) with no train or no test image: {', '.join(lopsided)}; each needs "
+                        "images in at least two groups (cases, patients): add data or lower data.num_classes")
+    few_shot = few_shot_subset(train, few_shot_fraction, rng) if few_shot_fraction else []
+    return Split(train=train, test=test, classes=classes, few_shot=few_shot)
+
+
+# ------------------------------------------------------------------------------------------ files
+def write_split(split: Split, csv_path: Path, settings: dict) -> None:
+    """split.csv (one row per record) and split.json (settings, classes, counts) beside it."""
+    few = {r.id for r in split.few_shot}
+    with atomic_path(csv_path) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SPLIT_COLUMNS)
+            for side, members in (("train", split.train), ("test", split.test)):
+                for r in members:
+                    writer.writerow([r.id, r.label, r.group, side, int(r.id in few)])
+    summary = {"settings": settings, "classes": split.classes,
+               "counts": {name: list(pair) for name, pair in split.counts().items()},
+               "few_shot": len(split.few_shot)}
+    atomic_write_text(csv_path.with_suffix(".json"), json.dumps(summary, indent=2))
+
+
+def read_split(csv_path: Path, records: list[Record]) -> Split:
+    """Rebuild a split from split.csv and the dataset's records (matched by id)."""
+    by_id = {r.id: r for r in records}
+    train, test, few_shot = [], [], []
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in SPLIT_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{csv_path} is missing column(s) {', '.join(missing)}; expected {', '.join(SPLIT_COLUMNS)}")
+        for row, fields in enumerate(reader, start=1):
+            record = by_id.get(fields["id"])
+            if record is None:
+                raise DataError(f"{csv_path} row {row}: id {fields['id']!r} is not in the dataset any more; "
+                                "the data changed since the split was made (rebuild it: magic data split --force)")
+            if fields["split"] not in ("train", "test"):
+                raise DataError(f"{csv_path} row {row}: split {fields['split']!r} is not 'train' or 'test'")
+            (train if fields["split"] == "train" else test).append(record)
+            if fields["few_shot"] == "1":
+                few_shot.append(record)
+    summary_path = csv_path.with_suffix(".json")
+    classes = json.loads(summary_path.read_text())["classes"] if summary_path.is_file() else \
+        [label for label, _ in Counter(r.label for r in train + test).most_common()]
+    return Split(train=train, test=test, classes=classes, few_shot=few_shot)
+
+
+def split_settings(config: "RunConfig") -> dict:
+    data = config.data
+    return {"kind": data.kind, "csv": str(data.csv) if data.csv else None, "num_classes": data.num_classes,
+            "train_fraction": data.train_fraction, "seed": data.split_seed, "few_shot_fraction": data.few_shot_fraction,
+            "checklist": config.judge.checklist}
+
+
+def run_split(config: "RunConfig", paths: "RunPaths", force: bool = False,
+              progress: Callable[[int], None] | None = None,
+              on_total: Callable[[int], None] | None = None) -> Split:
+    """The run's split: read from run/data/split.csv when it exists for the same settings, else built
+    (records loaded, images checked as data.on_bad_image says, classes checked against the checklist)."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data import load_records
+    from magic_align.data.check import check_images
+
+    csv_path = paths.data / "split.csv"
+    settings = split_settings(config)
+    checklists = load_checklists(config.judge.checklist)
+    records = load_records(config.data, paths, conditions=checklists.condition_names)
+    if csv_path.is_file() and not force:
+        summary_path = csv_path.with_suffix(".json")
+        stored = json.loads(summary_path.read_text()).get("settings") if summary_path.is_file() else None
+        if stored is not None and stored != settings:
+            changed = sorted(k for k in settings if stored.get(k) != settings[k])
+            raise DataError(f"{csv_path} was made with other settings ({', '.join(changed)} differ); a run keeps "
+                            "one split: use a new run name, or rebuild it with magic data split --force")
+        return read_split(csv_path, records)
+    if on_total is not None:
+        on_total(len(records))
+    good, _ = check_images(records, config.data, progress)
+    split = build_split(good, config.data.num_classes, config.data.train_fraction, config.data.split_seed,
+                        config.data.few_shot_fraction)
+    require_checklists(split.classes, checklists.condition_names, checklists.id)
+    write_split(split, csv_path, settings)
+    return split
+
+
+def require_checklists(classes: list[str], conditions: Collection[str], checklist_id: str) -> None:
+    """Every class of the split must have a checklist: it is a target the judge grades against."""
+    missing = [c for c in classes if c not in conditions]
+    if missing:
+        raise DataError(
+            f"class(es) {', '.join(missing)} of the split have no checklist in {checklist_id!r} (expected labels: "
+            f"{', '.join(conditions)}); rename the labels in the data, add checklists, or lower data.num_classes"
+        )

@@ -1,0 +1,386 @@
+"""The demo base model: a small latent diffusion model that knows skin but not the demo conditions.
+
+It is a real Stable Diffusion pipeline in diffusers format (AutoencoderKL + UNet2DConditionModel +
+CLIPTextModel + CLIPTokenizer + DDIMScheduler), only tiny, trained from scratch on CPU on condition-free
+procedural images (healthy skin and low-contrast generic lesions, `data.procedural.generate_condition_free`)
+with generic captions ("a photo of skin", "a photo of a skin lesion"). The six demo conditions never appear
+in its training data, so finetune has to learn their tokens and LoRA, and DPO / RFT align them.
+
+Recipe (demo-notes.md): VAE (16, 32, 64) channels, 4x downsampling (64 px -> 4 x 16 x 16), trained on
+32 px random crops with MSE + 0.5 L1 + a tiny KL; latent scale = 1 / std; UNet (32, 64, 128) with
+cross-attention only at the two lowest resolutions; a 2-layer CLIP text encoder of width 64 on a small
+word-level vocabulary built here; UNet and text encoder trained jointly with AdamW, warm-up + cosine and EMA,
+10 % empty captions so classifier-free guidance works.
+
+The trained model ships in `magic_align/assets/demo-base/` (fp16 safetensors, < 15 MB). `demo_model_dir()`
+returns it; if it is missing, the model is trained once into `~/.cache/magic-align/demo-base`.
+Rebuild: `magic data demo-model --out DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from magic_align.data.procedural import condition_free_labels, render_arrays
+
+MAX_TOKENS = 16
+HIDDEN = 64
+
+# The words the tokenizer knows as whole tokens; anything else falls back to byte-level pieces, and
+# textual inversion adds its tokens on top. Longest words first so their merges win (see build_tokenizer).
+VOCABULARY_WORDS = """
+a an the of on in with and or at to by for from near over under without this that is are
+photo image picture close up closeup view clinical dermoscopic dermatology medical
+human skin lesion lesions patch patches spot spots mark rash area surface texture tone colour color
+healthy normal clear smooth light dark pale white red pink brown tan black blue green grey gray purple
+small large big tiny round oval irregular regular single multiple many several few cluster ring rings
+border centre center edge raised flat scaly scale dry
+face head scalp forehead cheek neck trunk chest back abdomen arm arms leg legs hand hands foot feet
+limb limbs extremities elbow knee
+type fitzpatrick i ii iii iv v vi 1 2 3 4 5 6
+person patient body part
+""".split()
+
+CAPTIONS_HEALTHY = ("a photo of skin", "a photo of healthy skin", "an image of healthy human skin", "an image of skin")
+CAPTIONS_LESION = (
+    "a photo of a skin lesion",
+    "an image of a lesion on human skin",
+    "a photo of a lesion on skin",
+    "an image of a skin lesion on human skin",
+)
+REGION_PHRASES = {"head": "on the face", "trunk": "on the trunk", "extremities": "on the arm"}
+
+
+@dataclass(frozen=True)
+class DemoModelRecipe:
+    seed: int = 0
+    images: int = 3000
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_crop: int = 32
+    unet_steps: int = 1400
+    unet_batch: int = 48
+    unet_lr: float = 8e-4
+    warmup: int = 50
+    ema_decay: float = 0.995
+    empty_caption_fraction: float = 0.1
+
+
+# ------------------------------------------------------------------------------------------ components
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (the GPT-2 / CLIP convention)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(code) for code in codes]
+
+
+def build_vocabulary(words: list[str] = VOCABULARY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small byte-level BPE vocabulary: every byte (alone and word-final) plus one merge chain per word.
+
+    Merges build each word left to right; longer words go first so that a short word's merge (e.g.
+    'a n</w>') does not split a longer word that contains it."""
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for symbol in alphabet:
+        vocab[symbol] = len(vocab)
+    for symbol in alphabet:
+        vocab[symbol + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in sorted(dict.fromkeys(words), key=lambda w: (-len(w), w)):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            merged = parts[0] + parts[1]
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return vocab, merges
+
+
+def build_tokenizer(max_length: int = MAX_TOKENS):
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_vocabulary()
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_components(vocab_size: int, bos: int, eos: int, seed: int = 0) -> dict:
+    """Randomly initialised VAE, UNet, text encoder and the DDIM scheduler of the demo model."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=1,
+        # cross-attention only at 8x8 and 4x4, where it is cheap and where the lesion layout is decided
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=HIDDEN,
+            intermediate_size=4 * HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "scheduler": scheduler}
+
+
+def captions_for(labels: list[str], regions: list[str], rng: np.random.Generator) -> list[str]:
+    """Generic captions; half of them name the body region so a prompt can ask for one."""
+    captions = []
+    for label, region in zip(labels, regions):
+        pool = CAPTIONS_LESION if label == "generic-lesion" else CAPTIONS_HEALTHY
+        caption = pool[int(rng.integers(0, len(pool)))]
+        if rng.uniform() < 0.5:
+            caption = f"{caption} {REGION_PHRASES[region]}"
+        captions.append(caption)
+    return captions
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ------------------------------------------------------------------------------------------- training
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_vae(vae, images: torch.Tensor, recipe: DemoModelRecipe, log: Callable[[str], None]) -> None:
+    """Train the autoencoder on random crops (4x cheaper than full images; it is fully convolutional)."""
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    vae.train()
+    count, size = images.shape[0], images.shape[-1]
+    crop = recipe.vae_crop
+    started = time.time()
+    for step in range(recipe.vae_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.vae_lr * cosine_with_warmup(step, recipe.vae_steps, recipe.warmup)
+        index = torch.randint(0, count, (recipe.vae_batch,), generator=generator)
+        top, left = (int(v) for v in torch.randint(0, size - crop + 1, (2,), generator=generator))
+        batch = images[index, :, top : top + crop, left : left + crop]
+        if torch.rand((), generator=generator) < 0.5:
+            batch = batch.flip(-1)
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        kl = posterior.kl().mean() / batch[0].numel()
+        loss = F.mse_loss(reconstruction, batch) + 0.5 * F.l1_loss(reconstruction, batch) + 1e-4 * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == recipe.vae_steps - 1:
+            log(f"  vae step {step + 1}/{recipe.vae_steps}  loss {loss.item():.4f}  ({time.time() - started:.0f} s)")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mode() for i in range(0, len(images), batch)])
+
+
+def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: torch.Tensor,
+                   recipe: DemoModelRecipe, log: Callable[[str], None]) -> None:
+    """Train UNet and text encoder jointly on epsilon prediction, with EMA weights copied in at the end."""
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    parameters = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.unet_lr, weight_decay=1e-4)
+    ema = [p.detach().clone() for p in parameters]
+    alphas = scheduler.alphas_cumprod.float()
+    unet.train()
+    text_encoder.train()
+    started = time.time()
+    for step in range(recipe.unet_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.unet_lr * cosine_with_warmup(step, recipe.unet_steps, recipe.warmup)
+        index = torch.randint(0, len(latents), (recipe.unet_batch,), generator=generator)
+        x0 = latents[index]
+        if torch.rand((), generator=generator) < 0.5:
+            x0 = x0.flip(-1)
+        ids = token_ids[index].clone()
+        empty = torch.rand(recipe.unet_batch, generator=generator) < recipe.empty_caption_fraction
+        ids[empty] = empty_ids
+        noise = torch.randn(x0.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.unet_batch,), generator=generator)
+        a = alphas[timesteps].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        states = text_encoder(ids)[0]
+        prediction = unet(noisy, timesteps, encoder_hidden_states=states).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        # EMA only after warm-up: the first steps are far from anything worth averaging
+        decay = 0.0 if step < recipe.warmup else recipe.ema_decay
+        with torch.no_grad():
+            for average, parameter in zip(ema, parameters):
+                average.mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+        if step % 100 == 0 or step == recipe.unet_steps - 1:
+            log(f"  unet step {step + 1}/{recipe.unet_steps}  loss {loss.item():.4f}  ({time.time() - started:.0f} s)")
+    with torch.no_grad():
+        for average, parameter in zip(ema, parameters):
+            parameter.copy_(average)
+    unet.eval()
+    text_encoder.eval()
+
+
+def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: Callable[[str], None] = _stderr) -> Path:
+    """Train the demo base model from scratch and save it (fp16 safetensors, diffusers format) to `out_dir`.
+
+    About 8 minutes on 2 CPU cores with the default recipe (docs/demo.md has the measured time)."""
+    from diffusers import StableDiffusionPipeline
+
+    recipe = recipe or DemoModelRecipe()
+    out_dir = Path(out_dir)
+    started = time.time()
+    torch.manual_seed(recipe.seed)
+    log(f"demo base model: drawing {recipe.images} condition-free procedural images")
+    labels = condition_free_labels(recipe.images, recipe.seed)
+    arrays, drawings = render_arrays(labels, recipe.seed, size=64, stream=2)
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    tokenizer = build_tokenizer()
+    components = build_components(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, recipe.seed)
+    vae, unet, text_encoder, scheduler = (components[k] for k in ("vae", "unet", "text_encoder", "scheduler"))
+
+    log(f"demo base model: training the autoencoder ({recipe.vae_steps} steps on {recipe.vae_crop} px crops)")
+    train_vae(vae, images, recipe, log)
+    latents = encode_latents(vae, images)
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+    vae_seconds = time.time() - started
+
+    rng = np.random.default_rng([recipe.seed, 3])
+    captions = captions_for(labels, [d.region for d in drawings], rng)
+    encode = lambda texts: tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    token_ids, empty_ids = encode(captions), encode([""])[0]
+    log(f"demo base model: training the UNet and text encoder ({recipe.unet_steps} steps, latent scale {scaling:.3f})")
+    train_denoiser(unet, text_encoder, scheduler, latents, token_ids, empty_ids, recipe, log)
+
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.to(torch.float16)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    pipeline.save_pretrained(staging, safe_serialization=True)
+    total = time.time() - started
+    (staging / "training.json").write_text(
+        json.dumps(
+            {
+                "recipe": asdict(recipe),
+                "latent_scaling_factor": scaling,
+                "seconds": {"vae": round(vae_seconds, 1), "total": round(total, 1)},
+                "torch_threads": torch.get_num_threads(),
+                "trained_on": "condition-free procedural images (healthy skin, generic lesions); no demo condition",
+            },
+            indent=2,
+        )
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)  # the folder appears only when complete
+    log(f"demo base model: saved to {out_dir} in {total:.0f} s")
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------- location
+def packaged_demo_model_dir() -> Path:
+    return Path(str(resources.files("magic_align") / "assets" / "demo-base"))
+
+
+def cache_demo_model_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "magic-align" / "demo-base"
+
+
+def demo_model_dir(log: Callable[[str], None] = _stderr) -> Path:
+    """The folder of the demo base model (loadable with `StableDiffusionPipeline.from_pretrained`).
+
+    The packaged copy if present; otherwise a cached copy, trained on first use (several minutes)."""
+    packaged = packaged_demo_model_dir()
+    if (packaged / "model_index.json").exists():
+        return packaged
+    cached = cache_demo_model_dir()
+    if not (cached / "model_index.json").exists():
+        log(
+            f"the packaged demo base model is missing ({packaged}); training it once into {cached} "
+            "(about 8 minutes on 2 CPU cores)"
+        )
+        train_demo_model(cached, log=log)
+    return cached

@@ -1,0 +1,321 @@
+"""Loading Stable Diffusion pipelines: from the hub, a local diffusers folder, a built-in tiny model, or the demo model.
+
+Every pipeline comes back with a `DDIMScheduler` built from the model's own scheduler configuration, because the
+sampler and the trainers compute DDIM log-probabilities (method.md section 4) and must use the same schedule that
+sampled the images (pitfall 5 of the authors' code: their inference used another scheduler).
+
+`load_run_policy` adds what the run trained on top of the base model: textual-inversion tokens (`run/model/tokens/`),
+the preliminary LoRA (`run/model/lora/`) and optionally an aligned LoRA. `model_hash` names that combination in
+provenance records (trajectory headers, the synthetic manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from magic_align.config import ModelConfig
+
+if TYPE_CHECKING:  # diffusers is heavy to import; functions import it when they run
+    from diffusers import StableDiffusionPipeline
+
+    from magic_align.config import RunConfig
+    from magic_align.run import RunPaths
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# The tiny model: small enough that every test builds it in about a second.
+TINY_RESOLUTION = 64
+TINY_MAX_TOKENS = 32
+# Whole words the tiny tokenizer knows as single tokens (everything else falls back to single characters).
+TINY_WORDS = (
+    "a an the of on in with and image photo picture close up close-up human skin lesion rash patch spot "
+    "red white dark brown pink ring dot blob plaque papules scale skin-coloured"
+).split()
+
+LORA_DIR = "lora"
+TOKENS_DIR = "tokens"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says what to download or which setting to change."""
+
+
+# ------------------------------------------------------------------------------------------- entry point
+def load_pipeline(
+    model_cfg: ModelConfig,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    local_files_only: bool | None = None,
+) -> "StableDiffusionPipeline":
+    """The base Stable Diffusion pipeline named by `model_cfg`, with a DDIM scheduler, in eval mode.
+
+    `local_files_only` (hub source only): None follows the `HF_HUB_OFFLINE` environment variable.
+    """
+    dtype = dtype if dtype is not None else DTYPES[model_cfg.dtype]
+    if model_cfg.source == "tiny":
+        pipe = build_tiny_pipeline(model_cfg.seed, resolution=model_cfg.resolution)
+    elif model_cfg.source == "local":
+        pipe = _load_local(Path(model_cfg.pretrained))
+    elif model_cfg.source == "hub":
+        pipe = _load_hub(model_cfg.pretrained, model_cfg.revision, local_files_only)
+    elif model_cfg.source == "demo":
+        # Written by the demo module; imported here only when asked for, so the rest works without it.
+        from magic_align.diffusion.demo_model import demo_model_dir
+
+        pipe = _load_local(Path(demo_model_dir(model_cfg)))
+    else:  # the config's Literal already rules this out; kept for callers building ModelConfig by hand
+        raise ModelLoadError(f"model.source = {model_cfg.source!r}: expected one of hub, local, tiny, demo")
+    pipe.scheduler = ddim_scheduler_from(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device or "cpu")
+    if pipe.unet.dtype != dtype:  # casting a pipeline to its own dtype only makes diffusers warn
+        pipe.to(dtype=dtype)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval()
+        module.requires_grad_(False)
+    return pipe
+
+
+def ddim_scheduler_from(scheduler_config) -> "DDIMScheduler":  # noqa: F821
+    """A DDIM scheduler with the model's betas, offset and alpha conventions (other schedulers' keys are ignored)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(dict(scheduler_config))
+
+
+def _load_local(folder: Path) -> "StableDiffusionPipeline":
+    from diffusers import StableDiffusionPipeline
+
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{folder} is not a diffusers model folder (no model_index.json in it). Point model.pretrained at a "
+            "folder written by `pipeline.save_pretrained(...)` or downloaded with `huggingface-cli download`."
+        )
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # the stages draw their own progress bars
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            str(folder), safety_checker=None, requires_safety_checker=False, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"could not load the diffusers model in {folder}: {error}") from None
+
+
+def _load_hub(model_id: str, revision: str | None, local_files_only: bool | None) -> "StableDiffusionPipeline":
+    from diffusers import StableDiffusionPipeline
+
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            model_id,
+            revision=revision,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=local_files_only,
+        )
+    except Exception as error:  # noqa: BLE001 - hub errors come in many types; all end in the same advice
+        revision_flag = f" --revision {revision}" if revision else ""
+        raise ModelLoadError(
+            f"the model {model_id!r}{' at revision ' + revision if revision else ''} is not available "
+            f"{'offline' if local_files_only else 'from the local cache or the hub'} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}).\n"
+            "Either download it on a machine with network access:\n"
+            f"    huggingface-cli download {model_id}{revision_flag}\n"
+            "(and copy ~/.cache/huggingface/hub over if this machine is offline), or save a diffusers folder and use it:\n"
+            "    --set model.source=local --set model.pretrained=/path/to/folder"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------- tiny model
+def _tiny_tokenizer_files(folder: Path) -> None:
+    """Write a CLIP BPE vocabulary small enough for a 32-wide text encoder: printable ASCII characters (alone and
+    word-final) plus the words in `TINY_WORDS` as whole tokens, built by left-to-right merges."""
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    for code in range(33, 127):  # printable ASCII maps to itself in byte-level BPE
+        add(chr(code))
+        add(chr(code) + "</w>")
+    merges: list[str] = []
+    for word in TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            rule = f"{merged} {piece}"
+            if rule not in merges:
+                merges.append(rule)
+            merged = merged + piece
+            add(merged)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def build_tiny_tokenizer():
+    """A CLIP tokenizer built from a small vocabulary written to a temporary folder (no hub access)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="magic-tiny-tokenizer-") as folder:
+        _tiny_tokenizer_files(Path(folder))
+        # from_pretrained reads vocab.json + merges.txt under transformers 4 and 5 alike.
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_MAX_TOKENS, local_files_only=True)
+
+
+def build_tiny_pipeline(seed: int = 0, resolution: int = TINY_RESOLUTION) -> "StableDiffusionPipeline":
+    """A random-init Stable Diffusion, the same for the same seed: UNet of about 1 M parameters with
+    cross-attention, a 3-level VAE (scale factor 4), a 2-layer CLIP text encoder, the SD 2.1 DDIM schedule."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=resolution // 4,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            sample_size=resolution,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1,
+            norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=TINY_MAX_TOKENS,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                projection_dim=32,
+            )
+        )
+    # Stable Diffusion 2.1 base's schedule: 100 DDIM steps give 991, 981, ..., 1.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+# ------------------------------------------------------------------------------------------ run policy
+def policy_files(paths: "RunPaths", extra_lora: Path | None = None) -> list[Path]:
+    """The weight files the run adds on top of the base model, in load order: tokens, preliminary LoRA, extra LoRA."""
+    files = sorted((paths.model / TOKENS_DIR).glob("*.safetensors")) if (paths.model / TOKENS_DIR).is_dir() else []
+    preliminary = paths.model / LORA_DIR
+    if (preliminary / "pytorch_lora_weights.safetensors").is_file():
+        files.append(preliminary / "pytorch_lora_weights.safetensors")
+    if extra_lora is not None:
+        from magic_align.diffusion.lora import lora_weights_file
+
+        files.append(lora_weights_file(Path(extra_lora)))
+    return files
+
+
+def load_run_policy(
+    config: "RunConfig",
+    paths: "RunPaths",
+    extra_lora: Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> "StableDiffusionPipeline":
+    """The run's sampling policy: base model + textual-inversion tokens + preliminary LoRA (when the finetune stage
+    wrote them) + `extra_lora` (e.g. an aligned LoRA), stacked at weight 1. `pipe.magic_model_hash` names it."""
+    from magic_align.diffusion.lora import load_lora_adapters
+    from magic_align.diffusion.tokens import load_tokens
+
+    pipe = load_pipeline(config.model, device=device, dtype=dtype)
+    tokens_dir = paths.model / TOKENS_DIR
+    if tokens_dir.is_dir() and any(tokens_dir.glob("*.safetensors")):
+        load_tokens(pipe, tokens_dir)
+    adapters: list[Path] = []
+    if (paths.model / LORA_DIR / "pytorch_lora_weights.safetensors").is_file():
+        adapters.append(paths.model / LORA_DIR)
+    if extra_lora is not None:
+        adapters.append(Path(extra_lora))
+    if adapters:
+        load_lora_adapters(pipe, adapters)
+    pipe.magic_model_hash = model_hash(config.model, policy_files(paths, extra_lora))
+    return pipe
+
+
+def model_hash(model_cfg: ModelConfig, files: list[Path] | tuple[Path, ...] = ()) -> str:
+    """A short hash of the base model's identity and the bytes of the added weight files (tokens, LoRAs).
+
+    Hub models are named by id and revision, tiny ones by seed and resolution; a local folder by its configs and
+    the names and sizes of its weight files (hashing gigabytes on every run would cost minutes).
+    """
+    digest = hashlib.sha256()
+    if model_cfg.source == "hub":
+        digest.update(f"hub:{model_cfg.pretrained}@{model_cfg.revision or 'main'}".encode())
+    elif model_cfg.source == "tiny":
+        digest.update(f"tiny:{model_cfg.seed}:{model_cfg.resolution}".encode())
+    elif model_cfg.source == "demo":
+        digest.update(b"demo:")
+        from magic_align.diffusion.demo_model import demo_model_dir
+
+        _hash_folder(digest, Path(demo_model_dir(model_cfg)))
+    else:
+        digest.update(b"local:")
+        _hash_folder(digest, Path(model_cfg.pretrained))
+    for path in files:
+        digest.update(Path(path).name.encode())
+        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+    return digest.hexdigest()[:12]
+
+
+def _hash_folder(digest, folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(folder).as_posix()
+        if path.suffix in {".json", ".txt"}:
+            digest.update(relative.encode() + path.read_bytes())
+        else:
+            digest.update(f"{relative}:{path.stat().st_size}".encode())

@@ -1,0 +1,368 @@
+"""`magic evaluate`: the paper's comparison in one command, written to `run/eval/metrics.json`.
+
+Settings (each adds one synthetic set to the real training images, at share rho per batch):
+
+    real        the real training images only (always evaluated: it is the baseline)
+    t2i         + text-to-image images of the preliminary model (synthesis at strength 1.0)
+    i2i         + image-to-image images of the preliminary (unaligned) model
+    magic-dpo   + I2I images of the DPO-aligned model (run/aligned/dpo)
+    magic-rft   + I2I images of the RFT-aligned model (run/aligned/rft)
+
+A setting's images are read from `run/synthetic/<setting>/manifest.csv`; a missing set is synthesized
+through `synthesize.run_synthesize` when its model exists, and skipped with a note when it does not. For
+every backbone of `evaluate.backbones` and every setting, `evaluate.seeds` classifiers are trained
+(linear probe on cached features, or full fine-tuning) and tested on the real test split. With
+`data.few_shot_fraction` the few-shot setting is added: the seeded subset of the training set, with the
+synthetic images made from it, and with those made from every training image (the rest used as unlabeled
+sources: the paper's MAGIC-A). Also: FID/KID of each synthetic set against the real training images, and the
+checklist pass rate of each set (verdicts from the manifest, the run's judge, and the held-out judge).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from magic_align.config import RunConfig
+from magic_align.evaluate.backbones import BackboneError, load_backbone
+from magic_align.evaluate.classifier import (
+    Example,
+    FeatureCache,
+    RunResult,
+    Schedule,
+    run_finetune,
+    run_linear_probe,
+    select_synthetic,
+)
+from magic_align.evaluate.metrics import METRICS, classification_metrics, mean_over_seeds
+from magic_align.run import RunPaths, atomic_write_text, prepare_run
+
+SETTINGS = ("real", "t2i", "i2i", "magic-dpo", "magic-rft")
+LABELS = {"real": "real", "t2i": "+ T2I", "i2i": "+ I2I (unaligned)", "magic-dpo": "+ MAGIC-DPO",
+          "magic-rft": "+ MAGIC-RFT"}
+MANIFEST_COLUMNS = ("synthetic_id", "path", "source_id", "source_label", "source_group", "source_skin_type",
+                    "target_label", "prompt", "strength", "seed", "model_hash", "verdict_score", "verdict_items")
+
+
+class EvaluateError(ValueError):
+    """Bad evaluation input (a manifest row, a setting name); the message names the file, row and field."""
+
+
+# -------------------------------------------------------------------------------------------- inputs
+def parse_settings(settings: Sequence[str] | None) -> list[str]:
+    """The settings to evaluate, in the paper's order, "real" always first."""
+    chosen = list(SETTINGS) if not settings else [s.strip().lower() for s in settings]
+    unknown = [s for s in chosen if s not in SETTINGS]
+    if unknown:
+        raise EvaluateError(f"unknown setting(s) {unknown}; expected some of {', '.join(SETTINGS)}")
+    return [s for s in SETTINGS if s == "real" or s in chosen]
+
+
+def read_manifest(manifest: Path, run_dir: Path, classes: Sequence[str], hash_file: Callable[[Path], str]) -> list[Example]:
+    """Synthetic images of a manifest as harness examples (label = target condition, group = the source's)."""
+    index = {name: i for i, name in enumerate(classes)}
+    examples = []
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("synthetic_id", "path", "source_id", "source_group", "target_label")
+                   if c not in (reader.fieldnames or [])]
+        if missing:
+            raise EvaluateError(f"{manifest} lacks column(s) {', '.join(missing)}; expected {', '.join(MANIFEST_COLUMNS)}")
+        for row, fields in enumerate(reader, start=2):  # row 1 is the header
+            target = fields["target_label"]
+            if target not in index:
+                raise EvaluateError(f"{manifest} row {row}: target_label {target!r} is not a class of the split "
+                                    f"({', '.join(classes)})")
+            path = run_dir / fields["path"]
+            if not path.is_file():
+                raise EvaluateError(f"{manifest} row {row}: path {fields['path']!r} does not exist under {run_dir}")
+            skin = fields.get("source_skin_type") or "-1"
+            examples.append(Example(
+                id=fields["synthetic_id"], path=path, label=index[target], key=hash_file(path),
+                skin_type=int(float(skin)) if skin.lstrip("-").replace(".", "").isdigit() else -1,
+                group=fields["source_group"] or "", source_id=fields["source_id"], synthetic=True,
+            ))
+    return examples
+
+
+def manifest_verdicts(manifest: Path) -> tuple[list[str], list[list[int | None]]] | None:
+    """(target conditions, verdict items) when every row of the manifest was judged, else None."""
+    from magic_align.evaluate.passrate import parse_manifest_items
+
+    conditions, verdicts = [], []
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        for row, fields in enumerate(csv.DictReader(handle), start=2):
+            items = parse_manifest_items(fields.get("verdict_items", ""), f"{manifest} row {row}")
+            if items is None:
+                return None
+            conditions.append(fields["target_label"])
+            verdicts.append(items)
+    return (conditions, verdicts) if verdicts else None
+
+
+def setting_model(setting: str, paths: RunPaths) -> Path:
+    """The LoRA a setting synthesizes with: the preliminary one (model/lora) or an aligned one."""
+    return {"t2i": paths.model / "lora", "i2i": paths.model / "lora", "magic-dpo": paths.aligned / "dpo",
+            "magic-rft": paths.aligned / "rft"}[setting]
+
+
+def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[Path | None, str]:
+    """The setting's manifest, synthesizing it when missing and its model exists; (None, why) otherwise."""
+    out_dir = paths.synthetic / setting
+    manifest = out_dir / "manifest.csv"
+    if manifest.is_file():
+        return manifest, "read"
+    lora = setting_model(setting, paths)
+    if not lora.exists():
+        needed = "magic finetune" if setting in ("t2i", "i2i") else f"magic train {setting.split('-')[1]}"
+        return None, f"skipped: no {lora.relative_to(paths.root)} (make it first: {needed})"
+    try:
+        from magic_align.synthesize import run_synthesize
+    except ImportError as error:
+        return None, f"skipped: synthesis is not available ({error})"
+    synth_config = config
+    if setting == "t2i":  # text-to-image = starting from pure noise
+        synth_config = config.model_copy(deep=True)
+        synth_config.sample.strength = 1.0
+    run_synthesize(synth_config, lora, out_dir)
+    if not manifest.is_file():
+        raise EvaluateError(f"synthesis for {setting!r} finished without writing {manifest}")
+    return manifest, "synthesized"
+
+
+def _device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise EvaluateError("evaluate.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return choice
+
+
+# ------------------------------------------------------------------------------------------- summaries
+def summarise_runs(results: Sequence[RunResult], num_classes: int, resamples: int, seed: int = 0) -> dict:
+    """Per-seed metrics (intervals over test images) and their mean over seeds (interval over seeds)."""
+    per_seed = [
+        {"seed": r.seed, **classification_metrics(r.y_true, r.y_pred, num_classes, r.skin_types, resamples, seed)}
+        for r in results
+    ]
+    summary: dict = {name: mean_over_seeds([entry[name]["value"] for entry in per_seed], resamples, seed)
+                     for name in METRICS}
+    skin_types = sorted({key for entry in per_seed for key in entry["by_skin_type"]}, key=int)
+    summary["by_skin_type"] = {
+        key: {**mean_over_seeds([entry["by_skin_type"][key]["value"] for entry in per_seed], resamples, seed),
+              "n": per_seed[0]["by_skin_type"][key]["n"]}
+        for key in skin_types
+    }
+    summary["confusion"] = np.sum([entry["confusion"] for entry in per_seed], axis=0).tolist()  # summed over seeds
+    summary["per_seed"] = [{k: v for k, v in entry.items() if k != "confusion"} for entry in per_seed]
+    return summary
+
+
+CSV_COLUMNS = ["backbone", "mode", "group", "setting", "label", "n_real", "n_synthetic", "seeds"] + [
+    f"{name}{suffix}" for name in METRICS for suffix in ("", "_low", "_high", "_std")]
+
+
+def _csv_text(rows: list[dict]) -> str:
+    lines = [",".join(CSV_COLUMNS)]
+    for row in rows:
+        values = [row["backbone"], row["mode"], row["group"], row["setting"], f'"{row["label"]}"', row["n_real"],
+                  row["n_synthetic"], row["seeds"]]
+        for name in METRICS:
+            entry = row[name]
+            values += [f"{entry['value']:.4f}", f"{entry['low']:.4f}", f"{entry['high']:.4f}", f"{entry['std']:.4f}"]
+        lines.append(",".join(str(v) for v in values))
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ stage
+def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Evaluate the run's synthetic data (see the module docstring); writes eval/metrics.json and
+    eval/classifier.csv, and returns what metrics.json holds."""
+    from magic_align.data.images import load_image, sha256_file
+    from magic_align.data.split import run_split
+
+    say = progress or (lambda _text: None)
+    evaluate = config.evaluate
+    chosen = parse_settings(settings)
+    paths = prepare_run(config)
+    split = run_split(config, paths)
+    classes = list(split.classes)
+    index = {name: i for i, name in enumerate(classes)}
+    device = _device(evaluate.device)
+
+    def real_examples(records) -> list[Example]:
+        return [Example(r.id, Path(r.path), index[r.label], sha256_file(r.path), r.skin_type, r.group)
+                for r in records]
+
+    train, test = real_examples(split.train), real_examples(split.test)
+    train_ids = {e.id for e in train}
+
+    def loader(path: Path):
+        return load_image(path, config.data.max_image_pixels)
+
+    notes: list[str] = []
+    settings_info: dict[str, dict] = {"real": {"label": LABELS["real"], "status": "ok", "n_synthetic": 0}}
+    pools: dict[str, list[Example]] = {}
+    manifests: dict[str, Path] = {}
+    for setting in chosen[1:]:
+        manifest, how = ensure_synthetic(config, paths, setting)
+        if manifest is None:
+            settings_info[setting] = {"label": LABELS[setting], "status": "skipped", "note": how}
+            notes.append(f"{setting}: {how}")
+            continue
+        say(f"{setting}: {how} {manifest.relative_to(paths.root)}")
+        every = read_manifest(manifest, paths.root, classes, sha256_file)
+        kept, dropped = select_synthetic(every, test)  # the full set; per group the allow-list narrows it
+        pools[setting] = kept
+        manifests[setting] = manifest
+        settings_info[setting] = {"label": LABELS[setting], "status": "ok", "how": how,
+                                  "manifest": str(manifest.relative_to(paths.root)), "n_manifest": len(every),
+                                  "dropped": dropped}
+        if dropped["source_held_out"] or dropped["group_held_out"]:
+            notes.append(f"{setting}: {dropped['source_held_out'] + dropped['group_held_out']} synthetic image(s) "
+                         "made from test images (or their groups) left out of training")
+
+    # The groups of classifier runs: (group, setting, label, real training examples, synthetic pool).
+    runs: list[tuple[str, str, str, list[Example], list[Example]]] = []
+    for setting in chosen:
+        if setting != "real" and setting not in pools:
+            continue
+        synthetic, _ = select_synthetic(pools.get(setting, []), test, train_ids)
+        settings_info[setting]["n_synthetic"] = len(synthetic)
+        runs.append(("full", setting, LABELS[setting], train, synthetic))
+    if config.data.few_shot_fraction and split.few_shot:
+        few = real_examples(split.few_shot)
+        few_ids = {e.id for e in few}
+        runs.append(("few-shot", "real", "real (few-shot)", few, []))
+        for setting in chosen[1:]:
+            if setting not in pools:
+                continue
+            own, _ = select_synthetic(pools[setting], test, few_ids)
+            runs.append(("few-shot", setting, f"{LABELS[setting]} (few-shot)", few, own))
+            extra, _ = select_synthetic(pools[setting], test, None)  # every non-test source: MAGIC-A
+            runs.append(("few-shot", f"{setting}+unlabeled", f"{LABELS[setting]} + unlabeled sources", few, extra))
+
+    schedule = Schedule.from_config(evaluate)
+    seeds = [config.seed + k for k in range(evaluate.seeds)]
+    rows: list[dict] = []
+    for backbone_name in evaluate.backbones:
+        def make_backbone(name: str = backbone_name):
+            return load_backbone(name, device, image_size=evaluate.image_size,
+                                 pretrained=evaluate.backbone_paths.get(name), seed=config.seed)
+
+        try:
+            backbone = make_backbone()
+        except BackboneError as error:
+            notes.append(f"backbone {backbone_name}: {error}")
+            say(f"backbone {backbone_name} skipped: {error}")
+            continue
+        cache = FeatureCache(paths.eval / "features", backbone) if evaluate.mode == "linear_probe" else None
+        for group, setting, label, real, synthetic in runs:
+            say(f"{backbone_name} {evaluate.mode} {group} {setting}: {len(real)} real + {len(synthetic)} synthetic, "
+                f"{len(seeds)} seed(s)")
+            if cache is not None:
+                results = run_linear_probe(cache, real, synthetic, test, len(classes), schedule, seeds, loader)
+            else:
+                results = run_finetune(make_backbone, real, synthetic, test, len(classes), schedule, seeds, loader)
+            rows.append({"backbone": backbone_name, "mode": evaluate.mode, "group": group, "setting": setting,
+                         "label": label, "n_real": len(real), "n_synthetic": len(synthetic), "seeds": len(seeds),
+                         **summarise_runs(results, len(classes), evaluate.bootstrap, config.seed)})
+
+    distances = _distances(config, train, pools, loader, notes, say)
+    pass_rates = _pass_rates(config, paths, manifests, notes, say)
+    metrics = {
+        "classes": classes,
+        "schedule": {**schedule.__dict__, "seeds": seeds},
+        "mode": evaluate.mode,
+        "settings": settings_info,
+        "classifier": rows,
+        "distances": distances,
+        "pass_rate": pass_rates,
+        "counts": {"train": len(train), "test": len(test), "few_shot": len(split.few_shot)},
+        "notes": notes,
+    }
+    atomic_write_text(paths.eval / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
+    atomic_write_text(paths.eval / "classifier.csv", _csv_text(rows))
+    return metrics
+
+
+def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Example]], loader, notes, say) -> dict:
+    """FID/KID of each synthetic set against the real training images (the images it was made from)."""
+    from magic_align.evaluate.fid import image_distances, load_feature_module
+
+    if not pools:
+        return {}
+    evaluate = config.evaluate
+    try:
+        module = load_feature_module(evaluate.fid_features, _device(evaluate.device))
+    except BackboneError as error:
+        notes.append(f"FID/KID skipped: {error}")
+        return {}
+    real_images = [loader(e.path) for e in train]
+    result = {}
+    for setting, pool in pools.items():
+        if len(pool) < 2:
+            notes.append(f"FID/KID for {setting}: fewer than 2 synthetic images")
+            continue
+        say(f"FID/KID {setting}: {len(real_images)} real vs {len(pool)} synthetic ({evaluate.fid_features})")
+        distance = image_distances(real_images, [loader(e.path) for e in pool], module,
+                                   resamples=evaluate.fid_resamples, kid_subsets=evaluate.kid_subsets, seed=config.seed)
+        result[setting] = {**distance.as_dict(), "features": evaluate.fid_features}
+    return result
+
+
+def _pass_rates(config: RunConfig, paths: RunPaths, manifests: dict[str, Path], notes, say) -> dict:
+    """{setting: {judge id: pass-rate summary}} from manifest verdicts, the run's judge and the held-out judge."""
+    from magic_align.evaluate.passrate import judge_images, pass_rate_summary
+
+    if not manifests:
+        return {}
+    evaluate = config.evaluate
+    try:
+        from magic_align.checklists.schema import load_checklists
+
+        checklists = load_checklists(config.judge.checklist)
+    except Exception as error:  # a missing checklist file must not cost the classifier results
+        notes.append(f"pass rate skipped: checklists {config.judge.checklist!r} could not be loaded ({error})")
+        return {}
+    item_ids = {c.condition: [item.id for item in c.items] for c in checklists.conditions}
+    judges = []
+    if evaluate.judge_synthetic:
+        judges.append(("run judge", config.judge))
+    if evaluate.held_out_judge is not None:
+        judges.append(("held-out judge", evaluate.held_out_judge))
+    result: dict[str, dict] = {}
+    for setting, manifest in manifests.items():
+        result[setting] = {}
+        stored = manifest_verdicts(manifest)
+        if stored is not None:
+            result[setting]["manifest"] = pass_rate_summary(*stored, item_ids, evaluate.bootstrap, config.seed)
+        if not judges:
+            continue
+        with open(manifest, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        images = [paths.root / r["path"] for r in rows]
+        conditions = [r["target_label"] for r in rows]
+        for role, judge_config in judges:
+            if role == "run judge" and stored is not None:
+                continue  # the manifest already holds this judge's verdicts
+            try:
+                from magic_align.judges import make_judge
+                from magic_align.ledger import Ledger
+
+                judge = make_judge(judge_config, checklists)
+                with Ledger(paths.ledger) as ledger:
+                    verdicts = judge_images(judge, ledger, images, conditions, checklists, judge_config.concurrency)
+            except Exception as error:  # a judge failure must not lose the classifier results above
+                notes.append(f"pass rate of {setting} under the {role} failed: {error}")
+                continue
+            say(f"pass rate {setting}: {role} {judge.id}")
+            result[setting][f"{role}: {judge.id}"] = pass_rate_summary(conditions, verdicts, item_ids,
+                                                                       evaluate.bootstrap, config.seed)
+    return result

@@ -1,0 +1,522 @@
+"""The judge stage: grade every sample of a round against its target condition's checklist.
+
+`run_judge(config, round_index)` reads the round's samples from the ledger, builds the configured judge
+(`judges.make_judge`), and asks it about every image whose ledger key (image hash, judge id, checklist
+version, prompt version) is not present yet. Each answer is committed to the ledger the moment it arrives,
+so a rerun asks nothing already answered and a killed run resumes where it stopped without paying twice.
+Calls run concurrently (`judge.concurrency`); the budget cap (`judge.budget_usd`, counted over everything
+this judge has spent in the ledger) stops new calls before they could exceed it, keeping what was answered.
+
+Only synthetic images are sent to judges that talk to a server (judges/privacy.py: `openai`, and an ensemble
+with an `openai` member) unless `judge.send_real_images` is set; a non-loopback endpoint needs
+`judge.allow_remote`. The `human` backend asks nothing: its verdicts are the reviews written by
+the review page, which `magic pairs` reads (see docs/judging.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from magic_align.checklists.schema import Checklist, ChecklistSet, load_checklists
+from magic_align.config import JudgeConfig, RunConfig
+from magic_align.judges.base import Judge, Verdict
+from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, may_send, sends_images
+from magic_align.judges.prompts import render_prompt
+from magic_align.ledger import Ledger, SampleRow
+from magic_align.run import RunPaths
+
+# Rough answer lengths for the dry-run estimate: the paper style answers one short list, the structured
+# style one verdict and one sentence per item.
+OUTPUT_TOKENS_PAPER = 20
+OUTPUT_TOKENS_STRUCTURED_PER_ITEM = 35
+
+
+class JudgeStageError(RuntimeError):
+    """The judge stage cannot start or had to stop; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------ estimates
+def gpt4o_image_tokens(width: int, height: int, detail: str = "high") -> int:
+    """Input tokens GPT-4o bills for one image: 85 at low detail; at high detail the image is fitted into
+    2048 x 2048, its shortest side scaled down to 768, and each 512-px tile costs 170 on top of 85."""
+    if detail == "low":
+        return 85
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width} x {height}")
+    scale = min(1.0, 2048 / max(width, height))
+    width, height = width * scale, height * scale
+    scale = min(1.0, 768 / min(width, height))
+    width, height = width * scale, height * scale
+    tiles = math.ceil(width / 512) * math.ceil(height / 512)
+    return 85 + 170 * tiles
+
+
+def text_tokens(text: str) -> int:
+    """About four characters per token for English prompt text."""
+    return math.ceil(len(text) / 4)
+
+
+def sent_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """The size of the image as sent: longest side at most `image_size` (never enlarged)."""
+    scale = min(1.0, image_size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def prompt_text_for(judge: Judge | None, checklist: Checklist, style: str = "paper") -> str:
+    """The prompt a judge would send for this checklist: the judge's own `prompt_text(checklist)` where it
+    has one, else the shared prompt templates (judges/prompts.py) in the configured style."""
+    render = getattr(judge, "prompt_text", None)
+    if callable(render):
+        return str(render(checklist))
+    return render_prompt(checklist, style)
+
+
+def call_cost(input_tokens: int, output_tokens: int, config: JudgeConfig) -> float | None:
+    """Dollars for one call at the configured model's prices; None when the model has no price."""
+    price = config.prices.get(config.model)
+    if price is None:
+        return None
+    return input_tokens * price.input_per_mtok / 1e6 + output_tokens * price.output_per_mtok / 1e6
+
+
+# ------------------------------------------------------------------------------------------- summary
+@dataclass
+class ItemTally:
+    met: int = 0
+    known: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.met / self.known if self.known else float("nan")
+
+
+@dataclass
+class ConditionTally:
+    images: int = 0
+    items_met: int = 0
+    items_total: int = 0
+    all_met: int = 0
+
+    @property
+    def item_rate(self) -> float:
+        return self.items_met / self.items_total if self.items_total else float("nan")
+
+    @property
+    def all_rate(self) -> float:
+        return self.all_met / self.images if self.images else float("nan")
+
+
+@dataclass
+class JudgeSummary:
+    judge_id: str
+    round: int
+    samples: int = 0  # samples in the round
+    images: int = 0  # distinct ledger keys the round needs
+    cached: int = 0  # keys already answered before this run
+    asked: int = 0  # calls made by this run
+    answered: int = 0  # of those, answers with at least some items (ok / partial)
+    failed: int = 0  # of those, failed or refused answers (stored, items unknown)
+    skipped_real: int = 0  # real images not sent (send_real_images = false)
+    not_readable: list[str] = field(default_factory=list)  # samples whose image is missing, unreadable or changed
+    remaining: int = 0  # keys still unanswered when the run ended (budget, error)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0  # this run
+    spent_usd: float = 0.0  # this judge in the whole ledger, after the run
+    stopped: str | None = None  # why the run stopped early, if it did
+    parse_status: dict[str, int] = field(default_factory=dict)  # over every verdict of the round
+    conditions: dict[str, ConditionTally] = field(default_factory=dict)
+    items: dict[tuple[str, str], ItemTally] = field(default_factory=dict)  # (condition, item id)
+    aspects: dict[str, ItemTally] = field(default_factory=dict)
+    dry_run: bool = False
+    estimated_input_tokens: int = 0
+    estimated_output_tokens: int = 0
+    estimated_cost_usd: float | None = None
+
+    def tables(self) -> list[Table]:
+        """The closing summary as rich tables (the CLI prints them)."""
+        overview = Table(title=f"judge {self.judge_id}, round {self.round}" + (" (dry run)" if self.dry_run else ""))
+        overview.add_column("what")
+        overview.add_column("value", justify="right")
+        rows = [
+            ("samples in the round", self.samples),
+            ("distinct images to grade", self.images),
+            ("already in the ledger", self.cached),
+        ]
+        if self.dry_run:
+            cost = "unknown (no price)" if self.estimated_cost_usd is None else f"${self.estimated_cost_usd:.4f}"
+            rows += [
+                ("calls needed", self.remaining),
+                ("estimated input tokens", self.estimated_input_tokens),
+                ("estimated output tokens", self.estimated_output_tokens),
+                ("estimated cost", cost),
+            ]
+        else:
+            rows += [
+                ("calls made", self.asked),
+                ("answered", self.answered),
+                ("failed or refused (stored)", self.failed),
+                ("still unanswered", self.remaining),
+                ("input / output tokens", f"{self.input_tokens} / {self.output_tokens}"),
+                ("cost of this run", f"${self.cost_usd:.4f}"),
+                ("spent by this judge (ledger)", f"${self.spent_usd:.4f}"),
+            ]
+        if self.skipped_real:
+            rows.append(("real images not sent", self.skipped_real))
+        if self.not_readable:
+            rows.append(("images missing or changed", len(self.not_readable)))
+        for status, count in sorted(self.parse_status.items()):
+            rows.append((f"verdicts {status}", count))
+        for name, value in rows:
+            overview.add_row(name, str(value))
+        tables = [overview]
+        if self.conditions:
+            per_condition = Table(title="pass rate per condition")
+            for column in ("condition", "images", "items met", "all items met"):
+                per_condition.add_column(column, justify="left" if column == "condition" else "right")
+            per_condition.add_column("per item")
+            for condition, tally in sorted(self.conditions.items()):
+                items = ", ".join(
+                    f"{item_id} {item.rate:.0%}" for (name, item_id), item in self.items.items() if name == condition
+                )
+                per_condition.add_row(
+                    condition, str(tally.images), _percent(tally.item_rate), _percent(tally.all_rate), items
+                )
+            tables.append(per_condition)
+        if self.aspects:
+            per_aspect = Table(title="pass rate per aspect (all conditions)")
+            per_aspect.add_column("aspect")
+            per_aspect.add_column("met / known", justify="right")
+            per_aspect.add_column("rate", justify="right")
+            for aspect, tally in self.aspects.items():
+                per_aspect.add_row(aspect, f"{tally.met} / {tally.known}", _percent(tally.rate))
+            tables.append(per_aspect)
+        return tables
+
+
+def _percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1%}"
+
+
+def _tally(summary: JudgeSummary, work: list["_Work"], ledger: Ledger, judge_id: str, prompt_version: str) -> None:
+    """Pass rates over every stored verdict of the round's images (cached ones included)."""
+    for unit in work:
+        stored = ledger.get_verdict(unit.sha, judge_id, unit.checklist.version, prompt_version)
+        if stored is None:
+            continue
+        summary.parse_status[stored.parse_status] = summary.parse_status.get(stored.parse_status, 0) + 1
+        if not stored.answered:
+            continue
+        _add_to_tally(summary, unit.checklist, stored.items)
+
+
+def _add_to_tally(summary: JudgeSummary, checklist: Checklist, items: list[int | None]) -> None:
+    if len(items) != len(checklist.items):
+        return  # an answer of the wrong length cannot be lined up with the items
+    items = checklist.apply_requires(list(items))
+    tally = summary.conditions.setdefault(checklist.condition, ConditionTally())
+    tally.images += 1
+    tally.items_met += sum(1 for value in items if value == 1)
+    tally.items_total += len(items)
+    tally.all_met += int(all(value == 1 for value in items))
+    for item, value in zip(checklist.items, items):
+        if value is None:
+            continue
+        for tallies, key in ((summary.items, (checklist.condition, item.id)), (summary.aspects, item.aspect)):
+            entry = tallies.setdefault(key, ItemTally())
+            entry.known += 1
+            entry.met += int(value == 1)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+@dataclass
+class _Work:
+    """One ledger key to grade, with the samples that share its image."""
+
+    sha: str
+    checklist: Checklist
+    sample: SampleRow
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_image(path: Path, expected_sha: str) -> Image.Image:
+    """Read the sample's PNG, checking it is the image the ledger recorded (else the cache key would lie)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    actual = _sha256_file(path)
+    if actual != expected_sha:
+        raise ValueError(f"{path} changed since sampling (sha256 {actual[:12]}, ledger says {expected_sha[:12]})")
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _collect_work(
+    samples: list[SampleRow], checklists: ChecklistSet, config: RunConfig, summary: JudgeSummary
+) -> list[_Work]:
+    work: dict[tuple[str, str], _Work] = {}
+    for sample in samples:
+        if sample.target_label not in checklists:
+            raise JudgeStageError(
+                f"sample {sample.sample_id}: target label {sample.target_label!r} has no checklist in "
+                f"{checklists.id!r} (judge.checklist = {config.judge.checklist!r}); known: "
+                f"{', '.join(checklists.condition_names)}"
+            )
+        if not may_send(sample.synthetic, config.judge):
+            summary.skipped_real += 1
+            continue
+        checklist = checklists[sample.target_label]
+        work.setdefault((sample.image_sha256, checklist.version), _Work(sample.image_sha256, checklist, sample))
+    return list(work.values())
+
+
+def _estimate(
+    pending: list[_Work], judge: Judge | None, config: RunConfig, paths: RunPaths, summary: JudgeSummary
+) -> None:
+    prompt_tokens: dict[str, int] = {}
+    total_in = total_out = 0
+    for unit in pending:
+        version = unit.checklist.version
+        if version not in prompt_tokens:
+            prompt_tokens[version] = text_tokens(prompt_text_for(judge, unit.checklist, config.judge.prompt_style))
+        try:
+            with Image.open(paths.root / unit.sample.image_path) as image:
+                width, height = image.size
+        except (OSError, ValueError):
+            width = height = config.judge.image_size  # missing file: assume the configured size
+        total_in += prompt_tokens[version] + gpt4o_image_tokens(*sent_size(width, height, config.judge.image_size))
+        if config.judge.prompt_style == "structured":
+            total_out += OUTPUT_TOKENS_STRUCTURED_PER_ITEM * len(unit.checklist.items) + 20
+        else:
+            total_out += OUTPUT_TOKENS_PAPER
+    summary.estimated_input_tokens = total_in
+    summary.estimated_output_tokens = total_out
+    summary.estimated_cost_usd = call_cost(total_in, total_out, config.judge)
+
+
+def run_judge(
+    config: RunConfig,
+    round_index: int = 0,
+    dry_run: bool = False,
+    judge: Judge | None = None,
+    show_progress: bool = True,
+    console: Console | None = None,
+) -> JudgeSummary:
+    """Grade the round's samples; see the module docstring. `judge` replaces the configured one (tests)."""
+    paths = RunPaths(config.run_dir)
+    if not paths.ledger.exists():
+        raise JudgeStageError(f"{paths.ledger} does not exist; run `magic sample` first")
+    ledger = Ledger(paths.ledger)
+    samples = ledger.samples(round_index)
+    if not samples:
+        raise JudgeStageError(f"the ledger {paths.ledger} has no samples for round {round_index}; run `magic sample` first")
+    checklists = load_checklists(config.judge.checklist)
+
+    if config.judge.backend == "human" and judge is None:
+        return _human_summary(ledger, samples, checklists, round_index)
+
+    if judge is None:
+        from magic_align.judges import make_judge
+
+        judge = make_judge(config.judge, checklists)
+    summary = JudgeSummary(judge_id=judge.id, round=round_index, samples=len(samples), dry_run=dry_run)
+    work = _collect_work(samples, checklists, config, summary)
+    answered = ledger.answered_keys(judge.id, judge.prompt_version)
+    pending = [unit for unit in work if (unit.sha, unit.checklist.version) not in answered]
+    summary.images = len(work)
+    summary.cached = len(work) - len(pending)
+    summary.remaining = len(pending)
+
+    if dry_run:
+        _estimate(pending, judge, config, paths, summary)
+        _tally(summary, work, ledger, judge.id, judge.prompt_version)
+        return summary
+
+    if sends_images(config.judge) and pending:
+        check_endpoint(config.judge.base_url or OPENAI_API_URL, config.judge.allow_remote)
+    try:
+        ledger.set_stage(f"judge:{round_index}", _config_hash(config), "running", f"{len(pending)} images to grade")
+        asyncio.run(_grade(pending, judge, ledger, config, paths, summary, show_progress, console))
+    except BaseException as error:
+        ledger.set_stage(f"judge:{round_index}", _config_hash(config), "failed", f"{type(error).__name__}: {error}")
+        raise
+    summary.spent_usd = ledger.spent_usd(judge.id)
+    status = "done" if summary.remaining == 0 else "stopped"
+    ledger.set_stage(
+        f"judge:{round_index}", _config_hash(config), status,
+        summary.stopped or f"{summary.images} images graded, {summary.asked} calls this run",
+    )
+    _tally(summary, work, ledger, judge.id, judge.prompt_version)
+    return summary
+
+
+def judge_identity(config: RunConfig, checklists: ChecklistSet, judge_id: str | None = None) -> tuple[str, str | None]:
+    """(judge id, prompt version) whose verdicts later stages read. An explicit `judge_id` (e.g. imported
+    feedback) matches any prompt version, the newest first; otherwise the configured judge is built to ask it."""
+    if judge_id is not None:
+        return judge_id, None
+    from magic_align.judges import make_judge
+
+    try:
+        judge = make_judge(config.judge, checklists)
+    except Exception as error:
+        raise JudgeStageError(
+            f"cannot build the configured judge (judge.backend = {config.judge.backend!r}) to learn its id: "
+            f"{error}; name the judge explicitly (--judge ID)"
+        ) from error
+    return judge.id, judge.prompt_version
+
+
+def _config_hash(config: RunConfig) -> str:
+    text = config.judge.model_dump_json() + config.sample.model_dump_json()
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+async def _grade(
+    pending: list[_Work],
+    judge: Judge,
+    ledger: Ledger,
+    config: RunConfig,
+    paths: RunPaths,
+    summary: JudgeSummary,
+    show_progress: bool,
+    console: Console | None,
+) -> None:
+    budget = config.judge.budget_usd
+    spent_before = ledger.spent_usd(judge.id)
+    # The first calls are reserved at the priced estimate of one call; once answers arrive, at the largest
+    # cost seen so far, so concurrent calls in flight can never push the total past the budget.
+    one_call = _estimate_one_call(pending, judge, config, paths)
+    state = {"reserved": 0.0, "largest": 0.0, "error": None}
+    queue: asyncio.Queue[_Work] = asyncio.Queue()
+    for unit in pending:
+        queue.put_nowait(unit)
+
+    progress = Progress(
+        TextColumn("[bold]judging[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("${task.fields[cost]:.4f}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        disable=not show_progress,
+    )
+
+    def reservation() -> float:
+        return max(state["largest"], one_call or 0.0)
+
+    async def worker(task_id) -> None:
+        while True:
+            if state["error"] is not None or summary.stopped:
+                return
+            try:
+                unit = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            reserve = reservation()
+            if budget is not None:
+                committed = spent_before + summary.cost_usd + state["reserved"]
+                if committed + reserve > budget + 1e-12:
+                    summary.stopped = (
+                        f"budget reached: ${spent_before + summary.cost_usd:.4f} spent by {judge.id}, "
+                        f"${state['reserved']:.4f} in flight, the next call would pass judge.budget_usd = "
+                        f"${budget:.2f}; answered images are kept, raise the budget and rerun to continue"
+                    )
+                    return
+            state["reserved"] += reserve
+            try:
+                image_path = paths.root / unit.sample.image_path
+                try:
+                    image = await asyncio.to_thread(_open_image, image_path, unit.sha)
+                except (OSError, ValueError) as error:
+                    summary.not_readable.append(f"{unit.sample.sample_id}: {error}")
+                    continue
+                started = time.perf_counter()
+                verdict = await judge.judge(image, unit.checklist)
+                if not verdict.latency_s:
+                    verdict.latency_s = time.perf_counter() - started
+                if not verdict.cost_usd and (verdict.input_tokens or verdict.output_tokens):
+                    verdict.cost_usd = call_cost(verdict.input_tokens, verdict.output_tokens, config.judge) or 0.0
+                # stored before anything else happens: this answer was paid for. The commit waits for the
+                # disk (synchronous = FULL), so it runs in a thread and the other calls keep going meanwhile.
+                await asyncio.to_thread(
+                    ledger.put_verdict, unit.sha, judge.id, unit.checklist.version, judge.prompt_version, verdict,
+                    unit.checklist.condition,
+                )
+            except Exception as error:  # an unexpected failure: stop asking, keep what others are finishing
+                if state["error"] is None:
+                    state["error"] = error
+                return
+            finally:
+                state["reserved"] -= reserve
+            _count(summary, verdict)
+            state["largest"] = max(state["largest"], verdict.cost_usd)
+            progress.update(task_id, advance=1, cost=summary.cost_usd)
+
+    with progress:
+        task_id = progress.add_task(f"{judge.id} round {summary.round}", total=len(pending), cost=0.0)
+        await asyncio.gather(*(worker(task_id) for _ in range(min(config.judge.concurrency, max(1, len(pending))))))
+    summary.remaining = len(pending) - summary.asked
+    if state["error"] is not None:
+        error = state["error"]
+        raise JudgeStageError(
+            f"judge {judge.id} raised {type(error).__name__}: {error}; {summary.asked} answers of this run are "
+            f"stored in the ledger and {summary.remaining} images remain; rerun to continue"
+        ) from error
+
+
+def _count(summary: JudgeSummary, verdict: Verdict) -> None:
+    summary.asked += 1
+    if verdict.answered:
+        summary.answered += 1
+    else:
+        summary.failed += 1
+    summary.input_tokens += verdict.input_tokens
+    summary.output_tokens += verdict.output_tokens
+    summary.cost_usd += verdict.cost_usd
+
+
+def _estimate_one_call(pending: list[_Work], judge: Judge, config: RunConfig, paths: RunPaths) -> float | None:
+    if not pending:
+        return None
+    probe = JudgeSummary(judge_id=judge.id, round=0)
+    _estimate(pending[:1], judge, config, paths, probe)
+    return probe.estimated_cost_usd
+
+
+def _human_summary(ledger: Ledger, samples: list[SampleRow], checklists: ChecklistSet, round_index: int) -> JudgeSummary:
+    """Backend `human`: nothing to ask; report how many samples have a review so far."""
+    summary = JudgeSummary(judge_id="human", round=round_index, samples=len(samples))
+    latest = ledger.latest_reviews(round=round_index)
+    summary.images = len(samples)
+    summary.cached = sum(1 for sample in samples if sample.sample_id in latest)
+    summary.remaining = summary.images - summary.cached
+    for sample in samples:
+        review = latest.get(sample.sample_id)
+        if review is None or sample.target_label not in checklists:
+            continue
+        _add_to_tally(summary, checklists[sample.target_label], review.items)
+    if summary.remaining:
+        summary.stopped = (
+            f"backend 'human' asks nothing: {summary.remaining} samples have no review yet; open the review page "
+            "(`magic review`) to grade them"
+        )
+    return summary

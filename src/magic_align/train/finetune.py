@@ -1,0 +1,484 @@
+"""Preliminary fine-tuning (method.md section 3): textual inversion, then a UNet LoRA. Entry: `run_finetune`.
+
+1. **Textual inversion.** One new token per condition of the checklist set (`checklist.token`), initialised from
+   the embedding of `finetune.ti_init_word`. Captions are object-style templates ("a photo of a {}", ...) plus the
+   run's prompt template. Only the new embedding rows learn: they live in a small trainable matrix that a forward
+   hook writes into the token-embedding output at the new tokens' positions, so the rows of every other token
+   receive no gradient and no optimizer update (weight decay included) and stay bit-identical.
+   The learning rate is scaled by batch x accumulation when `ti_scale_lr` (as the paper's scripts do).
+2. **UNet LoRA.** Rank/alpha on to_q, to_k, to_v, to_out.0 of every attention; AdamW, LR schedule (cosine by
+   default), gradient clipping; text encoder (with the learned tokens) and VAE frozen; captions = the prompt
+   template with the condition's token; centre crop + random horizontal flip; epsilon-prediction MSE with DDPM
+   noise (v-prediction models get the velocity target).
+
+Outputs in `run/model/`: `tokens/` (diffusers textual-inversion files that plain `pipe.load_textual_inversion`
+loads), `lora/` (diffusers LoRA for `pipe.load_lora_weights`), `model.json` (base model, tokens, file hashes,
+steps, losses). Checkpoints go to `run/checkpoints/finetune/`; a rerun resumes from the latest one and ends with
+exactly the weights an uninterrupted run gives, because every random draw of a step (batch, caption, noise,
+timestep, flip) comes from a generator seeded by (seed, phase, step) rather than from a running RNG state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from magic_align.config import RunConfig
+from magic_align.run import RunPaths, atomic_write_text, prepare_run
+
+logger = logging.getLogger(__name__)
+
+# Object-style captions for textual inversion, written for this project; "{}" is the condition's token.
+OBJECT_TEMPLATES = (
+    "a photo of a {}",
+    "a close-up photo of a {}",
+    "a clinical photo of a {}",
+    "a cropped photo of a {}",
+    "a bright photo of a {}",
+    "a dark photo of a {}",
+    "a good photo of a {}",
+    "a photo of the {}",
+    "a close-up photo of the {}",
+    "a photo of a small {}",
+    "a photo of a large {}",
+    "an image of a {}",
+    "a picture of a {}",
+    "a dermatology photo of a {}",
+)
+
+PHASES = ("ti", "lora")
+CHECKPOINT_FILE = "state.pt"
+KEEP_CHECKPOINTS = 2
+
+
+class FinetuneError(RuntimeError):
+    """The fine-tuning stage cannot run as configured; the message says what to change."""
+
+
+# ------------------------------------------------------------------------------------------ pure pieces
+def caption_templates(prompt_template: str) -> list[str]:
+    """The textual-inversion captions: the object templates plus the run's prompt template ({token} -> {})."""
+    if "{token}" not in prompt_template:
+        raise FinetuneError(f"model.prompt_template = {prompt_template!r} must contain {{token}}")
+    run_template = prompt_template.replace("{token}", "{}")
+    return [*OBJECT_TEMPLATES, *([run_template] if run_template not in OBJECT_TEMPLATES else [])]
+
+
+def scaled_lr(lr: float, batch_size: int, grad_accum: int, scale: bool) -> float:
+    """The textual-inversion learning rate: lr x batch x accumulation when scaling is on."""
+    return lr * batch_size * grad_accum if scale else lr
+
+
+def step_seed(seed: int, phase: str, step: int, micro: int = 0) -> int:
+    """A seed for the random draws of one (micro-)step, independent of everything that ran before it."""
+    digest = hashlib.sha256(f"{seed}:{phase}:{step}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def batch_indices(num_items: int, batch_size: int, draw: int, seed: int, phase: str) -> list[int]:
+    """The items of the `draw`-th batch: consecutive slices of one seeded permutation per epoch, so every
+    item is seen once per epoch, and any batch can be computed without replaying the ones before it."""
+    if num_items <= 0:
+        raise FinetuneError("no training images")
+    indices = []
+    for position in range(draw * batch_size, (draw + 1) * batch_size):
+        epoch, offset = divmod(position, num_items)
+        permutation = torch.randperm(num_items, generator=torch.Generator().manual_seed(step_seed(seed, phase + "-epoch", epoch)))
+        indices.append(int(permutation[offset]))
+    return indices
+
+
+def center_crop_resize(image: Image.Image, size: int, center_crop: bool = True) -> Image.Image:
+    """Centre-crop to a square (or squash when `center_crop` is off) and resize to size x size (bicubic)."""
+    if center_crop:
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def image_to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
+    """RGB PIL image -> float tensor [3, H, W] in [-1, 1], mirrored left-right when `flip`."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return tensor.flip(-1) if flip else tensor
+
+
+def noise_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet must predict: the noise (epsilon models) or the velocity (v-prediction models)."""
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise FinetuneError(f"the model's prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
+
+
+def denoising_loss(
+    unet: nn.Module,
+    noise_scheduler,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    generator: torch.Generator,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The standard diffusion loss: noise the latents to random DDPM timesteps, MSE between the UNet's output and
+    the target, averaged per sample and then over the batch (weighted by `weights` when given)."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    ).to(latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+    target = noise_target(noise_scheduler, latents, noise, timesteps)
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights.to(per_sample)).mean()
+
+
+def tokenize(tokenizer, captions: Sequence[str], device: torch.device | str) -> torch.Tensor:
+    return tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled VAE latents, sampled from the posterior with `generator`."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32).to(posterior.mean)
+    latents = posterior.mean + posterior.std * noise
+    return latents * vae.config.scaling_factor
+
+
+# ---------------------------------------------------------------------------------- textual inversion
+class TokenRows(nn.Module):
+    """The trainable embedding rows of the new tokens, spliced into the text encoder's token-embedding output.
+
+    A forward hook on the embedding module replaces the output at every position holding a new token id with the
+    matching trainable row; the embedding matrix itself is never touched during training (`write_into` copies
+    the rows in at the end), so the other tokens' rows stay bit-identical by construction.
+    """
+
+    def __init__(self, token_ids: Sequence[int], initial: torch.Tensor):
+        super().__init__()
+        self.register_buffer("token_ids", torch.tensor(list(token_ids), dtype=torch.long), persistent=False)
+        self.rows = nn.Parameter(initial.detach().clone().float())
+        self._handle = None
+
+    def attach(self, embedding: nn.Embedding) -> None:
+        self.detach_hook()
+        self._handle = embedding.register_forward_hook(self._splice)
+
+    def detach_hook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _splice(self, module, inputs, output):
+        input_ids = inputs[0]
+        match = input_ids.unsqueeze(-1) == self.token_ids.to(input_ids.device)  # [B, L, k]
+        if not match.any():
+            return output
+        slot = match.float().argmax(-1)  # which new token, where any matches
+        replaced = self.rows.to(output.dtype)[slot]
+        return torch.where(match.any(-1, keepdim=True), replaced, output)
+
+    @torch.no_grad()
+    def write_into(self, embedding: nn.Embedding) -> None:
+        embedding.weight[self.token_ids.to(embedding.weight.device)] = self.rows.to(embedding.weight)
+
+
+# ----------------------------------------------------------------------------------------- training data
+@dataclass
+class TrainingImage:
+    path: Path
+    condition: str
+    row: int | None = None
+
+
+def training_images(config: RunConfig, paths: RunPaths) -> list[TrainingImage]:
+    """The train split of the run's dataset (its few-shot subset when `data.few_shot_fraction` is set) as
+    (path, condition) pairs; the split is the run's one split (`data.split.run_split`)."""
+    from magic_align.data.split import run_split
+
+    split = run_split(config, paths)
+    train = split.few_shot if config.data.few_shot_fraction else split.train
+    return [TrainingImage(Path(record.path), record.label, record.row or None) for record in train]
+
+
+def load_batch(
+    images: Sequence[TrainingImage], indices: Sequence[int], size: int, config: RunConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, list[str]]:
+    """Pixels [B, 3, size, size] in [-1, 1] (centre crop, random flip) and the conditions of the chosen items."""
+    from magic_align.data.images import load_image
+
+    tensors, conditions = [], []
+    for index in indices:
+        item = images[index]
+        image = load_image(item.path, config.data.max_image_pixels, row=item.row)
+        image = center_crop_resize(image, size, config.finetune.center_crop)
+        flip = bool(config.finetune.random_flip) and bool(torch.rand((), generator=generator) < 0.5)
+        tensors.append(image_to_tensor(image, flip))
+        conditions.append(item.condition)
+    return torch.stack(tensors), conditions
+
+
+class TokenTextEncoder(nn.Module):
+    """The frozen text encoder with the trainable token rows spliced in: the module phase 1 trains (and the one
+    accelerate wraps, so DDP sees a forward pass and averages the rows' gradients)."""
+
+    def __init__(self, text_encoder: nn.Module, token_rows: TokenRows):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.token_rows = token_rows
+        token_rows.attach(text_encoder.get_input_embeddings())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+def settings_fingerprint(config: RunConfig) -> str:
+    """What a checkpoint depends on: model, data, checklist set and fine-tuning settings (not checkpoint_every,
+    not the loggers). A checkpoint written under other settings is refused rather than silently continued."""
+    settings = {
+        "model": config.model.model_dump(mode="json"),
+        "data": config.data.model_dump(mode="json"),
+        "checklist": config.judge.checklist,
+        "finetune": config.finetune.model_dump(mode="json", exclude={"checkpoint_every", "log_with"}),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_resumed(state: dict | None, fingerprint: str, folder: Path) -> int:
+    if state is None:
+        return 0
+    if state.get("fingerprint") != fingerprint:
+        raise FinetuneError(
+            f"the checkpoint in {folder} was written with other settings (model, data, checklist or finetune "
+            "section changed); delete that folder to start the fine-tuning over, or restore the settings"
+        )
+    return int(state["step"])
+
+
+def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
+    """Textual inversion, then the UNet LoRA, on the train split of the run's dataset; returns `run/model/`.
+
+    A rerun resumes from the latest checkpoint in `run/checkpoints/finetune/` (a finished run only rewrites its
+    outputs). `stop_after` stops after that many optimizer steps of this call (both phases counted), with a
+    checkpoint, leaving `model/` incomplete; the next call continues exactly there.
+    """
+    from diffusers import DDPMScheduler
+
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.diffusion.loading import load_pipeline
+    from magic_align.train.loop import Checkpoints, MetricsLogger, make_accelerator, make_optimizer, optimizer_step, weight_dtype
+
+    if stop_after is not None and stop_after < 1:
+        raise FinetuneError(f"stop_after = {stop_after}: expected at least 1 optimizer step (or None for no limit)")
+    paths = prepare_run(config)
+    ft = config.finetune
+    checklists = load_checklists(config.judge.checklist)
+    images = training_images(config, paths)
+    if not images:
+        raise FinetuneError("the train split is empty: check data.csv / data.images and data.num_classes")
+    unknown = sorted({item.condition for item in images} - set(checklists.condition_names))
+    if unknown:
+        raise FinetuneError(
+            f"train labels {unknown} have no checklist in {config.judge.checklist!r}; dataset labels must be "
+            "checklist condition names"
+        )
+    size = ft.resolution or config.model.resolution
+    templates = caption_templates(config.model.prompt_template)
+    token_of = {c.condition: c.token for c in checklists.conditions}
+    fingerprint = settings_fingerprint(config)
+    steps_done = [0]  # optimizer steps taken by this call, both phases
+
+    def spend_step() -> bool:
+        """Count one optimizer step; True when this call's `stop_after` budget is used up."""
+        steps_done[0] += 1
+        return stop_after is not None and steps_done[0] >= stop_after
+
+    # ------------------------------------------------------------------ phase 1: textual inversion
+    accelerator = make_accelerator(mixed_precision=ft.mixed_precision, seed=ft.seed)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    pipe = load_pipeline(config.model, device=device, dtype=weight_dtype(accelerator))
+    tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    from magic_align.diffusion.tokens import add_tokens, save_tokens
+
+    tokens = [token_of[c] for c in checklists.condition_names]
+    try:
+        token_ids = add_tokens(tokenizer, text_encoder, tokens, ft.ti_init_word)
+    except ValueError as error:
+        raise FinetuneError(f"textual inversion cannot start: {error}") from None
+    text_encoder.requires_grad_(False)
+    initial = text_encoder.get_input_embeddings().weight[token_ids[0]].detach().float()
+    token_rows = TokenRows(token_ids, initial.unsqueeze(0).repeat(len(token_ids), 1)).to(device)
+    encoder = TokenTextEncoder(text_encoder, token_rows)
+    ti_lr = scaled_lr(ft.ti_lr, ft.ti_batch_size, ft.ti_grad_accum, ft.ti_scale_lr)
+    # No weight decay: the rows are word embeddings, and decay would pull them towards zero, not towards "skin".
+    ti_optimizer = make_optimizer(encoder.parameters(), lr=ti_lr, weight_decay=0.0)
+    encoder, ti_optimizer = accelerator.prepare(encoder, ti_optimizer)
+    ti_checkpoints = Checkpoints(accelerator, paths.checkpoints("finetune") / "ti")
+    ti_start = _check_resumed(ti_checkpoints.resume(), fingerprint, ti_checkpoints.directory)
+    trainable_rows = [accelerator.unwrap_model(encoder).token_rows.rows]
+    ti_log = MetricsLogger(paths.logs / "finetune" / "ti", ft.log_with, enabled=accelerator.is_main_process,
+                           resume_step=ti_start if ti_start else None)
+    for step in range(ti_start, ft.ti_steps):
+        loss_total = 0.0
+        for micro in range(ft.ti_grad_accum):
+            draw = (step * ft.ti_grad_accum + micro) * world + rank
+            generator = torch.Generator().manual_seed(step_seed(ft.seed, "ti", step, micro * world + rank))
+            pixels, conditions = load_batch(images, batch_indices(len(images), ft.ti_batch_size, draw, ft.seed, "ti"),
+                                            size, config, generator)
+            choices = torch.randint(len(templates), (len(conditions),), generator=generator)
+            captions = [templates[int(i)].format(token_of[c]) for i, c in zip(choices, conditions)]
+            sync = accelerator.no_sync(encoder) if micro < ft.ti_grad_accum - 1 else nullcontext()
+            with sync, accelerator.autocast():
+                with torch.no_grad():
+                    latents = encode_images(vae, pixels.to(device), generator)
+                hidden = encoder(tokenize(tokenizer, captions, device))
+                loss = denoising_loss(unet, noise_scheduler, latents, hidden, generator) / ft.ti_grad_accum
+                accelerator.backward(loss)
+            loss_total += float(accelerator.reduce(loss.detach(), "mean"))
+        grad_norm = optimizer_step(accelerator, ti_optimizer, None, trainable_rows, grad_clip=None)
+        ti_log.log(step + 1, {"loss": loss_total, "grad_norm": grad_norm, "lr": ti_lr})
+        stop = spend_step()
+        if (step + 1) % ft.checkpoint_every == 0 or step + 1 == ft.ti_steps or stop:
+            ti_checkpoints.save(step + 1, {"fingerprint": fingerprint, "phase": "ti"})
+        if stop and step + 1 < ft.ti_steps:
+            ti_log.close()
+            return paths.model
+    ti_log.close()
+    if stop_after is not None and steps_done[0] >= stop_after and ft.lora_steps > 0:
+        return paths.model  # the budget ended exactly with textual inversion; phase 2 starts on the next call
+    token_rows.detach_hook()
+    token_rows.write_into(text_encoder.get_input_embeddings())
+    tokens_dir = paths.model / "tokens"
+    if accelerator.is_main_process:
+        save_tokens(tokenizer, text_encoder, tokens, tokens_dir)
+
+    # ------------------------------------------------------------------ phase 2: UNet LoRA
+    from magic_align.diffusion.lora import LORA_TARGETS, attach_lora, save_lora
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ft.seed)  # the LoRA's initial A matrices, the same on every process and every rerun
+        lora_parameters = attach_lora(unet, ft.lora_rank, ft.lora_alpha, targets=LORA_TARGETS)
+    for parameter in lora_parameters:  # trainable weights stay fp32 under mixed precision
+        parameter.data = parameter.data.float()
+    accelerator = make_accelerator(mixed_precision=ft.mixed_precision, seed=ft.seed)
+    lora_optimizer = make_optimizer(lora_parameters, lr=ft.lora_lr, weight_decay=1e-2)
+    from magic_align.train.loop import make_lr_scheduler
+
+    lora_schedule = make_lr_scheduler(ft.lr_scheduler, lora_optimizer, total_steps=max(ft.lora_steps, 1))
+    unet, lora_optimizer = accelerator.prepare(unet, lora_optimizer)
+    accelerator.register_for_checkpointing(lora_schedule)
+    lora_checkpoints = Checkpoints(accelerator, paths.checkpoints("finetune") / "lora")
+    lora_start = _check_resumed(lora_checkpoints.resume(), fingerprint, lora_checkpoints.directory)
+    lora_log = MetricsLogger(paths.logs / "finetune" / "lora", ft.log_with, enabled=accelerator.is_main_process,
+                             resume_step=lora_start if lora_start else None)
+    with torch.no_grad():  # the text encoder is frozen now: one embedding per condition caption, computed once
+        caption_states = {
+            condition: text_encoder(tokenize(tokenizer, [config.model.prompt_template.format(token=token)], device))[0]
+            for condition, token in token_of.items()
+        }
+    unet.train()
+    for step in range(lora_start, ft.lora_steps):
+        generator = torch.Generator().manual_seed(step_seed(ft.seed, "lora", step, rank))
+        indices = batch_indices(len(images), ft.lora_batch_size, step * world + rank, ft.seed, "lora")
+        pixels, conditions = load_batch(images, indices, size, config, generator)
+        with accelerator.autocast():
+            with torch.no_grad():
+                latents = encode_images(vae, pixels.to(device), generator)
+            hidden = torch.cat([caption_states[c] for c in conditions])
+            loss = denoising_loss(unet, noise_scheduler, latents, hidden, generator)
+            accelerator.backward(loss)
+        learning_rate = lora_schedule.get_last_lr()[0]
+        grad_norm = optimizer_step(accelerator, lora_optimizer, lora_schedule, lora_parameters, ft.grad_clip)
+        lora_log.log(step + 1, {"loss": float(accelerator.reduce(loss.detach(), "mean")), "grad_norm": grad_norm,
+                                "lr": learning_rate})
+        stop = spend_step()
+        if (step + 1) % ft.checkpoint_every == 0 or step + 1 == ft.lora_steps or stop:
+            lora_checkpoints.save(step + 1, {"fingerprint": fingerprint, "phase": "lora"})
+        if stop and step + 1 < ft.lora_steps:
+            lora_log.close()
+            return paths.model
+    lora_log.close()
+    unet = accelerator.unwrap_model(unet).eval()
+    if accelerator.is_main_process:
+        lora_dir = paths.model / "lora"
+        save_lora(unet, lora_dir)
+        _write_model_json(config, paths, checklists, tokens_dir, lora_dir)
+    accelerator.wait_for_everyone()
+    return paths.model
+
+
+def lora_targets() -> tuple[str, ...]:
+    from magic_align.diffusion.lora import LORA_TARGETS
+
+    return LORA_TARGETS
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _final_loss(path: Path) -> float | None:
+    from magic_align.train.loop import read_metrics
+
+    if not path.exists():
+        return None
+    rows = read_metrics(path)
+    return rows[-1]["loss"] if rows else None
+
+
+def _write_model_json(config: RunConfig, paths: RunPaths, checklists, tokens_dir: Path, lora_dir: Path) -> None:
+    ft = config.finetune
+    files = sorted(tokens_dir.glob("*.safetensors")) + sorted(lora_dir.glob("*.safetensors"))
+    info = {
+        "base_model": {
+            "source": config.model.source,
+            "pretrained": config.model.pretrained,
+            "revision": config.model.revision,
+            "seed": config.model.seed,
+            "resolution": config.model.resolution,
+        },
+        "checklist_set": checklists.id,
+        "tokens": {c.condition: c.token for c in checklists.conditions},
+        "prompt_template": config.model.prompt_template,
+        "textual_inversion": {
+            "init_word": ft.ti_init_word,
+            "steps": ft.ti_steps,
+            "lr": scaled_lr(ft.ti_lr, ft.ti_batch_size, ft.ti_grad_accum, ft.ti_scale_lr),
+            "batch_size": ft.ti_batch_size,
+            "grad_accum": ft.ti_grad_accum,
+            "final_loss": _final_loss(paths.logs / "finetune" / "ti" / "metrics.csv"),
+        },
+        "lora": {
+            "rank": ft.lora_rank,
+            "alpha": ft.lora_alpha,
+            "targets": list(lora_targets()),
+            "steps": ft.lora_steps,
+            "lr": ft.lora_lr,
+            "lr_scheduler": ft.lr_scheduler,
+            "batch_size": ft.lora_batch_size,
+            "final_loss": _final_loss(paths.logs / "finetune" / "lora" / "metrics.csv"),
+        },
+        "settings_fingerprint": settings_fingerprint(config),
+        "files": {path.relative_to(paths.model).as_posix(): _sha256(path) for path in files},
+    }
+    atomic_write_text(paths.model / "model.json", json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,347 @@
+"""Pieces every trainer shares: accelerator, optimizer, LR schedule, checkpoints with exact resume, metrics.
+
+The trainers (`finetune`, `dpo`, `rft`) own their loops; this module gives them the parts that must behave
+the same everywhere:
+
+- `make_accelerator`: accelerate with mixed precision, gradient accumulation and one seed for every process
+  (the same seed on every rank, so freshly initialised adapters start identical under DDP);
+- `make_optimizer`: AdamW, or bitsandbytes' 8-bit AdamW when asked (imported only then, with a clear error
+  when the package is missing);
+- `make_lr_scheduler`: diffusers' `get_scheduler`, stepped once per optimizer step by `optimizer_step`;
+- `Checkpoints`: `accelerator.save_state` / `load_state` under `RunPaths.checkpoints(stage)`, holding only the
+  trainable parameters (a LoRA, not the 3.4 GB UNet), the optimizer, the schedule, the RNG states of every
+  process and the step counter, written atomically (a killed save never leaves a checkpoint that looks done);
+- `MetricsLogger`: CSV + TensorBoard (wandb optional) under `run/logs/<stage>/`; on resume it drops rows
+  logged after the checkpoint, so the curves have no duplicated steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+CHECKPOINT_PREFIX = "step-"
+TRAINING_STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
+TRAINABLE_FILE = "trainable_{index}.safetensors"
+
+
+class TrainingError(RuntimeError):
+    """A training problem phrased for the user (missing input, impossible batch layout, missing package)."""
+
+
+# ------------------------------------------------------------------------------------------ accelerator
+def make_accelerator(
+    *,
+    mixed_precision: str = "no",
+    gradient_accumulation_steps: int = 1,
+    seed: int = 0,
+    cpu: bool | None = None,
+) -> Accelerator:
+    """An `Accelerator` for one training stage, seeded identically on every process.
+
+    `mixed_precision` is "no", "fp16" or "bf16"; on a CPU without bf16 support use "no". `cpu=None` lets
+    accelerate decide (it honours `accelerate launch --cpu`).
+    """
+    kwargs = {"mixed_precision": mixed_precision, "gradient_accumulation_steps": gradient_accumulation_steps}
+    if cpu is not None:
+        kwargs["cpu"] = cpu
+    accelerator = Accelerator(**kwargs)
+    set_seed(seed)
+    return accelerator
+
+
+def weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype for frozen weights under the accelerator's mixed precision (trainable ones stay fp32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+# --------------------------------------------------------------------------------- optimizer and schedule
+def make_optimizer(
+    parameters: Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    use_8bit: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW over `parameters` (only those that require grad); 8-bit AdamW from bitsandbytes if `use_8bit`."""
+    trainable = [parameter for parameter in parameters if parameter.requires_grad]
+    if not trainable:
+        raise TrainingError("no trainable parameters: the adapter was not attached or every weight is frozen")
+    if use_8bit:
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise TrainingError(
+                "use_8bit_adam = true needs bitsandbytes: pip install 'magic-align[bnb]' (or set it to false)"
+            ) from None
+        return bitsandbytes.optim.AdamW8bit(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.AdamW(trainable, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def make_lr_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int = 0
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """diffusers' `get_scheduler` ("constant", "cosine", "linear", "constant_with_warmup", ...).
+
+    `total_steps` counts optimizer steps. Do not pass the result to `accelerator.prepare` (accelerate would
+    step it once per process); `optimizer_step` steps it once per update and `Checkpoints` saves it.
+    """
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    except ValueError as error:
+        raise TrainingError(f"lr_scheduler = {name!r}: {error}") from None
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    parameters: Sequence[torch.nn.Parameter],
+    grad_clip: float | None,
+) -> float:
+    """Clip, step, advance the schedule (unless fp16 skipped the step), zero the gradients.
+
+    Returns the gradient norm before clipping (all processes agree on it: gradients are already reduced).
+    """
+    if grad_clip is not None:
+        norm = accelerator.clip_grad_norm_(parameters, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(
+            torch.stack([p.grad.detach().float().norm() for p in parameters if p.grad is not None])
+        )
+    optimizer.step()
+    if scheduler is not None and not getattr(optimizer, "step_was_skipped", False):
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+class Checkpoints:
+    """Checkpoints of one stage under `directory` (use `RunPaths.checkpoints(stage)`), named `step-<N>`.
+
+    Register it right after `accelerator.prepare(...)`, and register any other stateful object (the LR
+    scheduler) with `accelerator.register_for_checkpointing` before the first `save`/`resume`.
+
+    Only the trainable parameters of the prepared models are stored (by parameter name, safetensors), so a
+    checkpoint of a LoRA run is megabytes. `resume()` restores them with the optimizer, schedule, RNG states
+    of every process, gradient scaler and `accelerator.step`, and returns the dict given to `save` (with
+    "step"), so the caller continues from exactly that step.
+    """
+
+    def __init__(self, accelerator: Accelerator, directory: Path, *, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.accelerator = accelerator
+        self.directory = Path(directory)
+        self.keep = keep
+        accelerator.register_save_state_pre_hook(self._save_trainable)
+        accelerator.register_load_state_pre_hook(self._load_trainable)
+
+    # accelerate calls these with the prepared (maybe DDP-wrapped) models.
+    def _save_trainable(self, models: list, weights: list, output_dir: str) -> None:
+        from safetensors.torch import save_file
+
+        if self.accelerator.is_main_process:
+            for index, model in enumerate(models):
+                state = _trainable_state(self.accelerator.unwrap_model(model))
+                save_file(state, os.path.join(output_dir, TRAINABLE_FILE.format(index=index)))
+        weights.clear()  # accelerate would otherwise write every frozen weight too
+
+    def _load_trainable(self, models: list, input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        for index, model in enumerate(models):
+            path = Path(input_dir) / TRAINABLE_FILE.format(index=index)
+            if not path.exists():
+                raise TrainingError(f"checkpoint {input_dir} has no {path.name}; it was written by another stage")
+            unwrapped = self.accelerator.unwrap_model(model)
+            state = load_file(str(path))
+            expected = set(_trainable_state(unwrapped))
+            if set(state) != expected:
+                missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+                raise TrainingError(
+                    f"checkpoint {path} does not match the model being trained "
+                    f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                    f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}); the settings changed since it "
+                    "was written: delete the checkpoint folder to start over"
+                )
+            parameters = dict(unwrapped.named_parameters())
+            with torch.no_grad():
+                for name, value in state.items():
+                    parameters[name].copy_(value.to(parameters[name].device, parameters[name].dtype))
+        models.clear()
+
+    def all(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as (step, folder), oldest first."""
+        found = []
+        if self.directory.is_dir():
+            for folder in self.directory.iterdir():
+                name = folder.name
+                if name.startswith(CHECKPOINT_PREFIX) and (folder / TRAINING_STATE).exists():
+                    try:
+                        found.append((int(name[len(CHECKPOINT_PREFIX) :]), folder))
+                    except ValueError:
+                        continue
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1][1] if found else None
+
+    def save(self, step: int, state: Mapping | None = None) -> Path:
+        """Save everything at optimizer step `step` (call on every process). `state`: extra JSON-able values."""
+        accelerator = self.accelerator
+        final = self.directory / f"{CHECKPOINT_PREFIX}{step:07d}"
+        partial = self.directory / f".{final.name}.partial"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            payload = {"step": step, **(dict(state) if state else {})}
+            (partial / TRAINING_STATE).write_text(json.dumps(payload, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for _, old in self.all()[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    def resume(self) -> dict | None:
+        """Load the latest complete checkpoint; returns its state dict (with "step"), or None to start fresh."""
+        folder = self.latest()
+        if folder is None:
+            return None
+        self.accelerator.load_state(str(folder))
+        return json.loads((folder / TRAINING_STATE).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+class MetricsLogger:
+    """Scalars per optimizer step to `directory/metrics.csv`, TensorBoard (`directory/tensorboard`) and wandb.
+
+    Only the main process writes (pass `enabled=accelerator.is_main_process`). With `resume_step`, rows
+    after that step (logged by the interrupted run after its last checkpoint) are dropped first.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        log_with: Sequence[str] = ("csv", "tensorboard"),
+        *,
+        enabled: bool = True,
+        resume_step: int | None = None,
+        run_name: str | None = None,
+        config: Mapping | None = None,
+    ) -> None:
+        unknown = set(log_with) - {"csv", "tensorboard", "wandb"}
+        if unknown:
+            raise TrainingError(f"log_with: unknown logger(s) {sorted(unknown)}; expected csv, tensorboard, wandb")
+        self.enabled = enabled
+        self.directory = Path(directory)
+        self.csv_path = self.directory / "metrics.csv" if "csv" in log_with else None
+        self._columns: list[str] | None = None
+        self._tensorboard = None
+        self._wandb = None
+        if not enabled:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.csv_path is not None and self.csv_path.exists():
+            self._trim_csv(resume_step or 0)
+        if "tensorboard" in log_with:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if resume_step is None else resume_step + 1
+            self._tensorboard = SummaryWriter(str(self.directory / "tensorboard"), purge_step=purge)
+        if "wandb" in log_with:
+            try:
+                import wandb
+            except ImportError:
+                raise TrainingError("log_with contains 'wandb' but wandb is not installed: pip install wandb") from None
+            self._wandb = wandb.init(
+                name=run_name, dir=str(self.directory), config=dict(config or {}), resume="allow"
+            )
+
+    def _trim_csv(self, keep_through: int) -> None:
+        with open(self.csv_path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+            columns = rows and list(rows[0].keys())
+        kept = [row for row in rows if row.get("step") and int(row["step"]) <= keep_through]
+        if not kept:
+            self.csv_path.unlink()
+            return
+        self._columns = list(columns)
+        self._write_csv(kept)
+
+    def _write_csv(self, rows: list[dict]) -> None:
+        from magic_align.run import atomic_path
+
+        with atomic_path(self.csv_path) as temporary:
+            with open(temporary, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self._columns)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        values = {key: float(value) for key, value in metrics.items()}
+        if self.csv_path is not None:
+            row = {"step": step, **{key: ("" if math.isnan(v) else repr(v)) for key, v in values.items()}}
+            if self._columns is None and self.csv_path.exists():
+                with open(self.csv_path, newline="") as handle:
+                    self._columns = next(csv.reader(handle), None)
+            if self._columns is None or not set(row) <= set(self._columns):
+                # A new metric: rewrite the file with the wider header (rare; keeps the CSV rectangular).
+                old_rows = []
+                if self.csv_path.exists():
+                    with open(self.csv_path, newline="") as handle:
+                        old_rows = list(csv.DictReader(handle))
+                self._columns = list(dict.fromkeys([*(self._columns or ["step"]), *row]))
+                self._write_csv(old_rows + [row])
+            else:
+                with open(self.csv_path, "a", newline="") as handle:
+                    csv.DictWriter(handle, fieldnames=self._columns).writerow(row)
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The rows of a `metrics.csv` as floats (empty cells are NaN)."""
+    with open(path, newline="") as handle:
+        return [
+            {key: (float(value) if value != "" else math.nan) for key, value in row.items()}
+            for row in csv.DictReader(handle)
+        ]

@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from magic_align.train.dpo_loss import clamped_log_ratio, dpo_loss, preference_signs
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_preference_signs_follow_the_outcomes_and_ties_are_zero():
+    assert preference_signs(1, 0) == (1, -1)
+    assert preference_signs(0, 1) == (-1, 1)
+    assert preference_signs(1, 1) == (0, 0)  # both win
+    assert preference_signs(0, 0) == (0, 0)  # both lose: never push both down (demo-notes)
+    with pytest.raises(ValueError, match="outcome_a"):
+        preference_signs(2, 0)
+
+
+def test_loss_equals_a_hand_computation_with_clamp():
+    # one pair, two steps; sample 0 preferred
+    lp = torch.tensor([[[-1.00, -2.00], [-1.50, -0.70]]])
+    ref = torch.tensor([[[-1.05, -1.00], [-1.40, -0.75]]])
+    h = torch.tensor([[1, -1]])
+    beta, clip = 0.5, 0.1
+    lo, hi = math.log(0.9), math.log(1.1)
+    expected = 0.0
+    for t in range(2):
+        r0 = min(max(lp[0, 0, t].item() - ref[0, 0, t].item(), lo), hi)
+        r1 = min(max(lp[0, 1, t].item() - ref[0, 1, t].item(), lo), hi)
+        expected += -log_sigmoid(beta * (r0 - r1))
+    expected /= 2
+    loss, stats = dpo_loss(lp, ref, h, beta, clip)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # step 0: log-ratios 0.05 and -0.10 -> margin 0.15 > 0; step 1: -1.0 and 0.05 -> margin -1.05 < 0
+    assert stats.implicit_accuracy == pytest.approx(0.5)
+    # ratios exp(0.05)=1.051, exp(-1.0)=0.368 (clamped), exp(-0.1)=0.905, exp(0.05)=1.051
+    assert stats.clamped_share == pytest.approx(0.25)
+    assert stats.mean_log_ratio == pytest.approx((0.05 - 1.0 - 0.10 + 0.05) / 4, abs=1e-6)
+    assert stats.informative_pairs == 1
+
+
+def test_loss_without_clamp_and_with_preference_on_the_second_sample():
+    lp = torch.tensor([[[0.3], [-0.2]]])
+    ref = torch.tensor([[[0.0], [0.0]]])
+    loss, stats = dpo_loss(lp, ref, torch.tensor([[-1, 1]]), beta=2.0, clip=None)
+    assert loss.item() == pytest.approx(-log_sigmoid(2.0 * (-0.3 + -0.2)), abs=1e-6)
+    assert stats.clamped_share == 0.0
+    assert stats.implicit_accuracy == 0.0
+
+
+def test_gradient_matches_the_analytic_derivative():
+    lp = torch.tensor([[[-1.0], [-1.2]]], requires_grad=True)
+    ref = torch.tensor([[[-1.02], [-1.18]]])
+    beta = 3.0
+    loss, _ = dpo_loss(lp, ref, torch.tensor([[1, -1]]), beta, clip=0.1)
+    loss.backward()
+    margin = beta * ((-1.0 + 1.02) - (-1.2 + 1.18))
+    sig = 1 / (1 + math.exp(-margin))
+    # d/dlp0 of -log sigmoid(m) = -(1 - sigmoid(m)) * beta
+    assert lp.grad[0, 0, 0].item() == pytest.approx(-(1 - sig) * beta, abs=1e-6)
+    assert lp.grad[0, 1, 0].item() == pytest.approx((1 - sig) * beta, abs=1e-6)
+
+
+def test_ties_give_zero_gradient_and_log2():
+    lp = torch.randn(3, 2, 5, requires_grad=True)
+    ref = torch.randn(3, 2, 5)
+    h = torch.zeros(3, 2, dtype=torch.long)
+    loss, stats = dpo_loss(lp, ref, h, beta=5.0, clip=None)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert torch.count_nonzero(lp.grad) == 0
+    assert stats.informative_pairs == 0 and math.isnan(stats.implicit_accuracy)
+
+
+def test_a_tie_in_a_batch_leaves_the_other_pairs_gradient_alone():
+    lp = torch.randn(2, 2, 4, requires_grad=True)
+    ref = torch.randn(2, 2, 4)
+    loss, _ = dpo_loss(lp, ref, torch.tensor([[1, -1], [0, 0]]), beta=1.0, clip=0.5)
+    loss.backward()
+    assert torch.count_nonzero(lp.grad[1]) == 0
+    assert torch.count_nonzero(lp.grad[0]) > 0
+
+
+def test_clamped_ratios_have_no_gradient():
+    lp = torch.tensor([[[0.0], [0.0]]], requires_grad=True)
+    ref = torch.tensor([[[-1.0], [0.0]]])  # ratio of sample 0 is e, far above 1 + clip
+    loss, stats = dpo_loss(lp, ref, torch.tensor([[1, -1]]), beta=1.0, clip=0.2)
+    loss.backward()
+    assert lp.grad[0, 0, 0].item() == 0.0
+    assert lp.grad[0, 1, 0].item() != 0.0
+    assert stats.clamped_share == pytest.approx(0.5)
+
+
+def test_clamp_in_log_space_survives_huge_gaps_and_rejects_bad_clip():
+    value = clamped_log_ratio(torch.tensor([1000.0]), torch.tensor([-1000.0]), 0.1)
+    assert value.item() == pytest.approx(math.log(1.1))
+    with pytest.raises(ValueError, match="clip"):
+        clamped_log_ratio(torch.zeros(1), torch.zeros(1), 1.5)
+
+
+def test_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match="log_prob_ref"):
+        dpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), torch.zeros(1, 2), 1.0, None)
+    with pytest.raises(ValueError, match="preference"):
+        dpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 2), 1.0, None)

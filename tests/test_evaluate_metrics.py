@@ -1,0 +1,80 @@
+"""Metrics against hand computations on fixed predictions."""
+
+import numpy as np
+import pytest
+
+from magic_align.evaluate.metrics import (
+    accuracy,
+    accuracy_by_skin_type,
+    classification_metrics,
+    confusion_matrix,
+    macro_f1,
+    macro_precision,
+    macro_recall,
+    mean_over_seeds,
+)
+
+# Three classes, eight images.
+#   class 0: true 3 times; predicted 0, 0, 1
+#   class 1: true 3 times; predicted 1, 2, 2
+#   class 2: true 2 times; predicted 2, 0
+Y_TRUE = [0, 0, 0, 1, 1, 1, 2, 2]
+Y_PRED = [0, 0, 1, 1, 2, 2, 2, 0]
+# By hand: correct = 0,0,1,2 -> 4 of 8.
+# class 0: TP 2, predicted 3 (two 0s + the last), actual 3 -> P 2/3, R 2/3, F1 2/3
+# class 1: TP 1, predicted 2, actual 3 -> P 1/2, R 1/3, F1 2*(1/6)/(5/6) = 2/5
+# class 2: TP 1, predicted 3, actual 2 -> P 1/3, R 1/2, F1 2*(1/6)/(5/6) = 2/5
+
+
+def test_confusion_matrix_by_hand():
+    expected = np.array([[2, 1, 0], [0, 1, 2], [1, 0, 1]])
+    assert (confusion_matrix(Y_TRUE, Y_PRED, 3) == expected).all()
+    assert confusion_matrix(Y_TRUE, Y_PRED, 4).shape == (4, 4)
+
+
+def test_scores_by_hand():
+    assert accuracy(Y_TRUE, Y_PRED) == pytest.approx(0.5)
+    assert macro_precision(Y_TRUE, Y_PRED) == pytest.approx((2 / 3 + 1 / 2 + 1 / 3) / 3)
+    assert macro_recall(Y_TRUE, Y_PRED) == pytest.approx((2 / 3 + 1 / 3 + 1 / 2) / 3)
+    assert macro_f1(Y_TRUE, Y_PRED) == pytest.approx((2 / 3 + 2 / 5 + 2 / 5) / 3)
+
+
+def test_never_predicted_class_counts_as_zero():
+    # Class 1 is never predicted: precision 0 (not undefined), recall 0; class 0: P 1/2, R 1.
+    assert macro_precision([0, 1], [0, 0]) == pytest.approx(0.25)
+    assert macro_recall([0, 1], [0, 0]) == pytest.approx(0.5)
+    assert macro_f1([0, 1], [0, 0]) == pytest.approx((2 / 3 + 0) / 2)
+
+
+def test_accuracy_by_skin_type_by_hand():
+    skin = [1, 1, 2, 2, 2, 6, 6, -1]
+    result = accuracy_by_skin_type(Y_TRUE, Y_PRED, skin)
+    # type 1: images 0, 1 both right; type 2: images 2, 3, 4 -> 1 right; type 6: 5, 6 -> 1 right; -1: wrong
+    assert result == {
+        -1: {"accuracy": 0.0, "n": 1},
+        1: {"accuracy": 1.0, "n": 2},
+        2: {"accuracy": pytest.approx(1 / 3), "n": 3},
+        6: {"accuracy": 0.5, "n": 2},
+    }
+
+
+def test_classification_metrics_intervals_contain_the_value():
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 200)
+    y_pred = np.where(rng.random(200) < 0.6, y_true, rng.integers(0, 4, 200))
+    result = classification_metrics(y_true, y_pred, 4, skin_types=rng.integers(1, 7, 200), resamples=200)
+    for name in ("accuracy", "f1", "precision", "recall"):
+        entry = result[name]
+        assert entry["low"] <= entry["value"] <= entry["high"]
+        assert entry["high"] - entry["low"] < 0.3
+    assert result["accuracy"]["value"] == pytest.approx(accuracy(y_true, y_pred))
+    assert sum(entry["n"] for entry in result["by_skin_type"].values()) == 200
+    assert np.array(result["confusion"]).sum() == 200
+
+
+def test_mean_over_seeds():
+    summary = mean_over_seeds([0.2, 0.4, 0.6], resamples=200)
+    assert summary["value"] == pytest.approx(0.4)
+    assert summary["std"] == pytest.approx(0.2)
+    assert 0.2 <= summary["low"] <= 0.4 <= summary["high"] <= 0.6
+    assert mean_over_seeds([0.3])["std"] == 0.0

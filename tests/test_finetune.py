@@ -1,0 +1,274 @@
+"""Preliminary fine-tuning: textual inversion + UNet LoRA (train/finetune.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from magic_align.config import ModelConfig, load_config
+from magic_align.train.finetune import (
+    OBJECT_TEMPLATES,
+    TokenRows,
+    TokenTextEncoder,
+    batch_indices,
+    caption_templates,
+    center_crop_resize,
+    denoising_loss,
+    image_to_tensor,
+    run_finetune,
+    scaled_lr,
+)
+
+CONDITIONS = {"melanoma": "<mel>", "vitiligo": "<vit>"}
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def write_checklists(path: Path) -> Path:
+    lines = ["id: test-two", "conditions:"]
+    for condition, token in CONDITIONS.items():
+        lines += [
+            f"  - condition: {condition}",
+            f"    display_name: {condition.title()}",
+            f"    token: '{token}'",
+            "    items:",
+            "      - {id: colour, aspect: color, text: the lesion has the expected colour}",
+            "      - {id: size, aspect: size, text: the lesion has the expected size}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_dataset(root: Path, per_class: int = 4) -> Path:
+    """Two visibly different classes: dark blobs on skin tone, white patches on skin tone (40 x 48 px, so the
+    centre crop matters)."""
+    rng = np.random.default_rng(0)
+    for condition in CONDITIONS:
+        folder = root / condition
+        folder.mkdir(parents=True)
+        for index in range(per_class):
+            image = np.full((40, 48, 3), (200, 150, 120), dtype=np.float32) + rng.normal(0, 6, (40, 48, 3))
+            y, x = np.mgrid[:40, :48]
+            cy, cx = 20 + rng.integers(-5, 5), 24 + rng.integers(-5, 5)
+            mask = (y - cy) ** 2 + (x - cx) ** 2 < (8 + index) ** 2
+            image[mask] = (40, 30, 25) if condition == "melanoma" else (250, 248, 245)
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{condition}-{index}.png")
+    return root
+
+
+@pytest.fixture
+def finetune_config(tmp_path, tiny_model_dir):
+    checklist = write_checklists(tmp_path / "checklists.yaml")
+    images = write_dataset(tmp_path / "images")
+
+    def make(name: str = "ft", **overrides):
+        settings = {
+            "model.source": "local",
+            "model.pretrained": str(tiny_model_dir),
+            "model.resolution": 32,
+            "data.kind": "folder",
+            "data.images": str(images),
+            "data.num_classes": 2,
+            "judge.checklist": str(checklist),
+            "finetune.ti_steps": 3,
+            "finetune.ti_batch_size": 2,
+            "finetune.ti_grad_accum": 2,
+            "finetune.lora_steps": 4,
+            "finetune.lora_batch_size": 2,
+            "finetune.lora_lr": 1e-3,
+            "finetune.checkpoint_every": 2,
+            "finetune.log_with": ["csv"],
+            **overrides,
+        }
+        text = [f"runs_dir={json.dumps(str(tmp_path / 'runs'))}", f"name={json.dumps(name)}"]
+        text += [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+        return load_config("tiny", text)
+
+    return make
+
+
+def plain_pipeline(tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+
+
+# --------------------------------------------------------------------------------------- pure pieces
+def test_caption_templates_add_the_run_prompt_once():
+    templates = caption_templates("an image of {token} on human skin")
+    assert templates[: len(OBJECT_TEMPLATES)] == list(OBJECT_TEMPLATES)
+    assert templates[-1] == "an image of {} on human skin"
+    assert caption_templates("a photo of a {token}") == list(OBJECT_TEMPLATES)  # already a template: not repeated
+    assert all(t.format("<x>").count("<x>") == 1 for t in templates)
+
+
+def test_scaled_lr():
+    assert scaled_lr(5e-4, 4, 4, True) == pytest.approx(8e-3)
+    assert scaled_lr(5e-4, 4, 4, False) == 5e-4
+
+
+def test_batches_cover_every_item_once_per_epoch_and_are_reproducible():
+    draws = [batch_indices(5, 2, draw, seed=3, phase="ti") for draw in range(5)]  # 10 positions = 2 epochs
+    flat = [i for batch in draws for i in batch]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:]) == list(range(5))
+    assert batch_indices(5, 2, 3, seed=3, phase="ti") == draws[3]
+    assert flat != [i for d in range(5) for i in batch_indices(5, 2, d, seed=4, phase="ti")]
+
+
+def test_center_crop_and_flip_by_hand():
+    array = np.zeros((2, 4, 3), dtype=np.uint8)  # 4 wide, 2 high: the crop keeps columns 1 and 2
+    array[:, 1] = 255
+    cropped = center_crop_resize(Image.fromarray(array), 2)
+    assert np.asarray(cropped)[:, 0].min() == 255 and np.asarray(cropped)[:, 1].max() == 0
+    tensor = image_to_tensor(cropped)
+    assert tensor.shape == (3, 2, 2) and tensor[0, 0, 0] == 1.0 and tensor[0, 0, 1] == -1.0
+    flipped = image_to_tensor(cropped, flip=True)
+    assert flipped[0, 0, 0] == -1.0 and flipped[0, 0, 1] == 1.0
+    squashed = center_crop_resize(Image.fromarray(array), 2, center_crop=False)
+    assert squashed.size == (2, 2)
+
+
+def test_only_the_new_token_rows_learn(tiny_model_dir):
+    """AdamW with weight decay through the spliced rows: the new rows move, every other row is bit-identical."""
+    from magic_align.diffusion.loading import load_pipeline
+    from magic_align.diffusion.tokens import add_tokens
+    from magic_align.train.loop import make_optimizer
+
+    pipe = load_pipeline(ModelConfig(source="local", pretrained=str(tiny_model_dir)))
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    ids = add_tokens(tokenizer, text_encoder, list(CONDITIONS.values()), "skin")
+    before = text_encoder.get_input_embeddings().weight.detach().clone()
+    rows = TokenRows(ids, before[ids])
+    encoder = TokenTextEncoder(text_encoder, rows)
+    optimizer = make_optimizer(encoder.parameters(), lr=0.1, weight_decay=0.1)
+    assert [p for p in encoder.parameters() if p.requires_grad] == [rows.rows]
+    for _ in range(3):
+        input_ids = tokenizer(["a photo of a <mel>", "<vit> on skin"], padding="max_length", return_tensors="pt").input_ids
+        encoder(input_ids).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    rows.detach_hook()
+    rows.write_into(text_encoder.get_input_embeddings())
+    after = text_encoder.get_input_embeddings().weight.detach()
+    others = torch.ones(len(after), dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(after[others], before[others])
+    assert not torch.allclose(after[ids], before[ids])
+
+
+def test_denoising_loss_is_the_mse_to_the_noise():
+    """With a UNet that predicts zero, the loss is the mean squared noise; a perfect one gives zero."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Zero(torch.nn.Module):
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return type("Out", (), {"sample": torch.zeros_like(sample)})
+
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=generator)
+    loss = denoising_loss(Zero(), scheduler, latents, torch.zeros(3, 2, 4), torch.Generator().manual_seed(5))
+    assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def fixed_batch_loss(pipe, images_root: Path, tokens: dict[str, str], prompt_template: str) -> float:
+    """The denoising loss of `pipe` on every training image at fixed timesteps and noise (same for any pipe)."""
+    from diffusers import DDPMScheduler
+
+    from magic_align.train.finetune import encode_images, tokenize
+
+    pixels, captions = [], []
+    for condition, token in tokens.items():
+        for path in sorted((images_root / condition).glob("*.png")):
+            pixels.append(image_to_tensor(center_crop_resize(Image.open(path).convert("RGB"), 32)))
+            captions.append(prompt_template.format(token=token))
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    total = 0.0
+    with torch.no_grad():
+        hidden = pipe.text_encoder(tokenize(pipe.tokenizer, captions, "cpu"))[0]
+        for repeat in range(4):
+            generator = torch.Generator().manual_seed(100 + repeat)
+            latents = encode_images(pipe.vae, torch.stack(pixels), generator)
+            total += denoising_loss(pipe.unet, scheduler, latents, hidden, generator).item()
+    return total / 4
+
+
+@pytest.mark.slow
+def test_finetune_learns_and_loads_in_plain_diffusers(finetune_config, tiny_model_dir, tmp_path):
+    config = finetune_config("learn", **{"finetune.ti_steps": 12, "finetune.lora_steps": 25, "finetune.ti_lr": 5e-3})
+    model_dir = run_finetune(config)
+    info = json.loads((model_dir / "model.json").read_text())
+    assert info["tokens"] == CONDITIONS and info["lora"]["steps"] == 25
+    for relative, digest in info["files"].items():
+        import hashlib
+
+        assert hashlib.sha256((model_dir / relative).read_bytes()).hexdigest() == digest
+
+    # the training loss is logged per step; TI and LoRA curves fall (the LoRA one compared on fixed batches below)
+    from magic_align.train.loop import read_metrics
+
+    assert len(read_metrics(config.run_dir / "logs" / "finetune" / "ti" / "metrics.csv")) == 12
+    assert len(read_metrics(config.run_dir / "logs" / "finetune" / "lora" / "metrics.csv")) == 25
+
+    # plain diffusers: the token files and the LoRA load with the stock loaders
+    token_files = sorted((model_dir / "tokens").glob("*.safetensors"))
+    assert len(token_files) == 2
+    before = plain_pipeline(tiny_model_dir)
+    skin_id = before.tokenizer("skin", add_special_tokens=False).input_ids
+    skin = before.text_encoder.get_input_embeddings().weight[skin_id].mean(0)
+    base_rows = before.text_encoder.get_input_embeddings().weight.detach().clone()
+    with_tokens = plain_pipeline(tiny_model_dir)
+    with_tokens.load_textual_inversion([str(f) for f in token_files])
+    embeddings = with_tokens.text_encoder.get_input_embeddings().weight
+    for token in CONDITIONS.values():
+        row = embeddings[with_tokens.tokenizer.convert_tokens_to_ids(token)]
+        assert not torch.allclose(row, skin, atol=1e-4), f"{token} did not move from its init word"
+    assert torch.equal(embeddings[: len(base_rows)], base_rows)
+
+    # the tokens alone versus init-word tokens: lower loss on the training images
+    init_only = plain_pipeline(tiny_model_dir)
+    init_only.load_textual_inversion([{t: skin.detach().reshape(1, -1)} for t in CONDITIONS.values()],
+                                     token=list(CONDITIONS.values()))
+    images_root = Path(config.data.images)
+    loss_init = fixed_batch_loss(init_only, images_root, CONDITIONS, config.model.prompt_template)
+    loss_tokens = fixed_batch_loss(with_tokens, images_root, CONDITIONS, config.model.prompt_template)
+    with_tokens.load_lora_weights(str(model_dir / "lora"))
+    loss_lora = fixed_batch_loss(with_tokens, images_root, CONDITIONS, config.model.prompt_template)
+    assert loss_tokens < loss_init
+    assert loss_lora < loss_tokens
+
+
+def test_resume_equals_uninterrupted(finetune_config):
+    straight = run_finetune(finetune_config("straight"))
+    interrupted = finetune_config("interrupted")
+    run_finetune(interrupted, stop_after=2)  # inside textual inversion (3 steps)
+    assert not (interrupted.run_dir / "model" / "tokens").exists()
+    run_finetune(interrupted, stop_after=2)  # ends textual inversion, one LoRA step
+    assert not (interrupted.run_dir / "model" / "lora").exists()
+    resumed = run_finetune(interrupted)
+    for relative in ["lora/pytorch_lora_weights.safetensors", "tokens/mel.safetensors", "tokens/vit.safetensors"]:
+        a, b = load_file(str(straight / relative)), load_file(str(resumed / relative))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{relative}:{key} differs after resume"
+    # the logged curve has one row per step, without the rows of the interrupted run after its checkpoint
+    from magic_align.train.loop import read_metrics
+
+    rows = read_metrics(interrupted.run_dir / "logs" / "finetune" / "lora" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_changed_settings_refuse_the_old_checkpoint(finetune_config):
+    from magic_align.train.finetune import FinetuneError
+
+    run_finetune(finetune_config("changed"), stop_after=1)
+    with pytest.raises(FinetuneError, match="other settings"):
+        run_finetune(finetune_config("changed", **{"finetune.ti_lr": 1e-2}))

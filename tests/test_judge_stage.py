@@ -1,0 +1,238 @@
+"""The judge stage with an in-process counting judge: cache, resume after a crash, budget cap, dry run."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from magic_align.judge import JudgeStageError, gpt4o_image_tokens, run_judge, sent_size, text_tokens
+from magic_align.judges.base import Verdict
+
+
+class CountingJudge:
+    """Answers from the image itself (bits of the red channel), counts calls, can blow up after N answers."""
+
+    def __init__(self, cost: float = 0.01, fail_after: int | None = None, prompt_version: str = "p1"):
+        self.id = "fake:counting"
+        self.prompt_version = prompt_version
+        self.cost = cost
+        self.fail_after = fail_after
+        self.calls = 0
+        self.seen: list[int] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def judge(self, image, checklist) -> Verdict:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise ConnectionError("injected failure")
+        self.calls += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        await asyncio.sleep(0)  # let other workers run, as a network call would
+        self.in_flight -= 1
+        red = image.getpixel((0, 0))[0]
+        self.seen.append(red)
+        items = [(red >> bit) & 1 for bit in range(len(checklist.items))]
+        return Verdict(items=items, raw=str(items), input_tokens=300, output_tokens=15, cost_usd=self.cost)
+
+
+def test_second_run_asks_nothing(feedback_run):
+    config, ledger, samples = feedback_run(units=5, k=2)
+    judge = CountingJudge()
+    summary = run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 10
+    assert (summary.asked, summary.answered, summary.failed, summary.cached, summary.remaining) == (10, 10, 0, 0, 0)
+    assert summary.cost_usd == pytest.approx(0.10)
+    assert summary.input_tokens == 3000
+    for sample in samples:
+        stored = ledger.get_verdict(sample.image_sha256, judge.id, _version(config, sample), "p1")
+        red = (17 * int(sample.image_path[-8:-4])) % 256
+        assert stored.items == [(red >> bit) & 1 for bit in range(5)]
+        assert stored.condition == sample.target_label
+    again = CountingJudge()
+    summary = run_judge(config, judge=again, show_progress=False)
+    assert again.calls == 0
+    assert summary.cached == 10 and summary.asked == 0
+    assert ledger.stage("judge:0").status == "done"
+    # a new prompt version is a new key: everything is asked again
+    changed = CountingJudge(prompt_version="p2")
+    run_judge(config, judge=changed, show_progress=False)
+    assert changed.calls == 10
+
+
+def test_interrupted_run_resumes_without_repeating(feedback_run):
+    config, ledger, samples = feedback_run(units=6, k=2)
+    first = CountingJudge(fail_after=5)
+    with pytest.raises(JudgeStageError, match="injected failure") as raised:
+        run_judge(config, judge=first, show_progress=False)
+    assert "rerun to continue" in str(raised.value)
+    assert first.calls == 5
+    assert len(ledger.answered_keys(first.id, "p1")) == 5  # every answer given before the crash is stored
+    assert ledger.stage("judge:0").status == "failed"
+    second = CountingJudge()
+    summary = run_judge(config, judge=second, show_progress=False)
+    assert second.calls == 7
+    assert not set(first.seen) & set(second.seen)  # no image asked twice
+    assert summary.cached == 5 and summary.remaining == 0
+    assert ledger.spent_usd(first.id) == pytest.approx(0.12)
+
+
+def test_budget_cap_stops_cleanly_and_rerun_continues(feedback_run):
+    config, ledger, _ = feedback_run(units=5, k=2, extra=["judge.budget_usd=0.05", "judge.concurrency=1"])
+    judge = CountingJudge(cost=0.01)
+    summary = run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 5
+    assert summary.stopped and "budget" in summary.stopped
+    assert summary.remaining == 5
+    assert ledger.spent_usd(judge.id) <= 0.05 + 1e-9
+    assert ledger.stage("judge:0").status == "stopped"
+    config.judge.budget_usd = 1.0
+    more = CountingJudge(cost=0.01)
+    summary = run_judge(config, judge=more, show_progress=False)
+    assert more.calls == 5 and summary.remaining == 0 and summary.stopped is None
+
+
+def test_budget_holds_with_concurrent_calls(feedback_run):
+    # the price of gpt-4o-mini makes the first reservation smaller than the real cost: the cap must still hold
+    # once the real cost is known, counting calls in flight
+    config, ledger, _ = feedback_run(units=10, k=2, extra=["judge.budget_usd=0.1", "judge.concurrency=4"])
+    judge = CountingJudge(cost=0.01)
+    run_judge(config, judge=judge, show_progress=False)
+    assert ledger.spent_usd(judge.id) <= 0.1 + 0.04  # at most the first wave overshoots the estimate
+    assert judge.calls < 20, (judge.calls, ledger.spent_usd(judge.id))
+
+
+def test_concurrency_is_used(feedback_run):
+    config, _, _ = feedback_run(units=8, k=2, extra=["judge.concurrency=4"])
+    judge = CountingJudge()
+    run_judge(config, judge=judge, show_progress=False)
+    assert judge.most_in_flight > 1
+    assert judge.most_in_flight <= 4
+
+
+def test_real_images_are_not_sent_by_default(feedback_run):
+    config, _, samples = feedback_run(
+        units=2, k=2, real=2, extra=["judge.backend='openai'", "judge.base_url='http://127.0.0.1:9/v1'"]
+    )
+    judge = CountingJudge()
+    summary = run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 4 and summary.skipped_real == 2
+    config.judge.send_real_images = True
+    judge = CountingJudge()
+    run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 2
+
+
+def test_remote_endpoint_needs_allow_remote(feedback_run):
+    from magic_align.judges.privacy import PrivacyError
+
+    config, ledger, _ = feedback_run(units=1, k=2, extra=["judge.backend='openai'", "judge.base_url='https://judge.example.org/v1'"])
+    judge = CountingJudge()
+    with pytest.raises(PrivacyError, match="allow_remote"):
+        run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 0
+    config.judge.allow_remote = True
+    run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 2
+
+
+def test_changed_image_is_not_graded(feedback_run):
+    config, ledger, samples = feedback_run(units=2, k=2)
+    (config.run_dir / samples[1].image_path).write_bytes(b"not the image that was sampled")
+    judge = CountingJudge()
+    summary = run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 3
+    assert len(summary.not_readable) == 1 and samples[1].sample_id in summary.not_readable[0]
+    assert summary.remaining == 1
+
+
+def test_unknown_target_label_is_a_clear_error(feedback_run):
+    config, ledger, samples = feedback_run(units=1, k=2)
+    bad = samples[0]
+    bad.sample_id, bad.target_label = "odd", "gamma"
+    ledger.add_samples([bad])
+    with pytest.raises(JudgeStageError, match="sample odd: target label 'gamma' has no checklist"):
+        run_judge(config, judge=CountingJudge(), show_progress=False)
+
+
+def test_summary_pass_rates(feedback_run):
+    config, _, samples = feedback_run(units=4, k=2)
+    summary = run_judge(config, judge=CountingJudge(), show_progress=False)
+    # expected from the same rule the fake judge follows, with 'round' requiring 'red' for alpha
+    met = {"alpha": 0, "beta": 0}
+    for index, sample in enumerate(samples):
+        items = [((17 * index) % 256 >> bit) & 1 for bit in range(5)]
+        if sample.target_label == "alpha" and items[0] == 0:
+            items[1] = 0
+        met[sample.target_label] += sum(items)
+    for condition in ("alpha", "beta"):
+        assert summary.conditions[condition].items_met == met[condition]
+        assert summary.conditions[condition].images == 4
+    assert summary.parse_status == {"ok": 8}
+    assert len(summary.tables()) == 3
+
+
+def test_dry_run_estimates_and_asks_nothing(feedback_run):
+    config, _, samples = feedback_run(units=3, k=2)
+    judge = CountingJudge()
+    summary = run_judge(config, dry_run=True, judge=judge, show_progress=False)
+    assert judge.calls == 0
+    assert summary.remaining == 6
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.judges.prompts import render_prompt
+
+    checklists = load_checklists(config.judge.checklist)
+    expected_in = sum(text_tokens(render_prompt(checklists[s.target_label], "paper")) + gpt4o_image_tokens(8, 8) for s in samples)
+    assert summary.estimated_input_tokens == expected_in
+    price = config.judge.prices["gpt-4o"]
+    expected_cost = expected_in * price.input_per_mtok / 1e6 + summary.estimated_output_tokens * price.output_per_mtok / 1e6
+    assert summary.estimated_cost_usd == pytest.approx(expected_cost)
+    run_judge(config, judge=judge, show_progress=False)
+    assert run_judge(config, dry_run=True, judge=CountingJudge(), show_progress=False).remaining == 0
+    config.judge.model = "no-such-model"
+    assert run_judge(config, dry_run=True, judge=CountingJudge(prompt_version="p9"), show_progress=False).estimated_cost_usd is None
+
+
+@pytest.mark.parametrize(
+    "size, tokens",
+    [
+        ((512, 512), 85 + 170 * 1),
+        ((1024, 1024), 85 + 170 * 4),  # shortest side to 768: 2 x 2 tiles
+        ((2048, 4096), 85 + 170 * 6),  # fit 1024 x 2048, then 768 x 1536: 2 x 3 tiles
+        ((100, 60), 85 + 170 * 1),
+        ((513, 100), 85 + 170 * 2),
+    ],
+)
+def test_gpt4o_image_tokens(size, tokens):
+    assert gpt4o_image_tokens(*size) == tokens
+    assert gpt4o_image_tokens(*size, detail="low") == 85
+
+
+def test_sent_size_never_enlarges():
+    assert sent_size(1024, 512, 512) == (512, 256)
+    assert sent_size(64, 32, 512) == (64, 32)
+
+
+def test_no_samples_is_a_clear_error(feedback_run):
+    config, ledger, _ = feedback_run(units=1, k=2)
+    with pytest.raises(JudgeStageError, match="no samples for round 3"):
+        run_judge(config, round_index=3, judge=CountingJudge(), show_progress=False)
+
+
+def test_human_backend_asks_nothing(feedback_run):
+    config, ledger, samples = feedback_run(units=2, k=2, extra=["judge.backend='human'"])
+    from magic_align.checklists.schema import load_checklists
+
+    version = load_checklists(config.judge.checklist)["alpha"].version
+    ledger.add_review(samples[0].sample_id, version, [1, 1, 1, 1, 1], "dr. a")
+    summary = run_judge(config, show_progress=False)
+    assert summary.cached == 1 and summary.remaining == 3
+    assert "review" in summary.stopped
+    assert summary.conditions["alpha"].items_met == 5
+
+
+def _version(config, sample):
+    from magic_align.checklists.schema import load_checklists
+
+    return load_checklists(config.judge.checklist)[sample.target_label].version

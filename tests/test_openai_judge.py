@@ -1,0 +1,344 @@
+"""The OpenAI-compatible judge against a real loopback HTTP server that injects faults."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import io
+import json
+import logging
+import random
+import time
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from fake_openai_server import ChatRequest, FakeChatServer, Fault, default_items, image_key
+from magic_align.checklists.schema import Checklist, ChecklistItem
+from magic_align.config import JudgeConfig, Price
+from magic_align.judges.openai_judge import (
+    JudgeEndpointError,
+    OpenAIJudge,
+    backoff_delay,
+    estimate_call,
+    estimate_image_tokens,
+    parse_retry_after,
+)
+from magic_align.judges.privacy import PrivacyError
+from magic_align.judges.prompts import prompt_version, render_prompt
+
+CHECKLIST = Checklist(
+    condition="psoriasis",
+    display_name="Psoriasis",
+    token="<psoriasis>",
+    items=tuple(
+        ChecklistItem(id=name, aspect=name, text=f"The {name} matches psoriasis.")
+        for name in ("location", "lesion", "shape", "color", "texture")
+    ),
+)
+GATED = Checklist(
+    condition="acne",
+    display_name="Acne",
+    token="<acne>",
+    items=(
+        ChecklistItem(id="lesion", aspect="lesion", text="A lesion is visible."),
+        ChecklistItem(id="color", aspect="color", text="The lesion is red.", requires="lesion"),
+        ChecklistItem(id="site", aspect="location", text="On the face."),
+    ),
+)
+KEY_ENV = "MAGIC_TEST_JUDGE_KEY"
+
+
+class SleepRecorder:
+    """Stands in for asyncio.sleep: records the backoff delays instead of waiting them out."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+def make_image(index: int, size: int = 32) -> Image.Image:
+    image = Image.new("RGB", (size, size), ((index * 37) % 256, (index * 91) % 256, (index * 53 + 7) % 256))
+    image.putpixel((index % size, 0), (255 - index % 256, 0, index % 256))
+    return image
+
+
+def config(server: FakeChatServer, **overrides) -> JudgeConfig:
+    values = dict(
+        base_url=server.base_url,
+        model="fake-model",
+        api_key_env=KEY_ENV,
+        max_retries=3,
+        timeout_s=1.5,
+        image_size=64,
+        concurrency=4,
+        prices={"fake-model": Price(input_per_mtok=2.0, output_per_mtok=8.0)},
+    )
+    values.update(overrides)
+    return JudgeConfig(**values)
+
+
+@pytest.fixture
+def server():
+    with FakeChatServer() as running:
+        yield running
+
+
+async def test_every_fault_ends_graded_or_explicitly_failed(server):
+    scripts = {
+        "none": [],
+        "rate_limit": [Fault("rate_limit", retry_after="2")],
+        "server_error": ["server_error", "server_error"],
+        "slow": [Fault("slow", delay_s=30)],
+        "drop": ["drop"],
+        "malformed": ["malformed"],
+        "prose": ["prose"],
+        "unparseable_once": ["unparseable"],
+        "unparseable_twice": ["unparseable", "unparseable"],
+        "refusal": ["refusal"],
+        "refusal_field": ["refusal_field"],
+        "short_once": ["short"],
+        "short_twice": ["short", "short"],
+        "always_500": ["server_error"] * 4,  # max_retries = 3: four attempts, all fail
+        "bad_request": ["bad_request"],
+    }
+    images = {name: make_image(index) for index, name in enumerate(scripts)}
+    keys = {name: image_key(image) for name, image in images.items()}
+    assert len(set(keys.values())) == len(keys)
+    for name, faults in scripts.items():
+        if faults:
+            server.script(*faults, image_key=keys[name])
+    sleep = SleepRecorder()
+    judge = OpenAIJudge(config(server), sleep=sleep, rng=random.Random(0))
+    try:
+        verdicts = dict(zip(scripts, await asyncio.gather(*(judge.judge(images[name], CHECKLIST) for name in scripts))))
+    finally:
+        await judge.aclose()
+
+    assert server.pending_faults() == 0
+    for name, verdict in verdicts.items():
+        expected = default_items(keys[name], 5)
+        assert len(verdict.items) == 5
+        if verdict.parse_status == "ok":
+            assert verdict.items == expected, name
+            assert verdict.error is None
+        else:
+            assert verdict.parse_status in ("partial", "failed", "refused"), name
+            assert verdict.error, name
+    graded = {"none", "rate_limit", "server_error", "slow", "drop", "malformed", "prose", "unparseable_once", "short_once"}
+    for name in graded:
+        assert verdicts[name].parse_status == "ok", (name, verdicts[name].error)
+    assert verdicts["unparseable_twice"].parse_status == "failed"
+    assert verdicts["unparseable_twice"].items == [None] * 5
+    assert "repair" in verdicts["unparseable_twice"].error
+    assert verdicts["refusal"].parse_status == "refused"
+    assert verdicts["refusal_field"].parse_status == "refused"
+    assert verdicts["short_twice"].parse_status == "partial"
+    assert verdicts["short_twice"].items == default_items(keys["short_twice"], 3) + [None, None]
+    assert verdicts["always_500"].parse_status == "failed"
+    assert "4 attempt" in verdicts["always_500"].error and "HTTP 500" in verdicts["always_500"].error
+    assert verdicts["bad_request"].parse_status == "failed" and "HTTP 400" in verdicts["bad_request"].error
+
+    # One HTTP request per fault that is retried or repaired, plus the answer that finally counted.
+    expected_calls = {
+        "none": 1, "rate_limit": 2, "server_error": 3, "slow": 2, "drop": 2, "malformed": 2, "prose": 1,
+        "unparseable_once": 2, "unparseable_twice": 2, "refusal": 1, "refusal_field": 1, "short_once": 2,
+        "short_twice": 2, "always_500": 4, "bad_request": 1,
+    }
+    assert {name: server.calls[keys[name]] for name in scripts} == expected_calls
+    # The repair keeps the raw text of both answers.
+    assert "[repair answer]" in verdicts["unparseable_once"].raw
+    # Retry-After: 2 was honoured (the recorded wait is at least 2 s); backoff waits are positive.
+    assert any(delay >= 2.0 for delay in sleep.delays)
+    assert all(delay > 0 for delay in sleep.delays)
+
+
+async def test_retry_after_http_date_is_honoured(server):
+    image = make_image(1)
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    server.script(Fault("rate_limit", retry_after=when), image_key=image_key(image))
+    sleep = SleepRecorder()
+    judge = OpenAIJudge(config(server), sleep=sleep)
+    verdict = await judge.judge(image, CHECKLIST)
+    await judge.aclose()
+    assert verdict.parse_status == "ok"
+    assert len(sleep.delays) == 1 and 25 <= sleep.delays[0] <= 32
+
+
+def test_parse_retry_after():
+    now = 1_000_000.0
+    assert parse_retry_after("7", now) == 7.0
+    assert parse_retry_after("1.5", now) == 1.5
+    assert parse_retry_after(email.utils.formatdate(now + 20, usegmt=True), now) == pytest.approx(20, abs=1)
+    assert parse_retry_after(email.utils.formatdate(now - 20, usegmt=True), now) == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+
+
+def test_backoff_is_exponential_with_jitter():
+    rng = random.Random(1)
+    for attempt in range(6):
+        step = min(30.0, 0.5 * 2**attempt)
+        delays = [backoff_delay(attempt, 0.5, 30.0, rng) for _ in range(50)]
+        assert all(step / 2 <= delay <= step for delay in delays)
+        assert len(set(delays)) > 1  # jitter
+
+
+def test_image_token_estimate_matches_openai_rules():
+    assert estimate_image_tokens(512, 512) == 255
+    assert estimate_image_tokens(1024, 1024) == 765
+    assert estimate_image_tokens(2048, 4096) == 1105
+
+
+def test_call_estimate_uses_prices():
+    cfg = JudgeConfig(model="gpt-4o")
+    estimate = estimate_call(cfg, CHECKLIST)
+    assert estimate.input_tokens > 255
+    assert estimate.cost_usd == pytest.approx(estimate.input_tokens * 2.5e-6 + estimate.output_tokens * 10e-6)
+    assert estimate_call(JudgeConfig(model="local-llava"), CHECKLIST).cost_usd == 0.0
+
+
+async def test_concurrency_limit_is_respected():
+    with FakeChatServer(latency_s=0.05) as server:
+        judge = OpenAIJudge(config(server, concurrency=3))
+        verdicts = await asyncio.gather(*(judge.judge(make_image(index), CHECKLIST) for index in range(12)))
+        await judge.aclose()
+    assert all(verdict.parse_status == "ok" for verdict in verdicts)
+    assert server.total_calls == 12
+    assert 1 <= server.peak_in_flight <= 3
+
+
+async def test_token_and_request_limiters_are_charged(server):
+    class Recorder:
+        def __init__(self) -> None:
+            self.amounts: list[float] = []
+
+        async def acquire(self, amount: float = 1) -> None:
+            self.amounts.append(amount)
+
+    judge = OpenAIJudge(config(server, requests_per_minute=600, tokens_per_minute=1_000_000))
+    state = judge._loop_state()
+    state.requests, state.tokens = Recorder(), Recorder()
+    image = make_image(3)
+    server.script("server_error", image_key=image_key(image))
+    await judge.judge(image, CHECKLIST)
+    await judge.aclose()
+    # Two HTTP requests (one retry): each charged one request and its estimated tokens (prompt + image + output).
+    assert state.requests.amounts == [1, 1]
+    assert len(state.tokens.amounts) == 2
+    assert all(amount > 255 + 256 for amount in state.tokens.amounts)
+
+
+async def test_tokens_cost_and_prompt_version(server):
+    judge = OpenAIJudge(config(server))
+    image = make_image(5)
+    verdict = await judge.judge(image, CHECKLIST)
+    await judge.aclose()
+    prompt = render_prompt(CHECKLIST, "paper")
+    answer = json.dumps(default_items(image_key(image), 5))
+    assert verdict.input_tokens == len(prompt) // 4 + 255
+    assert verdict.output_tokens == len(answer) // 4
+    assert verdict.cost_usd == pytest.approx(verdict.input_tokens * 2e-6 + verdict.output_tokens * 8e-6)
+    assert verdict.latency_s > 0
+    assert judge.prompt_version == prompt_version("paper") != prompt_version("structured")
+    assert judge.id == f"openai:fake-model@{server.base_url.split('/')[2]}"
+
+
+async def test_requires_gates_children():
+    with FakeChatServer(answer=lambda request: "[0, 1, 1]") as server:
+        judge = OpenAIJudge(config(server))
+        verdict = await judge.judge(make_image(2), GATED)
+        await judge.aclose()
+    assert verdict.items == [0, 0, 1]  # colour requires a lesion
+    assert verdict.raw == "[0, 1, 1]"  # the raw answer is kept as received
+
+
+async def test_structured_style_sends_a_schema_and_keeps_reasons(server):
+    judge = OpenAIJudge(config(server, prompt_style="structured"))
+    image = make_image(4)
+    verdict = await judge.judge(image, CHECKLIST)
+    await judge.aclose()
+    assert verdict.parse_status == "ok"
+    assert verdict.items == default_items(image_key(image), 5)
+    assert verdict.rationales == ["seen"] * 5
+    assert server.requests[0].has_response_format
+
+
+async def test_rejected_response_format_falls_back_to_json_in_text(server):
+    server.script("reject_response_format")
+    judge = OpenAIJudge(config(server, prompt_style="structured"))
+    first = await judge.judge(make_image(6), CHECKLIST)
+    second = await judge.judge(make_image(7), CHECKLIST)
+    await judge.aclose()
+    assert first.parse_status == second.parse_status == "ok"
+    assert [record.has_response_format for record in server.requests] == [True, False, False]
+
+
+async def test_prompt_carries_a_downscaled_png_without_metadata():
+    seen: list[ChatRequest] = []
+
+    def answer(request: ChatRequest) -> str:
+        seen.append(request)
+        return "[1, 1, 1, 1, 1]"
+
+    source = Image.new("RGB", (200, 100), (200, 120, 90))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("patient", "Jane Doe, MRN 12345")
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG", pnginfo=info)
+    tagged = Image.open(io.BytesIO(buffer.getvalue()))
+    assert tagged.info.get("patient")  # the source really carries the text chunk
+    with FakeChatServer(answer=answer) as server:
+        judge = OpenAIJudge(config(server))
+        verdict = await judge.judge(tagged, CHECKLIST)
+        await judge.aclose()
+    assert verdict.parse_status == "ok"
+    (request,) = seen
+    assert request.image.format == "PNG"
+    assert request.image.size == (64, 32)
+    assert "patient" not in request.image.info and "exif" not in request.image.info
+    assert request.n_items == 5 and "Psoriasis" in request.prompt
+
+
+async def test_api_key_is_sent_but_never_leaks(server, monkeypatch, caplog):
+    secret = "sk-test-" + "9" * 24
+    monkeypatch.setenv(KEY_ENV, secret)
+    caplog.set_level(logging.DEBUG)
+    judge = OpenAIJudge(config(server), sleep=SleepRecorder())
+    image = make_image(8)
+    server.script("server_error", image_key=image_key(image))
+    verdict = await judge.judge(image, CHECKLIST)
+    assert verdict.parse_status == "ok"
+    assert server.requests[0].authorization == f"Bearer {secret}"
+    server.script("unauthorized")
+    with pytest.raises(JudgeEndpointError) as raised:
+        await judge.judge(make_image(9), CHECKLIST)
+    await judge.aclose()
+    assert "401" in str(raised.value)
+    for text in (str(raised.value), repr(judge), caplog.text, json.dumps(verdict.__dict__, default=str)):
+        assert secret not in text
+
+
+def test_remote_endpoints_need_allow_remote(monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(PrivacyError, match="allow_remote"):
+        OpenAIJudge(JudgeConfig(api_key_env=KEY_ENV))  # the default OpenAI API
+    with pytest.raises(PrivacyError, match="allow_remote"):
+        OpenAIJudge(JudgeConfig(base_url="http://10.0.0.5:8000/v1", api_key_env=KEY_ENV))
+    with pytest.raises(ValueError, match=KEY_ENV):
+        OpenAIJudge(JudgeConfig(allow_remote=True, api_key_env=KEY_ENV))
+    monkeypatch.setenv(KEY_ENV, "sk-remote")
+    judge = OpenAIJudge(JudgeConfig(allow_remote=True, api_key_env=KEY_ENV))
+    assert judge.id == "openai:gpt-4o@api.openai.com"
+    # Loopback needs neither permission nor a key.
+    monkeypatch.delenv(KEY_ENV)
+    assert OpenAIJudge(JudgeConfig(base_url="http://localhost:11434/v1", api_key_env=KEY_ENV)).id.endswith("@localhost:11434")
+
+
+def test_judge_is_reusable_across_event_loops(server):
+    judge = OpenAIJudge(config(server))
+    first = asyncio.run(judge.judge(make_image(10), CHECKLIST))
+    second = asyncio.run(judge.judge(make_image(11), CHECKLIST))
+    assert first.parse_status == second.parse_status == "ok"

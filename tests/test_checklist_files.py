@@ -1,7 +1,6 @@
 """The built-in checklist files and the schema's error messages for broken ones."""
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import yaml

@@ -10,7 +10,7 @@ from PIL import Image
 from magic_align.config import DataConfig, load_config
 from magic_align.data import load_records
 from magic_align.data.check import run_data_check
-from magic_align.data.records import DataError, LoadProblems, match_labels, normalise_region, parse_skin_type, Record
+from magic_align.data.records import DataError, LoadProblems, match_labels, normalise_region, parse_skin_type
 from magic_align.run import RunPaths
 
 FITZ_HEADER = "md5hash,fitzpatrick_scale,fitzpatrick_centaur,label,nine_partition_label,three_partition_label,qc,url,url_alphanum"
@@ -79,6 +79,13 @@ def test_missing_csv_and_missing_settings_are_clear(tmp_path):
         load_records(DataConfig(kind="fitzpatrick17k"))
     with pytest.raises(DataError, match="needs data.images"):
         load_records(DataConfig(kind="folder"))
+
+
+def test_csv_that_is_not_utf8_names_the_row(tmp_path):
+    csv_path = tmp_path / "latin1.csv"
+    csv_path.write_bytes("md5hash,label\naaa,acne\nbbb,ecz\xe9ma\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv line 3 \(data row 2\): not UTF-8 text"):
+        load_records(DataConfig(kind="fitzpatrick17k", csv=csv_path, images=tmp_path))
 
 
 def test_region_column_is_used_when_present(tmp_path):

@@ -22,9 +22,20 @@ def _records(counts: dict[str, int], group_size: int = 1, prefix: str = "") -> l
 
 def test_largest_classes_are_chosen_with_ties_broken_by_name():
     records = _records({"b": 5, "a": 5, "c": 9, "d": 1})
-    assert largest_classes(records, 3) == ["c", "a", "b"]
+    assert largest_classes(records, 3) == (["c", "a", "b"], [])
     with pytest.raises(DataError, match="data.num_classes = 5 but the data has only 4 label"):
         largest_classes(records, 5)
+
+
+def test_only_labels_with_a_checklist_are_classes():
+    # PAD-UFES-20-like counts: nevus and seborrheic keratosis are large but have no checklist
+    records = _records({"bcc": 8, "ack": 7, "nev": 6, "sek": 5, "scc": 4, "mel": 2})
+    classes, skipped = largest_classes(records, 4, eligible=["ack", "bcc", "mel", "scc", "other"])
+    assert classes == ["bcc", "ack", "scc", "mel"] and skipped == ["nev", "sek"]
+    split = build_split(records, 4, 0.5, seed=0, eligible=["ack", "bcc", "mel", "scc"])
+    assert split.classes == classes and split.skipped_classes == ["nev", "sek"]
+    with pytest.raises(DataError, match="only 4 label\\(s\\) with a checklist"):
+        largest_classes(records, 5, eligible=["ack", "bcc", "mel", "scc"])
 
 
 def test_split_is_stratified_exactly_with_one_image_per_group():

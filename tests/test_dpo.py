@@ -123,3 +123,181 @@ def test_pair_schedule_is_a_seeded_stream_of_permutations():
     assert pair_schedule(5, 7, 3, seed=0) == pair_schedule(5, 7, 3, seed=0)
     assert [pair_schedule(5, s, 3, seed=1) for s in range(4)] != [pair_schedule(5, s, 3, seed=2) for s in range(4)]
     assert len(pair_schedule(2, 0, 5, seed=0)) == 5  # more pairs per step than pairs: wraps into the next pass
+
+
+# ------------------------------------------------------------------------------------- run_dpo on a run
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from magic_align.config import load_config  # noqa: E402
+from magic_align.train import dpo as dpo_module  # noqa: E402
+from magic_align.train.loop import TrainingError, read_metrics  # noqa: E402
+
+UNITS = 4  # 4 units x 2 samples: 3 informative pairs and 1 tie
+
+
+def run_overrides(runs_dir, name, model_dir, *extra):
+    return [
+        f"runs_dir='{runs_dir}'", f"name='{name}'", "model.source='local'", f"model.pretrained='{model_dir}'",
+        "sample.steps=4", "sample.strength=1.0", "sample.guidance=3.0",
+        "dpo.lr=0.02", "dpo.beta=5.0", "dpo.clip=0.5", "dpo.lr_scheduler='cosine'", "dpo.pairs_per_step=2",
+        "dpo.iterations=4", "dpo.checkpoint_every=2", "dpo.log_with=['csv']", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def prepared_run(tiny_model_dir, tmp_path_factory):
+    """A run directory with round-0 trajectories (from the real sampler), samples and pairs in the ledger."""
+    from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, sample_batch
+    from magic_align.diffusion.trajectories import write_shard
+    from magic_align.ledger import Ledger, PairRow, SampleRow
+    from magic_align.run import prepare_run
+
+    runs = tmp_path_factory.mktemp("dpo-runs")
+    config = load_config("tiny", run_overrides(runs, "base", tiny_model_dir))
+    paths = prepare_run(config)
+    pipe = tiny_pipe(tiny_model_dir)
+    settings = SamplingSettings.from_config(config.sample, config.model)
+    requests = [SampleRequest(f"r0-u{u}-k{k}", "a photo of red skin" if u % 2 else "a dark spot", seed=10 * u + k)
+                for u in range(UNITS) for k in range(2)]
+    results = sample_batch(pipe, requests, settings, resolution=64)
+    shard = paths.trajectories(0) / "p00-00000.safetensors"
+    write_shard(shard, [r.sample_id for r in results], torch.stack([r.latents for r in results]),
+                torch.stack([r.log_probs for r in results]), results[0].timesteps,
+                torch.stack([r.prompt_ids for r in results]), settings.header(pipe.scheduler))
+    ledger = Ledger(paths.ledger)
+    ledger.add_samples([
+        SampleRow(r.sample_id, 0, r.sample_id[:-3], int(r.sample_id[-1]), f"x/{r.sample_id}.png", r.sample_id, "s", "a",
+                  "b", "p", 0, shard.relative_to(paths.root).as_posix(), i)
+        for i, r in enumerate(results)
+    ])
+    outcomes = [(1, 0), (0, 1), (0, 0), (1, 0)]  # unit 2 both lose: a tie, never trained on
+    ledger.replace_pairs(0, [
+        PairRow(f"r0-u{u}-k0~r0-u{u}-k1", 0, f"r0-u{u}", f"r0-u{u}-k0", f"r0-u{u}-k1", a, b, a == b, a, b, None, None, "paper")
+        for u, (a, b) in enumerate(outcomes)
+    ])
+    ledger.close()
+    return runs
+
+
+def copy_run(prepared_run, name):
+    shutil.copytree(prepared_run / "base", prepared_run / name)
+    return prepared_run / name
+
+
+def lora_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "pytorch_lora_weights.safetensors"))
+
+
+def test_informative_pairs_leave_out_ties(prepared_run):
+    from magic_align.ledger import Ledger
+    from magic_align.run import RunPaths
+
+    paths = RunPaths(prepared_run / "base")
+    examples, ties = dpo_module.informative_pairs(Ledger(paths.ledger), paths, 0)
+    assert ties == 1
+    assert [e.signs for e in examples] == [(1, -1), (-1, 1), (1, -1)]
+    assert all("u2" not in e.pair_id for e in examples)
+
+
+def test_run_dpo_writes_a_lora_plain_diffusers_loads_and_that_changes_outputs(prepared_run, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    copy_run(prepared_run, "plain")
+    config = load_config("tiny", run_overrides(prepared_run, "plain", tiny_model_dir))
+    output = dpo_module.run_dpo(config)
+    assert output == prepared_run / "plain" / "aligned" / "dpo"
+    assert (output / "round-0" / "pytorch_lora_weights.safetensors").is_file()
+    rows = read_metrics(prepared_run / "plain" / "logs" / "dpo" / "round-0" / "metrics.csv")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert {"loss", "implicit_accuracy", "clamped_share", "mean_log_ratio", "grad_norm", "lr"} <= set(rows[0])
+    assert rows[0]["mean_log_ratio"] == pytest.approx(0.0, abs=1e-5)  # the policy starts as the reference
+    assert rows[0]["grad_norm"] > 0
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(1, pipe.tokenizer.model_max_length, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pipe.unet(x, 501, encoder_hidden_states=embeds).sample
+        pipe.load_lora_weights(str(output))
+        after = pipe.unet(x, 501, encoder_hidden_states=embeds).sample
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_an_interrupted_run_resumes_to_the_same_lora(prepared_run, tiny_model_dir, monkeypatch):
+    copy_run(prepared_run, "straight")
+    copy_run(prepared_run, "resumed")
+    straight = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "straight", tiny_model_dir)))
+
+    calls = {"n": 0}
+    real_step = dpo_module.optimizer_step
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+        return real_step(*args, **kwargs)
+
+    config = load_config("tiny", run_overrides(prepared_run, "resumed", tiny_model_dir))
+    monkeypatch.setattr(dpo_module, "optimizer_step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        dpo_module.run_dpo(config)
+    monkeypatch.setattr(dpo_module, "optimizer_step", real_step)
+    assert not (prepared_run / "resumed" / "aligned" / "dpo").exists()
+    resumed = dpo_module.run_dpo(config)
+
+    expected, got = lora_tensors(straight), lora_tensors(resumed)
+    assert set(expected) == set(got)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    rows = read_metrics(prepared_run / "resumed" / "logs" / "dpo" / "round-0" / "metrics.csv")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    reference = read_metrics(prepared_run / "straight" / "logs" / "dpo" / "round-0" / "metrics.csv")
+    assert [row["loss"] for row in rows] == pytest.approx([row["loss"] for row in reference], abs=1e-6)
+
+
+def test_recomputed_reference_equals_the_stored_one_in_round_zero(prepared_run, tiny_model_dir):
+    copy_run(prepared_run, "stored")
+    copy_run(prepared_run, "recomputed")
+    common = ("dpo.iterations=2",)
+    stored = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "stored", tiny_model_dir, *common)))
+    recomputed = dpo_module.run_dpo(load_config(
+        "tiny", run_overrides(prepared_run, "recomputed", tiny_model_dir, *common, "dpo.recompute_reference=true")))
+    a, b = lora_tensors(stored), lora_tensors(recomputed)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_a_round_without_informative_pairs_is_a_clear_error(prepared_run, tiny_model_dir):
+    from magic_align.ledger import Ledger
+
+    root = copy_run(prepared_run, "ties-only")
+    ledger = Ledger(root / "ledger.sqlite")
+    ledger.replace_pairs(0, [p for p in ledger.pairs(0) if p.tie])
+    ledger.close()
+    with pytest.raises(TrainingError, match="no informative pair"):
+        dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "ties-only", tiny_model_dir)))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(prepared_run, tiny_model_dir):
+    copy_run(prepared_run, "one")
+    copy_run(prepared_run, "two")
+    one = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "one", tiny_model_dir)))
+    overrides = run_overrides(prepared_run, "two", tiny_model_dir)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "magic_align", "train", "dpo", "tiny", "--round", "0"]
+    for override in overrides:
+        command += ["--set", override]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = prepared_run / "two" / "aligned" / "dpo"
+    a, b = lora_tensors(one), lora_tensors(two)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key

@@ -108,7 +108,7 @@ def test_linear_probe_learns_a_separable_set_and_caches_features(tmp_path):
     synthetic = toy_examples(tmp_path / "syn", 4, 2, "syn", synthetic=True, sources=train)
     backbone = load_backbone("small-cnn", image_size=32)
     cache = FeatureCache(tmp_path / "features", backbone)
-    schedule = Schedule(epochs=30, lr=0.01, step_size=20, batch_size=8, rho=0.25)
+    schedule = Schedule(epochs=12, lr=0.02, step_size=8, batch_size=12, rho=0.25)
     results = run_linear_probe(cache, train, synthetic, test, 3, schedule, [0, 1], _loader)
     assert cache.extracted == len(train) + len(test) + len(synthetic)
     for result in results:
@@ -129,7 +129,7 @@ def test_labels_matter(tmp_path):
     shuffled = [Example(e.id, e.path, int(rng.integers(0, 3)), e.key, group=e.group) for e in train]
     test = toy_examples(tmp_path / "test", 10, 1, "test")
     cache = FeatureCache(tmp_path / "features", load_backbone("small-cnn", image_size=32))
-    schedule = Schedule(epochs=30, step_size=20, batch_size=8, rho=0.0)
+    schedule = Schedule(epochs=12, lr=0.02, step_size=8, batch_size=12, rho=0.0)
     (result,) = run_linear_probe(cache, shuffled, [], test, 3, schedule, [0], _loader)
     assert accuracy(result.y_true, result.y_pred) < 0.8
 
@@ -138,7 +138,22 @@ def test_finetune_learns_a_separable_set(tmp_path):
     train = toy_examples(tmp_path / "train", 8, 0, "train")
     test = toy_examples(tmp_path / "test", 4, 1, "test")
     synthetic = toy_examples(tmp_path / "syn", 2, 2, "syn", synthetic=True, sources=train)
-    schedule = Schedule(epochs=15, lr=0.003, step_size=10, batch_size=8, rho=0.25)
+    schedule = Schedule(epochs=8, lr=0.005, step_size=6, batch_size=10, rho=0.2)
     results = run_finetune(lambda: load_backbone("small-cnn", image_size=32), train, synthetic, test, 3, schedule,
                            [0], _loader)
     assert accuracy(results[0].y_true, results[0].y_pred) >= 0.9
+
+
+def test_seeds_trained_side_by_side_equal_separate_runs():
+    import torch
+
+    from magic_align.evaluate.classifier import train_linear_probes
+
+    rng = np.random.default_rng(0)
+    features = torch.from_numpy(rng.normal(size=(30, 5)).astype(np.float32))
+    labels = torch.from_numpy(rng.integers(0, 3, 30))
+    schedule = Schedule(epochs=3, lr=0.05, step_size=2, batch_size=8, rho=0.25)
+    together = train_linear_probes(features, labels, 24, 3, schedule, [0, 1, 2])
+    alone = train_linear_probes(features, labels, 24, 3, schedule, [1])
+    assert torch.allclose(together.weight[1], alone.weight[0], atol=1e-5)
+    assert not torch.allclose(together.weight[0], together.weight[1])

@@ -4,7 +4,6 @@ without asking again for any image it had stored."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -94,8 +94,8 @@ def test_budget_cap_stops_cleanly_and_rerun_continues(feedback_run):
 
 
 def test_budget_holds_with_concurrent_calls(feedback_run):
-    # the price of gpt-4o-mini makes the first reservation smaller than the real cost: the cap must still hold
-    # once the real cost is known, counting calls in flight
+    # a local backend has no price, so the first wave of calls is not reserved: the cap must still hold once
+    # the real cost is known, counting calls in flight
     config, ledger, _ = feedback_run(units=10, k=2, extra=["judge.budget_usd=0.1", "judge.concurrency=4"])
     judge = CountingJudge(cost=0.01)
     run_judge(config, judge=judge, show_progress=False)
@@ -174,7 +174,9 @@ def test_summary_pass_rates(feedback_run):
 
 
 def test_dry_run_estimates_and_asks_nothing(feedback_run):
-    config, _, samples = feedback_run(units=3, k=2)
+    config, _, samples = feedback_run(
+        units=3, k=2, extra=["judge.backend='openai'", "judge.base_url='http://127.0.0.1:9/v1'"]
+    )
     judge = CountingJudge()
     summary = run_judge(config, dry_run=True, judge=judge, show_progress=False)
     assert judge.calls == 0
@@ -192,6 +194,8 @@ def test_dry_run_estimates_and_asks_nothing(feedback_run):
     assert run_judge(config, dry_run=True, judge=CountingJudge(), show_progress=False).remaining == 0
     config.judge.model = "no-such-model"
     assert run_judge(config, dry_run=True, judge=CountingJudge(prompt_version="p9"), show_progress=False).estimated_cost_usd is None
+    config.judge.backend = "rules"  # local judges cost nothing
+    assert run_judge(config, dry_run=True, judge=CountingJudge(prompt_version="p9"), show_progress=False).estimated_cost_usd == 0.0
 
 
 @pytest.mark.parametrize(

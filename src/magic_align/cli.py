@@ -239,5 +239,39 @@ def data_split_command(
         raise typer.Exit(2) from None
     for name, (train, test) in split.counts().items():
         typer.echo(f"{name:<32} train {train:>5}  test {test:>5}")
+    if split.skipped_classes:
+        typer.echo(f"left out for having no checklist in {run_config.judge.checklist}: {', '.join(split.skipped_classes)}")
     few = f", few-shot {len(split.few_shot)}" if split.few_shot else ""
     typer.echo(f"{len(split.classes)} classes: train {len(split.train)}, test {len(split.test)}{few} -> {paths.data / 'split.csv'}")
+
+
+# ------------------------------------------------------------------------------------------- training
+train_app = typer.Typer(no_args_is_help=True, help="Align the model on the feedback: DPO (and RFT).")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("dpo")
+def train_dpo_command(
+    config: ConfigArg,
+    round_: Annotated[
+        Optional[int],
+        typer.Option("--round", help="Train on this round's pairs only. Default: every round of `rounds` "
+                     "(sample, judge, pairs and train again from the current policy after the first)."),
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """MAGIC-DPO on the stored trajectories and pairs -> run/aligned/dpo/ (a diffusers LoRA). Resumable."""
+    from magic_align.train.dpo import run_dpo, run_rounds
+    from magic_align.train.loop import TrainingError
+
+    run_config = load(config, set_)
+    try:
+        if round_ is None:
+            output = run_rounds(run_config)
+        else:
+            previous = run_config.run_dir / "aligned" / "dpo" / f"round-{round_ - 1}" if round_ > 0 else None
+            output = run_dpo(run_config, round_index=round_, init_lora=previous)
+    except TrainingError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {output}")

@@ -229,7 +229,8 @@ class RunConfig(Section):
     name: str = "run"
     runs_dir: Path = Path("runs")
     seed: int = 0
-    rounds: int = Field(1, ge=1)
+    rounds: int = Field(1, ge=1)  # rounds of sample -> judge -> pairs -> DPO, each from the current policy
+    align: list[Literal["dpo", "rft"]] = Field(default_factory=lambda: ["dpo", "rft"])  # methods `magic run` trains
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)

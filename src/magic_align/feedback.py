@@ -29,6 +29,7 @@ File formats (docs/formats.md):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -322,7 +323,8 @@ def run_pairs(config: RunConfig, round_index: int = 0, judge_id: str | None = No
     grades = {**judged, **(reviewed if (human_only or config.pairs.prefer_human) else {})}
     if grades:
         summary.mean_reward = sum(reward(g.items, config.pairs.reward) for g in grades.values()) / len(grades)
-    ledger.set_stage(f"pairs:{round_index}", "", "done", f"{summary.pairs} pairs, {summary.one_wins} with a winner")
+    settings = hashlib.sha256((config.pairs.model_dump_json() + judge_id).encode()).hexdigest()[:12]
+    ledger.set_stage(f"pairs:{round_index}", settings, "done", f"{summary.pairs} pairs, {summary.one_wins} with a winner")
     return summary
 
 

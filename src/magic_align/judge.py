@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -308,7 +307,8 @@ def _estimate(
             total_out += OUTPUT_TOKENS_PAPER
     summary.estimated_input_tokens = total_in
     summary.estimated_output_tokens = total_out
-    summary.estimated_cost_usd = call_cost(total_in, total_out, config.judge)
+    # local backends (hf, rules) are free; HTTP ones are priced by judge.prices[judge.model]
+    summary.estimated_cost_usd = call_cost(total_in, total_out, config.judge) if sends_images(config.judge) else 0.0
 
 
 def run_judge(
@@ -403,7 +403,9 @@ async def _grade(
     spent_before = ledger.spent_usd(judge.id)
     # The first calls are reserved at the priced estimate of one call; once answers arrive, at the largest
     # cost seen so far, so concurrent calls in flight can never push the total past the budget.
-    one_call = _estimate_one_call(pending, judge, config, paths)
+    # Only HTTP judges are priced; local ones (hf, rules) cost nothing unless their verdicts say otherwise.
+    paid = sends_images(config.judge)
+    one_call = _estimate_one_call(pending, judge, config, paths) if paid else None
     state = {"reserved": 0.0, "largest": 0.0, "error": None}
     queue: asyncio.Queue[_Work] = asyncio.Queue()
     for unit in pending:
@@ -453,7 +455,7 @@ async def _grade(
                 verdict = await judge.judge(image, unit.checklist)
                 if not verdict.latency_s:
                     verdict.latency_s = time.perf_counter() - started
-                if not verdict.cost_usd and (verdict.input_tokens or verdict.output_tokens):
+                if paid and not verdict.cost_usd and (verdict.input_tokens or verdict.output_tokens):
                     verdict.cost_usd = call_cost(verdict.input_tokens, verdict.output_tokens, config.judge) or 0.0
                 # stored before anything else happens: this answer was paid for. The commit waits for the
                 # disk (synchronous = FULL), so it runs in a thread and the other calls keep going meanwhile.

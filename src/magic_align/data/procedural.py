@@ -35,13 +35,13 @@ from magic_align.run import atomic_path, atomic_write_bytes
 CONDITIONS = ("melanoma", "nevus", "acne", "erythema-multiforme", "psoriasis", "vitiligo")
 REGION_OF = {
     "melanoma": "trunk",
-    "nevus": "head",
-    "acne": "head",
+    "nevus": "face",
+    "acne": "face",
     "erythema-multiforme": "trunk",
     "psoriasis": "extremities",
     "vitiligo": "extremities",
 }
-REGIONS = ("head", "trunk", "extremities")
+REGIONS = ("face", "trunk", "extremities")
 GENERIC_KINDS = ("healthy", "generic-lesion")
 
 # sRGB base tones for Fitzpatrick types 1-6 (light to dark); each image jitters its own.
@@ -195,7 +195,7 @@ def draw_region(canvas: Canvas, rng: np.random.Generator, region: str) -> None:
         edge = width + 0.8 * np.sin(along * frequency + phase)
         return np.clip(edge - distance + 0.5, 0.0, 1.0)
 
-    if region == "head":  # hair margin: near-black with strands
+    if region == "face":  # hair margin: near-black with strands
         strands = 1.0 + 0.25 * np.sin(canvas.x * rng.uniform(1.8, 2.4) + rng.uniform(0, 6))
         colour = HAIR * rng.uniform(0.8, 1.15) * strands[..., None]
         canvas.paint(band(canvas.y, canvas.x), colour)
@@ -226,7 +226,7 @@ def wobble(rng: np.random.Generator, amplitudes: tuple[float, float], orders=(2,
 def draw_melanoma(canvas: Canvas, rng: np.random.Generator, skin: np.ndarray) -> dict:
     """Large asymmetric two-tone dark lesion with a lobed, irregular border."""
     radius = rng.uniform(11.0, 13.0)
-    harmonics = wobble(rng, (0.1, 0.16), orders=(2, 3, 4, 5))
+    harmonics = wobble(rng, (0.12, 0.18), orders=(2, 3, 4, 5))
     extent = radius * (1 + sum(a for _, a, _ in harmonics))
     center = place(rng, min(extent, 19.0))
     canvas.paint(blob_alpha(canvas, center, (radius, radius), 0.0, harmonics), dark_colour(skin, rng.uniform(0.5, 0.58)))

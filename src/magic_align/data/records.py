@@ -150,20 +150,39 @@ def read_csv_rows(path: Path, required: Collection[str], dataset: str,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{dataset} CSV {path} does not exist (set data.csv to the metadata file)")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [name.strip() for name in (reader.fieldnames or [])]
-        missing = [name for name in required if name not in header]
-        if missing:
-            expected = ", ".join(required)
-            extra = f" (optional: {', '.join(optional)})" if optional else ""
-            raise DataError(
-                f"{path} is missing column(s) {', '.join(missing)}; a {dataset} CSV needs the columns "
-                f"{expected}{extra}; found: {', '.join(header) or 'no header'}"
-            )
-        reader.fieldnames = header
-        for index, row in enumerate(reader, start=1):
-            yield index, {key: (value or "").strip() for key, value in row.items() if key is not None}
+    index = 0
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in (reader.fieldnames or [])]
+            missing = [name for name in required if name not in header]
+            if missing:
+                expected = ", ".join(required)
+                extra = f" (optional: {', '.join(optional)})" if optional else ""
+                raise DataError(
+                    f"{path} is missing column(s) {', '.join(missing)}; a {dataset} CSV needs the columns "
+                    f"{expected}{extra}; found: {', '.join(header) or 'no header'}"
+                )
+            reader.fieldnames = header
+            for index, row in enumerate(reader, start=1):
+                yield index, {key: (value or "").strip() for key, value in row.items() if key is not None}
+    except UnicodeDecodeError as error:
+        line = _first_non_utf8_line(path)
+        raise DataError(f"{path} line {line} (data row {line - 1}): not UTF-8 text ({error.reason}); "
+                        "save the CSV as UTF-8") from None
+    except csv.Error as error:
+        raise DataError(f"{path} near data row {index + 1}: not a readable CSV ({error})") from None
+
+
+def _first_non_utf8_line(path: Path) -> int:
+    """1-based line number (header = line 1) of the first line that is not valid UTF-8."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 1
 
 
 def find_duplicate_ids(records: list[Record], problems: LoadProblems) -> list[Record]:

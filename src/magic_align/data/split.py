@@ -1,8 +1,10 @@
 """The train/test split: the N largest classes, stratified per class, seeded, group-aware.
 
-The paper's split is the 20 largest Fitzpatrick17k classes, 50/50 at random. Here a leakage group (a SCIN
-case, a PAD-UFES-20 patient; the image itself otherwise) always lands on one side, so no patient is both
-trained and tested on. Groups are placed greedily, largest first, each on the side that keeps every class
+The paper's split is the 20 largest Fitzpatrick17k classes, 50/50 at random. Only labels that have a
+checklist can be classes (each class is a sampling target the judge grades); larger labels without one are
+left out and named in split.json (PAD-UFES-20: NEV and SEK give way to the paper's ACK, BCC, MEL, SCC).
+A leakage group (a SCIN case, a PAD-UFES-20 patient; the image itself otherwise) always lands on one side,
+so no patient is both trained and tested on. Groups are placed greedily, largest first, each on the side that keeps every class
 closest to its train fraction; with one image per group this is exact (round(fraction x count) per class).
 
 The split is written once to `run/data/split.csv` (id, label, group, split, few_shot) with the settings it
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
     from magic_align.config import RunConfig
     from magic_align.run import RunPaths
 
+logger = logging.getLogger(__name__)
+
 SPLIT_COLUMNS = ("id", "label", "group", "split", "few_shot")
 
 
@@ -37,6 +42,7 @@ class Split:
     test: list[Record]
     classes: list[str]  # largest first; classes[i] is class index i for a classifier
     few_shot: list[Record] = field(default_factory=list)  # a stratified subset of train (empty if not asked)
+    skipped_classes: list[str] = field(default_factory=list)  # larger labels left out for having no checklist
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """class -> (train images, test images)."""
@@ -44,16 +50,27 @@ class Split:
         return {name: (train[name], test[name]) for name in self.classes}
 
 
-def largest_classes(records: list[Record], num_classes: int) -> list[str]:
-    """The `num_classes` labels with most records (ties broken by name, so the choice is reproducible)."""
+def largest_classes(records: list[Record], num_classes: int,
+                    eligible: Collection[str] | None = None) -> tuple[list[str], list[str]]:
+    """The `num_classes` labels with most records (ties broken by name, so the choice is reproducible).
+
+    With `eligible` (the checklist's conditions) only those labels count; the second list returned holds the
+    labels that were passed over for that reason although they were larger than the smallest one chosen.
+    """
     counts = Counter(r.label for r in records if r.label is not None)
-    if len(counts) < num_classes:
-        raise DataError(
-            f"data.num_classes = {num_classes} but the data has only {len(counts)} label(s): "
-            f"{', '.join(sorted(counts)) or 'none'}; lower data.num_classes or add data"
-        )
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-    return [label for label, _ in ranked[:num_classes]]
+    usable = [label for label, _ in ranked if eligible is None or label in eligible]
+    if len(usable) < num_classes:
+        among = "" if eligible is None else " with a checklist"
+        raise DataError(
+            f"data.num_classes = {num_classes} but the data has only {len(usable)} label(s){among}: "
+            f"{', '.join(sorted(usable)) or 'none'}; lower data.num_classes or add data"
+            + ("" if eligible is None else f" (checklist conditions: {', '.join(eligible)})")
+        )
+    chosen = usable[:num_classes]
+    smallest = counts[chosen[-1]]
+    skipped = [label for label, n in ranked if label not in chosen and n >= smallest and label not in usable]
+    return chosen, skipped
 
 
 def assign_groups(records: list[Record], train_fraction: float, rng: random.Random) -> set[str]:
@@ -104,9 +121,10 @@ def few_shot_subset(train: list[Record], fraction: float, rng: random.Random) ->
 
 
 def build_split(records: list[Record], num_classes: int, train_fraction: float, seed: int,
-                few_shot_fraction: float | None = None) -> Split:
-    """Split the records of the N largest classes into train and test (see the module docstring)."""
-    classes = largest_classes(records, num_classes)
+                few_shot_fraction: float | None = None, eligible: Collection[str] | None = None) -> Split:
+    """Split the records of the N largest classes (among `eligible` labels, when given) into train and test
+    (see the module docstring)."""
+    classes, skipped = largest_classes(records, num_classes, eligible)
     wanted = set(classes)
     kept = sorted((r for r in records if r.label in wanted), key=lambda r: r.id)
     rng = random.Random(seed)
@@ -120,7 +138,7 @@ def build_split(records: list[Record], num_classes: int, train_fraction: float, 
         raise DataError(f"the split left class(es) with no train or no test image: {', '.join(lopsided)}; each needs "
                         "images in at least two groups (cases, patients): add data or lower data.num_classes")
     few_shot = few_shot_subset(train, few_shot_fraction, rng) if few_shot_fraction else []
-    return Split(train=train, test=test, classes=classes, few_shot=few_shot)
+    return Split(train=train, test=test, classes=classes, few_shot=few_shot, skipped_classes=skipped)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -136,7 +154,7 @@ def write_split(split: Split, csv_path: Path, settings: dict) -> None:
                     writer.writerow([r.id, r.label, r.group, side, int(r.id in few)])
     summary = {"settings": settings, "classes": split.classes,
                "counts": {name: list(pair) for name, pair in split.counts().items()},
-               "few_shot": len(split.few_shot)}
+               "few_shot": len(split.few_shot), "skipped_classes": split.skipped_classes}
     atomic_write_text(csv_path.with_suffix(".json"), json.dumps(summary, indent=2))
 
 
@@ -160,9 +178,10 @@ def read_split(csv_path: Path, records: list[Record]) -> Split:
             if fields["few_shot"] == "1":
                 few_shot.append(record)
     summary_path = csv_path.with_suffix(".json")
-    classes = json.loads(summary_path.read_text())["classes"] if summary_path.is_file() else \
-        [label for label, _ in Counter(r.label for r in train + test).most_common()]
-    return Split(train=train, test=test, classes=classes, few_shot=few_shot)
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    classes = summary.get("classes") or [label for label, _ in Counter(r.label for r in train + test).most_common()]
+    return Split(train=train, test=test, classes=classes, few_shot=few_shot,
+                 skipped_classes=summary.get("skipped_classes", []))
 
 
 def split_settings(config: "RunConfig") -> dict:
@@ -196,18 +215,11 @@ def run_split(config: "RunConfig", paths: "RunPaths", force: bool = False,
     if on_total is not None:
         on_total(len(records))
     good, _ = check_images(records, config.data, progress)
+    # Every class is a target the judge grades against, so only labels with a checklist are candidates.
     split = build_split(good, config.data.num_classes, config.data.train_fraction, config.data.split_seed,
-                        config.data.few_shot_fraction)
-    require_checklists(split.classes, checklists.condition_names, checklists.id)
+                        config.data.few_shot_fraction, eligible=checklists.condition_names)
+    if split.skipped_classes:
+        logger.warning("classes left out of the split for having no checklist in %s: %s", checklists.id,
+                       ", ".join(split.skipped_classes))
     write_split(split, csv_path, settings)
     return split
-
-
-def require_checklists(classes: list[str], conditions: Collection[str], checklist_id: str) -> None:
-    """Every class of the split must have a checklist: it is a target the judge grades against."""
-    missing = [c for c in classes if c not in conditions]
-    if missing:
-        raise DataError(
-            f"class(es) {', '.join(missing)} of the split have no checklist in {checklist_id!r} (expected labels: "
-            f"{', '.join(conditions)}); rename the labels in the data, add checklists, or lower data.num_classes"
-        )

@@ -61,7 +61,7 @@ CAPTIONS_LESION = (
     "a photo of a lesion on skin",
     "an image of a skin lesion on human skin",
 )
-REGION_PHRASES = {"head": "on the face", "trunk": "on the trunk", "extremities": "on the arm"}
+REGION_PHRASES = {"face": "on the face", "trunk": "on the trunk", "extremities": "on the arm"}
 
 
 @dataclass(frozen=True)

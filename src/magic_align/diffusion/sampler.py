@@ -227,3 +227,13 @@ def sample_batch(
             )
         )
     return results
+
+
+# ------------------------------------------------------------------------------------- determinism
+def derived_seed(*parts) -> int:
+    """A 31-bit seed from a key such as (run seed, round, unit, k): the same key always gives the same sample,
+    whatever ran before it, so a resumed or re-sharded run draws exactly what an uninterrupted one would."""
+    import hashlib
+
+    digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF

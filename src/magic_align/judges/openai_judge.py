@@ -208,6 +208,9 @@ class OpenAIJudge:
             await self._state.client.aclose()
         self._state = None
 
+    def prompt_text(self, checklist: Checklist) -> str:
+        return render_prompt(checklist, self.cfg.prompt_style)
+
     async def __aenter__(self) -> "OpenAIJudge":
         return self
 
@@ -344,7 +347,7 @@ class OpenAIJudge:
                     output_tokens += repair.output_tokens
                     if repair.error is None:
                         raw += REPAIR_SEPARATOR + (repair.content or repair.refusal or "")
-                        parsed = _better(parsed, parse_answer(repair.content, n_items, style))
+                        parsed = better_answer(parsed, parse_answer(repair.content, n_items, style))
                     if parsed.status == "failed":
                         parsed.error = f"unreadable answer, also after one repair message: {parsed.error}"
             latency = time.perf_counter() - started
@@ -367,7 +370,7 @@ def _mentions_response_format(text: str) -> bool:
     return "response_format" in lowered or "json_schema" in lowered or "response format" in lowered
 
 
-def _better(first: ParsedAnswer, second: ParsedAnswer) -> ParsedAnswer:
+def better_answer(first: ParsedAnswer, second: ParsedAnswer) -> ParsedAnswer:
     """The more useful of an answer and its repair: more known items wins, the repair on a tie."""
     def known(parsed: ParsedAnswer) -> int:
         return sum(value is not None for value in parsed.items) if parsed.status in ("ok", "partial") else -1

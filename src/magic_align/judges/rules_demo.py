@@ -162,7 +162,7 @@ class Analysis:
     @cached_property
     def region_cues(self) -> dict[str, bool]:
         return {
-            "head": is_hair(self.strips["top"], self.skin_lightness),
+            "face": is_hair(self.strips["top"], self.skin_lightness),
             "trunk": is_garment(self.strips["bottom"]),
             "extremities": is_sheet(self.strips["left"]) and is_sheet(self.strips["right"]),
         }
@@ -246,7 +246,7 @@ def check(passed: bool, text: str) -> ItemResult:
 
 # -------------------------------------------------------------------------------------------- location
 def location_rule(region: str):
-    names = {"head": "hair margin on top", "trunk": "garment at the bottom", "extremities": "sheet left and right"}
+    names = {"face": "hair margin on top", "trunk": "garment at the bottom", "extremities": "sheet left and right"}
 
     def rule(analysis: Analysis) -> ItemResult:
         cues = analysis.region_cues
@@ -463,6 +463,7 @@ def target_round_shape(a: Analysis) -> ItemResult:
 # ------------------------------------------------------------------------------------------ psoriasis
 PLAQUE_MIN_AREA = 250
 SCALE_MIN_SHARE = 0.04
+SCALE_CHROMA = 60.0
 PLAQUE_MIN_ELONGATION = 1.35
 PLAQUE_MIN_SOLIDITY = 0.85
 PLAQUE_MIN_MAJOR = 28.0
@@ -479,9 +480,12 @@ def psoriasis_scale(a: Analysis) -> ItemResult:
     if plaque is None:
         return check(False, "no red plaque")
     filled = plaque.filled
-    # scale at the plaque's rim is cut off from the hole filling; count white within one pixel of the plaque
-    region = ndimage.binary_dilation(filled)
-    share = float((a.light & region).sum() / max(1, filled.sum()))
+    # scale is judged against the plaque, not the skin: pixels at least halfway from the plaque's lightness to
+    # white and nearly colourless; one pixel beyond the filled plaque counts, for scale cut off at the rim
+    plaque_lightness = float(np.median(a.lightness[plaque.mask]))
+    chroma = a.rgb.max(axis=-1) - a.rgb.min(axis=-1)
+    scale = (a.lightness >= (plaque_lightness + 255.0) / 2) & (chroma <= SCALE_CHROMA)
+    share = float((scale & ndimage.binary_dilation(filled)).sum() / max(1, filled.sum()))
     return check(share >= SCALE_MIN_SHARE, f"white scale covers {share:.2f} of the plaque (>= {SCALE_MIN_SHARE} needed)")
 
 
@@ -555,12 +559,12 @@ ITEMS = {
     ("melanoma", "border"): melanoma_border,
     ("melanoma", "variegation"): melanoma_variegation,
     ("nevus", "dark_lesion"): nevus_dark_lesion,
-    ("nevus", "location"): location_rule("head"),
+    ("nevus", "location"): location_rule("face"),
     ("nevus", "size"): nevus_size,
     ("nevus", "shape"): nevus_shape,
     ("nevus", "uniform_colour"): nevus_uniform_colour,
     ("acne", "papules"): acne_papules,
-    ("acne", "location"): location_rule("head"),
+    ("acne", "location"): location_rule("face"),
     ("acne", "count"): acne_count,
     ("acne", "papule_size"): acne_papule_size,
     ("acne", "clustered"): acne_clustered,

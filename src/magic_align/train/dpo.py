@@ -58,13 +58,11 @@ ADAPTER_NAME = "dpo"
 # ------------------------------------------------------------------------------------------------ pairs
 @dataclass(frozen=True)
 class PairExample:
-    """One informative pair: the two samples, their signs h, and where their trajectories are stored."""
+    """One informative pair: its two sample ids and their signs h."""
 
     pair_id: str
     sample_ids: tuple[str, str]
     signs: tuple[int, int]
-    shards: tuple[Path, Path]
-    shard_indices: tuple[int, int]
 
 
 def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int) -> tuple[list[PairExample], int]:
@@ -76,20 +74,17 @@ def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int) -> tu
         if signs == (0, 0):
             ties += 1
             continue
-        shards, indices = [], []
         for sample_id in (pair.sample_a, pair.sample_b):
             sample = ledger.sample(sample_id)
             if sample is None:
                 raise TrainingError(f"pair {pair.pair_id} (round {round_index}) names sample {sample_id!r}, "
                                     f"which is not in the ledger {paths.ledger}")
-            if sample.shard is None or sample.shard_index is None:
+            if sample.shard is None:
                 raise TrainingError(
                     f"sample {sample_id} of pair {pair.pair_id} has no stored trajectory (shard is empty in the "
                     "ledger); DPO needs the trajectories: rerun `magic sample` for this round"
                 )
-            shards.append(paths.root / sample.shard)
-            indices.append(int(sample.shard_index))
-        examples.append(PairExample(pair.pair_id, (pair.sample_a, pair.sample_b), signs, tuple(shards), tuple(indices)))
+        examples.append(PairExample(pair.pair_id, (pair.sample_a, pair.sample_b), signs))
     return examples, ties
 
 
@@ -112,54 +107,6 @@ def pair_schedule(num_pairs: int, step: int, pairs_per_step: int, seed: int) -> 
         chosen.extend(permutation[offset : offset + take])
         position += take
     return chosen
-
-
-# ------------------------------------------------------------------------------------------ trajectories
-@dataclass
-class Trajectory:
-    """One stored sample, as DPO needs it."""
-
-    latents: torch.Tensor  # [T+1, C, h, w]; latents[i] is denoised at timesteps[i] into latents[i+1]
-    log_probs: torch.Tensor  # [T] under the sampling policy
-    timesteps: torch.Tensor  # [T]
-    prompt_ids: torch.Tensor  # [L]
-    header: dict
-
-
-class TrajectoryCache:
-    """Reads samples from the trajectory shards (through the shared shard reader), a few shards kept open."""
-
-    def __init__(self) -> None:
-        self._shards: dict[Path, object] = {}
-
-    def _shard(self, path: Path):
-        from magic_align.diffusion.trajectories import read_shard
-
-        if path not in self._shards:
-            if len(self._shards) >= 8:
-                self._shards.pop(next(iter(self._shards)))
-            if not path.exists():
-                raise TrainingError(f"trajectory shard {path} (named in the ledger) does not exist")
-            self._shards[path] = read_shard(path)
-        return self._shards[path]
-
-    def get(self, path: Path, index: int) -> Trajectory:
-        shard = self._shard(path)
-        return shard_trajectory(shard, index, path)
-
-
-def shard_trajectory(shard, index: int, path: Path) -> Trajectory:
-    """Sample `index` of a shard read by `trajectories.read_shard`."""
-    count = shard.latents.shape[0]
-    if not 0 <= index < count:
-        raise TrainingError(f"trajectory shard {path} has {count} samples; the ledger asks for row {index}")
-    return Trajectory(
-        latents=shard.latents[index],
-        log_probs=shard.log_probs[index],
-        timesteps=shard.timesteps,
-        prompt_ids=shard.prompt_ids[index],
-        header=shard.header,
-    )
 
 
 # ------------------------------------------------------------------------------------------- the math
@@ -253,24 +200,10 @@ def save_dpo_lora(unet, folder: Path) -> Path:
     return save_lora(unet, Path(folder), adapter_name=ADAPTER_NAME)
 
 
-def encode_prompt_ids(text_encoder, prompt_ids: torch.Tensor) -> torch.Tensor:
-    """Embeddings of stored token ids from the frozen text encoder (as diffusers' SD pipelines do, no mask)."""
-    with torch.no_grad():
-        return text_encoder(prompt_ids.to(text_encoder.device))[0]
-
-
-def negative_embeddings(pipe, negative_prompt: str) -> torch.Tensor:
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(
-        [negative_prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return encode_prompt_ids(pipe.text_encoder, ids)
-
-
 # ------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
-class SamplingSettings:
-    """What the trajectories were sampled with (shard header), checked to agree across the pairs."""
+class TrajectorySettings:
+    """What a round's trajectories were sampled with (their shard header); every pair must agree on it."""
 
     steps: int
     eta: float
@@ -279,7 +212,7 @@ class SamplingSettings:
     reduction: str
 
     @classmethod
-    def from_header(cls, header: dict, shard: Path) -> "SamplingSettings":
+    def from_header(cls, header: dict, where: str) -> "TrajectorySettings":
         try:
             return cls(
                 steps=int(header["steps"]),
@@ -289,11 +222,31 @@ class SamplingSettings:
                 reduction=str(header["log_prob_reduction"]),
             )
         except KeyError as missing:
-            raise TrainingError(f"trajectory shard {shard}: its header has no {missing} field") from None
+            raise TrainingError(f"trajectory shard of {where}: its header has no {missing} field") from None
 
 
 def round_output(paths: RunPaths, round_index: int) -> Path:
     return paths.aligned / "dpo" / f"round-{round_index}"
+
+
+def load_pair(store, example: PairExample, expected: TrajectorySettings):
+    """Both trajectories of a pair (a `TrajectoryBatch` of 2), checked to share the schedule and settings."""
+    from magic_align.diffusion.trajectories import TrajectoryError
+
+    try:
+        batch = store.get(list(example.sample_ids))
+    except TrajectoryError as error:
+        raise TrainingError(f"pair {example.pair_id}: {error}") from None
+    if not torch.equal(batch.timesteps[0], batch.timesteps[1]):
+        raise TrainingError(f"pair {example.pair_id}: its samples were made at different timesteps "
+                            f"({batch.timesteps[0].tolist()} vs {batch.timesteps[1].tolist()})")
+    for sample_id, header in zip(example.sample_ids, batch.headers):
+        if TrajectorySettings.from_header(header, sample_id) != expected:
+            raise TrainingError(
+                f"sample {sample_id}: sampled with {TrajectorySettings.from_header(header, sample_id)}, other samples "
+                f"of the round with {expected}; train one sampling configuration at a time"
+            )
+    return batch
 
 
 # ----------------------------------------------------------------------------------------- entry point
@@ -301,11 +254,13 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     """Train the DPO LoRA on the pairs of `round_index` and return the folder of the LoRA it wrote.
 
     The result goes to `aligned/dpo/round-<k>/` and, for the last round (`config.rounds - 1`), also to
-    `aligned/dpo/` (the aligned model: load the run's tokens and preliminary LoRA, then this LoRA). A rerun
-    resumes from the latest checkpoint in `checkpoints/dpo/round-<k>/`. `init_lora` continues training an
-    earlier DPO LoRA (the previous round's) instead of starting from zero.
+    `aligned/dpo/`: the DPO adapter alone, which stacks on the run's tokens and preliminary LoRA (what
+    `load_run_policy(..., extra_lora=...)` does). A rerun resumes from the latest checkpoint in
+    `checkpoints/dpo/round-<k>/`. `init_lora` continues an earlier DPO LoRA (the previous round's).
     """
     from magic_align.diffusion.loading import load_run_policy
+    from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
+    from magic_align.diffusion.trajectories import TrajectoryStore
     from magic_align.ledger import Ledger
 
     settings = config.dpo
@@ -327,9 +282,11 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             f"round {round_index} has no informative pair ({ties} ties: both win or both lose) in {paths.ledger}; "
             "run `magic pairs` first, or sample more / at a higher strength"
         )
-    trajectories = TrajectoryCache()
-    first = trajectories.get(examples[0].shards[0], examples[0].shard_indices[0])
-    sampling = SamplingSettings.from_header(first.header, examples[0].shards[0])
+    store = TrajectoryStore(paths.trajectories(round_index))
+    first_id = examples[0].sample_ids[0]
+    if first_id not in store:
+        raise TrainingError(f"no trajectory shard in {paths.trajectories(round_index)} holds sample {first_id}")
+    sampling = TrajectorySettings.from_header(store.header(first_id), first_id)
     guidance = sampling.guidance if settings.guidance is None else settings.guidance
     recompute = settings.recompute_reference or (settings.reference == "initial" and round_index > 0)
     if not recompute:
@@ -375,92 +332,110 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     scheduler.set_timesteps(sampling.steps, device=accelerator.device)
     unwrapped = accelerator.unwrap_model(unet)
     policy = _CallableWithDtype(unet, frozen_dtype)
-    negative = negative_embeddings(pipe, sampling.negative_prompt) if guidance > 1 else None
+    negative = None
+    if guidance > 1:
+        with torch.no_grad():
+            negative = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [sampling.negative_prompt]))
     reference_cache: dict[str, torch.Tensor] = {}
     per_process = settings.pairs_per_step // world
+    kwargs = {"guidance": guidance, "eta": sampling.eta, "reduction": settings.log_prob_reduction}
 
-    def reference_log_probs(sample_id: str, trajectory: Trajectory, cond: torch.Tensor) -> torch.Tensor:
+    def reference_log_probs(example: PairExample, batch, cond: torch.Tensor) -> torch.Tensor:
+        """[2, T]: the stored log-probs, or the initial model's, recomputed once with the DPO adapter off."""
         if not recompute:
-            return trajectory.log_probs.float()
-        if sample_id not in reference_cache:
+            return batch.log_probs
+        missing = [i for i, sample_id in enumerate(example.sample_ids) if sample_id not in reference_cache]
+        if missing:
             unwrapped.disable_adapters()
             try:
                 with torch.no_grad(), accelerator.autocast():
                     values = trajectory_log_probs(
-                        _CallableWithDtype(unwrapped, frozen_dtype), scheduler, trajectory.latents[None],
-                        trajectory.timesteps, cond, negative, guidance=guidance, eta=sampling.eta,
-                        reduction=settings.log_prob_reduction,
-                    )[0]
+                        _CallableWithDtype(unwrapped, frozen_dtype), scheduler, batch.latents[missing].to(accelerator.device),
+                        batch.timesteps[0], cond[missing], negative, **kwargs,
+                    )
             finally:
                 unwrapped.enable_adapters()
-            reference_cache[sample_id] = values.float().cpu()
-        return reference_cache[sample_id]
+            for row, i in enumerate(missing):
+                reference_cache[example.sample_ids[i]] = values[row].float().cpu()
+        return torch.stack([reference_cache[sample_id] for sample_id in example.sample_ids])
 
     unet.train()
     for step in range(start, settings.iterations):
-        batch = pair_schedule(len(examples), step, settings.pairs_per_step, settings.seed)
-        local = batch[rank::world]
+        chosen = pair_schedule(len(examples), step, settings.pairs_per_step, settings.seed)[rank::world]
         policy_rows, reference_rows, sign_rows = [], [], []
-        for position, pair_index in enumerate(local):
+        for position, pair_index in enumerate(chosen):
             example = examples[pair_index]
-            pair = [trajectories.get(shard, index) for shard, index in zip(example.shards, example.shard_indices)]
-            _check_pair(example, pair, sampling)
-            latents = torch.stack([trajectory.latents for trajectory in pair]).to(accelerator.device)
-            cond = encode_prompt_ids(pipe.text_encoder, torch.stack([t.prompt_ids for t in pair]))
-            reference = torch.stack(
-                [reference_log_probs(sid, t, cond[i : i + 1]) for i, (sid, t) in enumerate(zip(example.sample_ids, pair))]
-            ).to(accelerator.device)  # [2, T]
-            signs = torch.tensor(example.signs, device=accelerator.device)
-            length = pair[0].timesteps.shape[0]
+            batch = load_pair(store, example, sampling)
+            latents = batch.latents.to(accelerator.device)
+            timesteps = batch.timesteps[0]
+            with torch.no_grad():
+                cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids)
+            reference = reference_log_probs(example, batch, cond).to(accelerator.device)  # [2, T]
+            signs = torch.tensor([example.signs], device=accelerator.device)
+            length = timesteps.shape[0]
             chunk = settings.steps_per_forward or length
             values = []
             for begin in range(0, length, chunk):
                 steps = list(range(begin, min(begin + chunk, length)))
-                last = position == len(local) - 1 and steps[-1] == length - 1
+                last = position == len(chosen) - 1 and steps[-1] == length - 1
                 # Only the last backward of the optimizer step all-reduces the gradients under DDP.
-                with (nullcontext() if last else accelerator.no_sync(unet)), accelerator.autocast():
-                    log_probs = trajectory_log_probs(
-                        policy, scheduler, latents, pair[0].timesteps, cond, negative, guidance=guidance,
-                        eta=sampling.eta, reduction=settings.log_prob_reduction, step_indices=steps,
-                    )  # [2, S]
-                    loss, _ = dpo_loss(log_probs[None], reference[None, :, steps], signs[None], settings.beta, settings.clip)
+                with (nullcontext() if last else accelerator.no_sync(unet)):
+                    with accelerator.autocast():
+                        log_probs = trajectory_log_probs(
+                            policy, scheduler, latents, timesteps, cond, negative, step_indices=steps, **kwargs
+                        )  # [2, S]
+                        loss, _ = dpo_loss(log_probs[None], reference[None, :, steps], signs, settings.beta, settings.clip)
                     # Mean over the steps of a pair and over the pairs of the global batch (DDP averages ranks).
                     accelerator.backward(loss * (len(steps) / length) / per_process)
                 values.append(log_probs.detach().float())
             policy_rows.append(torch.cat(values, dim=1))
             reference_rows.append(reference.float())
-            sign_rows.append(signs)
+            sign_rows.append(signs[0])
         grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, settings.grad_clip)
         gathered = [accelerator.gather(torch.stack(rows)) for rows in (policy_rows, reference_rows, sign_rows)]
         loss_value, stats = dpo_loss(*gathered, settings.beta, settings.clip)
-        logger.log(
-            step + 1,
-            {"loss": float(loss_value), **stats.as_dict(), "grad_norm": grad_norm, "lr": lr_scheduler.get_last_lr()[0]},
-        )
         done = step + 1
-        if done % settings.checkpoint_every == 0 and done < settings.iterations:
+        logger.log(done, {"loss": float(loss_value), **stats.as_dict(), "grad_norm": grad_norm,
+                          "lr": lr_scheduler.get_last_lr()[0]})
+        # The last step is checkpointed too, so rerunning a finished round trains nothing again.
+        if done % settings.checkpoint_every == 0 or done == settings.iterations:
             checkpoints.save(done, {"round": round_index, "pairs": len(examples), "ties_skipped": ties})
     logger.close()
 
     output = round_output(paths, round_index)
+    final = round_index == config.rounds - 1
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_dpo_lora(unwrapped, output)
-        if round_index == config.rounds - 1:
+        if final:
             save_dpo_lora(unwrapped, paths.aligned / "dpo")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return paths.aligned / "dpo" if round_index == config.rounds - 1 else output
+    return paths.aligned / "dpo" if final else output
 
 
-def _check_pair(example: PairExample, pair: list[Trajectory], sampling: SamplingSettings) -> None:
-    a, b = pair
-    if not torch.equal(a.timesteps, b.timesteps):
-        raise TrainingError(f"pair {example.pair_id}: its samples were made at different timesteps "
-                            f"({a.timesteps.tolist()} vs {b.timesteps.tolist()}); a pair must share one schedule")
-    for trajectory, shard in zip(pair, example.shards):
-        if int(trajectory.header.get("steps", sampling.steps)) != sampling.steps or not math.isclose(
-            float(trajectory.header.get("eta", sampling.eta)), sampling.eta
-        ):
-            raise TrainingError(f"trajectory shard {shard}: steps/eta differ from the other shards of the round; "
-                                "train one sampling configuration at a time")
+# ---------------------------------------------------------------------------------------------- rounds
+def run_rounds(config: RunConfig, console=None) -> Path:
+    """`config.rounds` rounds of DPO: round 0 trains on the pairs already built (sample, judge and pairs ran
+    before); each later round k samples with the current policy (preliminary model + round k-1's DPO LoRA),
+    judges, builds pairs, and continues training that LoRA. Returns the final LoRA folder (`aligned/dpo`).
+
+    Reference per round: see the module docstring (`dpo.reference`). With the default "initial", rounds after
+    the first recompute the reference log-probs with the DPO adapter off, i.e. the preliminary model; the
+    log-probs the sampler stored in round k are those of the round-k policy and serve as the reference only
+    with `dpo.reference = "sampling"`.
+    """
+    from magic_align.feedback import run_pairs
+    from magic_align.judge import run_judge
+    from magic_align.sample import run_sample
+
+    paths = RunPaths(config.run_dir)
+    output = paths.aligned / "dpo"
+    for round_index in range(config.rounds):
+        previous = round_output(paths, round_index - 1) if round_index else None
+        if round_index:
+            run_sample(config, round_index=round_index, policy_lora=previous)
+            run_judge(config, round_index=round_index, console=console)
+            run_pairs(config, round_index=round_index)
+        output = run_dpo(config, round_index=round_index, init_lora=previous)
+    return output

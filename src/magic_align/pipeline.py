@@ -1,0 +1,184 @@
+"""`magic run`: every stage in order, skipping the ones whose outputs are complete for the same config.
+
+Each stage records (in the ledger's `stages` table) a hash of the configuration it depends on: its own
+sections plus the hash of the stage before it, so a change upstream reruns everything downstream and a
+rerun after a crash continues at the first stage that did not finish. `--dry-run` prints the plan (stages,
+sample and pair counts, judge calls, tokens and cost) without loading a model or touching the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from magic_align.config import RunConfig
+from magic_align.ledger import Ledger
+from magic_align.run import RunPaths, prepare_run
+
+
+@dataclass
+class Stage:
+    name: str
+    sections: tuple[str, ...]  # the config sections (dotted) whose values decide the stage's outputs
+    action: Callable[[], object]
+    description: str
+
+
+def _section_values(config: RunConfig, sections: tuple[str, ...]) -> dict:
+    values = {}
+    dumped = config.model_dump(mode="json")
+    for dotted in sections:
+        node = dumped
+        for part in dotted.split("."):
+            node = node[part]
+        values[dotted] = node
+    return values
+
+
+def stage_hash(config: RunConfig, sections: tuple[str, ...], upstream: str) -> str:
+    content = json.dumps({"upstream": upstream, "values": _section_values(config, sections)}, sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
+    """The stages of a run in order, each bound to its entry function (imported lazily: a dry run loads no model)."""
+    from magic_align import feedback, judge, sample, synthesize
+    from magic_align.evaluate import report, stage as evaluate_stage
+    from magic_align.train import dpo, finetune, rft
+
+    paths = RunPaths(config.run_dir)
+    base = ("model", "data", "judge.checklist")
+    stages = [
+        Stage("finetune", base + ("finetune",), lambda: finetune.run_finetune(config), "textual inversion + UNet LoRA"),
+    ]
+    for round_index in range(config.rounds):
+        previous = dpo.round_output(paths, round_index - 1) if round_index else None
+        stages += [
+            Stage(
+                f"sample/round-{round_index}",
+                ("sample",),
+                lambda r=round_index, p=previous: sample.run_sample(config, round_index=r, policy_lora=p),
+                f"{config.sample.num_sources} units x {config.sample.samples_per_unit} samples with trajectories",
+            ),
+            Stage(
+                f"judge/round-{round_index}",
+                ("judge",),
+                lambda r=round_index: judge.run_judge(config, round_index=r, console=console),
+                f"{config.judge.backend} judge on {config.judge.checklist} checklists",
+            ),
+            Stage(
+                f"pairs/round-{round_index}",
+                ("pairs",),
+                lambda r=round_index: feedback.run_pairs(config, round_index=r),
+                f"{config.pairs.rule} pair rule",
+            ),
+        ]
+        if "dpo" in config.align:
+            stages.append(
+                Stage(
+                    f"dpo/round-{round_index}",
+                    ("dpo",),
+                    lambda r=round_index, p=previous: dpo.run_dpo(config, round_index=r, init_lora=p),
+                    f"MAGIC-DPO, {config.dpo.iterations} iterations",
+                )
+            )
+    if "rft" in config.align:
+        stages.append(Stage("rft", ("rft",), lambda: rft.run_rft(config, round_index=0), "MAGIC-RFT on round-0 feedback"))
+    aligned = paths.aligned / config.align[0] if config.align else None
+    stages += [
+        Stage(
+            "synthesize",
+            ("synthesize",),
+            lambda: synthesize.run_synthesize(config, lora=aligned),
+            f"{config.synthesize.per_image} synthetic image(s) per training image with the {config.align[0] if config.align else 'unaligned'} model",
+        ),
+        Stage("evaluate", ("evaluate",), lambda: evaluate_stage.run_evaluate(config), "classifier, pass rate, FID/KID"),
+        Stage("report", (), lambda: report.run_report(config), "report/index.html"),
+    ]
+    return stages
+
+
+def run_all(config: RunConfig, force: bool = False, console: Console | None = None) -> RunPaths:
+    """Run every stage in order; a stage already done for the same configuration is skipped."""
+    console = console or Console(stderr=True)
+    paths = prepare_run(config)
+    ledger = Ledger(paths.ledger)
+    upstream = ""
+    for stage in plan_stages(config, console):
+        digest = stage_hash(config, stage.sections, upstream)
+        status = ledger.stage(f"run:{stage.name}")
+        if not force and status is not None and status.status == "done" and status.config_hash == digest:
+            console.print(f"[dim]skip {stage.name}: done for this configuration[/dim]")
+            upstream = digest
+            continue
+        console.rule(f"[bold]{stage.name}[/bold]: {stage.description}")
+        ledger.set_stage(f"run:{stage.name}", digest, "running")
+        started = time.perf_counter()
+        try:
+            stage.action()
+        except BaseException as error:
+            ledger.set_stage(f"run:{stage.name}", digest, "failed", f"{type(error).__name__}: {error}")
+            raise
+        elapsed = time.perf_counter() - started
+        ledger.set_stage(f"run:{stage.name}", digest, "done", f"{elapsed:.1f} s")
+        console.print(f"[green]done[/green] {stage.name} in {elapsed:.1f} s")
+        upstream = digest
+    return paths
+
+
+# -------------------------------------------------------------------------------------------- dry run
+def dry_run_plan(config: RunConfig) -> Table:
+    """The plan as a table: stages, counts, estimated judge calls, tokens and cost. Loads no model or data."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.judge import call_cost, gpt4o_image_tokens, prompt_text_for, sent_size, text_tokens
+    from magic_align.judge import OUTPUT_TOKENS_PAPER, OUTPUT_TOKENS_STRUCTURED_PER_ITEM
+
+    checklists = load_checklists(config.judge.checklist)
+    items = max(len(c.items) for c in checklists.conditions)
+    prompt = max(text_tokens(prompt_text_for(None, c, config.judge.prompt_style)) for c in checklists.conditions)
+    width = height = config.model.resolution
+    per_call_in = prompt + gpt4o_image_tokens(*sent_size(width, height, config.judge.image_size))
+    per_call_out = (
+        OUTPUT_TOKENS_STRUCTURED_PER_ITEM * items + 20 if config.judge.prompt_style == "structured" else OUTPUT_TOKENS_PAPER
+    )
+    samples_per_round = config.sample.num_sources * config.sample.samples_per_unit
+    pairs_per_unit = config.sample.samples_per_unit * (config.sample.samples_per_unit - 1) // 2
+    calls = samples_per_round * config.rounds
+    remote = config.judge.backend in ("openai", "ensemble")
+    cost = call_cost(per_call_in * calls, per_call_out * calls, config.judge) if remote else 0.0
+
+    table = Table(title=f"plan for run '{config.name}' -> {config.run_dir}")
+    table.add_column("stage")
+    table.add_column("what")
+    table.add_row("finetune", f"{len(checklists.conditions)} tokens x {config.finetune.ti_steps} TI steps, LoRA r{config.finetune.lora_rank} x {config.finetune.lora_steps} steps")
+    for round_index in range(config.rounds):
+        table.add_row(
+            f"sample/round-{round_index}",
+            f"{config.sample.num_sources} units x {config.sample.samples_per_unit} = {samples_per_round} images, "
+            f"{config.sample.steps} DDIM steps at strength {config.sample.strength} "
+            f"({round(config.sample.steps * config.sample.strength)} kept per trajectory)",
+        )
+        table.add_row(f"judge/round-{round_index}", f"{samples_per_round} calls to {config.judge.backend}:{config.judge.model}" if remote else f"{samples_per_round} images, {config.judge.backend} judge (no paid calls)")
+        table.add_row(f"pairs/round-{round_index}", f"{config.sample.num_sources * pairs_per_unit} pairs, {config.pairs.rule} rule")
+        if "dpo" in config.align:
+            table.add_row(f"dpo/round-{round_index}", f"{config.dpo.iterations} iterations x {config.dpo.pairs_per_step} pairs, beta {config.dpo.beta}")
+    if "rft" in config.align:
+        table.add_row("rft", f"reward model + {config.rft.steps} reward-weighted steps")
+    table.add_row("synthesize", f"{config.synthesize.per_image} per training image at {config.synthesize.size} px")
+    table.add_row("evaluate", f"{', '.join(config.evaluate.backbones)}; {config.evaluate.seeds} seeds; rho {config.evaluate.rho}")
+    table.add_row("report", str(RunPaths(config.run_dir).report / "index.html"))
+    if remote:
+        cost_text = f"${cost:,.2f}" if cost is not None else f"unknown (no price for {config.judge.model} in judge.prices)"
+        table.caption = (
+            f"judge estimate: {calls} calls, about {per_call_in * calls:,} input + {per_call_out * calls:,} output tokens, "
+            f"cost {cost_text}"
+        )
+    else:
+        table.caption = f"judge: {calls} images graded locally by the {config.judge.backend} judge, no cost"
+    return table

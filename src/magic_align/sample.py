@@ -1,0 +1,265 @@
+"""The sample stage: image-to-image trajectories from real training images towards other conditions.
+
+`run_sample(config, round_index, policy_lora)` draws `sample.num_sources` (source, target) units from the train split,
+K = `sample.samples_per_unit` samples each, and writes, under `run/samples/round-<k>/`:
+
+    images/<sample_id>.png            the decoded samples (metadata-free PNG)
+    trajectories/p<proc>-<n>.safetensors   latents, log-probs, timesteps, prompt ids (diffusion/trajectories.py)
+
+and one ledger row per sample (`SampleRow`). Units, targets and seeds are functions of (sample.seed, round, unit), so
+a rerun skips the units whose samples are recorded and draws exactly the remaining ones; under `accelerate launch`
+process i takes units i, i + n, i + 2n, ... and writes its own shards.
+
+A shard is written before its ledger rows, and carries the rows in its header: if the process dies between the
+two, the next run recovers the rows from the shard instead of sampling the units again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from magic_align.config import RunConfig
+from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, sample_batch
+from magic_align.diffusion.trajectories import TrajectoryStore, next_shard_number, shard_name, write_shard
+from magic_align.run import RunPaths, atomic_write_bytes, prepare_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (source image, target condition) unit; its K samples are compared with each other."""
+
+    unit_id: str
+    index: int
+    source_id: str
+    source_path: Path
+    source_row: int
+    source_label: str
+    target_label: str
+    prompt: str
+
+
+@dataclass
+class SampleSummary:
+    round: int
+    units_planned: int = 0
+    units_already_done: int = 0
+    units_sampled: int = 0
+    units_skipped: int = 0  # unreadable source images (data.on_bad_image = "skip")
+    samples_written: int = 0
+    samples_recovered: int = 0  # in a shard but not yet in the ledger (a crash in between)
+    shards: list[str] = field(default_factory=list)
+    model_hash: str = ""
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+
+def sample_id(unit_id: str, k: int) -> str:
+    return f"{unit_id}-k{k}"
+
+
+def plan_units(config: RunConfig, train, classes: list[str], checklists, round_index: int) -> list[Unit]:
+    """The round's units, the same for the same seed: sources drawn without replacement (cycling through a
+    shuffled train split when more units than images are asked), targets by `choose_target`."""
+    from magic_align.data.targets import choose_target
+
+    if not train:
+        raise ValueError("the train split is empty: nothing to sample from")
+    sample_cfg = config.sample
+    order = sorted(train, key=lambda record: record.id)
+    random.Random(f"sources:{sample_cfg.seed}:{round_index}").shuffle(order)
+    region_of = {checklist.condition: checklist.region for checklist in checklists.conditions}
+    units = []
+    for index in range(sample_cfg.num_sources):
+        record = order[index % len(order)]
+        rng = random.Random(f"target:{sample_cfg.seed}:{round_index}:{index}")
+        target = choose_target(record.label, classes, rng, sample_cfg.target_selection, region_of, record.region)
+        units.append(
+            Unit(
+                unit_id=f"r{round_index}-u{index:05d}",
+                index=index,
+                source_id=record.id,
+                source_path=Path(record.path),
+                source_row=record.row,
+                source_label=record.label or "",
+                target_label=target,
+                prompt=config.model.prompt_template.format(token=checklists[target].token),
+            )
+        )
+    return units
+
+
+def _process_state():
+    """(process index, process count, device) under `accelerate launch`, or (0, 1, best device) alone."""
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.device
+    except Exception:  # noqa: BLE001 - accelerate missing or misconfigured: run as one process
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _recover_from_shards(ledger, store: TrajectoryStore, done: set[str]) -> int:
+    """Register samples that a shard holds but the ledger lacks (written just before a crash)."""
+    from magic_align.ledger import SampleRow
+
+    rows = []
+    for shard_path, header in store.headers.items():
+        for row_index, record in enumerate(header.get("samples", [])):
+            if record["sample_id"] not in done and store.locate(record["sample_id"])[0] == shard_path:
+                rows.append(SampleRow(**record, shard=header["shard"], shard_index=row_index))
+    if rows:
+        ledger.add_samples(rows)
+    return len(rows)
+
+
+def run_sample(
+    config: RunConfig,
+    round_index: int = 0,
+    policy_lora: Path | None = None,
+    progress: bool = True,
+) -> SampleSummary:
+    """Sample round `round_index` (resumable); `policy_lora` stacks an aligned LoRA on the run's model (later rounds)."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data.images import BadImageError, encode_png, load_image, sha256_file
+    from magic_align.data.split import run_split
+    from magic_align.diffusion.loading import load_run_policy
+    from magic_align.ledger import Ledger, SampleRow
+
+    started = time.perf_counter()
+    paths = prepare_run(config)
+    process_index, process_count, device = _process_state()
+    summary = SampleSummary(round=round_index)
+    checklists = load_checklists(config.judge.checklist)
+    split = run_split(config, paths)
+    units = plan_units(config, split.train, split.classes, checklists, round_index)
+    summary.units_planned = len(units)
+    mine = units[process_index::process_count]
+
+    ledger = Ledger(paths.ledger)
+    images_dir = paths.sample_images(round_index)
+    shards_dir = paths.trajectories(round_index)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    done = {row.sample_id for row in ledger.samples(round_index)}
+    if process_index == 0:
+        summary.samples_recovered = _recover_from_shards(ledger, TrajectoryStore(shards_dir), done)
+        done = {row.sample_id for row in ledger.samples(round_index)}
+    per_unit = config.sample.samples_per_unit
+    todo = [unit for unit in mine if not all(sample_id(unit.unit_id, k) in done for k in range(per_unit))]
+    summary.units_already_done = len(mine) - len(todo)
+    if not todo:
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    pipe = load_run_policy(config, paths, extra_lora=policy_lora, device=device)
+    summary.model_hash = pipe.magic_model_hash
+    settings = SamplingSettings.from_config(config.sample, config.model)
+    header = {
+        **settings.header(pipe.scheduler),
+        "model_hash": summary.model_hash,
+        "round": round_index,
+        "resolution": config.model.resolution,
+        "policy_lora": str(policy_lora) if policy_lora else None,
+    }
+    units_per_batch = max(1, config.sample.batch_size // per_unit)
+    pending: list[tuple[dict, object]] = []  # (sample record, SampleResult) not yet in a shard
+    shard_number = next_shard_number(shards_dir, process_index)
+
+    def flush() -> None:
+        nonlocal shard_number
+        if not pending:
+            return
+        name = shard_name(process_index, shard_number)
+        shard_number += 1
+        relative = (shards_dir / name).relative_to(paths.root).as_posix()
+        records = [record for record, _ in pending]
+        results = [result for _, result in pending]
+        write_shard(
+            shards_dir / name,
+            [record["sample_id"] for record in records],
+            torch.stack([result.latents for result in results]),
+            torch.stack([result.log_probs for result in results]),
+            results[0].timesteps,
+            torch.stack([result.prompt_ids for result in results]),
+            header={**header, "shard": relative, "samples": records},
+            latent_dtype=settings.latent_dtype,
+        )
+        ledger.add_samples([SampleRow(**record, shard=relative, shard_index=i) for i, record in enumerate(records)])
+        summary.shards.append(relative)
+        summary.samples_written += len(records)
+        pending.clear()
+
+    bar = _progress_bar(progress and process_index == 0)
+    with bar:
+        task = bar.add_task(f"sampling round {round_index}", total=len(todo) * per_unit)
+        for start in range(0, len(todo), units_per_batch):
+            batch_units = todo[start : start + units_per_batch]
+            reqs, owners = [], []
+            for unit in batch_units:
+                try:
+                    source = load_image(unit.source_path, config.data.max_image_pixels, unit.source_row)
+                except BadImageError as error:
+                    if config.data.on_bad_image == "stop":
+                        flush()  # keep what is done before stopping
+                        raise
+                    summary.units_skipped += 1
+                    summary.problems.append(str(error))
+                    bar.advance(task, per_unit)
+                    continue
+                for k in range(per_unit):
+                    seed = derived_seed(config.sample.seed, round_index, unit.index, k)
+                    reqs.append(SampleRequest(sample_id(unit.unit_id, k), unit.prompt, seed, source))
+                    owners.append((unit, k, seed))
+            if not reqs:
+                continue
+            for result, (unit, k, seed) in zip(sample_batch(pipe, reqs, settings, config.model.resolution), owners):
+                image_path = images_dir / f"{result.sample_id}.png"
+                atomic_write_bytes(image_path, encode_png(result.image))
+                record = {
+                    "sample_id": result.sample_id,
+                    "round": round_index,
+                    "unit_id": unit.unit_id,
+                    "k": k,
+                    "image_path": image_path.relative_to(paths.root).as_posix(),
+                    "image_sha256": sha256_file(image_path),
+                    "source_id": unit.source_id,
+                    "source_label": unit.source_label,
+                    "target_label": unit.target_label,
+                    "prompt": unit.prompt,
+                    "seed": seed,
+                    "synthetic": True,
+                }
+                pending.append((record, result))
+                if len(pending) >= config.sample.shard_size:
+                    flush()
+            summary.units_sampled += len({unit.unit_id for unit, _, _ in owners})
+            bar.advance(task, len(reqs))
+        flush()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def summary_dict(summary: SampleSummary) -> dict:
+    return asdict(summary)

@@ -1,0 +1,55 @@
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from magic_align.config import load_config
+from magic_align.data.split import run_split
+from magic_align.run import prepare_run
+from magic_align.synthesize import MANIFEST_COLUMNS, SynthesizeError, _extra_sources, run_synthesize, synthesize
+
+
+@pytest.mark.slow
+def test_synthesize_writes_resized_images_with_provenance_and_resumes(tmp_path):
+    extra = tmp_path / "unlabeled"
+    extra.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(extra / f"x{i}.png")
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'", "sample.steps=10", "sample.strength=0.3",
+                                  "synthesize.size=32", "synthesize.per_image=2", f"synthesize.extra_sources='{extra}'"])
+    paths = prepare_run(config)
+    train = run_split(config, paths).train
+    sources = train[:2] + _extra_sources(config)
+    manifest = run_synthesize(config, lora=None, sources=sources, progress=False)
+    assert manifest == paths.synthetic / "manifest.csv"
+    with open(manifest, newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == MANIFEST_COLUMNS
+        rows = list(reader)
+    assert len(rows) == 2 * len(sources)
+    by_id = {record.id: record for record in sources}
+    for row in rows:
+        source = by_id[row["source_id"]]
+        assert row["source_label"] == (source.label or "") and row["target_label"] != row["source_label"]
+        assert int(row["source_skin_type"]) == source.skin_type and row["source_group"] == source.group
+        assert float(row["strength"]) == 0.3 and row["model_hash"] and row["verdict_score"] == ""
+        with Image.open(paths.root / row["path"]) as image:
+            assert image.size == (32, 32)
+    assert {row["source_label"] for row in rows if row["source_id"].startswith("extra-")} == {""}
+
+    # a rerun does nothing; a missing image is made again, identical
+    again = synthesize(config, lora=None, sources=sources, progress=False)
+    assert (again.written, again.already_done) == (0, len(rows))
+    lost = paths.root / rows[0]["path"]
+    before = lost.read_bytes()
+    lost.unlink()
+    assert synthesize(config, lora=None, sources=sources, progress=False).written == 1
+    assert lost.read_bytes() == before
+
+
+def test_judge_flag_is_refused_clearly(tmp_path):
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'", "synthesize.judge=true"])
+    with pytest.raises(SynthesizeError, match="synthesize.judge"):
+        run_synthesize(config, lora=None, progress=False)

@@ -39,14 +39,15 @@ def test_synthesize_writes_resized_images_with_provenance_and_resumes(tmp_path):
             assert image.size == (32, 32)
     assert {row["source_label"] for row in rows if row["source_id"].startswith("extra-")} == {""}
 
-    # a rerun does nothing; a missing image is made again, identical
+    # a rerun does nothing; a missing image is made again, the same
     again = synthesize(config, lora=None, sources=sources, progress=False)
     assert (again.written, again.already_done) == (0, len(rows))
     lost = paths.root / rows[0]["path"]
-    before = lost.read_bytes()
+    before = np.asarray(Image.open(lost), dtype=np.int16)
     lost.unlink()
     assert synthesize(config, lora=None, sources=sources, progress=False).written == 1
-    assert lost.read_bytes() == before
+    # same seed and target; only float rounding differs with the batch it runs in
+    assert np.abs(np.asarray(Image.open(lost), dtype=np.int16) - before).max() <= 2
 
 
 def test_judge_flag_is_refused_clearly(tmp_path):

@@ -96,3 +96,68 @@ def feedback_run(tmp_path):
         return config, ledger, rows
 
     return build
+
+
+@pytest.fixture
+def two_condition_data(tmp_path):
+    """A two-condition image-folder dataset and its checklist file, for the trainers' tests (test_finetune,
+    test_rft). Returns (checklist_yaml, images_root, {condition: token}). Dark blobs ("melanoma") and white
+    patches ("vitiligo") on a skin tone, 40 x 48 px (so the centre crop matters), 4 images per class."""
+    import numpy as np
+    from PIL import Image
+
+    tokens = {"melanoma": "<mel>", "vitiligo": "<vit>"}
+    lines = ["id: test-two", "conditions:"]
+    for condition, token in tokens.items():
+        lines += [
+            f"  - condition: {condition}",
+            f"    display_name: {condition.title()}",
+            f"    token: '{token}'",
+            "    items:",
+            "      - {id: colour, aspect: color, text: the lesion has the expected colour}",
+            "      - {id: size, aspect: size, text: the lesion has the expected size}",
+        ]
+    checklist = tmp_path / "two-conditions.yaml"
+    checklist.write_text("\n".join(lines) + "\n")
+    rng = np.random.default_rng(0)
+    root = tmp_path / "two-condition-images"
+    for condition in tokens:
+        folder = root / condition
+        folder.mkdir(parents=True)
+        for index in range(4):
+            image = np.full((40, 48, 3), (200, 150, 120), dtype=np.float32) + rng.normal(0, 6, (40, 48, 3))
+            y, x = np.mgrid[:40, :48]
+            cy, cx = 20 + rng.integers(-5, 5), 24 + rng.integers(-5, 5)
+            mask = (y - cy) ** 2 + (x - cx) ** 2 < (8 + index) ** 2
+            image[mask] = (40, 30, 25) if condition == "melanoma" else (250, 248, 245)
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{condition}-{index}.png")
+    return checklist, root, tokens
+
+
+# Used by tests/test_review_api.py, tests/test_review_security.py, tests/test_review_browser.py (review page).
+@pytest.fixture
+def review_run(feedback_run):
+    """`feedback_run(units=4, k=2)` (8 samples, targets alpha/beta) plus verdicts of two judges, "judge:a" and
+    "judge:b". They disagree on 2 items of r0-u001-k0 and on 1 item of r0-u002-k1; judge:b's answer about
+    r0-u003-k1 failed to parse. Returns (config, ledger, samples, checklists)."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.judges.base import Verdict
+
+    config, ledger, samples = feedback_run(units=4, k=2)
+    checklists = load_checklists(config.judge.checklist)
+    different = {"r0-u001-k0": {0: 0, 2: 0}, "r0-u002-k1": {4: 0}}
+    for index, sample in enumerate(samples):
+        checklist = checklists[sample.target_label]
+        items_a = [1, 1, (index + 1) % 2, 1, index % 2]
+        items_b = list(items_a)
+        for position, value in different.get(sample.sample_id, {}).items():
+            items_b[position] = 1 - items_a[position] if value == 0 else value
+        reasons = [f"reason a{index}.{i}" for i in range(5)]
+        ledger.put_verdict(sample.image_sha256, "judge:a", checklist.version, "p1",
+                           Verdict(items=items_a, rationales=reasons, raw="a"), checklist.condition)
+        if sample.sample_id == "r0-u003-k1":
+            verdict_b = Verdict(items=[None] * 5, raw="???", parse_status="failed", error="no JSON in the answer")
+        else:
+            verdict_b = Verdict(items=items_b, raw="b")
+        ledger.put_verdict(sample.image_sha256, "judge:b", checklist.version, "p1", verdict_b, checklist.condition)
+    return config, ledger, samples, checklists

@@ -23,6 +23,7 @@ Faults are consumed in order, per image first, then from the global queue:
     refusal_field   a refusal in message.refusal (structured outputs), content null
     short           a list two items short
     reject_response_format   400 naming response_format when the request has one (else answers normally)
+    reject_max_tokens        400 asking for max_completion_tokens when the request has max_tokens
     unauthorized    401 echoing the Authorization header (the client must scrub it)
     bad_request     400 for another reason
 """
@@ -45,7 +46,7 @@ from PIL import Image
 
 FAULT_KINDS = (
     "rate_limit", "server_error", "slow", "drop", "malformed", "prose", "unparseable", "refusal", "refusal_field",
-    "short", "reject_response_format", "unauthorized", "bad_request",
+    "short", "reject_response_format", "reject_max_tokens", "unauthorized", "bad_request",
 )
 
 
@@ -225,6 +226,8 @@ class FakeChatServer:
             return 400, {}, _error_body("Invalid image: could not process the image."), kind
         if kind == "reject_response_format" and "response_format" in request.body:
             return 400, {}, _error_body("response_format of type json_schema is not supported by this model"), kind
+        if kind == "reject_max_tokens" and "max_tokens" in request.body:
+            return 400, {}, _error_body("Unsupported parameter: 'max_tokens'. Use 'max_completion_tokens' instead."), kind
         if kind == "malformed":
             return 200, {"Content-Type": "application/json"}, b'{"choices": [{"message": {"content": "[1, 0', kind
         refusal = None

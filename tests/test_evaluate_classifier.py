@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from magic_align.evaluate.backbones import load_backbone
@@ -17,8 +18,19 @@ from magic_align.evaluate.classifier import (
     run_linear_probe,
     select_synthetic,
     synthetic_per_batch,
+    train_linear_probes,
 )
 from magic_align.evaluate.metrics import accuracy
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only add waiting (100x slower under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
 
@@ -145,10 +157,6 @@ def test_finetune_learns_a_separable_set(tmp_path):
 
 
 def test_seeds_trained_side_by_side_equal_separate_runs():
-    import torch
-
-    from magic_align.evaluate.classifier import train_linear_probes
-
     rng = np.random.default_rng(0)
     features = torch.from_numpy(rng.normal(size=(30, 5)).astype(np.float32))
     labels = torch.from_numpy(rng.integers(0, 3, 30))

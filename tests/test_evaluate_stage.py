@@ -6,11 +6,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
 from magic_align.config import load_config
 from magic_align.evaluate.stage import EvaluateError, MANIFEST_COLUMNS, parse_settings, read_manifest
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors on a shared 2-core machine: intra-op threads only add waiting (100x slower under load)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
 

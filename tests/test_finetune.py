@@ -29,42 +29,18 @@ CONDITIONS = {"melanoma": "<mel>", "vitiligo": "<vit>"}
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-def write_checklists(path: Path) -> Path:
-    lines = ["id: test-two", "conditions:"]
-    for condition, token in CONDITIONS.items():
-        lines += [
-            f"  - condition: {condition}",
-            f"    display_name: {condition.title()}",
-            f"    token: '{token}'",
-            "    items:",
-            "      - {id: colour, aspect: color, text: the lesion has the expected colour}",
-            "      - {id: size, aspect: size, text: the lesion has the expected size}",
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def write_dataset(root: Path, per_class: int = 4) -> Path:
-    """Two visibly different classes: dark blobs on skin tone, white patches on skin tone (40 x 48 px, so the
-    centre crop matters)."""
-    rng = np.random.default_rng(0)
-    for condition in CONDITIONS:
-        folder = root / condition
-        folder.mkdir(parents=True)
-        for index in range(per_class):
-            image = np.full((40, 48, 3), (200, 150, 120), dtype=np.float32) + rng.normal(0, 6, (40, 48, 3))
-            y, x = np.mgrid[:40, :48]
-            cy, cx = 20 + rng.integers(-5, 5), 24 + rng.integers(-5, 5)
-            mask = (y - cy) ** 2 + (x - cx) ** 2 < (8 + index) ** 2
-            image[mask] = (40, 30, 25) if condition == "melanoma" else (250, 248, 245)
-            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{condition}-{index}.png")
-    return root
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine more threads oversubscribe and run 10-20x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
-def finetune_config(tmp_path, tiny_model_dir):
-    checklist = write_checklists(tmp_path / "checklists.yaml")
-    images = write_dataset(tmp_path / "images")
+def finetune_config(tmp_path, tiny_model_dir, two_condition_data):
+    checklist, images, _ = two_condition_data
 
     def make(name: str = "ft", **overrides):
         settings = {
@@ -183,7 +159,8 @@ def fixed_batch_loss(pipe, images_root: Path, tokens: dict[str, str], prompt_tem
     """The denoising loss of `pipe` on every training image at fixed timesteps and noise (same for any pipe)."""
     from diffusers import DDPMScheduler
 
-    from magic_align.train.finetune import encode_images, tokenize
+    from magic_align.diffusion.sampler import tokenize_prompts
+    from magic_align.train.finetune import encode_images
 
     pixels, captions = [], []
     for condition, token in tokens.items():
@@ -193,7 +170,7 @@ def fixed_batch_loss(pipe, images_root: Path, tokens: dict[str, str], prompt_tem
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     total = 0.0
     with torch.no_grad():
-        hidden = pipe.text_encoder(tokenize(pipe.tokenizer, captions, "cpu"))[0]
+        hidden = pipe.text_encoder(tokenize_prompts(pipe.tokenizer, captions))[0]
         for repeat in range(4):
             generator = torch.Generator().manual_seed(100 + repeat)
             latents = encode_images(pipe.vae, torch.stack(pixels), generator)

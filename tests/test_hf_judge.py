@@ -78,7 +78,7 @@ def tiny_vlm(tmp_path_factory):
 
 
 def config(folder, **overrides) -> JudgeConfig:
-    values = dict(backend="hf", model=str(folder), image_size=48, hf_batch_size=2, prompt_style="paper")
+    values = dict(backend="hf", model=str(folder), image_size=48, hf_batch_size=2, prompt_style="paper", max_output_tokens=12)
     values.update(overrides)
     return JudgeConfig(**values)
 

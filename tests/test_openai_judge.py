@@ -24,7 +24,7 @@ from magic_align.judges.openai_judge import (
     estimate_image_tokens,
     parse_retry_after,
 )
-from magic_align.judges.privacy import PrivacyError
+from magic_align.judges.privacy import PrivacyError, check_may_send, is_loopback_url, may_send
 from magic_align.judges.prompts import prompt_version, render_prompt
 
 CHECKLIST = Checklist(
@@ -342,3 +342,79 @@ def test_judge_is_reusable_across_event_loops(server):
     first = asyncio.run(judge.judge(make_image(10), CHECKLIST))
     second = asyncio.run(judge.judge(make_image(11), CHECKLIST))
     assert first.parse_status == second.parse_status == "ok"
+
+
+async def test_max_tokens_is_renamed_when_the_server_asks(server):
+    seen: list[dict] = []
+
+    def answer(request: ChatRequest) -> str:
+        seen.append(request.body)
+        return "[1, 1, 1, 1, 1]"
+
+    server.answer = answer
+    server.script("reject_max_tokens")
+    judge = OpenAIJudge(config(server, max_output_tokens=40))
+    verdict = await judge.judge(make_image(12), CHECKLIST)
+    await judge.judge(make_image(13), CHECKLIST)
+    await judge.aclose()
+    assert verdict.parse_status == "ok"
+    assert server.total_calls == 3  # one rejection, then the judge remembers
+    assert [body.get("max_completion_tokens") for body in seen] == [40, 40]
+    assert not any("max_tokens" in body for body in seen)
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback"),
+    [
+        ("http://127.0.0.1:8000/v1", True),
+        ("http://127.5.0.1/v1", True),
+        ("http://[::1]:8080/v1", True),
+        ("http://localhost:11434/v1", True),
+        ("https://api.openai.com/v1", False),
+        ("http://localhost.example.com/v1", False),
+        ("http://192.168.1.10:8000/v1", False),
+    ],
+)
+def test_is_loopback_url(url, loopback):
+    assert is_loopback_url(url) is loopback
+
+
+def test_only_synthetic_images_go_to_http_judges_by_default():
+    http = JudgeConfig(backend="openai")
+    check_may_send(True, http)
+    with pytest.raises(PrivacyError, match="send_real_images"):
+        check_may_send(False, http)
+    check_may_send(False, JudgeConfig(backend="openai", send_real_images=True))
+    assert may_send(False, JudgeConfig(backend="hf"))  # in-process judges send nothing
+    assert may_send(False, JudgeConfig(backend="rules"))
+    assert not may_send(False, JudgeConfig(backend="ensemble", members=["rules", "openai:gpt-4o"]))
+    assert may_send(False, JudgeConfig(backend="ensemble", members=["rules", "hf"]))
+
+
+async def test_server_can_answer_like_the_rules_judge():
+    """The answer hook lets a test stand a deterministic judge behind HTTP: here the demo domain's rules judge.
+    Grading through the `openai` backend must then give exactly the rules judge's items."""
+    import numpy as np
+
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data.procedural import CONDITIONS, render, to_pil
+    from magic_align.judges.rules import make_rules_judge
+
+    checklists = load_checklists("demo")
+    rules = make_rules_judge(None, checklists)
+    by_name = {checklist.display_name: checklist for checklist in checklists.conditions}
+
+    def answer_like_rules(request: ChatRequest) -> str:
+        checklist = next(c for name, c in by_name.items() if f"meant to show {name}." in request.prompt)
+        return json.dumps(rules.grade(request.image.convert("RGB"), checklist).items)
+
+    rng = np.random.default_rng(0)
+    cases = [(to_pil(render(label, rng).image), checklists[label]) for label in CONDITIONS]
+    cases += [(cases[0][0], checklists[CONDITIONS[1]])]  # an image graded against another condition's list
+    with FakeChatServer(answer=answer_like_rules) as server:
+        judge = OpenAIJudge(config(server, image_size=64))
+        verdicts = await asyncio.gather(*(judge.judge(image, checklist) for image, checklist in cases))
+        await judge.aclose()
+    expected = [rules.grade(image, checklist).items for image, checklist in cases]
+    assert [verdict.items for verdict in verdicts] == expected
+    assert len({tuple(items) for items in expected}) > 1  # the images really differ in what they meet

@@ -104,6 +104,13 @@ CASES = [
     ),
     ("yes/no lines", "Yes\nNo\nNo\nYes\nYes", [1, 0, 0, 1, 1], "ok"),
     ("bulleted", "- Yes\n- Yes\n- No\n- No\n- Yes", [1, 1, 0, 0, 1], "ok"),
+    (
+        "criteria echoed, answer on the last line",
+        "Criteria:\n1. The plaques are on the elbows.\n2. The lesions are thick plaques.\n3. Round or oval.\n"
+        "4. Pink-red with silvery scale.\n5. Dry and flaky.\n\nAnswer: yes, yes, no, no, yes",
+        [1, 1, 0, 0, 1],
+        "ok",
+    ),
     ("too short", "[1, 0, 1]", [1, 0, 1, None, None], "partial"),
     ("too long", "[1, 0, 1, 1, 0, 1]", [1, 0, 1, 1, 0], "partial"),
     ("unknown marked", "[1, 0, null, 1, 0]", [1, 0, None, 1, 0], "partial"),

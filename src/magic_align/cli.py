@@ -275,3 +275,216 @@ def train_dpo_command(
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {output}")
+
+
+# ------------------------------------------------------------------------------------ sample, synthesize
+def _sampling_errors() -> tuple[type[Exception], ...]:
+    from magic_align.checklists.schema import ChecklistError
+    from magic_align.data.images import BadImageError
+    from magic_align.data.records import DataError
+    from magic_align.diffusion.loading import ModelLoadError
+    from magic_align.diffusion.trajectories import TrajectoryError
+    from magic_align.synthesize import SynthesizeError
+
+    return ModelLoadError, TrajectoryError, SynthesizeError, DataError, BadImageError, ChecklistError, FileNotFoundError
+
+
+@app.command("sample")
+def sample_command(
+    config: ConfigArg,
+    round_: Annotated[int, typer.Option("--round", help="Sampling round (0 for the first).")] = 0,
+    lora: Annotated[
+        Optional[Path], typer.Option("--lora", help="An aligned LoRA folder stacked on the run's model (later rounds).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Sample I2I trajectories (K per source/target unit) into run/samples/round-K/ and the ledger; resumable."""
+    from magic_align.sample import run_sample
+
+    run_config = load(config, set_)
+    try:
+        summary = run_sample(run_config, round_index=round_, policy_lora=lora)
+    except _sampling_errors() as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"round {summary.round}: {summary.units_sampled} units sampled ({summary.samples_written} samples, "
+        f"{len(summary.shards)} shards), {summary.units_already_done} already done, {summary.units_skipped} skipped, "
+        f"{summary.samples_recovered} recovered from shards; model {summary.model_hash or '-'}; {summary.seconds:.1f} s"
+    )
+    for problem in summary.problems[:20]:
+        typer.echo(f"skipped: {problem}")
+
+
+@app.command("synthesize")
+def synthesize_command(
+    config: ConfigArg,
+    lora: Annotated[
+        Optional[Path], typer.Option("--lora", help="The aligned LoRA folder (e.g. run/aligned/dpo); none: the run's model.")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: run/synthetic).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Turn every training image into synthesize.per_image images of other conditions, with manifest.csv."""
+    from magic_align.synthesize import synthesize
+
+    run_config = load(config, set_)
+    try:
+        summary = synthesize(run_config, lora, out)
+    except _sampling_errors() as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"{summary.written} synthetic images written, {summary.already_done} already there, "
+        f"{summary.skipped_sources} unreadable sources skipped -> {summary.manifest}"
+    )
+
+
+@data_app.command("procedural")
+def data_procedural_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write images/ and procedural.csv into.")],
+    per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per demo condition.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seed; the same seed gives the same images.")] = 0,
+    size: Annotated[int, typer.Option("--size", min=32, help="Image side in pixels.")] = 64,
+    condition_free: Annotated[
+        int, typer.Option("--condition-free", min=0, help="Also draw this many condition-free images (condition_free.csv).")
+    ] = 0,
+) -> None:
+    """Draw the procedural demo dataset (six conditions, Fitzpatrick types 1-6, body-region cues)."""
+    import time
+
+    from magic_align.data.procedural import generate_condition_free, generate_dataset
+
+    started = time.perf_counter()
+    csv_path = generate_dataset(out, per_class, seed, size=size)
+    typer.echo(f"wrote {csv_path} ({per_class} images per condition, seed {seed}, {size} px)")
+    if condition_free:
+        free_path = generate_condition_free(out, condition_free, seed, size=size)
+        typer.echo(f"wrote {free_path} ({condition_free} condition-free images)")
+    typer.echo(f"images in {Path(out) / 'images'} ({time.perf_counter() - started:.1f} s)")
+
+
+@data_app.command("demo-model")
+def data_demo_model_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the diffusers pipeline (replaced when complete).")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the training data and initialisation.")] = 0,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads; 0 = torch's default, 1 on a busy machine.")] = 0,
+) -> None:
+    """Train the demo base model from scratch on condition-free procedural skin (several minutes on CPU)."""
+    from magic_align.diffusion.demo_model import DemoModelRecipe, train_demo_model
+
+    folder = train_demo_model(out, DemoModelRecipe(seed=seed, torch_threads=threads), log=lambda m: console.print(m, highlight=False))
+    typer.echo(f"demo base model in {folder}")
+
+
+@app.command("report")
+def report_command(
+    config: ConfigArg,
+    units: Annotated[int, typer.Option("--units", help="Image rows per condition in the grids.")] = 4,
+    set_: SetOpt = None,
+) -> None:
+    """One self-contained HTML page about the run so far -> run/report/index.html (works on partial runs)."""
+    from magic_align.evaluate.report import ReportError, run_report
+
+    run_config = load(config, set_)
+    try:
+        output = run_report(run_config, max_units_per_condition=units,
+                            progress=lambda line: console.print(line, highlight=False, markup=False))
+    except ReportError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {output}")
+
+
+# ---------------------------------------------------------------------------------------------- review
+@app.command("review")
+def review_command(
+    config: ConfigArg,
+    host: Annotated[
+        Optional[str],
+        typer.Option("--host", help="Address to listen on (default review.host, 127.0.0.1). Any non-loopback "
+                     "address requires the token printed at start."),
+    ] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port (default review.port).")] = None,
+    reviewer: Annotated[
+        Optional[str], typer.Option("--reviewer", help="Name stored with each review (default: asked at login).")
+    ] = None,
+    judge_id: JudgeIdOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve the expert review page: confirm or correct the judge's verdicts; reviews go to the ledger."""
+    from magic_align.review.app import ReviewError, run_review
+    from magic_align.review.security import InputError
+
+    run_config = load(config, set_)
+    try:
+        run_review(run_config, host=host, port=port, reviewer=reviewer, judge_id=judge_id, announce=typer.echo)
+    except (ReviewError, InputError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+# ------------------------------------------------------------------------------- finetune and RFT
+def _training_errors() -> tuple[type[Exception], ...]:
+    from magic_align.checklists.schema import ChecklistError
+    from magic_align.data.images import BadImageError
+    from magic_align.data.records import DataError
+    from magic_align.diffusion.loading import ModelLoadError
+    from magic_align.evaluate.backbones import BackboneError
+    from magic_align.train.finetune import FinetuneError
+    from magic_align.train.loop import TrainingError
+    from magic_align.train.reward_model import RewardModelError
+
+    return (FinetuneError, TrainingError, RewardModelError, BackboneError, ModelLoadError, DataError, BadImageError,
+            ChecklistError)
+
+
+@app.command("finetune")
+def finetune_command(
+    config: ConfigArg,
+    stop_after: Annotated[
+        Optional[int], typer.Option("--stop-after", help="Stop after this many optimizer steps (resume later).")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Textual inversion (one token per condition), then a UNet LoRA -> run/model/. Resumable."""
+    from magic_align.train.finetune import run_finetune
+
+    run_config = load(config, set_)
+    try:
+        model_dir = run_finetune(run_config, stop_after=stop_after)
+    except _training_errors() as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    if (model_dir / "model.json").is_file() and stop_after is None:
+        typer.echo(f"wrote {model_dir} (tokens/, lora/, model.json)")
+    else:
+        typer.echo(f"stopped with a checkpoint in {run_config.run_dir / 'checkpoints' / 'finetune'}; rerun to continue")
+
+
+@train_app.command("rft")
+def train_rft_command(
+    config: ConfigArg,
+    round_: Annotated[int, typer.Option("--round", help="Train on this round's trajectories (0 for the first).")] = 0,
+    judge: JudgeIdOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """MAGIC-RFT: fit the reward model, then reward-weighted likelihood -> run/aligned/rft/. Resumable."""
+    import json
+
+    from magic_align.train.rft import SUMMARY_FILE, run_rft
+
+    run_config = load(config, set_)
+    try:
+        output = run_rft(run_config, round_index=round_, judge_id=judge)
+    except (*_training_errors(), *_feedback_errors()) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
+    summary = json.loads((output / SUMMARY_FILE).read_text())
+    model = summary["reward_model"]
+    typer.echo(
+        f"reward model: {model['images']['synthetic']} judged + {model['images']['real']} real images, "
+        f"training MSE {model['final_mse']:.4f}; {summary['trajectories']} trajectories, mean reward "
+        f"{summary['reward_mean']:.3f}, mean weight {summary['weight_mean']:.3f}"
+    )
+    typer.echo(f"wrote {output}")

@@ -88,6 +88,7 @@ class JudgeConfig(Section):
     retry_base_s: float = Field(1.0, gt=0)  # first backoff step; doubles per retry (with jitter), up to retry_max_s
     retry_max_s: float = Field(60.0, gt=0)  # a Retry-After header from the server takes precedence
     timeout_s: float = Field(60.0, gt=0)
+    max_output_tokens: int | None = Field(None, ge=1)  # None: 256 (paper style) or 64 + 96 per item (structured)
     image_size: int = Field(512, ge=32)  # longest side of the image sent
     allow_remote: bool = False
     send_real_images: bool = False
@@ -170,19 +171,33 @@ class DPOConfig(Section):
 
 class RFTConfig(Section):
     seed: int = 0
+    # reward model: a head on frozen image features (evaluate.backbones), FiLM-conditioned on the condition
     reward_backbone: str = "efficientnet-lite0"
     reward_epochs: int = Field(20, ge=1)
     reward_lr: float = Field(1e-3, gt=0)
+    reward_batch_size: int = Field(64, ge=1)
+    reward_hidden: int = Field(256, ge=1)
+    # label of a real image for one other condition drawn at random (None: real images only as positives)
+    reward_real_negative_label: float | None = Field(0.0, ge=0, le=1)
+    # reward-weighted likelihood: weight = R(x, c) ** reward_power on each stored trajectory
+    reward_power: float = Field(1.0, gt=0)
     beta_real: float = Field(0.1, ge=0)  # beta_r: weight of the denoising loss on real images
+    real_batch_size: int = Field(4, ge=0)  # real images per step for the beta_r term
     steps: int = Field(500, ge=1)
     lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(8, ge=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    lr_scheduler: str = "constant"
+    use_8bit_adam: bool = False
+    batch_size: int = Field(8, ge=1)  # trajectories per optimizer step (over all processes)
     lora_rank: int = Field(32, ge=1)
     lora_alpha: float = Field(32, gt=0)
     grad_clip: float = Field(1.0, gt=0)
-    reward_power: float = Field(1.0, gt=0)
+    guidance: float | None = None  # None: the guidance the trajectories were sampled with (their header)
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    steps_per_forward: int | None = Field(None, ge=1)  # denoising steps per UNet pass; None: a whole trajectory
     checkpoint_every: int = Field(100, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
 
 
 # --------------------------------------------------------------------------------- synthesis and eval
@@ -211,6 +226,7 @@ class EvaluateConfig(Section):
     fid_resamples: int = Field(100, ge=0)  # bootstrap resamples for the FID/KID intervals (each one is an FID)
     kid_subsets: int = Field(100, ge=1)
     bootstrap: int = Field(1000, ge=0)
+    alignment_units: int = Field(300, ge=1)  # held-out sources in the paired alignment comparison (eval/alignment.json)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backbone_paths: dict[str, Path] = Field(default_factory=dict)  # backbone name -> local save_pretrained folder
     judge_synthetic: bool = False  # grade synthetic sets without manifest verdicts with the run's judge
@@ -222,6 +238,9 @@ class ReviewConfig(Section):
     port: int = Field(8765, ge=1, le=65535)
     queue: Literal["stratified", "disagreements", "uncertain"] = "disagreements"
     per_condition: int = Field(20, ge=1)
+    # what the checkboxes show before the reviewer's first answer: the judge's answers (confirm or correct)
+    # or nothing ticked (no anchoring on the judge)
+    start_from: Literal["judge", "blank"] = "judge"
 
 
 # ------------------------------------------------------------------------------------------------- run

@@ -181,7 +181,9 @@ def draw_skin(canvas: Canvas, rng: np.random.Generator, skin_type: int) -> np.nd
     redness = 0.02 * smooth_noise(rng, size, 4)
     canvas.image = tone[None, None, :] * shade[..., None]
     canvas.image[..., 0] *= 1.0 + redness
-    canvas.image += rng.normal(0.0, 0.5, canvas.image.shape).astype(np.float32)
+    # pixel noise from its own stream: its length depends on the size, and the layout drawn next must not
+    noise = np.random.default_rng(int(rng.integers(0, 2**63)))
+    canvas.image += noise.normal(0.0, 0.5, canvas.image.shape).astype(np.float32)
     return tone
 
 

@@ -40,7 +40,7 @@ MAX_TOKENS = 16
 HIDDEN = 64
 
 # The words the tokenizer knows as whole tokens; anything else falls back to byte-level pieces, and
-# textual inversion adds its tokens on top. Longest words first so their merges win (see build_tokenizer).
+# textual inversion adds its tokens on top.
 VOCABULARY_WORDS = """
 a an the of on in with and or at to by for from near over under without this that is are
 photo image picture close up closeup view clinical dermoscopic dermatology medical
@@ -68,16 +68,19 @@ REGION_PHRASES = {"face": "on the face", "trunk": "on the trunk", "extremities":
 class DemoModelRecipe:
     seed: int = 0
     images: int = 3000
-    vae_steps: int = 1500
+    vae_steps: int = 300
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_crop: int = 32
-    unet_steps: int = 1400
-    unet_batch: int = 48
+    unet_steps: int = 800
+    unet_batch: int = 32
     unet_lr: float = 8e-4
     warmup: int = 50
     ema_decay: float = 0.995
     empty_caption_fraction: float = 0.1
+    # 0 leaves torch's default; 1 is much faster on a machine whose cores are busy with other work
+    # (spinning OpenMP threads waste most of their time there)
+    torch_threads: int = 0
 
 
 # ------------------------------------------------------------------------------------------ components
@@ -95,28 +98,40 @@ def _byte_alphabet() -> list[str]:
 
 
 def build_vocabulary(words: list[str] = VOCABULARY_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A small byte-level BPE vocabulary: every byte (alone and word-final) plus one merge chain per word.
+    """A small byte-level BPE vocabulary: every byte (alone and word-final) plus merges learned on `words`.
 
-    Merges build each word left to right; longer words go first so that a short word's merge (e.g.
-    'a n</w>') does not split a longer word that contains it."""
+    Merges are learned the usual way (repeatedly merge the most frequent adjacent pair; ties broken by the
+    pair itself, so the result is deterministic) until every word is one symbol. Because BPE applies merges
+    in the order they were learned, each listed word then tokenizes to exactly one token."""
     alphabet = _byte_alphabet()
     vocab: dict[str, int] = {}
     for symbol in alphabet:
         vocab[symbol] = len(vocab)
     for symbol in alphabet:
         vocab[symbol + "</w>"] = len(vocab)
+    # the listed words are lowercase ASCII, so their bytes are their characters
+    segmented = [list(word[:-1]) + [word[-1] + "</w>"] for word in dict.fromkeys(words)]
     merges: list[tuple[str, str]] = []
-    seen = set()
-    for word in sorted(dict.fromkeys(words), key=lambda w: (-len(w), w)):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair = (parts[0], parts[1])
-            merged = parts[0] + parts[1]
-            if pair not in seen:
-                seen.add(pair)
-                merges.append(pair)
-            vocab.setdefault(merged, len(vocab))
-            parts = [merged] + parts[2:]
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for parts in segmented:
+            for pair in zip(parts, parts[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for index, parts in enumerate(segmented):
+            merged, position = [], 0
+            while position < len(parts):
+                if position + 1 < len(parts) and (parts[position], parts[position + 1]) == best:
+                    merged.append(parts[position] + parts[position + 1])
+                    position += 2
+                else:
+                    merged.append(parts[position])
+                    position += 1
+            segmented[index] = merged
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return vocab, merges
@@ -234,7 +249,7 @@ def train_vae(vae, images: torch.Tensor, recipe: DemoModelRecipe, log: Callable[
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
-        if step % 100 == 0 or step == recipe.vae_steps - 1:
+        if step % 50 == 0 or step == recipe.vae_steps - 1:
             log(f"  vae step {step + 1}/{recipe.vae_steps}  loss {loss.item():.4f}  ({time.time() - started:.0f} s)")
     vae.eval()
 
@@ -281,7 +296,7 @@ def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_i
         with torch.no_grad():
             for average, parameter in zip(ema, parameters):
                 average.mul_(decay).add_(parameter.detach(), alpha=1 - decay)
-        if step % 100 == 0 or step == recipe.unet_steps - 1:
+        if step % 50 == 0 or step == recipe.unet_steps - 1:
             log(f"  unet step {step + 1}/{recipe.unet_steps}  loss {loss.item():.4f}  ({time.time() - started:.0f} s)")
     with torch.no_grad():
         for average, parameter in zip(ema, parameters):
@@ -299,6 +314,8 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
     recipe = recipe or DemoModelRecipe()
     out_dir = Path(out_dir)
     started = time.time()
+    if recipe.torch_threads:
+        torch.set_num_threads(recipe.torch_threads)
     torch.manual_seed(recipe.seed)
     log(f"demo base model: drawing {recipe.images} condition-free procedural images")
     labels = condition_free_labels(recipe.images, recipe.seed)
@@ -369,10 +386,12 @@ def cache_demo_model_dir() -> Path:
     return base / "magic-align" / "demo-base"
 
 
-def demo_model_dir(log: Callable[[str], None] = _stderr) -> Path:
+def demo_model_dir(model_cfg: object | None = None, log: Callable[[str], None] = _stderr) -> Path:
     """The folder of the demo base model (loadable with `StableDiffusionPipeline.from_pretrained`).
 
-    The packaged copy if present; otherwise a cached copy, trained on first use (several minutes)."""
+    The packaged copy if present; otherwise a cached copy, trained on first use (several minutes).
+    `model_cfg` (the run's `ModelConfig`) is accepted for the loader's call and not needed: there is one
+    demo model."""
     packaged = packaged_demo_model_dir()
     if (packaged / "model_index.json").exists():
         return packaged

@@ -176,7 +176,7 @@ class HFJudge:
     async def judge(self, image: Image.Image, checklist: Checklist) -> Verdict:
         style = self.cfg.prompt_style
         n_items = len(checklist.items)
-        budget = max_output_tokens(n_items, style)
+        budget = max_output_tokens(n_items, style, self.cfg.max_output_tokens)
         picture = downscale(image, self.cfg.image_size)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": render_prompt(checklist, style)}]}]
         first = await self._generate(messages, picture, budget)

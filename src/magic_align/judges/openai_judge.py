@@ -100,13 +100,30 @@ def estimate_text_tokens(text: str) -> int:
     return math.ceil(len(text) / 4) + 4  # about four characters per token, plus the message framing
 
 
-def max_output_tokens(n_items: int, style: str) -> int:
-    """The answer budget: room for prose around a list, or a sentence per item in the structured style."""
+def max_output_tokens(n_items: int, style: str, configured: int | None = None) -> int:
+    """The answer budget (`judge.max_output_tokens` when set): by default room for prose around a list, or a
+    sentence per item in the structured style."""
+    if configured is not None:
+        return configured
     return 256 if style == "paper" else 64 + 96 * n_items
 
 
 def expected_output_tokens(n_items: int, style: str) -> int:
     return 4 * n_items + 8 if style == "paper" else 32 * n_items + 16
+
+
+def estimate_request_tokens(messages: list[dict], image_size: int) -> int:
+    """Input tokens of a chat request: its text parts, and each image as a square of `image_size` (the upper
+    bound of the image as sent)."""
+    total = 0
+    for message in messages:
+        content = message["content"]
+        for part in content if isinstance(content, list) else [{"type": "text", "text": content}]:
+            if part.get("type") == "text":
+                total += estimate_text_tokens(part["text"])
+            else:
+                total += estimate_image_tokens(image_size, image_size)
+    return total
 
 
 @dataclass(frozen=True)
@@ -181,6 +198,7 @@ class OpenAIJudge:
         self.id = f"openai:{cfg.model}@{parts.netloc}"
         self.prompt_version = prompt_version(cfg.prompt_style)
         self._use_response_format = cfg.prompt_style == "structured"
+        self._max_tokens_key = "max_tokens"  # becomes max_completion_tokens if the server asks for it
         self._sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random()
         self._state: _LoopState | None = None
@@ -237,15 +255,11 @@ class OpenAIJudge:
             "model": self.cfg.model,
             "messages": messages,
             "temperature": 0,
-            "max_tokens": max_output_tokens(n_items, style),
+            self._max_tokens_key: max_output_tokens(n_items, style, self.cfg.max_output_tokens),
         }
         if self._use_response_format:
             body["response_format"] = response_format(style)
-        estimate = sum(
-            estimate_text_tokens(part["text"]) if part.get("type") == "text" else estimate_image_tokens(self.cfg.image_size, self.cfg.image_size)
-            for message in messages
-            for part in (message["content"] if isinstance(message["content"], list) else [{"type": "text", "text": message["content"]}])
-        ) + body["max_tokens"]
+        estimate = estimate_request_tokens(messages, self.cfg.image_size) + body[self._max_tokens_key]
         url = f"{self.base_url}/chat/completions"
         reason = "no attempt made"
         attempt = 0
@@ -273,12 +287,8 @@ class OpenAIJudge:
                         f"{url} answered HTTP {status}: {self._scrub(response.text)!r}; check judge.api_key_env "
                         f"({self.cfg.api_key_env}), judge.model ({self.cfg.model!r}) and judge.base_url"
                     )
-                elif status == 400 and "response_format" in body and _mentions_response_format(response.text):
-                    # Servers without JSON-schema support: the prompt already asks for JSON in the text.
-                    logger.warning("%s rejects response_format; asking for JSON in the text instead", self.id)
-                    self._use_response_format = False
-                    del body["response_format"]
-                    continue  # not a failure of the call: does not use up a retry
+                elif status == 400 and self._adapt_to_rejection(body, response.text):
+                    continue  # the request changed shape; not a failure of the call, so no retry is used up
                 elif status in RETRYABLE_STATUS:
                     reason = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -291,6 +301,24 @@ class OpenAIJudge:
             await self._sleep(delay)
             attempt += 1
         return _Reply(error=f"gave up after {attempt + 1} attempt(s): {reason}")
+
+    def _adapt_to_rejection(self, body: dict, text: str) -> bool:
+        """Drop or rename a request parameter the server says it does not support; True when the body changed.
+
+        Servers without JSON-schema support get the JSON asked for in the prompt text only (once; the judge
+        remembers). Newer OpenAI models want `max_completion_tokens` instead of `max_tokens`.
+        """
+        lowered = text.lower()
+        if "response_format" in body and ("response_format" in lowered or "json_schema" in lowered or "response format" in lowered):
+            logger.warning("%s rejects response_format; asking for JSON in the prompt text only", self.id)
+            self._use_response_format = False
+            del body["response_format"]
+            return True
+        if "max_tokens" in body and "max_completion_tokens" in lowered:
+            self._max_tokens_key = "max_completion_tokens"
+            body["max_completion_tokens"] = body.pop("max_tokens")
+            return True
+        return False
 
     @staticmethod
     def _read_reply(response: httpx.Response) -> _Reply | None:
@@ -363,11 +391,6 @@ class OpenAIJudge:
             cost_usd=cost_usd(self.cfg, input_tokens, output_tokens),
             error=parsed.error,
         )
-
-
-def _mentions_response_format(text: str) -> bool:
-    lowered = text.lower()
-    return "response_format" in lowered or "json_schema" in lowered or "response format" in lowered
 
 
 def better_answer(first: ParsedAnswer, second: ParsedAnswer) -> ParsedAnswer:

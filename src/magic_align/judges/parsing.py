@@ -293,21 +293,31 @@ def _numbered_candidates(text: str, n_items: int) -> list[list[_Entry]]:
 _ANSWER_PREFIX = re.compile(r"^\s*(?:final\s+)?(?:answer|verdicts?|results?|output|scores?|evaluation)\s*[:=]\s*", re.IGNORECASE)
 
 
-def _bare_candidates(text: str, n_items: int) -> list[list[_Entry]]:
+def _bare_sequence(text: str, n_items: int) -> list[_Entry] | None:
     body = _ANSWER_PREFIX.sub("", text.strip())
     if re.fullmatch(r"[01]+", body) and len(body) == n_items:
-        return [[_Entry(int(char)) for char in body]]
-    if re.search(r"[,;\n/]", body):
-        chunks = re.split(r"\s*[,;\n/]\s*", body)
-    else:
-        chunks = body.split()
-    chunks = [re.sub(r"^[\s\-*•]+", "", chunk) for chunk in chunks]
+        return [_Entry(int(char)) for char in body]
+    separator = r"\s*[,;\n/]\s*" if re.search(r"[,;\n/]", body) else r"\s+"
+    chunks = [re.sub(r"^[\s\-*•]+", "", chunk) for chunk in re.split(separator, body)]
     chunks = [chunk for chunk in chunks if chunk.strip()]
     if not chunks:
-        return []
+        return None
     verdicts = [token_verdict(chunk) for chunk in chunks]
     if all(recognised for recognised, _ in verdicts) and any(value is not None for _, value in verdicts):
-        return [[_Entry(value) for _, value in verdicts]]
+        return [_Entry(value) for _, value in verdicts]
+    return None
+
+
+def _bare_candidates(text: str, n_items: int) -> list[list[_Entry]]:
+    """The whole text as a sequence ("1, 0, 1", one yes/no per line), else its last line that is one
+    ("Answer: yes, no, yes" after the model repeated the criteria)."""
+    whole = _bare_sequence(text, n_items)
+    if whole is not None:
+        return [whole]
+    for line in reversed([line for line in text.splitlines() if line.strip()]):
+        entries = _bare_sequence(line, n_items)
+        if entries is not None and (len(entries) > 1 or n_items == 1):
+            return [entries]
     return []
 
 

@@ -148,12 +148,6 @@ def denoising_loss(
     return (per_sample * weights.to(per_sample)).mean()
 
 
-def tokenize(tokenizer, captions: Sequence[str], device: torch.device | str) -> torch.Tensor:
-    return tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-
-
 def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images in [-1, 1] -> scaled VAE latents, sampled from the posterior with `generator`."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
@@ -284,6 +278,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
 
     from magic_align.checklists.schema import load_checklists
     from magic_align.diffusion.loading import load_pipeline
+    from magic_align.diffusion.sampler import tokenize_prompts
     from magic_align.train.loop import Checkpoints, MetricsLogger, make_accelerator, make_optimizer, optimizer_step, weight_dtype
 
     if stop_after is not None and stop_after < 1:
@@ -351,7 +346,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
             with sync, accelerator.autocast():
                 with torch.no_grad():
                     latents = encode_images(vae, pixels.to(device), generator)
-                hidden = encoder(tokenize(tokenizer, captions, device))
+                hidden = encoder(tokenize_prompts(tokenizer, captions).to(device))
                 loss = denoising_loss(unet, noise_scheduler, latents, hidden, generator) / ft.ti_grad_accum
                 accelerator.backward(loss)
             loss_total += float(accelerator.reduce(loss.detach(), "mean"))
@@ -393,7 +388,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
                              resume_step=lora_start if lora_start else None)
     with torch.no_grad():  # the text encoder is frozen now: one embedding per condition caption, computed once
         caption_states = {
-            condition: text_encoder(tokenize(tokenizer, [config.model.prompt_template.format(token=token)], device))[0]
+            condition: text_encoder(tokenize_prompts(tokenizer, [config.model.prompt_template.format(token=token)]).to(device))[0]
             for condition, token in token_of.items()
         }
     unet.train()

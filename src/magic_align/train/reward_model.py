@@ -7,8 +7,9 @@ makes fitting the head a matter of seconds even on a CPU.
 
 Labels (docs/training.md, "Reward model"):
 
-- a judged synthetic image gets the fraction of checklist items met for its *target* condition (items the judge
-  could not answer are left out of the fraction; an image with no answered item is left out);
+- a judged synthetic image gets the fraction of checklist items met for its *target* condition
+  (`feedback.sample_rewards`: the configured judge, or the latest expert review with `pairs.prefer_human`;
+  unknown items count as not met, as in the pair rule);
 - a real training image gets 1 for its own condition;
 - optionally (`rft.reward_real_negative_label`, default 0) a real image also gets that label for one other
   condition drawn at random, so the head has to look at the condition and not only at "is this a real lesion".
@@ -37,33 +38,6 @@ META_FILE = "reward_model.json"
 
 class RewardModelError(ValueError):
     """Bad labels or a reward-model folder that cannot be read; the message says which and why."""
-
-
-# ------------------------------------------------------------------------------------------- labels
-def verdict_fraction(items: Sequence[int | None]) -> float | None:
-    """Fraction of answered checklist items that are met; None when no item was answered.
-
-    >>> verdict_fraction([1, 0, 1, None, 0])
-    0.5
-    """
-    answered = [item for item in items if item is not None]
-    if not answered:
-        return None
-    for item in answered:
-        if item not in (0, 1):
-            raise RewardModelError(f"a checklist item verdict must be 0, 1 or None, got {item!r}")
-    return sum(answered) / len(answered)
-
-
-def trajectory_weight(reward: torch.Tensor, power: float) -> torch.Tensor:
-    """The weight of a trajectory in the reward-weighted likelihood: R ** power (R clamped to [0, 1]).
-
-    power = 1 weighs by the reward itself; a larger power concentrates the update on the best samples
-    (demo-notes: (S/5) ** 2).
-    """
-    if power <= 0:
-        raise RewardModelError(f"rft.reward_power must be > 0, got {power}")
-    return reward.clamp(0.0, 1.0) ** power
 
 
 # --------------------------------------------------------------------------------------------- head

@@ -1,0 +1,160 @@
+"""Did alignment help? The same held-out source images, targets and seeds through each model, graded by a judge.
+
+Every model (unaligned I2I, MAGIC-DPO, MAGIC-RFT) turns the same test-split images into the same target
+conditions with the same noise, because synthesis derives targets and seeds from (seed, source id, index)
+only. The comparison is therefore paired per unit, and the bootstrap interval of the mean difference in items
+met resamples units. Sources come from the test split, so no image the models were aligned on is graded.
+
+Written to `eval/alignment.json` (format in docs/formats.md) and shown in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from rich.console import Console
+
+from magic_align.config import RunConfig
+from magic_align.run import RunPaths, atomic_write_text, prepare_run
+from magic_align.stats import bootstrap, mean_difference
+
+# setting -> where its LoRA lives, relative to the run directory (None: the run's preliminary model alone)
+ALIGNMENT_SETTINGS: dict[str, str | None] = {"i2i": None, "dpo": "aligned/dpo", "rft": "aligned/rft"}
+
+
+def held_out_sources(split, count: int, seed: int) -> list:
+    """A seeded sample of `count` test-split records (all of them when there are fewer)."""
+    records = sorted(split.test, key=lambda record: record.id)
+    random.Random(f"alignment-sources:{seed}").shuffle(records)
+    return records[:count]
+
+
+def paired_summary(scores: dict[str, dict[str, int]], baseline: str, resamples: int, seed: int) -> dict:
+    """Per-setting mean items met with intervals, and each setting minus `baseline` over the units both have."""
+    settings = {
+        name: bootstrap(np.mean, np.array(list(by_unit.values()), float), resamples=resamples, seed=seed).as_dict()
+        for name, by_unit in scores.items()
+    }
+    differences = {}
+    for name, by_unit in scores.items():
+        if name == baseline or baseline not in scores:
+            continue
+        units = sorted(set(by_unit) & set(scores[baseline]))
+        if not units:
+            continue
+        after = [by_unit[unit] for unit in units]
+        before = [scores[baseline][unit] for unit in units]
+        differences[f"{name} - {baseline}"] = {
+            **mean_difference(after, before, resamples=resamples, seed=seed).as_dict(),
+            "units": len(units),
+        }
+    return {"settings": settings, "differences": differences}
+
+
+def run_alignment_comparison(
+    config: RunConfig,
+    settings: Sequence[str] | None = None,
+    units: int | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Synthesize from held-out sources with each available model, grade, and write `eval/alignment.json`."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data.split import run_split
+    from magic_align.evaluate.passrate import judge_images
+    from magic_align.judges import make_judge
+    from magic_align.ledger import Ledger
+    from magic_align.synthesize import read_manifest, run_synthesize
+
+    console = console or Console(stderr=True)
+    paths = prepare_run(config)
+    evaluate = config.evaluate
+    chosen = list(settings or ALIGNMENT_SETTINGS)
+    unknown = [name for name in chosen if name not in ALIGNMENT_SETTINGS]
+    if unknown:
+        raise ValueError(f"unknown alignment setting(s) {unknown}; expected some of {list(ALIGNMENT_SETTINGS)}")
+    split = run_split(config, paths)
+    sources = held_out_sources(split, units or evaluate.alignment_units, config.seed)
+    checklists = load_checklists(config.judge.checklist)
+    judge_config = evaluate.held_out_judge or config.judge
+    judge = make_judge(judge_config, checklists)
+
+    scores: dict[str, dict[str, int]] = {}
+    images: dict[str, dict[str, str]] = {}
+    targets: dict[str, tuple[str, str]] = {}
+    notes: list[str] = []
+    for name in chosen:
+        relative = ALIGNMENT_SETTINGS[name]
+        lora = paths.root / relative if relative else None
+        if lora is not None and not (lora / "pytorch_lora_weights.safetensors").is_file():
+            notes.append(f"{name}: no model at {relative} (train it first); left out")
+            continue
+        console.print(f"alignment comparison: {len(sources)} held-out sources through the {name} model")
+        manifest = run_synthesize(config, lora, out_dir=_output_dir(config, paths, name, lora), sources=sources)
+        rows = read_manifest(manifest)
+        with Ledger(paths.ledger) as ledger:
+            verdicts = judge_images(
+                judge,
+                ledger,
+                [paths.root / row["path"] for row in rows],
+                [row["target_label"] for row in rows],
+                checklists,
+                concurrency=judge_config.concurrency,
+            )
+        scores[name] = {}
+        images[name] = {}
+        for row, items in zip(rows, verdicts):
+            unit = row["synthetic_id"]
+            scores[name][unit] = sum(1 for value in items if value == 1)
+            images[name][unit] = row["path"]
+            targets[unit] = (row["source_id"], row["target_label"])
+
+    summary = paired_summary(scores, "i2i", evaluate.bootstrap, config.seed)
+    source_paths = {record.id: record.path for record in sources}
+    result = {
+        "judge": judge.id,
+        "sources": len(sources),
+        "settings": {
+            name: {"mean_items": summary["settings"][name], "images": sorted(images[name].values())} for name in scores
+        },
+        "differences": summary["differences"],
+        "units": [
+            {
+                "unit": unit,
+                "source": _relative(source_paths.get(source_id), paths.root),
+                "target": target,
+                "images": {name: images[name][unit] for name in scores if unit in images[name]},
+                "scores": {name: scores[name][unit] for name in scores if unit in scores[name]},
+            }
+            for unit, (source_id, target) in sorted(targets.items())
+        ],
+        "notes": notes,
+    }
+    output = paths.eval / "alignment.json"
+    atomic_write_text(output, json.dumps(result, indent=2))
+    for name, estimate in summary["settings"].items():
+        console.print(f"  {name}: mean items met {estimate['value']:.2f} [{estimate['low']:.2f}, {estimate['high']:.2f}]")
+    for name, estimate in summary["differences"].items():
+        console.print(f"  {name}: {estimate['value']:+.2f} [{estimate['low']:+.2f}, {estimate['high']:+.2f}]")
+    for note in notes:
+        console.print(f"  [yellow]note[/yellow]: {note}")
+    return output
+
+
+def _output_dir(config: RunConfig, paths: RunPaths, name: str, lora: Path | None) -> Path:
+    """One folder per model version, so a retrained model never mixes with images of the previous one."""
+    from magic_align.diffusion.loading import model_hash, policy_files
+
+    return paths.eval / "alignment" / f"{name}-{model_hash(config.model, policy_files(paths, lora))}"
+
+
+def _relative(path: Path | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)

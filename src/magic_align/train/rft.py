@@ -1,0 +1,424 @@
+"""MAGIC-RFT (method.md section 3): a reward model, then reward-weighted likelihood on the stored trajectories.
+
+1. **Reward model** R(x, c) in [0, 1] (`reward_model.py`): a head on frozen image features, conditioned on the
+   condition, fitted with MSE on
+   - every judged synthetic image of rounds 0 .. k: label = fraction of its *target* checklist's items met
+     (`feedback.sample_rewards`, the same grades the pair rule reads);
+   - every real training image: label 1 for its own condition, and `rft.reward_real_negative_label` (default 0)
+     for one other condition drawn at random (None: no negatives; see docs/training.md for the trade-off).
+2. **Reward-weighted likelihood.** Every stored trajectory of round k (judged or not: the reward model scores
+   them all) gets the weight w = R(final image, target condition) ** `reward_power`. The policy maximises
+
+       J = mean_i w_i * mean_t log p_theta(x_{t'} | x_t, c_i)  -  beta_r * L_denoise(real images)
+
+   i.e. the loss is  -mean_i w_i mean_t log p  +  beta_r * (epsilon MSE on a batch of real training images with
+   their own condition's caption). The log-prob of each stored transition comes from the shared
+   `ddim_step_with_log_prob` with guidance, all T steps of a trajectory in one batched UNet pass
+   (`dpo.trajectory_log_probs`), each latent with the timestep it was made at.
+
+The policy is the preliminary model with its LoRA fused in (never dropped: pitfall 1) plus a fresh trainable
+LoRA, exactly as for DPO (`dpo.prepare_policy_unet`). Outputs in `aligned/rft/`: the LoRA
+(`pytorch_lora_weights.safetensors`, diffusers format; stack it on the run's tokens and preliminary LoRA, as
+`load_run_policy(..., extra_lora=...)` does), `reward/` (the reward model) and `rft.json` (a summary).
+Checkpoints in `checkpoints/rft/round-<k>/`; a rerun resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from magic_align.config import RunConfig
+from magic_align.run import RunPaths, atomic_write_text, prepare_run
+from magic_align.train.loop import TrainingError
+
+OUTPUT = "rft"
+REWARD_DIR = "reward"
+SUMMARY_FILE = "rft.json"
+
+
+# ------------------------------------------------------------------------------------------------ math
+def trajectory_weight(reward: torch.Tensor, power: float) -> torch.Tensor:
+    """The weight of a trajectory in the likelihood: R ** power, R clamped to [0, 1].
+
+    power = 1 weighs by the reward itself; a larger power concentrates the update on the best samples
+    (the demo prototype used (S/5) ** 2).
+    """
+    if power <= 0:
+        raise ValueError(f"rft.reward_power must be > 0, got {power}")
+    return reward.clamp(0.0, 1.0) ** power
+
+
+def reward_weighted_nll(log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """-mean_i w_i mean_t log p_i,t for log_probs [N, T] and weights [N].
+
+    Averaged over trajectories rather than normalised by the sum of weights, so a batch of low-reward samples
+    moves the model little instead of being scaled up to a full step.
+    """
+    if log_probs.ndim != 2 or weights.shape != log_probs.shape[:1]:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)} and weights {tuple(weights.shape)}: expected [N, T] and [N]")
+    return -(weights.to(log_probs)[:, None] * log_probs).mean()
+
+
+# ----------------------------------------------------------------------------------------------- labels
+@dataclass(frozen=True)
+class LabelledImage:
+    path: Path
+    condition: str
+    label: float
+    kind: str  # synthetic | real | real-negative
+    row: int | None = None
+
+
+def real_labels(
+    images: Sequence[tuple[Path, str, int | None]],
+    conditions: Sequence[str],
+    negative_label: float | None,
+    seed: int,
+) -> list[LabelledImage]:
+    """Real training images: label 1 for their own condition, and `negative_label` for one other condition
+    drawn at random (seeded) when it is not None."""
+    rng = random.Random(seed)
+    labelled: list[LabelledImage] = []
+    for path, condition, row in images:
+        labelled.append(LabelledImage(Path(path), condition, 1.0, "real", row))
+        others = [c for c in conditions if c != condition]
+        if negative_label is not None and others:
+            labelled.append(LabelledImage(Path(path), rng.choice(others), float(negative_label), "real-negative", row))
+    return labelled
+
+
+def synthetic_labels(
+    config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None = None
+) -> list[LabelledImage]:
+    """Judged synthetic images of rounds 0 .. round_index with their reward as a fraction of items met."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.feedback import sample_rewards
+    from magic_align.ledger import Ledger
+
+    if not paths.ledger.exists():
+        return []
+    checklists = load_checklists(config.judge.checklist)
+    ledger = Ledger(paths.ledger)
+    try:
+        labelled = []
+        for index in [r for r in ledger.rounds() if r <= round_index]:
+            rewards = sample_rewards(config, index, judge_id)
+            for sample in ledger.samples(index):
+                if sample.sample_id not in rewards:
+                    continue
+                value = rewards[sample.sample_id]
+                if config.pairs.reward == "count":  # the reward model works on fractions in [0, 1]
+                    value /= len(checklists[sample.target_label].items)
+                labelled.append(LabelledImage(paths.root / sample.image_path, sample.target_label, value, "synthetic"))
+        return labelled
+    finally:
+        ledger.close()
+
+
+def image_features(backbone, images: Sequence[LabelledImage], max_pixels: int, batch_size: int = 32) -> torch.Tensor:
+    """Frozen features [N, D] of the images, read from disk a batch at a time (never all in memory)."""
+    from magic_align.data.images import load_image
+
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        batch = [load_image(item.path, max_pixels, row=item.row) for item in images[start : start + batch_size]]
+        chunks.append(backbone.features(batch))
+    return torch.cat(chunks) if chunks else torch.zeros((0, backbone.dim))
+
+
+def reward_fingerprint(config: RunConfig, labelled: Sequence[LabelledImage]) -> str:
+    """What a fitted reward model depends on: its settings and its labelled images."""
+    rft = config.rft
+    content = {
+        "settings": [rft.reward_backbone, rft.reward_epochs, rft.reward_lr, rft.reward_batch_size, rft.reward_hidden,
+                     rft.reward_real_negative_label, rft.seed],
+        "labels": [[str(item.path), item.condition, item.label] for item in labelled],
+    }
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None, device):
+    """Fit (or reuse, when the same labels and settings already gave one) the reward model in aligned/rft/reward/."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.evaluate.backbones import load_backbone
+    from magic_align.train.finetune import training_images
+    from magic_align.train.reward_model import RewardModel, fit_reward_head, load_reward_model
+
+    rft = config.rft
+    conditions = load_checklists(config.judge.checklist).condition_names
+    real = [(item.path, item.condition, item.row) for item in training_images(config, paths)]
+    labelled = synthetic_labels(config, paths, round_index, judge_id) + real_labels(
+        real, conditions, rft.reward_real_negative_label, rft.seed
+    )
+    if not any(item.kind == "synthetic" for item in labelled):
+        raise TrainingError(
+            f"no judged sample in rounds 0..{round_index} of {paths.ledger}: the reward model needs the judge's "
+            "verdicts (run `magic sample` and `magic judge` first)"
+        )
+    folder = paths.aligned / OUTPUT / REWARD_DIR
+    fingerprint = reward_fingerprint(config, labelled)
+    meta_path = folder / "reward_model.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("summary", {}).get("fingerprint") == fingerprint:
+        return load_reward_model(folder, device), json.loads(meta_path.read_text())["summary"]
+    backbone = load_backbone(rft.reward_backbone, device)
+    features = image_features(backbone, labelled, config.data.max_image_pixels)
+    index = {name: i for i, name in enumerate(conditions)}
+    fit = fit_reward_head(
+        features,
+        torch.tensor([index[item.condition] for item in labelled]),
+        torch.tensor([item.label for item in labelled]),
+        len(conditions),
+        epochs=rft.reward_epochs,
+        lr=rft.reward_lr,
+        batch_size=rft.reward_batch_size,
+        hidden=rft.reward_hidden,
+        seed=rft.seed,
+    )
+    model = RewardModel(backbone, fit.head, conditions, rft.reward_backbone)
+    kinds = {kind: sum(1 for item in labelled if item.kind == kind) for kind in ("synthetic", "real", "real-negative")}
+    summary = {"fingerprint": fingerprint, "images": kinds, "final_mse": fit.final_mse, "epoch_mse": fit.losses}
+    return model, summary
+
+
+# ------------------------------------------------------------------------------------------ the stage
+@dataclass(frozen=True)
+class WeightedTrajectory:
+    sample_id: str
+    condition: str
+    reward: float
+    weight: float
+
+
+def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, reward_model, store) -> list[WeightedTrajectory]:
+    """Every sample of the round with a stored trajectory, scored by the reward model on its final image."""
+    from magic_align.data.images import load_image
+    from magic_align.ledger import Ledger
+
+    ledger = Ledger(paths.ledger)
+    try:
+        samples = [s for s in ledger.samples(round_index) if s.shard is not None and s.sample_id in store]
+    finally:
+        ledger.close()
+    if not samples:
+        raise TrainingError(
+            f"round {round_index} has no sample with a stored trajectory in {paths.trajectories(round_index)}; "
+            "run `magic sample` (trajectories are kept by default)"
+        )
+    rewards = []
+    for start in range(0, len(samples), 32):
+        chunk = samples[start : start + 32]
+        images = []
+        for sample in chunk:
+            path = paths.root / sample.image_path
+            if not path.is_file():
+                raise TrainingError(f"sample {sample.sample_id}: its image {path} is missing (ledger row image_path)")
+            images.append(load_image(path, config.data.max_image_pixels))
+        rewards.append(reward_model.score(images, [s.target_label for s in chunk]))
+    reward = torch.cat(rewards)
+    weight = trajectory_weight(reward, config.rft.reward_power)
+    return [
+        WeightedTrajectory(s.sample_id, s.target_label, float(r), float(w)) for s, r, w in zip(samples, reward, weight)
+    ]
+
+
+def run_rft(
+    config: RunConfig, round_index: int = 0, judge_id: str | None = None, init_lora: Path | None = None
+) -> Path:
+    """Fit the reward model, then train the RFT LoRA on the trajectories of `round_index`; returns aligned/rft/.
+
+    `judge_id` names the judge whose verdicts label the reward model (default: the configured judge);
+    `init_lora` continues an earlier aligned LoRA instead of starting a fresh one.
+    """
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.diffusion.loading import load_run_policy
+    from magic_align.diffusion.lora import save_lora
+    from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
+    from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
+    from magic_align.train import dpo
+    from magic_align.train.finetune import batch_indices, denoising_loss, encode_images, load_batch, step_seed, training_images
+    from magic_align.train.loop import (
+        Checkpoints,
+        MetricsLogger,
+        make_accelerator,
+        make_lr_scheduler,
+        make_optimizer,
+        optimizer_step,
+        weight_dtype,
+    )
+
+    rft = config.rft
+    accelerator = make_accelerator(mixed_precision=rft.mixed_precision, seed=rft.seed)
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    if rft.batch_size % world or rft.real_batch_size % world:
+        raise TrainingError(
+            f"rft.batch_size = {rft.batch_size} and rft.real_batch_size = {rft.real_batch_size} must be multiples of "
+            f"the {world} processes (they are global batches)"
+        )
+    if accelerator.is_main_process:
+        prepare_run(config)
+    accelerator.wait_for_everyone()
+    paths = RunPaths(config.run_dir)
+    if not paths.ledger.exists():
+        raise TrainingError(f"{paths.ledger} does not exist; run `magic sample` and `magic judge` first")
+    output = paths.aligned / OUTPUT
+
+    # ---- 1. reward model, and the weight of every stored trajectory
+    reward_model, reward_summary = fit_reward_model(config, paths, round_index, judge_id, device)
+    if accelerator.is_main_process:
+        reward_model.save(output / REWARD_DIR, reward_summary)
+    try:
+        store = TrajectoryStore(paths.trajectories(round_index))
+    except TrajectoryError as error:
+        raise TrainingError(str(error)) from None
+    trajectories = score_trajectories(config, paths, round_index, reward_model, store)
+    del reward_model  # the backbone is not needed any more
+    if any(math.isnan(t.weight) for t in trajectories):
+        raise TrainingError(f"the reward model gave NaN rewards; see its training summary in {output / REWARD_DIR}")
+    first = store.header(trajectories[0].sample_id)
+    sampling = dpo.TrajectorySettings.from_header(first, trajectories[0].sample_id)
+    guidance = sampling.guidance if rft.guidance is None else rft.guidance
+
+    # ---- 2. the policy: preliminary model (LoRA fused) + trainable LoRA
+    pipe = load_run_policy(config, paths, device=device, dtype=torch.float32)
+    unet = dpo.prepare_policy_unet(pipe, rft.lora_rank, rft.lora_alpha, init_lora)
+    frozen_dtype = weight_dtype(accelerator)
+    for parameter in unet.parameters():
+        if not parameter.requires_grad:
+            parameter.data = parameter.data.to(frozen_dtype)
+    pipe.text_encoder.to(frozen_dtype)
+    pipe.vae.to(frozen_dtype)
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = make_optimizer(parameters, lr=rft.lr, weight_decay=rft.weight_decay, use_8bit=rft.use_8bit_adam)
+    lr_scheduler = make_lr_scheduler(rft.lr_scheduler, optimizer, total_steps=rft.steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    checkpoints = Checkpoints(accelerator, paths.checkpoints("rft") / f"round-{round_index}")
+    resumed = checkpoints.resume()
+    start = int(resumed["step"]) if resumed else 0
+    logger = MetricsLogger(
+        paths.logs / "rft" / f"round-{round_index}",
+        rft.log_with,
+        enabled=accelerator.is_main_process,
+        resume_step=start if resumed else None,
+        run_name=f"{config.name}-rft-round-{round_index}",
+        config=rft.model_dump(mode="json"),
+    )
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(sampling.steps, device=device)
+    unwrapped = accelerator.unwrap_model(unet)
+    policy = dpo._CallableWithDtype(unet, frozen_dtype)
+    negative = None
+    with torch.no_grad():
+        if guidance > 1:
+            negative = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [sampling.negative_prompt]))
+    kwargs = {"guidance": guidance, "eta": sampling.eta, "reduction": rft.log_prob_reduction}
+
+    # real images for the beta_r term: the train split, captioned with their own condition's token
+    use_real = rft.beta_real > 0 and rft.real_batch_size > 0
+    real_images = training_images(config, paths) if use_real else []
+    token_of = {c.condition: c.token for c in load_checklists(config.judge.checklist).conditions}
+    if use_real:
+        from diffusers import DDPMScheduler
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        with torch.no_grad():
+            caption_states = {
+                condition: embed_prompt_ids(pipe.text_encoder, tokenize_prompts(
+                    pipe.tokenizer, [config.model.prompt_template.format(token=token)]))
+                for condition, token in token_of.items()
+            }
+    size = config.finetune.resolution or config.model.resolution
+    per_process = rft.batch_size // world
+
+    unet.train()
+    for step in range(start, rft.steps):
+        chosen = batch_indices(len(trajectories), rft.batch_size, step, rft.seed, "rft")[rank::world]
+        weighted_terms, weights = [], []
+        real_term = torch.zeros(())
+        for position, index in enumerate(chosen):
+            item = trajectories[index]
+            batch = store.get([item.sample_id])
+            header = dpo.TrajectorySettings.from_header(batch.headers[0], item.sample_id)
+            if header != sampling:
+                raise TrainingError(
+                    f"sample {item.sample_id}: sampled with {header}, other samples of the round with {sampling}; "
+                    "train one sampling configuration at a time"
+                )
+            latents, timesteps = batch.latents.to(device), batch.timesteps[0]
+            with torch.no_grad():
+                cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids)
+            weight = torch.tensor([item.weight], device=device)
+            length = timesteps.shape[0]
+            chunk = rft.steps_per_forward or length
+            for begin in range(0, length, chunk):
+                steps = list(range(begin, min(begin + chunk, length)))
+                last = position == len(chosen) - 1 and steps[-1] == length - 1 and not use_real
+                with nullcontext() if last else accelerator.no_sync(unet):
+                    with accelerator.autocast():
+                        log_probs = dpo.trajectory_log_probs(
+                            policy, scheduler, latents, timesteps, cond, negative, step_indices=steps, **kwargs
+                        )  # [1, S]
+                        term = reward_weighted_nll(log_probs, weight)
+                    # mean over the steps of a trajectory and the trajectories of the global batch
+                    accelerator.backward(term * (len(steps) / length) / per_process)
+                weighted_terms.append(term.detach().float() * len(steps) / length)
+            weights.append(item.weight)
+        if use_real:
+            generator = torch.Generator().manual_seed(step_seed(rft.seed, "rft-real", step, rank))
+            indices = batch_indices(len(real_images), rft.real_batch_size, step, rft.seed, "rft-real")[rank::world]
+            pixels, conditions = load_batch(real_images, indices, size, config, generator)
+            with accelerator.autocast():
+                with torch.no_grad():
+                    real_latents = encode_images(pipe.vae, pixels.to(device), generator)
+                hidden = torch.cat([caption_states[c] for c in conditions])
+                real_term = denoising_loss(unet, noise_scheduler, real_latents, hidden, generator)
+                accelerator.backward(rft.beta_real * real_term)
+        trajectory_term = torch.stack(weighted_terms).sum() / per_process
+        learning_rate = lr_scheduler.get_last_lr()[0]
+        grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, rft.grad_clip)
+        trajectory_term = float(accelerator.reduce(trajectory_term.to(device), "mean"))
+        real_value = float(accelerator.reduce(real_term.detach().float().to(device), "mean"))
+        done = step + 1
+        logger.log(done, {
+            "loss": trajectory_term + rft.beta_real * real_value,
+            "weighted_nll": trajectory_term,
+            "real_denoising": real_value,
+            "mean_weight": sum(weights) / max(len(weights), 1),
+            "grad_norm": grad_norm,
+            "lr": learning_rate,
+        })
+        if done % rft.checkpoint_every == 0 or done == rft.steps:
+            checkpoints.save(done, {"round": round_index, "trajectories": len(trajectories)})
+    logger.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_lora(unwrapped, output, adapter_name=dpo.ADAPTER_NAME)
+        rewards = [t.reward for t in trajectories]
+        summary = {
+            "round": round_index,
+            "steps": rft.steps,
+            "trajectories": len(trajectories),
+            "reward_mean": sum(rewards) / len(rewards),
+            "reward_min": min(rewards),
+            "reward_max": max(rewards),
+            "weight_mean": sum(t.weight for t in trajectories) / len(trajectories),
+            "reward_power": rft.reward_power,
+            "beta_real": rft.beta_real,
+            "guidance": guidance,
+            "reward_model": reward_summary,
+            "weights": {t.sample_id: round(t.weight, 6) for t in trajectories},
+        }
+        atomic_write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return output

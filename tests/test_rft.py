@@ -1,0 +1,243 @@
+"""MAGIC-RFT: reward model, reward-weighted likelihood, and the stage on a tiny run (train/rft.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from magic_align.config import ModelConfig, load_config
+from magic_align.train.reward_model import RewardHead, fit_reward_head
+from magic_align.train.rft import real_labels, reward_weighted_nll, trajectory_weight
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine more threads oversubscribe and run 10-20x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------------------------ math
+def test_trajectory_weight_by_hand():
+    reward = torch.tensor([0.0, 0.5, 1.0, 1.3, -0.2])
+    assert trajectory_weight(reward, 1.0).tolist() == [0.0, 0.5, 1.0, 1.0, 0.0]
+    assert trajectory_weight(reward, 2.0).tolist() == [0.0, 0.25, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError):
+        trajectory_weight(reward, 0.0)
+
+
+def test_reward_weighted_nll_by_hand():
+    log_probs = torch.tensor([[-1.0, -3.0], [-2.0, -2.0]])
+    weights = torch.tensor([0.5, 1.0])
+    # -(0.5 * (-1 - 3) + 1.0 * (-2 - 2)) / 4 = -(-2 - 4) / 4 = 1.5
+    assert reward_weighted_nll(log_probs, weights).item() == pytest.approx(1.5)
+    with pytest.raises(ValueError):
+        reward_weighted_nll(log_probs, torch.ones(3))
+
+
+def test_real_labels_positive_and_one_negative_per_image():
+    images = [(Path("a.png"), "x", 1), (Path("b.png"), "y", 2), (Path("c.png"), "x", 3)]
+    labelled = real_labels(images, ["x", "y", "z"], 0.0, seed=0)
+    positives = [item for item in labelled if item.kind == "real"]
+    negatives = [item for item in labelled if item.kind == "real-negative"]
+    assert [(p.path.name, p.condition, p.label) for p in positives] == [("a.png", "x", 1.0), ("b.png", "y", 1.0), ("c.png", "x", 1.0)]
+    assert len(negatives) == 3
+    for positive, negative in zip(positives, negatives):
+        assert negative.path == positive.path and negative.condition != positive.condition and negative.label == 0.0
+    assert all(item.kind == "real" for item in real_labels(images, ["x", "y", "z"], None, seed=0))
+
+
+# ------------------------------------------------------------------------------------------ reward model
+def test_reward_head_fits_a_separable_toy_set():
+    """Two feature clusters, two conditions: reward 1 where the cluster matches the condition, else 0. The head
+    must learn the interaction (the features alone do not tell the label), so the condition input matters."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(2, 16, generator=generator) * 3
+    cluster = torch.arange(80) % 2
+    features = centres[cluster] + 0.3 * torch.randn(80, 16, generator=generator)
+    condition = (torch.arange(80) // 2) % 2
+    labels = (cluster == condition).float()
+    fit = fit_reward_head(features, condition, labels, 2, epochs=150, lr=1e-2, batch_size=16, hidden=32, seed=0)
+    assert fit.losses[-1] < fit.losses[0] / 5
+    with torch.no_grad():
+        prediction = fit.head(features, condition)
+    assert prediction[labels == 1].min() > 0.8 and prediction[labels == 0].max() < 0.2
+    with torch.no_grad():  # the same image, the two conditions: opposite rewards
+        same = features[:1].repeat(2, 1)
+        scores = fit.head(same, torch.tensor([0, 1]))
+    assert abs(scores[0] - scores[1]) > 0.6
+
+
+def test_untrained_head_ignores_the_condition_and_outputs_a_probability():
+    head = RewardHead(8, 3, hidden=4)
+    features = torch.randn(5, 8)
+    with torch.no_grad():
+        a, b = head(features, torch.zeros(5, dtype=torch.long)), head(features, torch.full((5,), 2))
+    assert torch.equal(a, b) and ((a > 0) & (a < 1)).all()
+
+
+# ------------------------------------------------------------------------------ the weighted-likelihood step
+STEPS, GUIDANCE, ETA = 4, 3.0, 1.0
+
+
+def sampled_trajectories(pipe, prompts, seed):
+    from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, sample_batch
+
+    settings = SamplingSettings(steps=STEPS, strength=1.0, eta=ETA, guidance=GUIDANCE, latent_dtype="float32")
+    requests = [SampleRequest(f"s{i}", prompt, seed=seed + i) for i, prompt in enumerate(prompts)]
+    return sample_batch(pipe, requests, settings, resolution=32), settings
+
+
+def test_a_weighted_step_raises_high_reward_trajectories_relative_to_low(tiny_model_dir):
+    from magic_align.diffusion.loading import load_pipeline
+    from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
+    from magic_align.train.dpo import prepare_policy_unet, trajectory_log_probs
+
+    gains = {}
+    for weights in ([1.0, 0.0], [0.0, 1.0]):
+        pipe = load_pipeline(ModelConfig(source="local", pretrained=str(tiny_model_dir)))
+        results, _ = sampled_trajectories(pipe, ["a red patch on skin", "a dark spot"], seed=3)
+        unet = prepare_policy_unet(pipe, rank=4, alpha=4)
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(STEPS)
+        with torch.no_grad():
+            cond = embed_prompt_ids(pipe.text_encoder, torch.stack([r.prompt_ids for r in results]))
+            uncond = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [""]))
+
+        def log_probs():
+            rows = [
+                trajectory_log_probs(unet, scheduler, r.latents[None].float(), r.timesteps, cond[i : i + 1], uncond,
+                                     guidance=GUIDANCE, eta=ETA, reduction="mean")
+                for i, r in enumerate(results)
+            ]
+            return torch.cat(rows)  # [2, T]
+
+        with torch.no_grad():
+            before = log_probs().mean(1)
+        optimizer = torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=0.05)
+        reward_weighted_nll(log_probs(), torch.tensor(weights)).backward()
+        optimizer.step()
+        with torch.no_grad():
+            after = log_probs().mean(1)
+        gains[tuple(weights)] = after - before
+    high_first, high_second = gains[(1.0, 0.0)], gains[(0.0, 1.0)]
+    assert high_first[0] > 0 and high_second[1] > 0  # the weighted trajectory became more likely
+    assert high_first[0] - high_first[1] > 0  # ... more than the unweighted one
+    assert high_second[1] - high_second[0] > 0
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def rft_overrides(runs_dir, name, model_dir, checklist, images, *extra):
+    return [
+        f"runs_dir={json.dumps(str(runs_dir))}", f"name={json.dumps(name)}",
+        "model.source='local'", f"model.pretrained={json.dumps(str(model_dir))}", "model.resolution=32",
+        "data.kind='folder'", f"data.images={json.dumps(str(images))}", "data.num_classes=2",
+        f"judge.checklist={json.dumps(str(checklist))}",
+        "finetune.ti_steps=1", "finetune.ti_grad_accum=1", "finetune.lora_steps=2", "finetune.lora_lr=1e-2",
+        f"sample.steps={STEPS}", "sample.strength=1.0", f"sample.guidance={GUIDANCE}",
+        "rft.steps=4", "rft.batch_size=2", "rft.real_batch_size=2", "rft.lr=1e-2", "rft.reward_epochs=20",
+        "rft.checkpoint_every=2", *extra,
+    ]
+
+
+@pytest.fixture
+def rft_run(tiny_model_dir, two_condition_data, tmp_path):
+    """A finetuned tiny run with round-0 trajectories (real sampler, run policy), PNGs, samples and verdicts."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.diffusion.loading import load_run_policy
+    from magic_align.diffusion.trajectories import write_shard
+    from magic_align.judges.base import Verdict
+    from magic_align.ledger import Ledger, SampleRow
+    from magic_align.run import prepare_run
+    from magic_align.train.finetune import run_finetune
+
+    checklist, images, tokens = two_condition_data
+    runs = tmp_path / "runs"
+
+    def make(name):
+        return load_config("tiny", rft_overrides(runs, name, tiny_model_dir, checklist, images))
+
+    config = make("base")
+    run_finetune(config)
+    paths = prepare_run(config)
+    pipe = load_run_policy(config, paths)
+    targets = ["melanoma", "vitiligo", "melanoma", "vitiligo"]
+    prompts = [config.model.prompt_template.format(token=tokens[t]) for t in targets]
+    results, settings = sampled_trajectories(pipe, prompts, seed=11)
+    shard = paths.trajectories(0) / "p00-00000.safetensors"
+    write_shard(shard, [r.sample_id for r in results], torch.stack([r.latents for r in results]),
+                torch.stack([r.log_probs for r in results]), results[0].timesteps,
+                torch.stack([r.prompt_ids for r in results]), settings.header(pipe.scheduler), latent_dtype="float32")
+    checklists = load_checklists(str(checklist))
+    ledger = Ledger(paths.ledger)
+    rows = []
+    for index, (result, target) in enumerate(zip(results, targets)):
+        relative = f"samples/round-0/images/{result.sample_id}.png"
+        (paths.root / relative).parent.mkdir(parents=True, exist_ok=True)
+        result.image.save(paths.root / relative)
+        digest = hashlib.sha256((paths.root / relative).read_bytes()).hexdigest()
+        rows.append(SampleRow(result.sample_id, 0, f"u{index // 2}", index % 2, relative, digest, f"real-{index}",
+                              "melanoma", target, prompts[index], 11 + index, shard.relative_to(paths.root).as_posix(),
+                              index))
+        items = [1, 1] if index < 2 else [0, 0]
+        ledger.put_verdict(digest, "test:judge", checklists[target].version, "none", Verdict(items=items), condition=target)
+    ledger.add_samples(rows)
+    ledger.close()
+    return config, make
+
+
+def test_run_rft_writes_a_lora_that_loads_in_plain_diffusers(rft_run, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from magic_align.train.loop import read_metrics
+    from magic_align.train.rft import run_rft
+
+    config, _ = rft_run
+    output = run_rft(config, judge_id="test:judge")
+    assert output == config.run_dir / "aligned" / "rft"
+    summary = json.loads((output / "rft.json").read_text())
+    assert summary["trajectories"] == 4 and 0 <= summary["reward_min"] <= summary["reward_max"] <= 1
+    assert summary["reward_model"]["images"] == {"synthetic": 4, "real": 4, "real-negative": 4}
+    assert (output / "reward" / "reward_head.safetensors").is_file()
+    rows = read_metrics(config.run_dir / "logs" / "rft" / "round-0" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert all(r["grad_norm"] > 0 and r["real_denoising"] > 0 for r in rows)
+
+    # plain diffusers: base model + tokens + preliminary LoRA + RFT LoRA, stacked at weight 1
+    model = config.run_dir / "model"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.load_textual_inversion([str(f) for f in sorted((model / "tokens").glob("*.safetensors"))])
+    pipe.load_lora_weights(str(model / "lora"), adapter_name="preliminary")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = pipe.tokenizer(["an image of <mel> on human skin"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = pipe.text_encoder(ids)[0]
+        before = pipe.unet(x, 501, encoder_hidden_states=embeds).sample
+        pipe.load_lora_weights(str(output), adapter_name="rft")
+        pipe.set_adapters(["preliminary", "rft"], [1.0, 1.0])
+        after = pipe.unet(x, 501, encoder_hidden_states=embeds).sample
+    assert (after - before).abs().max() > 1e-4
+
+    # a rerun reuses the fitted reward model and the finished checkpoint: the same LoRA
+    from safetensors.torch import load_file
+
+    first = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    run_rft(config, judge_id="test:judge")
+    again = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_run_rft_without_verdicts_says_what_to_run(tiny_model_dir, two_condition_data, tmp_path):
+    from magic_align.train.loop import TrainingError
+    from magic_align.train.rft import run_rft
+
+    checklist, images, _ = two_condition_data
+    config = load_config("tiny", rft_overrides(tmp_path / "runs", "empty", tiny_model_dir, checklist, images))
+    with pytest.raises(TrainingError, match="magic sample"):
+        run_rft(config, judge_id="test:judge")

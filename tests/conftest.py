@@ -161,3 +161,42 @@ def review_run(feedback_run):
             verdict_b = Verdict(items=items_b, raw="b")
         ledger.put_verdict(sample.image_sha256, "judge:b", checklist.version, "p1", verdict_b, checklist.condition)
     return config, ledger, samples, checklists
+
+
+# Used by tests/test_report_browser.py (the run report); any page test can use it (Debian chromium + Playwright,
+# never Playwright's own browser download).
+CHROMIUM_PATH = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium_browser():
+    """A headless Debian chromium (`make browser` installs it) driven by Playwright's sync API; skips the
+    test with the reason when chromium or Playwright is missing. Open pages with `chromium_browser.new_page()`
+    and close them in the test.
+
+    Module scope, not session: a live sync Playwright keeps its event loop in the main thread, and any other
+    `sync_playwright()` (tests/test_review_browser.py starts its own) fails with "using Playwright Sync API
+    inside the asyncio loop" until it is stopped; closing it after each test file keeps files independent."""
+    from pathlib import Path
+
+    if not Path(CHROMIUM_PATH).exists():
+        pytest.skip(f"Debian chromium is not installed at {CHROMIUM_PATH} (`make browser` or `apt-get install chromium`)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("Playwright for Python is not installed (pip install -e '.[test]')")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM_PATH, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -139,9 +139,10 @@ def test_read_log_columns_names_the_file_without_a_step_column(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ full page
-@pytest.fixture
-def full_report(tmp_path):
-    config, paths = build_report_run(tmp_path)
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory):
+    """The full fabricated run and its page, built once for the tests that only read it."""
+    config, paths = build_report_run(tmp_path_factory.mktemp("report"))
     output = run_report(config)
     return config, paths, output.read_text(encoding="utf-8")
 
@@ -279,7 +280,7 @@ def test_grids_fall_back_to_the_synthetic_manifests(tmp_path):
 
 
 def test_malformed_inputs_are_named_and_the_rest_is_kept(tmp_path):
-    config, paths = build_report_run(tmp_path)
+    config, paths = build_report_run(tmp_path, logs=False)
     alignment = json.loads((paths.eval / "alignment.json").read_text())
     alignment["units"][1]["images"] = ["not", "an", "object"]
     (paths.eval / "alignment.json").write_text(json.dumps(alignment))
@@ -301,7 +302,7 @@ def test_malformed_inputs_are_named_and_the_rest_is_kept(tmp_path):
 
 
 def test_bad_metrics_json_is_reported(tmp_path):
-    config, paths = build_report_run(tmp_path, alignment=False)
+    config, paths = build_report_run(tmp_path, alignment=False, logs=False)
     (paths.eval / "metrics.json").write_text("{not json")
     context = collect_report(config)
     assert any("metrics.json is not valid JSON" in problem for problem in context.problems)

@@ -488,3 +488,51 @@ def train_rft_command(
         f"{summary['reward_mean']:.3f}, mean weight {summary['weight_mean']:.3f}"
     )
     typer.echo(f"wrote {output}")
+
+
+@app.command("compare")
+def compare_command(
+    config: ConfigArg,
+    settings: Annotated[
+        Optional[list[str]], typer.Option("--setting", help="Models to compare: i2i, dpo, rft (repeatable; default all).")
+    ] = None,
+    units: Annotated[Optional[int], typer.Option("--units", help="Held-out sources (default evaluate.alignment_units).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Paired alignment comparison on held-out sources: mean checklist items met per model, with intervals."""
+    from magic_align.evaluate.alignment import run_alignment_comparison
+
+    run_config = load(config, set_)
+    output = run_alignment_comparison(run_config, settings=settings, units=units, console=console)
+    typer.echo(f"wrote {output}")
+
+
+@app.command("run")
+def run_command(
+    config: ConfigArg,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the judge estimate; run nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rerun stages even when done for this configuration.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run every stage in order; a rerun skips the stages already done for the same configuration."""
+    from magic_align.pipeline import dry_run_plan, run_all
+
+    run_config = load(config, set_)
+    if dry_run:
+        Console().print(dry_run_plan(run_config))
+        return
+    paths = run_all(run_config, force=force, console=console)
+    typer.echo(f"report: {(paths.report / 'index.html').resolve()}")
+
+
+@app.command("demo")
+def demo_command(
+    force: Annotated[bool, typer.Option("--force", help="Rerun stages even when done.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """The built-in demo: procedural skin conditions, the demo base model, the rules judge, every stage."""
+    from magic_align.pipeline import run_all
+
+    run_config = load("demo", set_)
+    paths = run_all(run_config, force=force, console=console)
+    typer.echo(f"report: {(paths.report / 'index.html').resolve()}")

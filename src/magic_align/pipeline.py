@@ -49,7 +49,7 @@ def stage_hash(config: RunConfig, sections: tuple[str, ...], upstream: str) -> s
 def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
     """The stages of a run in order, each bound to its entry function (imported lazily: a dry run loads no model)."""
     from magic_align import feedback, judge, sample, synthesize
-    from magic_align.evaluate import report, stage as evaluate_stage
+    from magic_align.evaluate import alignment, report, stage as evaluate_stage
     from magic_align.train import dpo, finetune, rft
 
     paths = RunPaths(config.run_dir)
@@ -92,6 +92,12 @@ def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
         stages.append(Stage("rft", ("rft",), lambda: rft.run_rft(config, round_index=0), "MAGIC-RFT on round-0 feedback"))
     aligned = paths.aligned / config.align[0] if config.align else None
     stages += [
+        Stage(
+            "compare",
+            ("evaluate.alignment_units", "evaluate.held_out_judge"),
+            lambda: alignment.run_alignment_comparison(config, console=console),
+            f"{config.evaluate.alignment_units} held-out sources through each model, judged (eval/alignment.json)",
+        ),
         Stage(
             "synthesize",
             ("synthesize",),
@@ -149,7 +155,8 @@ def dry_run_plan(config: RunConfig) -> Table:
     )
     samples_per_round = config.sample.num_sources * config.sample.samples_per_unit
     pairs_per_unit = config.sample.samples_per_unit * (config.sample.samples_per_unit - 1) // 2
-    calls = samples_per_round * config.rounds
+    # training rounds, plus the held-out comparison of the unaligned and each aligned model
+    calls = samples_per_round * config.rounds + config.evaluate.alignment_units * (1 + len(config.align))
     remote = config.judge.backend in ("openai", "ensemble")
     cost = call_cost(per_call_in * calls, per_call_out * calls, config.judge) if remote else 0.0
 
@@ -170,6 +177,8 @@ def dry_run_plan(config: RunConfig) -> Table:
             table.add_row(f"dpo/round-{round_index}", f"{config.dpo.iterations} iterations x {config.dpo.pairs_per_step} pairs, beta {config.dpo.beta}")
     if "rft" in config.align:
         table.add_row("rft", f"reward model + {config.rft.steps} reward-weighted steps")
+    models = 1 + len(config.align)
+    table.add_row("compare", f"{config.evaluate.alignment_units} held-out sources x {models} models, judged")
     table.add_row("synthesize", f"{config.synthesize.per_image} per training image at {config.synthesize.size} px")
     table.add_row("evaluate", f"{', '.join(config.evaluate.backbones)}; {config.evaluate.seeds} seeds; rho {config.evaluate.rho}")
     table.add_row("report", str(RunPaths(config.run_dir).report / "index.html"))

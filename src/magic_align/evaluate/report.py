@@ -392,6 +392,10 @@ def _read_manifest_rows(path: Path) -> list[dict]:
 
 
 def _source_paths(config: RunConfig, paths: RunPaths, problems: list[str]) -> dict[str, Path]:
+    """Source image paths by record id. Only once the run has its split (synthesis makes it): before that,
+    reading the records could mean generating the demo dataset, which a report must never do."""
+    if not (paths.data / "split.csv").is_file():
+        return {}
     try:
         from magic_align.data import load_records
 

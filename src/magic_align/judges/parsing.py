@@ -8,7 +8,7 @@ tries, in order:
 1. JSON anywhere in the text (after unwrapping code fences; single quotes and Python literals repaired);
 2. bracketed lists of verdict words (`[yes, no, yes]`, `(1, 0, 1)`, `[✓, ✗, ✓]`);
 3. numbered lines (`1. yes`, `**2. Colour**: not met`, `Criterion 3 - satisfied`);
-4. a bare sequence (`1, 0, 1, 0, 0`, `yes / no` lines, `10100`);
+4. a bare sequence (`1, 0, 1, 0, 0`, `yes / no` lines, `10100`), or a last line that is one;
 5. `"verdict": 1` fragments of truncated JSON.
 
 When several lists are found, the last one with exactly `n_items` values wins (answers come after any

@@ -181,15 +181,17 @@ def build_report_run(tmp_path: Path, *, ledger: bool = True, evaluate: bool = Tr
                 _png(root / relative, (30 * offset + 10 * index, 90, 40))
                 images[setting] = relative
                 scores[setting] = offset + index % 3
-            units.append({"source": source, "target": target, "source_label": BETA, "images": images,
+            units.append({"unit": f"syn-s{index}-0", "source": source, "target": target, "source_label": BETA, "images": images,
                           "scores": scores})
         alignment_data = {
             "judge": "rules:demo", "n_items": 5,
             "settings": {name: {"mean_items": estimate(2.0 + i * 0.45, 1.8 + i * 0.45, 2.2 + i * 0.45),
                                 "images": [u["images"][name] for u in units]}
                          for i, name in enumerate(ALIGNMENT_SETTINGS)},
-            "differences": {"dpo - i2i": estimate(0.45, 0.20, 0.70), "rft - i2i": estimate(0.9, -0.1, 1.5)},
+            "differences": {"dpo - i2i": {**estimate(0.45, 0.20, 0.70), "units": len(units)},
+                            "rft - i2i": {**estimate(0.9, -0.1, 1.5), "units": len(units)}},
             "units": units,
+            "notes": ["rft: trained on fewer units"],
         }
         (root / "eval").mkdir(parents=True, exist_ok=True)
         (root / "eval" / "alignment.json").write_text(json.dumps(alignment_data, indent=2))

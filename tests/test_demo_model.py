@@ -85,7 +85,7 @@ def test_shipped_model_is_fp16_and_small():
 def test_shipped_model_loads_with_plain_diffusers_and_draws_64_px():
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(packaged_demo_model_dir()), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(packaged_demo_model_dir()), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     result = pipe("a photo of a skin lesion", num_inference_steps=4, guidance_scale=3.0, height=64, width=64,
@@ -105,7 +105,7 @@ def test_rebuild_trains_a_loadable_pipeline(tmp_path):
     messages: list[str] = []
     folder = train_demo_model(tmp_path / "demo-base", recipe, log=messages.append)
     assert any("autoencoder" in m for m in messages) and not (tmp_path / "demo-base.partial").exists()
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
     assert pipe.vae.config.scaling_factor > 0
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert json.loads((folder / "training.json").read_text())["recipe"]["unet_steps"] == 2

@@ -110,7 +110,10 @@ def test_run_evaluate_compares_settings_without_leakage(toy_run):
     metrics = run_evaluate(config, ["i2i", "magic-dpo", "magic-rft"])
     eval_dir = config.run_dir / "eval"
     assert json.loads((eval_dir / "metrics.json").read_text())["classes"] == metrics["classes"]
-    assert (eval_dir / "classifier.csv").read_text().startswith("backbone,mode,group,setting")
+    with open(eval_dir / "classifier.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == len(metrics["classifier"])
+    assert {row["label"] for row in table} >= {"real", "+ I2I (unaligned)", "+ MAGIC-DPO + unlabeled sources"}
     assert metrics["settings"]["magic-rft"]["status"] == "skipped"
     assert any("magic-rft" in note for note in metrics["notes"])
     assert metrics["settings"]["i2i"]["dropped"]["source_held_out"] == 2
@@ -153,3 +156,34 @@ def test_cli_evaluate(toy_run, monkeypatch):
     result = CliRunner().invoke(app, ["evaluate", "tiny", "--settings", "i2i,magic-dpo"])
     assert result.exit_code == 0, result.output
     assert seen["settings"] == ["i2i", "magic-dpo"] and "note: n1" in result.output
+
+
+def test_missing_sets_are_synthesized_with_the_right_model(toy_run, monkeypatch):
+    import magic_align.synthesize as synthesize
+    from magic_align.evaluate.stage import ensure_synthetic
+    from magic_align.run import prepare_run
+
+    config = toy_run
+    paths = prepare_run(config)
+    calls = []
+
+    def fake_run_synthesize(cfg, lora, out_dir):
+        calls.append((cfg.sample.strength, lora, out_dir.name))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "manifest.csv").write_text(",".join(MANIFEST_COLUMNS) + "\n")
+        return out_dir / "manifest.csv"
+
+    monkeypatch.setattr(synthesize, "run_synthesize", fake_run_synthesize)
+    manifest, how = ensure_synthetic(config, paths, "magic-dpo")
+    assert manifest is None and "aligned/dpo" in how and "magic train dpo" in how and not calls
+    manifest, how = ensure_synthetic(config, paths, "t2i")
+    assert manifest is None and "model/" in how
+    (paths.model).mkdir(parents=True)
+    (paths.aligned / "dpo").mkdir(parents=True)
+    assert ensure_synthetic(config, paths, "t2i")[1] == "synthesized"
+    assert ensure_synthetic(config, paths, "i2i")[1] == "synthesized"
+    assert ensure_synthetic(config, paths, "magic-dpo")[1] == "synthesized"
+    assert ensure_synthetic(config, paths, "magic-dpo")[1] == "read"  # already there: not made again
+    strength = config.sample.strength
+    assert calls == [(1.0, None, "t2i"), (strength, None, "i2i"), (strength, paths.aligned / "dpo", "magic-dpo")]
+    assert config.sample.strength == strength  # the caller's config is untouched

@@ -29,13 +29,7 @@ CONDITIONS = {"melanoma": "<mel>", "vitiligo": "<vit>"}
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads oversubscribe and run 10-20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

@@ -96,3 +96,39 @@ def test_tokens_round_trip_through_plain_load_textual_inversion(tiny_model_dir, 
         assert torch.allclose(loaded, weights[ids[1]])
     with pytest.raises(ValueError, match="already exist"):
         add_tokens(ours.tokenizer, ours.text_encoder, ["<xxxacnxxx>"])
+
+
+def test_run_policy_loads_tokens_preliminary_and_extra_lora(tiny_model_dir, tmp_path):
+    from magic_align.config import load_config
+    from magic_align.diffusion.loading import load_run_policy
+    from magic_align.run import RunPaths
+
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'", "model.source='local'", f"model.pretrained='{tiny_model_dir}'"])
+    paths = RunPaths(config.run_dir)
+    bare = load_run_policy(config, paths)
+    bare_out = unet_output(bare)
+
+    trainer = load_pipeline(config.model)
+    add_tokens(trainer.tokenizer, trainer.text_encoder, ["<xxxacnxxx>"])
+    save_tokens(trainer.tokenizer, trainer.text_encoder, ["<xxxacnxxx>"], paths.model / "tokens")
+    attach_lora(trainer.unet, rank=4, alpha=4)
+    randomise_lora(trainer.unet)
+    save_lora(trainer.unet, paths.model / "lora")
+    preliminary_out = unet_output(trainer)
+
+    policy = load_run_policy(config, paths)
+    assert "<xxxacnxxx>" in policy.tokenizer.get_vocab()
+    assert torch.allclose(unet_output(policy), preliminary_out, atol=1e-5)
+    assert policy.magic_model_hash != bare.magic_model_hash
+
+    aligned = load_pipeline(config.model)
+    attach_lora(aligned.unet, rank=4, alpha=4)
+    with torch.no_grad():
+        for name, param in aligned.unet.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.01)
+    save_lora(aligned.unet, tmp_path / "aligned")
+    stacked = load_run_policy(config, paths, extra_lora=tmp_path / "aligned")
+    stacked_out = unet_output(stacked)
+    assert not torch.allclose(stacked_out, preliminary_out) and not torch.allclose(stacked_out, bare_out)
+    assert stacked.magic_model_hash not in {policy.magic_model_hash, bare.magic_model_hash}

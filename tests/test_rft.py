@@ -14,13 +14,7 @@ from magic_align.train.reward_model import RewardHead, fit_reward_head
 from magic_align.train.rft import real_labels, reward_weighted_nll, trajectory_weight
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads oversubscribe and run 10-20x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -192,6 +186,7 @@ def rft_run(tiny_model_dir, two_condition_data, tmp_path):
     return config, make
 
 
+@pytest.mark.slow
 def test_run_rft_writes_a_lora_that_loads_in_plain_diffusers(rft_run, tiny_model_dir):
     from diffusers import StableDiffusionPipeline
 
@@ -241,3 +236,38 @@ def test_run_rft_without_verdicts_says_what_to_run(tiny_model_dir, two_condition
     config = load_config("tiny", rft_overrides(tmp_path / "runs", "empty", tiny_model_dir, checklist, images))
     with pytest.raises(TrainingError, match="magic sample"):
         run_rft(config, judge_id="test:judge")
+
+
+@pytest.mark.slow
+def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from magic_align.train import loop
+    from magic_align.train.rft import run_rft
+
+    config, make = rft_run
+    for name in ("straight", "resumed"):
+        shutil.copytree(config.run_dir, config.run_dir.parent / name)
+    straight = run_rft(make("straight"), judge_id="test:judge")
+
+    real_step, calls = loop.optimizer_step, {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_rft(make("resumed"), judge_id="test:judge")
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    assert not (config.run_dir.parent / "resumed" / "aligned" / "rft" / "pytorch_lora_weights.safetensors").exists()
+    resumed = run_rft(make("resumed"), judge_id="test:judge")
+    expected = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    got = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

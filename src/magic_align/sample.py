@@ -150,9 +150,9 @@ def run_sample(
     images_dir.mkdir(parents=True, exist_ok=True)
     shards_dir.mkdir(parents=True, exist_ok=True)
     done = {row.sample_id for row in ledger.samples(round_index)}
-    if process_index == 0:
-        summary.samples_recovered = _recover_from_shards(ledger, TrajectoryStore(shards_dir), done)
-        done = {row.sample_id for row in ledger.samples(round_index)}
+    # every process recovers (re-adding an identical row is a no-op), so none re-samples a recovered unit
+    summary.samples_recovered = _recover_from_shards(ledger, TrajectoryStore(shards_dir), done)
+    done = {row.sample_id for row in ledger.samples(round_index)}
     per_unit = config.sample.samples_per_unit
     todo = [unit for unit in mine if not all(sample_id(unit.unit_id, k) in done for k in range(per_unit))]
     summary.units_already_done = len(mine) - len(todo)

@@ -68,11 +68,11 @@ REGION_PHRASES = {"face": "on the face", "trunk": "on the trunk", "extremities":
 class DemoModelRecipe:
     seed: int = 0
     images: int = 3000
-    vae_steps: int = 300
+    vae_steps: int = 250
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_crop: int = 32
-    unet_steps: int = 800
+    unet_steps: int = 600
     unet_batch: int = 32
     unet_lr: float = 8e-4
     warmup: int = 50
@@ -403,3 +403,26 @@ def demo_model_dir(model_cfg: object | None = None, log: Callable[[str], None] =
         )
         train_demo_model(cached, log=log)
     return cached
+
+
+@torch.no_grad()
+def reconstruction_validity_table(folder: Path, per_condition: int = 50, seed: int = 2000):
+    """The rules judge's validity table on the demo model's autoencoder reconstructions of fresh condition
+    images: what the latent space can carry at best (demo-notes.md: design every item to survive it)."""
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data.procedural import CONDITIONS
+    from magic_align.judges.rules import make_rules_judge, validity_table
+
+    vae = AutoencoderKL.from_pretrained(str(Path(folder) / "vae"), dtype=torch.float32).eval()
+    checklists = load_checklists("demo")
+    images = {}
+    for condition in CONDITIONS:
+        arrays, _ = render_arrays([condition] * per_condition, seed=seed)
+        batch = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        decoded = vae.decode(vae.encode(batch).latent_dist.mode()).sample
+        pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        images[condition] = [Image.fromarray(p) for p in pixels]
+    return validity_table(make_rules_judge(None, checklists), checklists, images)

@@ -253,8 +253,8 @@ def plot_training_log(name: str, columns: Mapping[str, Sequence[float]]) -> str 
 # ============================================================================================ collection
 @dataclass
 class ReportContext:
-    """Everything the template shows. A section is None when its input does not exist yet; `missing` then
-    says what would fill it."""
+    """Everything the template shows: `sections` holds the sections that have data; a section whose input
+    does not exist yet is absent there and `missing[key]` says what would fill it."""
 
     title: str
     run_dir: str
@@ -383,6 +383,8 @@ def _manifests(paths: RunPaths) -> dict[str, Path]:
 
 
 def _read_manifest_rows(path: Path) -> list[dict]:
+    """The rows of a synthetic manifest (only the columns the grids use are required; synthesize.read_manifest
+    would pull in the sampler, and torch with it, for a CSV read)."""
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in ("synthetic_id", "path", "source_id", "target_label") if c not in (reader.fieldnames or [])]
@@ -626,7 +628,7 @@ def classifier_tables(metrics: Mapping) -> list[dict]:
         for name in METRICS:
             values = [r.get(name, {}).get("value") for r in rows if isinstance(r.get(name), Mapping)]
             values = [v for v in values if _finite(v)]
-            best[name] = max(values) if values else None
+            best[name] = max(values) if len(set(values)) > 1 else None  # all equal: nothing stands out
         skin_types = sorted({k for r in rows for k in (r.get("by_skin_type") or {})}, key=lambda k: int(k))
         table_rows = []
         for row in rows:
@@ -824,15 +826,16 @@ def _headline(context: ReportContext) -> list[dict]:
         first = alignment["differences"][0]
         cards.append({"label": f"items met, {first['name']}", "value": format_estimate(first["estimate"], 2),
                       "note": "95 % bootstrap interval, paired held-out sources"})
-    for table in context.sections.get("classifier") or []:
+    classifier = context.sections.get("classifier") or []
+    if classifier:  # the first table: the first backbone on the full training set
+        table = classifier[0]
         real = next((r for r in table["rows"] if r["setting"] == "real"), None)
         others = [r for r in table["rows"] if r["setting"] != "real"]
-        if real and others:
+        if real and others:  # cells[0] is accuracy (METRICS order)
             best = max(others, key=lambda r: _leading_number(r["cells"][0]["text"]))
             cards.append({"label": f"accuracy, {table['backbone']} ({table['group']})",
                           "value": f"{real['cells'][0]['text'].split(' ')[0]} → {best['cells'][0]['text'].split(' ')[0]} %",
                           "note": f"real → {best['label']}"})
-        break
     pairs = context.sections.get("pairs")
     if pairs:
         total = sum(r["pairs"] for r in pairs)
@@ -843,7 +846,8 @@ def _headline(context: ReportContext) -> list[dict]:
     if usage:
         cost = sum(r["cost_usd"] or 0 for r in usage)
         calls = sum(r["calls"] for r in usage)
-        cards.append({"label": "judge calls", "value": f"{calls}", "note": f"${cost:.2f} in total"})
+        cards.append({"label": "judge calls", "value": f"{calls:,}",
+                      "note": f"${cost:.2f} in total" if cost >= 1 else f"${cost:.4f} in total"})
     return cards
 
 

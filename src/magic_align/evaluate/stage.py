@@ -21,6 +21,7 @@ checklist pass rate of each set (verdicts from the manifest, the run's judge, an
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -81,10 +82,13 @@ def read_manifest(manifest: Path, run_dir: Path, classes: Sequence[str], hash_fi
             path = run_dir / fields["path"]
             if not path.is_file():
                 raise EvaluateError(f"{manifest} row {row}: path {fields['path']!r} does not exist under {run_dir}")
-            skin = fields.get("source_skin_type") or "-1"
+            try:
+                skin_type = int(float(fields.get("source_skin_type") or -1))
+            except ValueError:
+                raise EvaluateError(f"{manifest} row {row}: source_skin_type {fields['source_skin_type']!r} is not "
+                                    "a number (1-6, or -1 when unknown)") from None
             examples.append(Example(
-                id=fields["synthetic_id"], path=path, label=index[target], key=hash_file(path),
-                skin_type=int(float(skin)) if skin.lstrip("-").replace(".", "").isdigit() else -1,
+                id=fields["synthetic_id"], path=path, label=index[target], key=hash_file(path), skin_type=skin_type,
                 group=fields["source_group"] or "", source_id=fields["source_id"], synthetic=True,
             ))
     return examples
@@ -105,10 +109,13 @@ def manifest_verdicts(manifest: Path) -> tuple[list[str], list[list[int | None]]
     return (conditions, verdicts) if verdicts else None
 
 
-def setting_model(setting: str, paths: RunPaths) -> Path:
-    """The LoRA a setting synthesizes with: the preliminary one (model/lora) or an aligned one."""
-    return {"t2i": paths.model / "lora", "i2i": paths.model / "lora", "magic-dpo": paths.aligned / "dpo",
-            "magic-rft": paths.aligned / "rft"}[setting]
+def setting_model(setting: str, paths: RunPaths) -> tuple[Path, Path | None]:
+    """(what must exist, the LoRA handed to run_synthesize): the run's preliminary model (model/, no extra
+    LoRA) for t2i and i2i, an aligned LoRA stacked on it for the MAGIC settings."""
+    if setting in ("t2i", "i2i"):
+        return paths.model, None
+    lora = paths.aligned / setting.removeprefix("magic-")
+    return lora, lora
 
 
 def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[Path | None, str]:
@@ -117,10 +124,10 @@ def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[
     manifest = out_dir / "manifest.csv"
     if manifest.is_file():
         return manifest, "read"
-    lora = setting_model(setting, paths)
-    if not lora.exists():
-        needed = "magic finetune" if setting in ("t2i", "i2i") else f"magic train {setting.split('-')[1]}"
-        return None, f"skipped: no {lora.relative_to(paths.root)} (make it first: {needed})"
+    needed, lora = setting_model(setting, paths)
+    if not needed.exists():
+        command = "magic finetune" if lora is None else f"magic train {setting.removeprefix('magic-')}"
+        return None, f"skipped: no {needed.relative_to(paths.root)}/ (make it first: {command})"
     try:
         from magic_align.synthesize import run_synthesize
     except ImportError as error:
@@ -129,7 +136,10 @@ def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[
     if setting == "t2i":  # text-to-image = starting from pure noise
         synth_config = config.model_copy(deep=True)
         synth_config.sample.strength = 1.0
-    run_synthesize(synth_config, lora, out_dir)
+    try:
+        manifest = Path(run_synthesize(synth_config, lora, out_dir))
+    except Exception as error:  # one setting's failed synthesis must not stop the others' evaluation
+        return None, f"skipped: synthesis failed ({error.__class__.__name__}: {error})"
     if not manifest.is_file():
         raise EvaluateError(f"synthesis for {setting!r} finished without writing {manifest}")
     return manifest, "synthesized"
@@ -168,15 +178,15 @@ CSV_COLUMNS = ["backbone", "mode", "group", "setting", "label", "n_real", "n_syn
 
 
 def _csv_text(rows: list[dict]) -> str:
-    lines = [",".join(CSV_COLUMNS)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
     for row in rows:
-        values = [row["backbone"], row["mode"], row["group"], row["setting"], f'"{row["label"]}"', row["n_real"],
-                  row["n_synthetic"], row["seeds"]]
+        values = [row[key] for key in CSV_COLUMNS[:8]]
         for name in METRICS:
-            entry = row[name]
-            values += [f"{entry['value']:.4f}", f"{entry['low']:.4f}", f"{entry['high']:.4f}", f"{entry['std']:.4f}"]
-        lines.append(",".join(str(v) for v in values))
-    return "\n".join(lines) + "\n"
+            values += [f"{row[name][key]:.4f}" for key in ("value", "low", "high", "std")]
+        writer.writerow(values)
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------ stage

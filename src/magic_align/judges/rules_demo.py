@@ -17,7 +17,7 @@ The item rules then compare measurements with thresholds chosen from the generat
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -147,7 +147,6 @@ class Analysis:
     dark: np.ndarray
     light: np.ndarray
     strips: dict[str, np.ndarray]  # mean colour of the outer strips
-    measurements: dict = field(default_factory=dict)
 
     @cached_property
     def red_components(self) -> list[Component]:
@@ -589,3 +588,21 @@ ITEMS = {
 
 DEMO_DOMAIN = RulesDomain(name="demo", version=VERSION, analyse=analyse, gate=gate, items=ITEMS, describe=describe)
 register_domain(DEMO_DOMAIN)
+
+
+def demo_validity_table(per_condition: int = 200, seed: int = 1000):
+    """The validity table of docs/demo.md: `per_condition` freshly drawn images per condition, each judged
+    under every demo checklist. Run `python -m magic_align.judges.rules_demo 200`."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data.procedural import CONDITIONS, render_arrays
+    from magic_align.judges.rules import RulesJudge, validity_table
+
+    checklists = load_checklists("demo")
+    images = {c: [Image.fromarray(a) for a in render_arrays([c] * per_condition, seed=seed)[0]] for c in CONDITIONS}
+    return validity_table(RulesJudge(DEMO_DOMAIN), checklists, images)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(demo_validity_table(int(sys.argv[1]) if len(sys.argv) > 1 else 200).markdown())

@@ -42,6 +42,7 @@ from magic_align.review.queue import (
     build_queue,
     collect_views,
     condition_agreement,
+    ledger_state,
     verdict_counts,
 )
 from magic_align.review.security import (
@@ -242,10 +243,16 @@ def create_app(
         return form
 
     # ------------------------------------------------------------------------------------- data
+    cache: dict[str, tuple] = {}
+
     def snapshot() -> tuple[dict[str, SampleView], list[QueueEntry]]:
-        views = collect_views(ledger, checklists, judging.judge_id, judging.prompt_version)
-        queue = build_queue(views, settings.queue, settings.per_condition, config.seed)
-        return {view.sample.sample_id: view for view in views}, queue
+        """Samples with their verdicts, and the queue; rebuilt only when samples or verdicts changed."""
+        state = (ledger_state(ledger, "samples"), ledger_state(ledger, "verdicts"))
+        if cache.get("views", (None,))[0] != state:
+            views = collect_views(ledger, checklists, judging.judge_id, judging.prompt_version)
+            queue = build_queue(views, settings.queue, settings.per_condition, config.seed)
+            cache["views"] = (state, {view.sample.sample_id: view for view in views}, queue)
+        return cache["views"][1], cache["views"][2]
 
     def find_view(views: dict[str, SampleView], sample_id: str) -> SampleView:
         try:
@@ -274,8 +281,11 @@ def create_app(
             return [], 0
         from magic_align.judges.agreement import compare
 
-        report = compare(ledger, checklists, judging.judge_id, judging.prompt_version, "human", resamples=0)
-        return report.items, report.images
+        state = tuple(ledger_state(ledger, table) for table in ("samples", "verdicts", "reviews"))
+        if cache.get("aspects", (None,))[0] != state:
+            report = compare(ledger, checklists, judging.judge_id, judging.prompt_version, "human", resamples=0)
+            cache["aspects"] = (state, report.items, report.images)
+        return cache["aspects"][1], cache["aspects"][2]
 
     # ------------------------------------------------------------------------------------ login
     @app.get("/login")

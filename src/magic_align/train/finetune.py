@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +34,6 @@ from torch import nn
 
 from magic_align.config import RunConfig
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
-
-logger = logging.getLogger(__name__)
 
 # Object-style captions for textual inversion, written for this project; "{}" is the condition's token.
 OBJECT_TEMPLATES = (
@@ -56,8 +53,6 @@ OBJECT_TEMPLATES = (
     "a dermatology photo of a {}",
 )
 
-PHASES = ("ti", "lora")
-CHECKPOINT_FILE = "state.pt"
 KEEP_CHECKPOINTS = 2
 
 
@@ -267,6 +262,14 @@ def _check_resumed(state: dict | None, fingerprint: str, folder: Path) -> int:
     return int(state["step"])
 
 
+def _checkpoint(checkpoints, done: int, total: int, every: int, budget_spent: bool, fingerprint: str) -> bool:
+    """Save a checkpoint every `every` steps, at the end of the phase and when this call's budget is spent;
+    True when the call must stop before the phase ends."""
+    if done % every == 0 or done == total or budget_spent:
+        checkpoints.save(done, {"fingerprint": fingerprint})
+    return budget_spent and done < total
+
+
 def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     """Textual inversion, then the UNet LoRA, on the train split of the run's dataset; returns `run/model/`.
 
@@ -352,10 +355,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
             loss_total += float(accelerator.reduce(loss.detach(), "mean"))
         grad_norm = optimizer_step(accelerator, ti_optimizer, None, trainable_rows, grad_clip=None)
         ti_log.log(step + 1, {"loss": loss_total, "grad_norm": grad_norm, "lr": ti_lr})
-        stop = spend_step()
-        if (step + 1) % ft.checkpoint_every == 0 or step + 1 == ft.ti_steps or stop:
-            ti_checkpoints.save(step + 1, {"fingerprint": fingerprint, "phase": "ti"})
-        if stop and step + 1 < ft.ti_steps:
+        if _checkpoint(ti_checkpoints, step + 1, ft.ti_steps, ft.checkpoint_every, spend_step(), fingerprint):
             ti_log.close()
             return paths.model
     ti_log.close()
@@ -406,10 +406,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
         grad_norm = optimizer_step(accelerator, lora_optimizer, lora_schedule, lora_parameters, ft.grad_clip)
         lora_log.log(step + 1, {"loss": float(accelerator.reduce(loss.detach(), "mean")), "grad_norm": grad_norm,
                                 "lr": learning_rate})
-        stop = spend_step()
-        if (step + 1) % ft.checkpoint_every == 0 or step + 1 == ft.lora_steps or stop:
-            lora_checkpoints.save(step + 1, {"fingerprint": fingerprint, "phase": "lora"})
-        if stop and step + 1 < ft.lora_steps:
+        if _checkpoint(lora_checkpoints, step + 1, ft.lora_steps, ft.checkpoint_every, spend_step(), fingerprint):
             lora_log.close()
             return paths.model
     lora_log.close()

@@ -295,7 +295,8 @@ def run_rft(
         if not parameter.requires_grad:
             parameter.data = parameter.data.to(frozen_dtype)
     pipe.text_encoder.to(frozen_dtype)
-    pipe.vae.to(frozen_dtype)
+    if frozen_dtype != torch.float32:  # the VAE only encodes the real images of the beta_r term
+        pipe.vae.to(frozen_dtype)
     parameters = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(parameters, lr=rft.lr, weight_decay=rft.weight_decay, use_8bit=rft.use_8bit_adam)
     lr_scheduler = make_lr_scheduler(rft.lr_scheduler, optimizer, total_steps=rft.steps)

@@ -64,10 +64,10 @@ def build_unet(kind: str):
         return build_tiny_pipeline(seed=0).unet
     if kind == "20m":
         return UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(96, 192, 288), layers_per_block=2,
+            sample_size=16, in_channels=4, out_channels=4, block_out_channels=(80, 160, 240), layers_per_block=2,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=256, attention_head_dim=8, norm_num_groups=32,
+            cross_attention_dim=256, attention_head_dim=8, norm_num_groups=16,
         )
     if kind == "sd21":
         # stabilityai/stable-diffusion-2-1-base unet/config.json, written out (no hub access).

@@ -15,6 +15,15 @@ from magic_align.train.dpo_loss import dpo_loss
 STEPS, STRENGTH, GUIDANCE, ETA = 10, 0.5, 3.0, 1.0
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tiny UNet is too small to gain from two threads; on a shared 2-core machine they only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_pipe(folder):
     return load_pipeline(ModelConfig(source="local", pretrained=str(folder), resolution=64))
 
@@ -301,3 +310,62 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared_run, straig
     assert set(a) == set(b)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+# ------------------------------------------------------------------------------------ the shared loop
+def test_metrics_logger_drops_rows_after_the_resumed_step_and_widens_for_new_columns(tmp_path):
+    from magic_align.train.loop import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, ["csv"])
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": step / 10})
+    logger.close()
+    resumed = MetricsLogger(tmp_path, ["csv"], resume_step=2)
+    resumed.log(3, {"loss": 0.5, "lr": 1e-3})
+    resumed.close()
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    assert rows[2]["loss"] == 0.5 and rows[2]["lr"] == 1e-3
+    assert rows[0]["loss"] == 0.1 and rows[0]["lr"] != rows[0]["lr"]  # NaN where the column did not exist yet
+    fresh = MetricsLogger(tmp_path, ["csv"])  # no checkpoint: an earlier run's rows are gone
+    fresh.close()
+    assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from magic_align.train.loop import make_optimizer
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    with pytest.raises(TrainingError, match="bitsandbytes"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, use_8bit=True)
+    with pytest.raises(TrainingError, match="no trainable parameters"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2), requires_grad=False)], lr=1e-3)
+
+
+def test_rounds_sample_judge_pair_and_continue_from_the_previous_lora(tmp_path, monkeypatch):
+    import magic_align.feedback
+    import magic_align.judge
+    import magic_align.sample
+
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'", "rounds=3"])
+    calls = []
+    monkeypatch.setattr(magic_align.sample, "run_sample", lambda c, round_index, policy_lora: calls.append(("sample", round_index, policy_lora)))
+    monkeypatch.setattr(magic_align.judge, "run_judge", lambda c, round_index, console=None: calls.append(("judge", round_index)))
+    monkeypatch.setattr(magic_align.feedback, "run_pairs", lambda c, round_index: calls.append(("pairs", round_index)))
+    monkeypatch.setattr(dpo_module, "run_dpo", lambda c, round_index, init_lora: calls.append(("dpo", round_index, init_lora)))
+    dpo_module.run_rounds(config)
+    aligned = tmp_path / "tiny" / "aligned" / "dpo"
+    assert calls == [
+        ("dpo", 0, None),
+        ("sample", 1, aligned / "round-0"), ("judge", 1), ("pairs", 1), ("dpo", 1, aligned / "round-0"),
+        ("sample", 2, aligned / "round-1"), ("judge", 2), ("pairs", 2), ("dpo", 2, aligned / "round-1"),
+    ]

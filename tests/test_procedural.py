@@ -110,3 +110,15 @@ def test_condition_free_images_match_no_checklist(tmp_path):
                 scores.append(judge.grade(image, checklist).score)
         # at most the location item (a third of the images show each region) and rarely a second one
         assert np.mean(scores) <= 0.6, checklist.condition
+
+
+def test_cli_writes_the_dataset(tmp_path):
+    from typer.testing import CliRunner
+
+    from magic_align.cli import app
+
+    result = CliRunner().invoke(app, ["data", "procedural", "--out", str(tmp_path), "--per-class", "2", "--seed", "3", "--condition-free", "2"])
+    assert result.exit_code == 0, result.output
+    assert len(read_rows(tmp_path / "procedural.csv")) == 2 * len(CONDITIONS)
+    assert len(read_rows(tmp_path / "condition_free.csv")) == 2
+    assert len(list((tmp_path / "images").glob("*.png"))) == 2 * len(CONDITIONS) + 2

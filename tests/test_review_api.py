@@ -263,3 +263,25 @@ def test_default_judge_is_the_busiest_when_the_configured_one_has_no_verdicts(re
     with TestClient(create_app(config, reviewer="x")) as test_client:
         page = test_client.get("/")
     assert "showing judge:b, the judge with the most verdicts" in page.text
+
+
+def test_cli_review_command(review_run, monkeypatch, tmp_path):
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from magic_align.cli import app as cli
+
+    config = review_run[0]
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(host=host, port=port))
+    config_file = config.run_dir / "config.toml"
+    result = CliRunner().invoke(cli, ["review", str(config_file), "--port", "8899", "--reviewer", "Dr A", "--judge", "judge:a"])
+    assert result.exit_code == 0, result.output
+    assert served == {"host": "127.0.0.1", "port": 8899}
+    assert "http://127.0.0.1:8899/" in result.output and "token" not in result.output
+    result = CliRunner().invoke(cli, ["review", str(config_file), "--host", "0.0.0.0", "--judge", "judge:a"])
+    assert result.exit_code == 0 and "token: " in result.output
+    result = CliRunner().invoke(cli, ["review", str(config_file), "--judge", "nobody"])
+    assert result.exit_code == 2 and "has no verdicts" in result.output
+    result = CliRunner().invoke(cli, ["review", str(config_file), "--reviewer", "<x>", "--judge", "judge:a"])
+    assert result.exit_code == 2 and "reviewer name" in result.output

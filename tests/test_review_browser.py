@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import shutil
 import socket
 import sys
@@ -139,10 +140,11 @@ def test_gallery_and_agreement_in_the_browser(review_run):
         page.goto(url + "/gallery/beta")
         tiles = page.locator("#gallery .tile")
         assert tiles.count() == sum(1 for s in samples if s.target_label == "beta")
+        beta = sorted(s.sample_id for s in samples if s.target_label == "beta")
         tiles.first.click()
-        page.wait_for_url("**/review/*?via=gallery")
-        page.keyboard.press("Enter")  # confirm the judge's answers
-        page.wait_for_url("**/review/*?via=gallery")
+        page.wait_for_url(re.compile(rf".*/review/{beta[0]}\?via=gallery$"))
+        page.keyboard.press("Enter")  # confirm the judge's answers; the gallery's next image opens
+        page.wait_for_url(re.compile(rf".*/review/{beta[1]}\?via=gallery$"))
         page.goto(url + "/gallery/beta")
         assert "(1 reviewed images)" in page.inner_text("table.agreement caption")
         assert page.locator("#gallery .tile.reviewed").count() == 1

@@ -275,6 +275,8 @@ def test_invalid_review_input_is_refused_and_nothing_stored(open_app):
         assert message in response.text, extra
     response = client.post("/review/r0-u000-k0", data=base, files={"note": ("note.txt", b"hi", "text/plain")})
     assert response.status_code == 400
+    response = client.post("/review/r0-u000-k0", data={**base, "note": "x" * 70_000})
+    assert response.status_code == 413 and "larger than 64 KiB" in response.text
     assert ledger.reviews() == []
 
 

@@ -271,3 +271,33 @@ def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch):
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_the_rft_policy_starts_as_the_preliminary_model(rft_run):
+    """Pitfall 1: the trainable LoRA goes on top of the preliminary one. At step 0 the policy scores the stored
+    trajectories exactly as the sampling policy (tokens + preliminary LoRA) did; dropping the LoRA would not."""
+    from magic_align.diffusion.loading import load_pipeline, load_run_policy
+    from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
+    from magic_align.diffusion.tokens import load_tokens
+    from magic_align.diffusion.trajectories import TrajectoryStore
+    from magic_align.run import RunPaths
+    from magic_align.train.dpo import prepare_policy_unet, trajectory_log_probs
+
+    config, _ = rft_run
+    paths = RunPaths(config.run_dir)
+    store = TrajectoryStore(paths.trajectories(0))
+    batch = store.get(store.sample_ids())
+
+    def scored(pipe, unet):
+        pipe.scheduler.set_timesteps(STEPS)
+        with torch.no_grad():
+            cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids)
+            uncond = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [""]))
+            return trajectory_log_probs(unet, pipe.scheduler, batch.latents, batch.timesteps[0], cond, uncond,
+                                        guidance=GUIDANCE, eta=ETA, reduction="mean")
+
+    policy = load_run_policy(config, paths)
+    assert torch.allclose(scored(policy, prepare_policy_unet(policy, 4, 4)), batch.log_probs, atol=1e-4)
+    without_lora = load_pipeline(config.model)
+    load_tokens(without_lora, paths.model / "tokens")
+    assert not torch.allclose(scored(without_lora, without_lora.unet), batch.log_probs, atol=1e-3)

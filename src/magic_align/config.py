@@ -145,7 +145,7 @@ class FinetuneConfig(Section):
 class DPOConfig(Section):
     seed: int = 0
     beta: float = Field(0.1, gt=0)
-    clip: float | None = Field(0.1, gt=0)  # ratio clamp [1 - clip, 1 + clip]; None disables it
+    clip: float | None = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 (TOML) or None disables it
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     lora_rank: int = Field(32, ge=1)
     lora_alpha: float = Field(32, gt=0)

@@ -69,6 +69,7 @@ logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(str(resources.files("magic_align") / "review"))
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+MAX_FORM_BYTES = 64 * 1024
 
 
 class ReviewError(RuntimeError):
@@ -170,7 +171,12 @@ def create_app(
             session = Session.fresh(authenticated=token is None)
         request.state.session = session
         request.state.new_session = None
-        response = await call_next(request)
+        length = request.headers.get("content-length", "0")
+        if request.method == "POST" and (not length.isdigit() or int(length) > MAX_FORM_BYTES):
+            # a review form is a few kilobytes; refuse big bodies before anybody parses them
+            response = error_page(request, 413, f"the form is larger than {MAX_FORM_BYTES // 1024} KiB; a review needs far less")
+        else:
+            response = await call_next(request)
         replacement = request.state.new_session
         if replacement is not None or issued:
             response.set_cookie(
@@ -196,7 +202,7 @@ def create_app(
         return templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
 
     def error_page(request: Request, status: int, message: str) -> Response:
-        titles = {400: "Bad request", 401: "Login needed", 403: "Refused", 404: "Not found", 409: "Conflict"}
+        titles = {400: "Bad request", 401: "Login needed", 403: "Refused", 404: "Not found", 409: "Conflict", 413: "Too large"}
         return render(request, "error.html", {"title": titles.get(status, "Error"), "status": status, "message": message}, status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -530,7 +536,7 @@ def run_review(
     port = port or config.review.port
     loopback = is_loopback(host)
     token = None if loopback else new_token()
-    allowed_hosts = LOOPBACK_NAMES if loopback else None
+    allowed_hosts = LOOPBACK_NAMES + [host.strip("[]")] if loopback else None  # e.g. 127.0.0.2 as bound
     app = create_app(config, token=token, reviewer=reviewer, judge_id=judge_id, allowed_hosts=allowed_hosts)
     shown_host = f"[{host}]" if ":" in host else host
     announce(f"review page for run {config.name}: http://{shown_host}:{port}/")

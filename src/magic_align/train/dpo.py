@@ -39,13 +39,12 @@ from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_pre
 from magic_align.run import RunPaths, prepare_run
 from magic_align.train.dpo_loss import dpo_loss, preference_signs
 from magic_align.train.loop import (
-    Checkpoints,
-    MetricsLogger,
+    ModelWithDtype,
     TrainingError,
+    freeze_to,
     make_accelerator,
-    make_lr_scheduler,
-    make_optimizer,
     optimizer_step,
+    start_training,
     weight_dtype,
 )
 
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
     from magic_align.ledger import Ledger
 
 ADAPTER_NAME = "dpo"
+_CallableWithDtype = ModelWithDtype  # the name rft.py used before it moved to loop.py; use loop.ModelWithDtype
 
 
 # ------------------------------------------------------------------------------------------------ pairs
@@ -148,17 +148,6 @@ def trajectory_log_probs(
         scheduler, noise, row_timesteps, current, eta, prev_latents=following, reduction=reduction
     )
     return out.log_prob.reshape(count, len(steps))
-
-
-class _CallableWithDtype:
-    """A DDP-wrapped UNet has no `.dtype`; the guided prediction reads it. Calls go through the wrapper so
-    DDP's gradient hooks stay in charge."""
-
-    def __init__(self, model, dtype: torch.dtype) -> None:
-        self.model, self.dtype = model, dtype
-
-    def __call__(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -304,40 +293,27 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     pipe = load_run_policy(config, paths, device=accelerator.device, dtype=torch.float32)
     unet = prepare_policy_unet(pipe, settings.lora_rank, settings.lora_alpha, init_lora)
     frozen_dtype = weight_dtype(accelerator)
-    for parameter in unet.parameters():
-        if not parameter.requires_grad:
-            parameter.data = parameter.data.to(frozen_dtype)
+    freeze_to(unet, frozen_dtype)
     pipe.text_encoder.to(frozen_dtype)
-    parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    optimizer = make_optimizer(
-        parameters, lr=settings.lr, weight_decay=settings.weight_decay, use_8bit=settings.use_8bit_adam
+    session = start_training(
+        accelerator, unet, lr=settings.lr, weight_decay=settings.weight_decay, use_8bit=settings.use_8bit_adam,
+        lr_scheduler=settings.lr_scheduler, total_steps=settings.iterations, warmup_steps=settings.lr_warmup_steps,
+        checkpoint_dir=paths.checkpoints("dpo") / f"round-{round_index}",
+        log_dir=paths.logs / "dpo" / f"round-{round_index}", log_with=settings.log_with,
+        run_name=f"{config.name}-dpo-round-{round_index}", log_config=settings.model_dump(mode="json"),
     )
-    lr_scheduler = make_lr_scheduler(
-        settings.lr_scheduler, optimizer, total_steps=settings.iterations, warmup_steps=settings.lr_warmup_steps
-    )
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    checkpoints = Checkpoints(accelerator, paths.checkpoints("dpo") / f"round-{round_index}")
-    resumed = checkpoints.resume()
-    start = int(resumed["step"]) if resumed else 0
-    logger = MetricsLogger(
-        paths.logs / "dpo" / f"round-{round_index}",
-        settings.log_with,
-        enabled=accelerator.is_main_process,
-        resume_step=start if resumed else None,
-        run_name=f"{config.name}-dpo-round-{round_index}",
-        config=settings.model_dump(mode="json"),
-    )
+    unet, unwrapped, parameters = session.model, session.unwrapped, session.parameters
+    optimizer, lr_scheduler, checkpoints, logger = session.optimizer, session.lr_scheduler, session.checkpoints, session.logger
     scheduler = pipe.scheduler
     scheduler.set_timesteps(sampling.steps, device=accelerator.device)
-    unwrapped = accelerator.unwrap_model(unet)
-    policy = _CallableWithDtype(unet, frozen_dtype)
+    policy = ModelWithDtype(unet, frozen_dtype)
     negative = None
     if guidance > 1:
         with torch.no_grad():
             negative = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [sampling.negative_prompt]))
     reference_cache: dict[str, torch.Tensor] = {}
     per_process = settings.pairs_per_step // world
+    clip = settings.clip or None  # 0 disables the clamp (TOML has no null)
     kwargs = {"guidance": guidance, "eta": sampling.eta, "reduction": settings.log_prob_reduction}
 
     def reference_log_probs(example: PairExample, batch, cond: torch.Tensor) -> torch.Tensor:
@@ -350,7 +326,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             try:
                 with torch.no_grad(), accelerator.autocast():
                     values = trajectory_log_probs(
-                        _CallableWithDtype(unwrapped, frozen_dtype), scheduler, batch.latents[missing].to(accelerator.device),
+                        ModelWithDtype(unwrapped, frozen_dtype), scheduler, batch.latents[missing].to(accelerator.device),
                         batch.timesteps[0], cond[missing], negative, **kwargs,
                     )
             finally:
@@ -360,7 +336,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         return torch.stack([reference_cache[sample_id] for sample_id in example.sample_ids])
 
     unet.train()
-    for step in range(start, settings.iterations):
+    for step in range(session.start_step, settings.iterations):
         chosen = pair_schedule(len(examples), step, settings.pairs_per_step, settings.seed)[rank::world]
         policy_rows, reference_rows, sign_rows = [], [], []
         for position, pair_index in enumerate(chosen):
@@ -384,7 +360,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
                         log_probs = trajectory_log_probs(
                             policy, scheduler, latents, timesteps, cond, negative, step_indices=steps, **kwargs
                         )  # [2, S]
-                        loss, _ = dpo_loss(log_probs[None], reference[None, :, steps], signs, settings.beta, settings.clip)
+                        loss, _ = dpo_loss(log_probs[None], reference[None, :, steps], signs, settings.beta, clip)
                     # Mean over the steps of a pair and over the pairs of the global batch (DDP averages ranks).
                     accelerator.backward(loss * (len(steps) / length) / per_process)
                 values.append(log_probs.detach().float())
@@ -393,7 +369,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             sign_rows.append(signs[0])
         grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, settings.grad_clip)
         gathered = [accelerator.gather(torch.stack(rows)) for rows in (policy_rows, reference_rows, sign_rows)]
-        loss_value, stats = dpo_loss(*gathered, settings.beta, settings.clip)
+        loss_value, stats = dpo_loss(*gathered, settings.beta, clip)
         done = step + 1
         logger.log(done, {"loss": float(loss_value), **stats.as_dict(), "grad_norm": grad_norm,
                           "lr": lr_scheduler.get_last_lr()[0]})

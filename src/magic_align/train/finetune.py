@@ -286,8 +286,12 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
 
     if stop_after is not None and stop_after < 1:
         raise FinetuneError(f"stop_after = {stop_after}: expected at least 1 optimizer step (or None for no limit)")
-    paths = prepare_run(config)
     ft = config.finetune
+    accelerator = make_accelerator(mixed_precision=ft.mixed_precision, seed=ft.seed)
+    if accelerator.is_main_process:  # the run folder and the split are made once, then read by every process
+        training_images(config, prepare_run(config))
+    accelerator.wait_for_everyone()
+    paths = RunPaths(config.run_dir)
     checklists = load_checklists(config.judge.checklist)
     images = training_images(config, paths)
     if not images:
@@ -310,7 +314,6 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
         return stop_after is not None and steps_done[0] >= stop_after
 
     # ------------------------------------------------------------------ phase 1: textual inversion
-    accelerator = make_accelerator(mixed_precision=ft.mixed_precision, seed=ft.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     pipe = load_pipeline(config.model, device=device, dtype=weight_dtype(accelerator))
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae

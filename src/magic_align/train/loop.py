@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -345,3 +346,72 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
             {key: (float(value) if value != "" else math.nan) for key, value in row.items()}
             for row in csv.DictReader(handle)
         ]
+
+
+# ------------------------------------------------------------------------------------ a training session
+def freeze_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen weights of `model` to `dtype` (mixed precision); trainable ones stay as they are (fp32)."""
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            parameter.data = parameter.data.to(dtype)
+
+
+class ModelWithDtype:
+    """A prepared (maybe DDP-wrapped) model plus the `.dtype` that DDP hides; calls go through the wrapper so
+    DDP's gradient hooks stay in charge (e.g. for `ddim.guided_noise_prediction`, which reads `unet.dtype`)."""
+
+    def __init__(self, model, dtype: torch.dtype) -> None:
+        self.model, self.dtype = model, dtype
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+@dataclass
+class TrainingSession:
+    """What `start_training` prepared: the model to call, its optimizer and schedule, checkpoints, metrics,
+    and the optimizer step to start from (0, or the step of the checkpoint it resumed)."""
+
+    model: object  # the prepared model (DDP-wrapped under several processes)
+    unwrapped: torch.nn.Module
+    parameters: list
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    checkpoints: Checkpoints
+    logger: MetricsLogger
+    start_step: int
+    resumed: dict | None
+
+
+def start_training(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    use_8bit: bool,
+    lr_scheduler: str,
+    total_steps: int,
+    warmup_steps: int = 0,
+    checkpoint_dir: Path,
+    log_dir: Path,
+    log_with: Sequence[str],
+    run_name: str | None = None,
+    log_config: Mapping | None = None,
+) -> TrainingSession:
+    """The common start of a trainer: AdamW over the trainable parameters, the LR schedule, `prepare`,
+    checkpoints (resuming the latest one) and the metrics logger (trimmed to the resumed step)."""
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = make_optimizer(parameters, lr=lr, weight_decay=weight_decay, use_8bit=use_8bit)
+    schedule = make_lr_scheduler(lr_scheduler, optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(schedule)
+    checkpoints = Checkpoints(accelerator, checkpoint_dir)
+    resumed = checkpoints.resume()
+    start = int(resumed["step"]) if resumed else 0
+    logger = MetricsLogger(
+        log_dir, log_with, enabled=accelerator.is_main_process, resume_step=start if resumed else None,
+        run_name=run_name, config=log_config,
+    )
+    return TrainingSession(prepared, accelerator.unwrap_model(prepared), parameters, optimizer, schedule,
+                           checkpoints, logger, start, resumed)

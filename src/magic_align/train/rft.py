@@ -393,7 +393,7 @@ def run_rft(
             "loss": trajectory_term + rft.beta_real * real_value,
             "weighted_nll": trajectory_term,
             "real_denoising": real_value,
-            "mean_weight": sum(weights) / max(len(weights), 1),
+            "mean_weight": float(accelerator.reduce(torch.tensor(sum(weights) / len(weights), device=device), "mean")),
             "grad_norm": grad_norm,
             "lr": learning_rate,
         })

@@ -277,7 +277,10 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         raise TrainingError(f"no trajectory shard in {paths.trajectories(round_index)} holds sample {first_id}")
     sampling = TrajectorySettings.from_header(store.header(first_id), first_id)
     guidance = sampling.guidance if settings.guidance is None else settings.guidance
-    recompute = settings.recompute_reference or (settings.reference == "initial" and round_index > 0)
+    header = store.header(first_id)
+    # Stored log-probs are the initial model's only if the initial model sampled (no aligned LoRA stacked).
+    sampled_by_initial = round_index == 0 and not header.get("policy_lora")
+    recompute = settings.recompute_reference or (settings.reference == "initial" and not sampled_by_initial)
     if not recompute:
         if sampling.reduction != settings.log_prob_reduction:
             raise TrainingError(
@@ -291,6 +294,13 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             )
 
     pipe = load_run_policy(config, paths, device=accelerator.device, dtype=torch.float32)
+    stored_hash, current_hash = header.get("model_hash"), getattr(pipe, "magic_model_hash", None)
+    if not recompute and settings.reference == "initial" and stored_hash and current_hash and stored_hash != current_hash:
+        raise TrainingError(
+            f"round {round_index} was sampled by model {stored_hash}, but the run's model is now {current_hash} (the "
+            "base model, tokens or preliminary LoRA changed since), so the stored log-probs are not the reference's: "
+            "sample the round again, or set dpo.recompute_reference = true"
+        )
     unet = prepare_policy_unet(pipe, settings.lora_rank, settings.lora_alpha, init_lora)
     frozen_dtype = weight_dtype(accelerator)
     freeze_to(unet, frozen_dtype)

@@ -91,6 +91,7 @@ def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
     if "rft" in config.align:
         stages.append(Stage("rft", ("rft",), lambda: rft.run_rft(config, round_index=0), "MAGIC-RFT on round-0 feedback"))
     aligned = paths.aligned / config.align[0] if config.align else None
+    synthetic_dir = paths.synthetic / (f"magic-{config.align[0]}" if config.align else "i2i")
     stages += [
         Stage(
             "compare",
@@ -101,7 +102,8 @@ def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
         Stage(
             "synthesize",
             ("synthesize",),
-            lambda: synthesize.run_synthesize(config, lora=aligned),
+            # into the folder the evaluate stage reads for this model, so its images are made once
+            lambda: synthesize.run_synthesize(config, lora=aligned, out_dir=synthetic_dir),
             f"{config.synthesize.per_image} synthetic image(s) per training image with the {config.align[0] if config.align else 'unaligned'} model",
         ),
         Stage("evaluate", ("evaluate",), lambda: evaluate_stage.run_evaluate(config), "classifier, pass rate, FID/KID"),

@@ -261,7 +261,9 @@ def train_dpo_command(
     set_: SetOpt = None,
 ) -> None:
     """MAGIC-DPO on the stored trajectories and pairs -> run/aligned/dpo/ (a diffusers LoRA). Resumable."""
-    from magic_align.train.dpo import run_dpo, run_rounds
+    from magic_align.diffusion.loading import ModelLoadError
+    from magic_align.run import RunPaths
+    from magic_align.train.dpo import round_output, run_dpo, run_rounds
     from magic_align.train.loop import TrainingError
 
     run_config = load(config, set_)
@@ -269,9 +271,9 @@ def train_dpo_command(
         if round_ is None:
             output = run_rounds(run_config)
         else:
-            previous = run_config.run_dir / "aligned" / "dpo" / f"round-{round_ - 1}" if round_ > 0 else None
+            previous = round_output(RunPaths(run_config.run_dir), round_ - 1) if round_ > 0 else None
             output = run_dpo(run_config, round_index=round_, init_lora=previous)
-    except TrainingError as error:
+    except (TrainingError, ModelLoadError, *_feedback_errors()) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {output}")

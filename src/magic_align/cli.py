@@ -14,7 +14,7 @@ from rich.console import Console
 from magic_align.config import ConfigError, RunConfig, dump_config, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Align diffusion models with expert checklists (MAGIC).")
-config_app = typer.Typer(no_args_is_help=True, help="Show and check configurations.")
+config_app = typer.Typer(no_args_is_help=True, help="Show the resolved configuration.")
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
 
@@ -492,21 +492,43 @@ def train_rft_command(
     typer.echo(f"wrote {output}")
 
 
+def _stage_errors() -> tuple[type[BaseException], ...]:
+    """Every error a stage raises for a problem the user can fix (shown as a message, not a traceback)."""
+    return tuple({*_feedback_errors(), *_data_errors(), *_sampling_errors(), *_training_errors()})
+
+
 @app.command("compare")
 def compare_command(
     config: ConfigArg,
     settings: Annotated[
-        Optional[list[str]], typer.Option("--setting", help="Models to compare: i2i, dpo, rft (repeatable; default all).")
+        Optional[str], typer.Option("--settings", help="Comma-separated models to compare: i2i, magic-dpo, magic-rft (default all).")
     ] = None,
     units: Annotated[Optional[int], typer.Option("--units", help="Held-out sources (default evaluate.alignment_units).")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Paired alignment comparison on held-out sources: mean checklist items met per model, with intervals."""
-    from magic_align.evaluate.alignment import run_alignment_comparison
+    from magic_align.evaluate.alignment import AlignmentError, run_alignment_comparison
 
     run_config = load(config, set_)
-    output = run_alignment_comparison(run_config, settings=settings, units=units, console=console)
+    chosen = [name.strip() for name in settings.split(",") if name.strip()] if settings else None
+    try:
+        output = run_alignment_comparison(run_config, settings=chosen, units=units, console=console)
+    except (AlignmentError, *_stage_errors()) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {output}")
+
+
+def _run_stages(run_config: RunConfig, force: bool):
+    from magic_align.evaluate.alignment import AlignmentError
+    from magic_align.pipeline import run_all
+
+    try:
+        return run_all(run_config, force=force, console=console)
+    except (AlignmentError, *_stage_errors()) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print("fix the problem and rerun: finished stages are skipped")
+        raise typer.Exit(2) from None
 
 
 @app.command("run")
@@ -517,13 +539,13 @@ def run_command(
     set_: SetOpt = None,
 ) -> None:
     """Run every stage in order; a rerun skips the stages already done for the same configuration."""
-    from magic_align.pipeline import dry_run_plan, run_all
+    from magic_align.pipeline import dry_run_plan
 
     run_config = load(config, set_)
     if dry_run:
         Console().print(dry_run_plan(run_config))
         return
-    paths = run_all(run_config, force=force, console=console)
+    paths = _run_stages(run_config, force)
     typer.echo(f"report: {(paths.report / 'index.html').resolve()}")
 
 
@@ -533,8 +555,6 @@ def demo_command(
     set_: SetOpt = None,
 ) -> None:
     """The built-in demo: procedural skin conditions, the demo base model, the rules judge, every stage."""
-    from magic_align.pipeline import run_all
 
-    run_config = load("demo", set_)
-    paths = run_all(run_config, force=force, console=console)
+    paths = _run_stages(load("demo", set_), force)
     typer.echo(f"report: {(paths.report / 'index.html').resolve()}")

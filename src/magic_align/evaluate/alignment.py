@@ -22,8 +22,12 @@ from magic_align.config import RunConfig
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.stats import bootstrap, mean_difference
 
-# setting -> where its LoRA lives, relative to the run directory (None: the run's preliminary model alone)
-ALIGNMENT_SETTINGS: dict[str, str | None] = {"i2i": None, "dpo": "aligned/dpo", "rft": "aligned/rft"}
+# the models compared, named as in `magic evaluate`; the first is the baseline of every difference
+ALIGNMENT_SETTINGS = ("i2i", "magic-dpo", "magic-rft")
+
+
+class AlignmentError(ValueError):
+    """The comparison cannot run as asked; the message says why."""
 
 
 def held_out_sources(split, count: int, seed: int) -> list:
@@ -65,6 +69,7 @@ def run_alignment_comparison(
     from magic_align.checklists.schema import load_checklists
     from magic_align.data.split import run_split
     from magic_align.evaluate.passrate import judge_images
+    from magic_align.evaluate.stage import setting_model
     from magic_align.judges import make_judge
     from magic_align.ledger import Ledger
     from magic_align.synthesize import read_manifest, run_synthesize
@@ -75,9 +80,11 @@ def run_alignment_comparison(
     chosen = list(settings or ALIGNMENT_SETTINGS)
     unknown = [name for name in chosen if name not in ALIGNMENT_SETTINGS]
     if unknown:
-        raise ValueError(f"unknown alignment setting(s) {unknown}; expected some of {list(ALIGNMENT_SETTINGS)}")
+        raise AlignmentError(f"unknown setting(s) {unknown}; expected some of {', '.join(ALIGNMENT_SETTINGS)}")
     split = run_split(config, paths)
     sources = held_out_sources(split, units or evaluate.alignment_units, config.seed)
+    if not sources:
+        raise AlignmentError(f"the test split of {paths.root} has no images to use as held-out sources")
     checklists = load_checklists(config.judge.checklist)
     judge_config = evaluate.held_out_judge or config.judge
     judge = make_judge(judge_config, checklists)
@@ -87,10 +94,9 @@ def run_alignment_comparison(
     targets: dict[str, tuple[str, str]] = {}
     notes: list[str] = []
     for name in chosen:
-        relative = ALIGNMENT_SETTINGS[name]
-        lora = paths.root / relative if relative else None
-        if lora is not None and not (lora / "pytorch_lora_weights.safetensors").is_file():
-            notes.append(f"{name}: no model at {relative} (train it first); left out")
+        needed, lora = setting_model(name, paths)
+        if not needed.exists():
+            notes.append(f"{name}: no model at {needed.relative_to(paths.root)} (train it first); left out")
             continue
         console.print(f"alignment comparison: {len(sources)} held-out sources through the {name} model")
         manifest = run_synthesize(config, lora, out_dir=_output_dir(config, paths, name, lora), sources=sources)
@@ -112,7 +118,7 @@ def run_alignment_comparison(
             images[name][unit] = row["path"]
             targets[unit] = (row["source_id"], row["target_label"])
 
-    summary = paired_summary(scores, "i2i", evaluate.bootstrap, config.seed)
+    summary = paired_summary(scores, ALIGNMENT_SETTINGS[0], evaluate.bootstrap, config.seed)
     source_paths = {record.id: record.path for record in sources}
     result = {
         "judge": judge.id,

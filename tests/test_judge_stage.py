@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from magic_align.judge import JudgeStageError, gpt4o_image_tokens, run_judge, sent_size, text_tokens
+from magic_align.judge import JudgeStageError, run_judge
+from magic_align.judges.costs import estimate_image_tokens, estimate_text_tokens, sent_size
 from magic_align.judges.base import Verdict
 
 
@@ -76,6 +77,33 @@ def test_interrupted_run_resumes_without_repeating(feedback_run):
     assert not set(first.seen) & set(second.seen)  # no image asked twice
     assert summary.cached == 5 and summary.remaining == 0
     assert ledger.spent_usd(first.id) == pytest.approx(0.12)
+
+
+class ClosingJudge(CountingJudge):
+    """Records whether `aclose` ran, and in which event loop (the one that graded must close)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.closed_in_loop = None
+        self.judged_in_loop = None
+
+    async def judge(self, image, checklist) -> Verdict:
+        self.judged_in_loop = asyncio.get_running_loop()
+        return await super().judge(image, checklist)
+
+    async def aclose(self) -> None:
+        self.closed_in_loop = asyncio.get_running_loop()
+
+
+def test_run_judge_closes_the_judge_even_on_failure(feedback_run):
+    config, _, _ = feedback_run(units=2, k=2)
+    judge = ClosingJudge()
+    run_judge(config, judge=judge, show_progress=False)
+    assert judge.closed_in_loop is not None and judge.closed_in_loop is judge.judged_in_loop
+    failing = ClosingJudge(prompt_version="p2", fail_after=1)
+    with pytest.raises(ConnectionError):
+        run_judge(config, judge=failing, show_progress=False)
+    assert failing.closed_in_loop is not None and failing.closed_in_loop is failing.judged_in_loop
 
 
 def test_budget_cap_stops_cleanly_and_rerun_continues(feedback_run):
@@ -185,7 +213,7 @@ def test_dry_run_estimates_and_asks_nothing(feedback_run):
     from magic_align.judges.prompts import render_prompt
 
     checklists = load_checklists(config.judge.checklist)
-    expected_in = sum(text_tokens(render_prompt(checklists[s.target_label], "paper")) + gpt4o_image_tokens(8, 8) for s in samples)
+    expected_in = sum(estimate_text_tokens(render_prompt(checklists[s.target_label], "paper")) + estimate_image_tokens(8, 8) for s in samples)
     assert summary.estimated_input_tokens == expected_in
     price = config.judge.prices["gpt-4o"]
     expected_cost = expected_in * price.input_per_mtok / 1e6 + summary.estimated_output_tokens * price.output_per_mtok / 1e6
@@ -208,9 +236,9 @@ def test_dry_run_estimates_and_asks_nothing(feedback_run):
         ((513, 100), 85 + 170 * 2),
     ],
 )
-def test_gpt4o_image_tokens(size, tokens):
-    assert gpt4o_image_tokens(*size) == tokens
-    assert gpt4o_image_tokens(*size, detail="low") == 85
+def test_estimate_image_tokens(size, tokens):
+    assert estimate_image_tokens(*size) == tokens
+    assert estimate_image_tokens(*size, detail="low") == 85
 
 
 def test_sent_size_never_enlarges():

@@ -211,6 +211,11 @@ class SynthesizeConfig(Section):
 
 
 class EvaluateConfig(Section):
+    # what the classifier is trained on: real only, plus synthetic sets from text-to-image, unaligned I2I,
+    # MAGIC-DPO and MAGIC-RFT (the paper's comparison); `magic evaluate --settings` overrides it
+    settings: list[Literal["real", "t2i", "i2i", "magic-dpo", "magic-rft"]] = Field(
+        default_factory=lambda: ["real", "t2i", "i2i", "magic-dpo", "magic-rft"]
+    )
     backbones: list[str] = Field(default_factory=lambda: ["resnet-18", "dinov2"])
     mode: Literal["linear_probe", "finetune"] = "finetune"
     seeds: int = Field(5, ge=1)

@@ -30,6 +30,7 @@ from rich.table import Table
 from magic_align.checklists.schema import Checklist, ChecklistSet, load_checklists
 from magic_align.config import JudgeConfig, RunConfig
 from magic_align.judges.base import Judge, Verdict
+from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens, price_usd, sent_size
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, may_send, sends_images
 from magic_align.judges.prompts import render_prompt
 from magic_align.ledger import Ledger, SampleRow
@@ -46,32 +47,6 @@ class JudgeStageError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ estimates
-def gpt4o_image_tokens(width: int, height: int, detail: str = "high") -> int:
-    """Input tokens GPT-4o bills for one image: 85 at low detail; at high detail the image is fitted into
-    2048 x 2048, its shortest side scaled down to 768, and each 512-px tile costs 170 on top of 85."""
-    if detail == "low":
-        return 85
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width} x {height}")
-    scale = min(1.0, 2048 / max(width, height))
-    width, height = width * scale, height * scale
-    scale = min(1.0, 768 / min(width, height))
-    width, height = width * scale, height * scale
-    tiles = math.ceil(width / 512) * math.ceil(height / 512)
-    return 85 + 170 * tiles
-
-
-def text_tokens(text: str) -> int:
-    """About four characters per token for English prompt text."""
-    return math.ceil(len(text) / 4)
-
-
-def sent_size(width: int, height: int, image_size: int) -> tuple[int, int]:
-    """The size of the image as sent: longest side at most `image_size` (never enlarged)."""
-    scale = min(1.0, image_size / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
 def prompt_text_for(judge: Judge | None, checklist: Checklist, style: str = "paper") -> str:
     """The prompt a judge would send for this checklist: the judge's own `prompt_text(checklist)` where it
     has one, else the shared prompt templates (judges/prompts.py) in the configured style."""
@@ -79,14 +54,6 @@ def prompt_text_for(judge: Judge | None, checklist: Checklist, style: str = "pap
     if callable(render):
         return str(render(checklist))
     return render_prompt(checklist, style)
-
-
-def call_cost(input_tokens: int, output_tokens: int, config: JudgeConfig) -> float | None:
-    """Dollars for one call at the configured model's prices; None when the model has no price."""
-    price = config.prices.get(config.model)
-    if price is None:
-        return None
-    return input_tokens * price.input_per_mtok / 1e6 + output_tokens * price.output_per_mtok / 1e6
 
 
 # ------------------------------------------------------------------------------------------- summary
@@ -294,13 +261,13 @@ def _estimate(
     for unit in pending:
         version = unit.checklist.version
         if version not in prompt_tokens:
-            prompt_tokens[version] = text_tokens(prompt_text_for(judge, unit.checklist, config.judge.prompt_style))
+            prompt_tokens[version] = estimate_text_tokens(prompt_text_for(judge, unit.checklist, config.judge.prompt_style))
         try:
             with Image.open(paths.root / unit.sample.image_path) as image:
                 width, height = image.size
         except (OSError, ValueError):
             width = height = config.judge.image_size  # missing file: assume the configured size
-        total_in += prompt_tokens[version] + gpt4o_image_tokens(*sent_size(width, height, config.judge.image_size))
+        total_in += prompt_tokens[version] + estimate_image_tokens(*sent_size(width, height, config.judge.image_size))
         if config.judge.prompt_style == "structured":
             total_out += OUTPUT_TOKENS_STRUCTURED_PER_ITEM * len(unit.checklist.items) + 20
         else:
@@ -308,7 +275,7 @@ def _estimate(
     summary.estimated_input_tokens = total_in
     summary.estimated_output_tokens = total_out
     # local backends (hf, rules) are free; HTTP ones are priced by judge.prices[judge.model]
-    summary.estimated_cost_usd = call_cost(total_in, total_out, config.judge) if sends_images(config.judge) else 0.0
+    summary.estimated_cost_usd = price_usd(config.judge, total_in, total_out) if sends_images(config.judge) else 0.0
 
 
 def run_judge(
@@ -353,7 +320,7 @@ def run_judge(
         check_endpoint(config.judge.base_url or OPENAI_API_URL, config.judge.allow_remote)
     try:
         ledger.set_stage(f"judge:{round_index}", _config_hash(config), "running", f"{len(pending)} images to grade")
-        asyncio.run(_grade(pending, judge, ledger, config, paths, summary, show_progress, console))
+        asyncio.run(_grade_then_close(pending, judge, ledger, config, paths, summary, show_progress, console))
     except BaseException as error:
         ledger.set_stage(f"judge:{round_index}", _config_hash(config), "failed", f"{type(error).__name__}: {error}")
         raise
@@ -387,6 +354,17 @@ def judge_identity(config: RunConfig, checklists: ChecklistSet, judge_id: str | 
 def _config_hash(config: RunConfig) -> str:
     text = config.judge.model_dump_json() + config.sample.model_dump_json()
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+async def _grade_then_close(pending: list[_Work], judge: Judge, *args) -> None:
+    """Grade, then release the judge's connections (OpenAIJudge, EnsembleJudge have `aclose`) inside the
+    same event loop that opened them, even when grading stopped on an error."""
+    try:
+        await _grade(pending, judge, *args)
+    finally:
+        close = getattr(judge, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def _grade(
@@ -456,7 +434,7 @@ async def _grade(
                 if not verdict.latency_s:
                     verdict.latency_s = time.perf_counter() - started
                 if paid and not verdict.cost_usd and (verdict.input_tokens or verdict.output_tokens):
-                    verdict.cost_usd = call_cost(verdict.input_tokens, verdict.output_tokens, config.judge) or 0.0
+                    verdict.cost_usd = cost_usd(config.judge, verdict.input_tokens, verdict.output_tokens)
                 # stored before anything else happens: this answer was paid for. The commit waits for the
                 # disk (synchronous = FULL), so it runs in a thread and the other calls keep going meanwhile.
                 await asyncio.to_thread(

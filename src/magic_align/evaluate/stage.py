@@ -199,7 +199,7 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
 
     say = progress or (lambda _text: None)
     evaluate = config.evaluate
-    chosen = parse_settings(settings)
+    chosen = parse_settings(settings if settings is not None else evaluate.settings)
     paths = prepare_run(config)
     split = run_split(config, paths)
     classes = list(split.classes)

@@ -29,7 +29,8 @@ from PIL import Image
 from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
 from magic_align.judges.base import Verdict
-from magic_align.judges.openai_judge import REPAIR_SEPARATOR, better_answer, cost_usd, max_output_tokens
+from magic_align.judges.costs import cost_usd
+from magic_align.judges.openai_judge import REPAIR_SEPARATOR, better_answer, max_output_tokens
 from magic_align.judges.parsing import ParsedAnswer, parse_answer
 from magic_align.judges.privacy import downscale
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import math
 import os
 import random
 import time
@@ -38,6 +37,7 @@ from PIL import Image
 from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
 from magic_align.judges.base import Verdict
+from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens, sent_size
 from magic_align.judges.parsing import ParsedAnswer, parse_answer
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, is_loopback_url, png_data_url, prepare_image
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair, response_format
@@ -87,19 +87,6 @@ def retry_delay(attempt: int, retry_after: float | None, base_s: float, max_s: f
     return backoff_delay(attempt, base_s, max_s, rng)
 
 
-def estimate_image_tokens(width: int, height: int) -> int:
-    """OpenAI's high-detail image cost: fit in 2048 px, shortest side to 768 px, 170 tokens per 512 px tile + 85."""
-    scale = min(1.0, 2048 / max(width, height))
-    width, height = width * scale, height * scale
-    scale = min(1.0, 768 / min(width, height))
-    width, height = width * scale, height * scale
-    return 85 + 170 * math.ceil(width / 512) * math.ceil(height / 512)
-
-
-def estimate_text_tokens(text: str) -> int:
-    return math.ceil(len(text) / 4) + 4  # about four characters per token, plus the message framing
-
-
 def max_output_tokens(n_items: int, style: str, configured: int | None = None) -> int:
     """The answer budget (`judge.max_output_tokens` when set): by default room for prose around a list, or a
     sentence per item in the structured style."""
@@ -133,21 +120,12 @@ class CallEstimate:
     cost_usd: float
 
 
-def cost_usd(cfg: JudgeConfig, input_tokens: int, output_tokens: int) -> float:
-    """Cost from `judge.prices[model]`; models without a price (local servers) cost nothing."""
-    price = cfg.prices.get(cfg.model)
-    if price is None:
-        return 0.0
-    return input_tokens * price.input_per_mtok / 1e6 + output_tokens * price.output_per_mtok / 1e6
-
-
 def estimate_call(cfg: JudgeConfig, checklist: Checklist, image_size: tuple[int, int] | None = None) -> CallEstimate:
     """Tokens and cost of grading one image (for `magic judge --dry-run`); no repair, no retry."""
     side = cfg.image_size
     width, height = image_size or (side, side)
-    scale = min(1.0, side / max(width, height))
     prompt = render_prompt(checklist, cfg.prompt_style)
-    input_tokens = estimate_text_tokens(prompt) + estimate_image_tokens(round(width * scale), round(height * scale))
+    input_tokens = estimate_text_tokens(prompt) + estimate_image_tokens(*sent_size(width, height, side))
     output_tokens = expected_output_tokens(len(checklist.items), cfg.prompt_style)
     return CallEstimate(input_tokens, output_tokens, cost_usd(cfg, input_tokens, output_tokens))
 

@@ -202,11 +202,11 @@ def chromium_browser():
             browser.close()
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    """One intra-op torch thread for a module (use with `pytestmark = pytest.mark.usefixtures("single_thread")`).
-    On the shared 2-core machine the default two threads oversubscribe the cores and tiny-UNet training steps run
-    10-20x slower (measured: 0.17 s vs 3 s per forward+backward under load). Used by test_finetune, test_rft."""
+@pytest.fixture(scope="session", autouse=True)
+def single_torch_thread():
+    """One intra-op torch thread for the whole suite. Every test uses tiny tensors and models; on the shared
+    2-core machine the default two threads oversubscribe the cores and tiny-UNet steps run 10-20x slower
+    (measured: 0.17 s vs 3 s per forward+backward under load)."""
     import torch
 
     previous = torch.get_num_threads()

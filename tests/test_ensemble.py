@@ -7,23 +7,19 @@ import json
 import pytest
 from PIL import Image
 
+from checklist_builders import gated_checklist
 from fake_openai_server import FakeChatServer
-from magic_align.checklists.schema import Checklist, ChecklistItem
 from magic_align.config import JudgeConfig
 from magic_align.judges import make_judge, member_config
 from magic_align.judges.base import Verdict
 from magic_align.judges.ensemble import EnsembleJudge, combine_items, combine_verdicts, majority_item, mean_item
 from magic_align.judges.openai_judge import OpenAIJudge
 
-CHECKLIST = Checklist(
-    condition="eczema",
-    display_name="Eczema",
-    token="<eczema>",
-    items=(
-        ChecklistItem(id="lesion", aspect="lesion", text="A patch of eczema is visible."),
-        ChecklistItem(id="color", aspect="color", text="The patch is red.", requires="lesion"),
-        ChecklistItem(id="texture", aspect="texture", text="The patch is dry and flaky."),
-    ),
+CHECKLIST = gated_checklist(
+    "eczema",
+    ("lesion", "lesion", "A patch of eczema is visible."),
+    ("color", "color", "The patch is red."),
+    ("texture", "texture", "The patch is dry and flaky."),
 )
 
 

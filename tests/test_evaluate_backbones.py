@@ -8,15 +8,6 @@ from PIL import Image
 from magic_align.evaluate.backbones import BackboneError, load_backbone, normalize, resize_and_crop
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only add waiting (100x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _image(width, height, seed=0):
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))

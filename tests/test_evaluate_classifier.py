@@ -23,15 +23,6 @@ from magic_align.evaluate.classifier import (
 from magic_align.evaluate.metrics import accuracy
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only add waiting (100x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
 
 

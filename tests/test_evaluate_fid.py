@@ -2,20 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from magic_align.evaluate.backbones import BackboneError
 from magic_align.evaluate.fid import image_distances, kid_subset_size, load_feature_module
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only add waiting (100x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _images(n, seed, noise=0.0, base_seed=0):

@@ -6,21 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from magic_align.config import load_config
 from magic_align.evaluate.stage import EvaluateError, MANIFEST_COLUMNS, parse_settings, read_manifest
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors on a shared 2-core machine: intra-op threads only add waiting (100x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
@@ -167,11 +157,14 @@ def test_missing_sets_are_synthesized_with_the_right_model(toy_run, monkeypatch)
     paths = prepare_run(config)
     calls = []
 
-    def fake_run_synthesize(cfg, lora, out_dir):
-        calls.append((cfg.sample.strength, lora, out_dir.name))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "manifest.csv").write_text(",".join(MANIFEST_COLUMNS) + "\n")
-        return out_dir / "manifest.csv"
+    def fake_run_synthesize(cfg, lora, out_dir, replace_stale=False):
+        assert replace_stale  # evaluate's sets are a cache: a stale one is made again, never refused
+        manifest = out_dir / "manifest.csv"
+        if not manifest.is_file():  # a complete set of the same model: nothing to do
+            calls.append((cfg.sample.strength, lora, out_dir.name))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            manifest.write_text(",".join(MANIFEST_COLUMNS) + "\n")
+        return manifest
 
     monkeypatch.setattr(synthesize, "run_synthesize", fake_run_synthesize)
     manifest, how = ensure_synthetic(config, paths, "magic-dpo")

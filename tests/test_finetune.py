@@ -29,7 +29,6 @@ CONDITIONS = {"melanoma": "<mel>", "vitiligo": "<vit>"}
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

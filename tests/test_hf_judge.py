@@ -12,20 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from magic_align.checklists.schema import Checklist, ChecklistItem
+from checklist_builders import gated_checklist
 from magic_align.config import JudgeConfig
 from magic_align.judges import make_judge
 from magic_align.judges.hf_judge import HFJudge, HFJudgeLoadError
 
-CHECKLIST = Checklist(
-    condition="vitiligo",
-    display_name="Vitiligo",
-    token="<vitiligo>",
-    items=(
-        ChecklistItem(id="lesion", aspect="lesion", text="A depigmented patch is visible."),
-        ChecklistItem(id="border", aspect="shape", text="The patch is well defined.", requires="lesion"),
-        ChecklistItem(id="color", aspect="color", text="The patch is white."),
-    ),
+CHECKLIST = gated_checklist(
+    "vitiligo",
+    ("lesion", "lesion", "A depigmented patch is visible."),
+    ("border", "shape", "The patch is well defined."),
+    ("color", "color", "The patch is white."),
 )
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"

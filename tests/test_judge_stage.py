@@ -101,7 +101,7 @@ def test_run_judge_closes_the_judge_even_on_failure(feedback_run):
     run_judge(config, judge=judge, show_progress=False)
     assert judge.closed_in_loop is not None and judge.closed_in_loop is judge.judged_in_loop
     failing = ClosingJudge(prompt_version="p2", fail_after=1)
-    with pytest.raises(ConnectionError):
+    with pytest.raises(JudgeStageError, match="injected failure"):
         run_judge(config, judge=failing, show_progress=False)
     assert failing.closed_in_loop is not None and failing.closed_in_loop is failing.judged_in_loop
 

@@ -43,7 +43,9 @@ def test_missing_hub_model_says_what_to_download():
     with pytest.raises(ModelLoadError) as error:
         load_pipeline(config, local_files_only=True)
     message = str(error.value)
-    assert "huggingface-cli download nobody/not-a-model --revision abc123" in message
+    assert "hf download nobody/not-a-model --revision abc123\n" in message
+    assert "hf download nobody/not-a-model --revision abc123 --local-dir /path/to/folder" in message
+    assert "huggingface-cli" not in message
     assert "model.source=local" in message
 
 
@@ -65,3 +67,12 @@ def test_model_hash_changes_with_model_and_weights(tmp_path, tiny_model_dir):
     assert model_hash(tiny, [weights]) != with_weights
     assert len(model_hash(ModelConfig(source="local", pretrained=str(tiny_model_dir)))) == 12
     assert model_hash(ModelConfig(pretrained="a/b", revision="1")) != model_hash(ModelConfig(pretrained="a/b", revision="2"))
+
+
+def test_a_folder_saved_in_fp16_loads_whole_in_the_asked_dtype(tmp_path):
+    # the demo model ships in fp16; every module, the text encoder included, must come back in float32
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.to(torch.float16)
+    pipe.save_pretrained(tmp_path / "fp16", safe_serialization=True)
+    loaded = load_pipeline(ModelConfig(source="local", pretrained=str(tmp_path / "fp16")))
+    assert {loaded.unet.dtype, loaded.vae.dtype, loaded.text_encoder.dtype} == {torch.float32}

@@ -13,6 +13,7 @@ import time
 import pytest
 from PIL import Image, PngImagePlugin
 
+from checklist_builders import gated_checklist
 from fake_openai_server import ChatRequest, FakeChatServer, Fault, default_items, image_key
 from magic_align.checklists.schema import Checklist, ChecklistItem
 from magic_align.config import JudgeConfig, Price
@@ -36,15 +37,11 @@ CHECKLIST = Checklist(
         for name in ("location", "lesion", "shape", "color", "texture")
     ),
 )
-GATED = Checklist(
-    condition="acne",
-    display_name="Acne",
-    token="<acne>",
-    items=(
-        ChecklistItem(id="lesion", aspect="lesion", text="A lesion is visible."),
-        ChecklistItem(id="color", aspect="color", text="The lesion is red.", requires="lesion"),
-        ChecklistItem(id="site", aspect="location", text="On the face."),
-    ),
+GATED = gated_checklist(
+    "acne",
+    ("lesion", "lesion", "A lesion is visible."),
+    ("color", "color", "The lesion is red."),
+    ("site", "location", "On the face."),
 )
 KEY_ENV = "MAGIC_TEST_JUDGE_KEY"
 

@@ -12,7 +12,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from magic_align.checklists.schema import Checklist, ChecklistItem
+from checklist_builders import gated_checklist
 from magic_align.judges.agreement import cohen_kappa, percent_agreement
 from magic_align.ledger import SampleRow, StoredVerdict
 from magic_align.review.app import ReviewError, create_app
@@ -35,16 +35,7 @@ def client(review_run):
 
 
 # ------------------------------------------------------------------------------------- queue, pure parts
-CHECKLIST = Checklist(
-    condition="c",
-    display_name="C",
-    token="<c>",
-    items=(
-        ChecklistItem(id="a", aspect="x", text="item a"),
-        ChecklistItem(id="b", aspect="y", text="item b", requires="a"),
-        ChecklistItem(id="c", aspect="z", text="item c"),
-    ),
-)
+CHECKLIST = gated_checklist("c", ("a", "x", "item a"), ("b", "y", "item b"), ("c", "z", "item c"))
 
 
 def verdict(judge: str, items, status="ok") -> StoredVerdict:

@@ -14,9 +14,6 @@ from magic_align.train.reward_model import RewardHead, fit_reward_head
 from magic_align.train.rft import real_labels, reward_weighted_nll, trajectory_weight
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
-
 # ------------------------------------------------------------------------------------------------ math
 def test_trajectory_weight_by_hand():
     reward = torch.tensor([0.0, 0.5, 1.0, 1.3, -0.2])

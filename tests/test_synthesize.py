@@ -54,3 +54,52 @@ def test_judge_flag_is_refused_clearly(tmp_path):
     config = load_config("tiny", [f"runs_dir='{tmp_path}'", "synthesize.judge=true"])
     with pytest.raises(SynthesizeError, match="synthesize.judge"):
         run_synthesize(config, lora=None, progress=False)
+
+
+def test_stale_set_is_replaced_by_evaluate_and_refused_by_plain_synthesize(tmp_path):
+    import torch
+
+    from magic_align.diffusion.loading import load_pipeline, load_run_policy, model_hash, policy_files
+    from magic_align.diffusion.lora import attach_lora, save_lora
+    from magic_align.evaluate.stage import ensure_synthetic
+
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'", "data.procedural_per_class=2", "sample.steps=2",
+                                  "synthesize.size=32", "synthesize.batch_size=8"])
+    paths = prepare_run(config)
+    lora = paths.aligned / "dpo"
+
+    def retrain(value: float) -> None:  # a new aligned LoRA: same file name, other bytes
+        trainer = load_pipeline(config.model)
+        attach_lora(trainer.unet, rank=4, alpha=4)
+        with torch.no_grad():
+            for name, param in trainer.unet.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(value)
+        save_lora(trainer.unet, lora)
+
+    def hashes(manifest) -> set[str]:
+        with open(manifest, newline="") as handle:
+            return {row["model_hash"] for row in csv.DictReader(handle)}
+
+    retrain(0.01)
+    first_hash = model_hash(config.model, policy_files(paths, lora))
+    assert load_run_policy(config, paths, extra_lora=lora).magic_model_hash == first_hash  # the cheap hash is the real one
+    manifest, how = ensure_synthetic(config, paths, "magic-dpo")
+    assert how == "synthesized" and hashes(manifest) == {first_hash}
+    old_images = {path.name: path.stat().st_mtime_ns for path in (manifest.parent / "images").glob("*.png")}
+    assert old_images
+    assert ensure_synthetic(config, paths, "magic-dpo") == (manifest, "read")  # complete and current: kept
+
+    retrain(0.02)  # e.g. DPO trained again
+    second_hash = model_hash(config.model, policy_files(paths, lora))
+    assert second_hash != first_hash
+    assert ensure_synthetic(config, paths, "magic-dpo") == (manifest, "synthesized")
+    assert hashes(manifest) == {second_hash}
+    new_images = {path.name: path.stat().st_mtime_ns for path in (manifest.parent / "images").glob("*.png")}
+    assert new_images.keys() == old_images.keys()
+    assert all(new_images[name] != old_images[name] for name in old_images)  # every image made again
+
+    retrain(0.03)  # a plain `magic synthesize` into the old folder refuses instead of mixing two models
+    with pytest.raises(SynthesizeError, match=f"made with model \\['{second_hash}'\\].*changed since"):
+        synthesize(config, lora, manifest.parent, progress=False)
+    assert hashes(manifest) == {second_hash}  # untouched

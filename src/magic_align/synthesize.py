@@ -42,6 +42,7 @@ class SynthesizeSummary:
     manifest: Path
     written: int = 0
     already_done: int = 0
+    replaced: int = 0  # images of an older model removed first (replace_stale)
     skipped_sources: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -76,20 +77,24 @@ def run_synthesize(
     out_dir: Path | None = None,
     sources: list | None = None,
     progress: bool = True,
+    replace_stale: bool = False,
 ) -> Path:
     """Synthesize (resumably) and return the manifest path. `sources` (records) defaults to the train split plus
-    `synthesize.extra_sources`; `lora` is the aligned LoRA stacked on the run's model (None: the run's model)."""
-    return synthesize(config, lora, out_dir, sources, progress).manifest
+    `synthesize.extra_sources`; `lora` is the aligned LoRA stacked on the run's model (None: the run's model).
+
+    A folder whose manifest lists images of another model (e.g. the LoRA was retrained) is refused with a
+    `SynthesizeError`, or, with `replace_stale`, emptied (old images and manifest) and made again."""
+    return synthesize(config, lora, out_dir, sources, progress, replace_stale).manifest
 
 
 def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None, sources: list | None = None,
-               progress: bool = True) -> SynthesizeSummary:
+               progress: bool = True, replace_stale: bool = False) -> SynthesizeSummary:
     """`run_synthesize` returning counts as well (the CLI prints them)."""
     from magic_align.checklists.schema import load_checklists
     from magic_align.data.images import BadImageError, encode_png, load_image
     from magic_align.data.split import run_split
     from magic_align.data.targets import choose_target
-    from magic_align.diffusion.loading import load_run_policy
+    from magic_align.diffusion.loading import load_run_policy, model_hash, policy_files
     from magic_align.sample import _process_state, _progress_bar
 
     if config.synthesize.judge:
@@ -106,8 +111,20 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
     split = run_split(config, paths)
     if sources is None:
         sources = list(split.train) + _extra_sources(config)
+    # The model's hash from its files alone (no model load), so a finished set of an older model is caught too.
+    expected_hash = model_hash(config.model, policy_files(paths, lora))
     rows = read_manifest(manifest_path)
-    summary = SynthesizeSummary(manifest=manifest_path, already_done=len(rows))
+    stale = sorted({row["model_hash"] for row in rows} - {expected_hash})
+    replaced = 0
+    if stale:
+        if not replace_stale:
+            raise SynthesizeError(
+                f"{manifest_path} lists images made with model {stale}, not {expected_hash} (the model or LoRA "
+                "changed since); write to another folder (--out) or delete it to start over"
+            )
+        replaced = _remove_set(manifest_path, images_dir)
+        rows = []
+    summary = SynthesizeSummary(manifest=manifest_path, already_done=len(rows), replaced=replaced)
     done = {row["synthetic_id"] for row in rows if (paths.root / row["path"]).is_file()}
     rows = [row for row in rows if row["synthetic_id"] in done]
 
@@ -118,12 +135,10 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
         return summary
     _, _, device = _process_state()
     pipe = load_run_policy(config, paths, extra_lora=lora, device=device)
-    model_hash = pipe.magic_model_hash
-    previous = {row["model_hash"] for row in rows}
-    if previous and previous != {model_hash}:
+    if pipe.magic_model_hash != expected_hash:  # the files changed while loading: the check above was wrong
         raise SynthesizeError(
-            f"{manifest_path} lists images made with model {sorted(previous)}, not {model_hash}; write to another "
-            "folder (--out) or delete it to start over"
+            f"the model's files changed while it was loading (hash {expected_hash} before, {pipe.magic_model_hash} "
+            "after); rerun when the training that writes them has finished"
         )
     settings = SamplingSettings.from_config(config.sample, config.model, keep_trajectory=False)
     region_of = {checklist.condition: checklist.region for checklist in checklists.conditions}
@@ -168,7 +183,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
                     "prompt": result_prompt(reqs, result.sample_id),
                     "strength": settings.strength,
                     "seed": seed,
-                    "model_hash": model_hash,
+                    "model_hash": expected_hash,
                     "verdict_score": "",
                     "verdict_items": "",
                 })
@@ -176,6 +191,16 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
             write_manifest(manifest_path, rows)  # after every batch: a crash loses at most one batch
             bar.advance(task, len(reqs))
     return summary
+
+
+def _remove_set(manifest_path: Path, images_dir: Path) -> int:
+    """Delete a stale set: the manifest and the PNGs in its images/ folder (nothing else in the folder)."""
+    removed = 0
+    for image_path in images_dir.glob("*.png"):
+        image_path.unlink()
+        removed += 1
+    manifest_path.unlink(missing_ok=True)
+    return removed
 
 
 def result_prompt(requests: Sequence[SampleRequest], sample_id: str) -> str:

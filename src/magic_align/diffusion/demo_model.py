@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from magic_align.data.procedural import condition_free_labels, render_arrays
+from magic_align.data.procedural import CONDITIONS, condition_free_labels, render_arrays
 
 MAX_TOKENS = 16
 HIDDEN = 64
@@ -68,11 +68,17 @@ REGION_PHRASES = {"face": "on the face", "trunk": "on the trunk", "extremities":
 class DemoModelRecipe:
     seed: int = 0
     images: int = 3000
-    vae_steps: int = 250
+    vae_steps: int = 1200
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_crop: int = 32
-    unet_steps: int = 600
+    # extra autoencoder images: condition-free skin with random shapes in random colours, so the codec keeps
+    # saturated reds, whites and thin rings that condition-free skin alone never shows it
+    shape_images: int = 1500
+    # unlabeled lesions for the denoiser: images of the six conditions captioned only "a skin lesion", drawn
+    # from their own random stream (never the demo dataset's images): the model has seen lesions, never their names
+    unlabeled_lesion_images: int = 1500
+    unet_steps: int = 1000
     decoder_steps: int = 400
     unet_batch: int = 32
     unet_lr: float = 8e-4
@@ -226,6 +232,44 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+UNLABELED_STREAM = 7  # random streams of the base model's own images, apart from the dataset's
+SHAPES_STREAM = 8
+
+
+def random_shapes(arrays: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Copies of `arrays` with 1-5 soft-edged discs, rings or dot clusters in random colours painted on.
+
+    Teaches the autoencoder colours and thin structures in general, not any condition's look."""
+    out = arrays.astype(np.float32).copy()
+    size = arrays.shape[1]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for image in out:
+        for _ in range(int(rng.integers(1, 6))):
+            colour = rng.uniform(0, 255, 3)
+            if rng.uniform() < 0.5:  # saturated: one channel pushed to an extreme
+                colour[int(rng.integers(0, 3))] = rng.choice([0.0, 255.0])
+            cy, cx = rng.uniform(8, size - 8, 2)
+            ry, rx = rng.uniform(2, 16, 2)
+            angle = rng.uniform(0, np.pi)
+            dy, dx = yy - cy, xx - cx
+            u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
+            v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
+            distance = np.sqrt(u * u + v * v)
+            kind = rng.integers(0, 3)
+            if kind == 0:  # filled disc
+                alpha = np.clip((1.0 - distance) * min(rx, ry), 0, 1)
+            elif kind == 1:  # ring
+                alpha = np.clip((0.25 - np.abs(distance - 0.8)) * min(rx, ry) * 2, 0, 1)
+            else:  # cluster of small dots
+                alpha = np.zeros_like(xx)
+                for _ in range(int(rng.integers(3, 9))):
+                    py, px = cy + rng.uniform(-ry, ry), cx + rng.uniform(-rx, rx)
+                    radius = rng.uniform(1.5, 3.5)
+                    alpha = np.maximum(alpha, np.clip(radius - np.sqrt((yy - py) ** 2 + (xx - px) ** 2), 0, 1))
+            image[:] = image * (1 - alpha[..., None]) + colour * alpha[..., None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def train_vae(vae, images: torch.Tensor, recipe: DemoModelRecipe, log: Callable[[str], None]) -> None:
     """Train the autoencoder on random crops (4x cheaper than full images; it is fully convolutional)."""
     generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -347,17 +391,25 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
     if recipe.torch_threads:
         torch.set_num_threads(recipe.torch_threads)
     torch.manual_seed(recipe.seed)
-    log(f"demo base model: drawing {recipe.images} condition-free procedural images")
+    log(f"demo base model: drawing {recipe.images} condition-free and {recipe.unlabeled_lesion_images} unlabeled lesion images")
     labels = condition_free_labels(recipe.images, recipe.seed)
     arrays, drawings = render_arrays(labels, recipe.seed, size=64, stream=2)
+    lesion_rng = np.random.default_rng([recipe.seed, UNLABELED_STREAM])
+    lesion_labels = [CONDITIONS[int(i)] for i in lesion_rng.integers(0, len(CONDITIONS), recipe.unlabeled_lesion_images)]
+    lesion_arrays, lesion_drawings = render_arrays(lesion_labels, recipe.seed, size=64, stream=UNLABELED_STREAM)
+    arrays = np.concatenate([arrays, lesion_arrays])
+    drawings = drawings + lesion_drawings
+    labels = labels + ["generic-lesion"] * len(lesion_labels)  # captions never name the condition
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    shapes = random_shapes(arrays[: recipe.shape_images], np.random.default_rng([recipe.seed, SHAPES_STREAM]))
+    codec_images = torch.cat([images, torch.from_numpy(shapes).permute(0, 3, 1, 2).float() / 127.5 - 1.0])
 
     tokenizer = build_tokenizer()
     components = build_components(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, recipe.seed)
     vae, unet, text_encoder, scheduler = (components[k] for k in ("vae", "unet", "text_encoder", "scheduler"))
 
     log(f"demo base model: training the autoencoder ({recipe.vae_steps} steps on {recipe.vae_crop} px crops)")
-    train_vae(vae, images, recipe, log)
+    train_vae(vae, codec_images, recipe, log)
     latents = encode_latents(vae, images)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -372,7 +424,7 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
     train_denoiser(unet, text_encoder, scheduler, latents, token_ids, empty_ids, recipe, log)
     if recipe.decoder_steps:
         log(f"demo base model: refining the decoder on the frozen latents ({recipe.decoder_steps} steps)")
-        refine_decoder(vae, images, latents / scaling, recipe, log)
+        refine_decoder(vae, codec_images, encode_latents(vae, codec_images), recipe, log)
 
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -397,7 +449,8 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
                 "latent_scaling_factor": scaling,
                 "seconds": {"vae": round(vae_seconds, 1), "total": round(total, 1)},
                 "torch_threads": torch.get_num_threads(),
-                "trained_on": "condition-free procedural images (healthy skin, generic lesions); no demo condition",
+                "trained_on": "condition-free procedural images (healthy skin, generic lesions) and unlabeled lesions "
+                "of the six conditions captioned only as skin lesions; no condition name or token",
             },
             indent=2,
         )

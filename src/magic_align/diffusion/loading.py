@@ -75,9 +75,11 @@ def load_pipeline(
     pipe.scheduler = ddim_scheduler_from(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device or "cpu")
-    if pipe.unet.dtype != dtype:  # casting a pipeline to its own dtype only makes diffusers warn
-        pipe.to(dtype=dtype)
+    # each module on its own: a folder saved in fp16 (the demo model) must come back whole in `dtype`, and
+    # `pipe.to(dtype=...)` leaves a transformers text encoder in its saved dtype
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
         module.eval()
         module.requires_grad_(False)
     return pipe
@@ -96,7 +98,8 @@ def _load_local(folder: Path) -> "StableDiffusionPipeline":
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(
             f"{folder} is not a diffusers model folder (no model_index.json in it). Point model.pretrained at a "
-            "folder written by `pipeline.save_pretrained(...)` or downloaded with `huggingface-cli download`."
+            "folder written by `pipeline.save_pretrained(...)` or downloaded with "
+            "`hf download <model id> --local-dir <folder>`."
         )
     from diffusers.utils import logging as diffusers_logging
 
@@ -128,9 +131,10 @@ def _load_hub(model_id: str, revision: str | None, local_files_only: bool | None
             f"the model {model_id!r}{' at revision ' + revision if revision else ''} is not available "
             f"{'offline' if local_files_only else 'from the local cache or the hub'} ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no detail'}).\n"
-            "Either download it on a machine with network access:\n"
-            f"    huggingface-cli download {model_id}{revision_flag}\n"
-            "(and copy ~/.cache/huggingface/hub over if this machine is offline), or save a diffusers folder and use it:\n"
+            "Either download it into the Hugging Face cache on a machine with network access:\n"
+            f"    hf download {model_id}{revision_flag}\n"
+            "(and copy ~/.cache/huggingface/hub over if this machine is offline), or download it into a folder and use it:\n"
+            f"    hf download {model_id}{revision_flag} --local-dir /path/to/folder\n"
             "    --set model.source=local --set model.pretrained=/path/to/folder"
         ) from None
 

@@ -119,13 +119,16 @@ def setting_model(setting: str, paths: RunPaths) -> tuple[Path, Path | None]:
 
 
 def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[Path | None, str]:
-    """The setting's manifest, synthesizing it when missing and its model exists; (None, why) otherwise."""
+    """The setting's manifest, (re)synthesized when missing, incomplete or made by an older model (the sets under
+    synthetic/<setting>/ are a cache of the setting's model); (None, why) when its model does not exist.
+
+    A manifest without a model (e.g. one built by hand) is read as it is."""
     out_dir = paths.synthetic / setting
     manifest = out_dir / "manifest.csv"
-    if manifest.is_file():
-        return manifest, "read"
     needed, lora = setting_model(setting, paths)
     if not needed.exists():
+        if manifest.is_file():
+            return manifest, "read"
         command = "magic finetune" if lora is None else f"magic train {setting.removeprefix('magic-')}"
         return None, f"skipped: no {needed.relative_to(paths.root)}/ (make it first: {command})"
     try:
@@ -136,13 +139,15 @@ def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[
     if setting == "t2i":  # text-to-image = starting from pure noise
         synth_config = config.model_copy(deep=True)
         synth_config.sample.strength = 1.0
+    before = manifest.read_bytes() if manifest.is_file() else None
     try:
-        manifest = Path(run_synthesize(synth_config, lora, out_dir))
+        # cheap when the set is complete and of this model; a stale set (the model was retrained) is replaced
+        manifest = Path(run_synthesize(synth_config, lora, out_dir, replace_stale=True))
     except Exception as error:  # one setting's failed synthesis must not stop the others' evaluation
         return None, f"skipped: synthesis failed ({error.__class__.__name__}: {error})"
     if not manifest.is_file():
         raise EvaluateError(f"synthesis for {setting!r} finished without writing {manifest}")
-    return manifest, "synthesized"
+    return manifest, "read" if before is not None and manifest.read_bytes() == before else "synthesized"
 
 
 def _device(choice: str) -> str:

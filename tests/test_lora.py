@@ -132,3 +132,44 @@ def test_run_policy_loads_tokens_preliminary_and_extra_lora(tiny_model_dir, tmp_
     stacked_out = unet_output(stacked)
     assert not torch.allclose(stacked_out, preliminary_out) and not torch.allclose(stacked_out, bare_out)
     assert stacked.magic_model_hash not in {policy.magic_model_hash, bare.magic_model_hash}
+
+
+NOISE_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+
+from magic_align.config import load_config
+from magic_align.diffusion.loading import load_pipeline, load_run_policy
+from magic_align.diffusion.lora import attach_lora, save_lora
+from magic_align.diffusion.tokens import add_tokens, save_tokens
+from magic_align.run import RunPaths
+
+root = Path(sys.argv[1])
+config = load_config("tiny", [f"runs_dir='{root}'"])
+paths = RunPaths(config.run_dir)
+trainer = load_pipeline(config.model)
+add_tokens(trainer.tokenizer, trainer.text_encoder, ["<xxxacnxxx>"])
+save_tokens(trainer.tokenizer, trainer.text_encoder, ["<xxxacnxxx>"], paths.model / "tokens")
+attach_lora(trainer.unet, rank=4, alpha=4)
+save_lora(trainer.unet, paths.model / "lora")
+attach_lora(trainer.unet, rank=4, alpha=4, adapter_name="aligned")  # a trainer's adapter on top of the run's
+save_lora(trainer.unet, root / "aligned", adapter_name="aligned")
+load_run_policy(config, paths, extra_lora=root / "aligned")  # tokens + two stacked LoRAs
+load_pipeline(config.model, dtype=torch.bfloat16)  # each module cast on its own
+print("done")
+"""
+
+
+def test_loading_and_stacking_print_no_library_notices(tmp_path):
+    """In a fresh process (the libraries warn once per process): none of the notices about things we don't use."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", NOISE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "done" in result.stdout, result.stderr
+    for notice in ("requires torchvision", "No LoRA keys", "peft_config", "multivariate normal",
+                   "should be kept in float32"):
+        assert notice not in result.stderr, result.stderr

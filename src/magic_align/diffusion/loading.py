@@ -77,9 +77,12 @@ def load_pipeline(
     pipe.to(device or "cpu")
     # each module on its own: a folder saved in fp16 (the demo model) must come back whole in `dtype`, and
     # `pipe.to(dtype=...)` leaves a transformers text encoder in its saved dtype
+    from magic_align.diffusion.quiet import KEEP_IN_FP32, without_log_messages
+
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         if module.dtype != dtype:
-            module.to(dtype=dtype)
+            with without_log_messages("diffusers.models.modeling_utils", KEEP_IN_FP32):
+                module.to(dtype=dtype)
         module.eval()
         module.requires_grad_(False)
     return pipe
@@ -93,7 +96,9 @@ def ddim_scheduler_from(scheduler_config) -> "DDIMScheduler":  # noqa: F821
 
 
 def _load_local(folder: Path) -> "StableDiffusionPipeline":
-    from diffusers import StableDiffusionPipeline
+    from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
+
+    StableDiffusionPipeline = stable_diffusion_pipeline_class()
 
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(
@@ -113,7 +118,9 @@ def _load_local(folder: Path) -> "StableDiffusionPipeline":
 
 
 def _load_hub(model_id: str, revision: str | None, local_files_only: bool | None) -> "StableDiffusionPipeline":
-    from diffusers import StableDiffusionPipeline
+    from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
+
+    StableDiffusionPipeline = stable_diffusion_pipeline_class()
 
     if local_files_only is None:
         local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
@@ -181,7 +188,11 @@ def build_tiny_tokenizer():
 def build_tiny_pipeline(seed: int = 0, resolution: int = TINY_RESOLUTION) -> "StableDiffusionPipeline":
     """A random-init Stable Diffusion, the same for the same seed: UNet of about 1 M parameters with
     cross-attention, a 3-level VAE (scale factor 4), a 2-layer CLIP text encoder, the SD 2.1 DDIM schedule."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
+
+    StableDiffusionPipeline = stable_diffusion_pipeline_class()
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_tiny_tokenizer()

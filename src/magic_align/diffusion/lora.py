@@ -33,7 +33,10 @@ def attach_lora(
 
     `init=True` (peft's default) starts with B = 0, so the model is unchanged until training moves it.
     """
-    unet.add_adapter(lora_config(rank, alpha, targets, init), adapter_name=adapter_name)
+    from magic_align.diffusion.quiet import stacking_adapters
+
+    with stacking_adapters():  # a trainer's adapter may go on top of the run's preliminary LoRA
+        unet.add_adapter(lora_config(rank, alpha, targets, init), adapter_name=adapter_name)
     if hasattr(unet, "set_adapter"):
         unet.set_adapter(adapter_name)
     parameters = [param for name, param in unet.named_parameters() if "lora_" in name and f".{adapter_name}." in name]
@@ -59,7 +62,9 @@ def save_lora(unet, folder: Path, adapter_name: str = "default") -> Path:
     import shutil
     import tempfile
 
-    from diffusers import StableDiffusionPipeline
+    from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
+
+    StableDiffusionPipeline = stable_diffusion_pipeline_class()
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,11 +98,21 @@ def lora_weights_file(path: Path) -> Path:
 def load_lora_adapters(pipe, folders: Sequence[Path], weights: Sequence[float] | None = None) -> list[str]:
     """Load LoRA folders into the pipeline as adapters `lora0`, `lora1`, ... and activate them all (stacked,
     weight 1 each unless `weights` says otherwise); returns the adapter names."""
+    from magic_align.diffusion.quiet import stacking_adapters
+
     names = []
     for index, folder in enumerate(folders):
         file = lora_weights_file(Path(folder))
         name = f"lora{index}"
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        # What `pipe.load_lora_weights` does, less its text-encoder half: our LoRAs are UNet-only, and asking
+        # the text encoder for keys it cannot have only makes diffusers print a notice.
+        state, network_alphas, metadata = pipe.lora_state_dict(
+            str(file.parent), weight_name=file.name, return_lora_metadata=True
+        )
+        with stacking_adapters():
+            pipe.load_lora_into_unet(
+                state, network_alphas=network_alphas, unet=pipe.unet, adapter_name=name, metadata=metadata, _pipeline=pipe
+            )
         names.append(name)
     pipe.set_adapters(names, adapter_weights=list(weights) if weights is not None else [1.0] * len(names))
     return names

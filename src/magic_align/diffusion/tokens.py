@@ -35,7 +35,9 @@ def add_tokens(tokenizer, text_encoder, tokens: list[str], init_word: str = "ski
     added = tokenizer.add_tokens(list(tokens))
     if added != len(tokens):
         raise ValueError(f"the tokenizer added {added} of {len(tokens)} tokens {tokens}: are some duplicated?")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    # mean_resizing=False: transformers' default draws the new rows from the old embeddings' distribution (and says
+    # so); they are set from the init word just below anyway
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     embeddings = text_encoder.get_input_embeddings().weight
     token_ids = tokenizer.convert_tokens_to_ids(list(tokens))
     with torch.no_grad():
@@ -89,5 +91,10 @@ def load_tokens(pipe, folder: Path) -> list[str]:
             to_load.append({token: embedding})
             to_load_tokens.append(token)
     if to_load:
-        pipe.load_textual_inversion(to_load, token=to_load_tokens)
+        from magic_align.diffusion.quiet import MEAN_RESIZING, without_log_messages
+
+        # diffusers resizes the embeddings with transformers' mean-resizing default, which says so; the new rows
+        # are overwritten by the loaded embeddings right after
+        with without_log_messages("transformers.modeling_utils", MEAN_RESIZING):
+            pipe.load_textual_inversion(to_load, token=to_load_tokens)
     return tokens

@@ -1,0 +1,114 @@
+"""End to end: `magic run` on the tiny preset, every stage in order, with the `openai` judge on loopback.
+
+The fake chat-completions server answers with a reproducible verdict per image (its default), so pairs have
+winners and both trainers get a signal; a second `run_all` must skip every stage and make no judge call.
+A second test stands the demo domain's rules judge behind the same HTTP protocol and checks that the judge
+stage stores exactly what the rules judge measures.
+"""
+
+import json
+
+import pytest
+
+from fake_openai_server import ChatRequest, FakeChatServer
+from magic_align.config import load_config
+from magic_align.ledger import Ledger
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_run_config(tmp_path, server, *extra):
+    return load_config(
+        "tiny",
+        [
+            f"runs_dir='{tmp_path}'",
+            "judge.backend='openai'",
+            f"judge.base_url='{server.base_url}'",
+            "judge.api_key_env='MAGIC_E2E_KEY'",
+            "judge.image_size=64",
+            "judge.concurrency=4",
+            "evaluate.alignment_units=6",
+            "evaluate.settings=['real', 'i2i', 'magic-dpo', 'magic-rft']",
+            *extra,
+        ],
+    )
+
+
+def test_magic_run_tiny_runs_every_stage_and_a_rerun_skips_them(tmp_path, monkeypatch):
+    from magic_align.pipeline import plan_stages, run_all
+
+    monkeypatch.setenv("MAGIC_E2E_KEY", "sk-test")
+    with FakeChatServer() as server:
+        config = tiny_run_config(tmp_path, server)
+        paths = run_all(config)
+        first_calls = sum(server.calls.values())
+
+        ledger = Ledger(paths.ledger)
+        names = [stage.name for stage in plan_stages(config, console=None)]
+        assert all(ledger.stage(f"run:{name}").status == "done" for name in names)
+        assert (paths.aligned / "dpo" / "pytorch_lora_weights.safetensors").is_file()
+        assert (paths.aligned / "rft" / "pytorch_lora_weights.safetensors").is_file()
+        pairs = ledger.pairs(0)
+        assert pairs and any(not pair.tie for pair in pairs)
+        metrics = json.loads((paths.eval / "metrics.json").read_text())
+        assert "real" in json.dumps(metrics) and "magic-dpo" in json.dumps(metrics)
+        alignment = json.loads((paths.eval / "alignment.json").read_text())
+        assert set(alignment["settings"]) == {"i2i", "magic-dpo", "magic-rft"}
+        assert "magic-dpo - i2i" in alignment["differences"]
+        report = (paths.report / "index.html").read_text()
+        assert "MAGIC-DPO" in report
+        assert first_calls >= config.sample.num_sources * config.sample.samples_per_unit
+
+        run_all(config)  # everything is done for this configuration: nothing runs, nothing is asked
+        assert sum(server.calls.values()) == first_calls
+
+
+def test_judge_stage_over_http_stores_what_the_rules_judge_measures(tmp_path, monkeypatch):
+    """The openai path end to end on the demo domain: a loopback server whose answers come from the rules judge."""
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data.images import encode_png, sha256_file
+    from magic_align.data.procedural import CONDITIONS, render, to_pil
+    from magic_align.judge import run_judge
+    from magic_align.judges.rules import make_rules_judge
+    from magic_align.ledger import SampleRow
+    from magic_align.run import prepare_run
+
+    import numpy as np
+
+    checklists = load_checklists("demo")
+    rules = make_rules_judge(None, checklists)
+    by_name = {checklist.display_name: checklist for checklist in checklists.conditions}
+
+    def answer_like_rules(request: ChatRequest) -> str:
+        checklist = next(c for name, c in by_name.items() if f"meant to show {name}." in request.prompt)
+        return json.dumps(rules.grade(request.image.convert("RGB"), checklist).items)
+
+    monkeypatch.setenv("MAGIC_E2E_KEY", "sk-test")
+    with FakeChatServer(answer=answer_like_rules) as server:
+        config = tiny_run_config(tmp_path, server)
+        paths = prepare_run(config)
+        rng = np.random.default_rng(3)
+        rows, expected = [], {}
+        for index, source in enumerate(CONDITIONS):
+            target = CONDITIONS[(index + index % 2) % len(CONDITIONS)]  # some graded as themselves, some not
+            image = to_pil(render(source, rng).image)
+            path = paths.sample_images(0) / f"s{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(encode_png(image))
+            rows.append(SampleRow(
+                sample_id=f"r0-u{index:05d}-k0", round=0, unit_id=f"u{index:05d}", k=0,
+                image_path=path.relative_to(paths.root).as_posix(), image_sha256=sha256_file(path),
+                source_id=f"src{index}", source_label=source, target_label=target, prompt="p", seed=index,
+                shard="", shard_index=0, synthetic=True,
+            ))
+            expected[rows[-1].sample_id] = checklists[target].apply_requires(rules.grade(image, checklists[target]).items)
+        Ledger(paths.ledger).add_samples(rows)
+
+        summary = run_judge(config, round_index=0, show_progress=False)
+        stored = {entry.sample.sample_id: list(entry.verdict.items) for entry in Ledger(paths.ledger).verdicts(round=0)}
+        assert stored == expected
+        assert len({tuple(items) for items in expected.values()}) > 1
+        assert summary is not None
+        calls = sum(server.calls.values())
+        run_judge(config, round_index=0, show_progress=False)
+        assert sum(server.calls.values()) == calls

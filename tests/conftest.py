@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from browser_setup import CHROMIUM_ARGS, CHROMIUM_PATH
 
 
 @pytest.fixture(scope="session")
@@ -161,20 +162,6 @@ def review_run(feedback_run):
             verdict_b = Verdict(items=items_b, raw="b")
         ledger.put_verdict(sample.image_sha256, "judge:b", checklist.version, "p1", verdict_b, checklist.condition)
     return config, ledger, samples, checklists
-
-
-# Used by tests/test_report_browser.py (the run report); any page test can use it (Debian chromium + Playwright,
-# never Playwright's own browser download).
-CHROMIUM_PATH = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")

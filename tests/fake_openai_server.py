@@ -106,6 +106,18 @@ def default_answer(request: ChatRequest) -> str:
     return json.dumps(items)
 
 
+def answer_like(grader, checklists) -> Callable[[ChatRequest], str]:
+    """An `answer` hook that grades like a local judge (`grader.grade(image, checklist) -> Verdict`, e.g. the
+    rules judge): the checklist is the one whose display name the prompt says the image is meant to show."""
+    by_name = {checklist.display_name: checklist for checklist in checklists.conditions}
+
+    def answer(request: ChatRequest) -> str:
+        checklist = next(c for name, c in by_name.items() if f"meant to show {name}." in request.prompt)
+        return json.dumps(grader.grade(request.image.convert("RGB"), checklist).items)
+
+    return answer
+
+
 def _count_items(prompt: str) -> int:
     return len(re.findall(r"^\d+\. ", prompt, flags=re.MULTILINE))
 

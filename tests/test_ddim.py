@@ -10,18 +10,11 @@ from magic_align.diffusion.ddim import (
     gaussian_log_prob,
     guided_noise_prediction,
 )
+from magic_align.diffusion.loading import sd21_ddim_scheduler
 
 
 def sd_scheduler(set_alpha_to_one=False, prediction_type="epsilon", steps=100):
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=set_alpha_to_one,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd21_ddim_scheduler(set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type)
     scheduler.set_timesteps(steps)
     return scheduler
 

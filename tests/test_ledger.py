@@ -282,3 +282,38 @@ def test_killed_writer_keeps_committed_answers_only(tmp_path):
     # and it is writable again (the dead process's lock is gone)
     ledger.put_verdict("after", "j", "v", "p", make_verdict([1]))
     assert ledger.get_verdict("after", "j", "v", "p") is not None
+
+
+def test_table_versions_move_with_every_change(tmp_path, monkeypatch):
+    import itertools
+    import types
+
+    clock = itertools.count(1000.0)  # a clock that always moves, so a replaced verdict's new time is certain
+    monkeypatch.setattr("magic_align.ledger.time", types.SimpleNamespace(time=lambda: next(clock)))
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    empty = ledger.table_versions()
+    assert set(empty) == {"samples", "verdicts", "reviews", "pairs", "stages"}
+    assert all(version.rows == 0 and version.last_rowid is None for version in empty.values())
+
+    ledger.add_samples([make_sample(0), make_sample(1)])
+    versions = ledger.table_versions()
+    assert versions["samples"].rows == 2 and versions["samples"].last_change is not None
+    assert versions["verdicts"] == empty["verdicts"] and versions["reviews"] == empty["reviews"]
+
+    key = ("a" * 64, "openai:gpt-4o", "ver1", "prompt1")
+    ledger.put_verdict(*key, make_verdict([1, 0, 1, None, 0]))
+    first = ledger.table_versions()["verdicts"]
+    assert first.rows == 1
+    ledger.put_verdict(*key, make_verdict([0, 0, 0, 0, 0]))  # the key is answered: nothing changes
+    assert ledger.table_versions()["verdicts"] == first
+    ledger.put_verdict(*key, make_verdict([1, 1, 1, 1, 1]), replace=True)  # same row and id, new answer
+    replaced = ledger.table_versions()["verdicts"]
+    assert (replaced.rows, replaced.last_rowid) == (first.rows, first.last_rowid)
+    assert replaced.last_change > first.last_change
+
+    ledger.add_review("r0-s0000", "v", [1, 0, 0, 0, 0], "dr. a")
+    assert ledger.table_versions()["reviews"].rows == 1
+    ledger.set_stage("judge", "abc", "done")
+    assert ledger.table_versions()["stages"].rows == 1
+    ledger.replace_pairs(0, [PairRow("a~b", 0, "u", "a", "b", 1, 0, False, 4, 2, 1, 2, "paper")])
+    assert ledger.table_versions()["pairs"].rows == 1 and ledger.table_versions()["pairs"].last_change is None

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from checklist_builders import gated_checklist
-from fake_openai_server import ChatRequest, FakeChatServer, Fault, default_items, image_key
+from fake_openai_server import ChatRequest, FakeChatServer, Fault, answer_like, default_items, image_key
 from magic_align.checklists.schema import Checklist, ChecklistItem
 from magic_align.config import JudgeConfig, Price
 from magic_align.judges.openai_judge import (
@@ -399,16 +399,11 @@ async def test_server_can_answer_like_the_rules_judge():
 
     checklists = load_checklists("demo")
     rules = make_rules_judge(None, checklists)
-    by_name = {checklist.display_name: checklist for checklist in checklists.conditions}
-
-    def answer_like_rules(request: ChatRequest) -> str:
-        checklist = next(c for name, c in by_name.items() if f"meant to show {name}." in request.prompt)
-        return json.dumps(rules.grade(request.image.convert("RGB"), checklist).items)
 
     rng = np.random.default_rng(0)
     cases = [(to_pil(render(label, rng).image), checklists[label]) for label in CONDITIONS]
     cases += [(cases[0][0], checklists[CONDITIONS[1]])]  # an image graded against another condition's list
-    with FakeChatServer(answer=answer_like_rules) as server:
+    with FakeChatServer(answer=answer_like(rules, checklists)) as server:
         judge = OpenAIJudge(config(server, image_size=64))
         verdicts = await asyncio.gather(*(judge.judge(image, checklist) for image, checklist in cases))
         await judge.aclose()

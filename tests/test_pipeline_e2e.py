@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from fake_openai_server import ChatRequest, FakeChatServer
+from fake_openai_server import FakeChatServer, answer_like
 from magic_align.config import load_config
 from magic_align.ledger import Ledger
 
@@ -77,14 +77,9 @@ def test_judge_stage_over_http_stores_what_the_rules_judge_measures(tmp_path, mo
 
     checklists = load_checklists("demo")
     rules = make_rules_judge(None, checklists)
-    by_name = {checklist.display_name: checklist for checklist in checklists.conditions}
-
-    def answer_like_rules(request: ChatRequest) -> str:
-        checklist = next(c for name, c in by_name.items() if f"meant to show {name}." in request.prompt)
-        return json.dumps(rules.grade(request.image.convert("RGB"), checklist).items)
 
     monkeypatch.setenv("MAGIC_E2E_KEY", "sk-test")
-    with FakeChatServer(answer=answer_like_rules) as server:
+    with FakeChatServer(answer=answer_like(rules, checklists)) as server:
         config = tiny_run_config(tmp_path, server)
         paths = prepare_run(config)
         rng = np.random.default_rng(3)

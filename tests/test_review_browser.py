@@ -19,17 +19,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from browser_setup import CHROMIUM_ARGS, CHROMIUM_PATH
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM = shutil.which("chromium") or (CHROMIUM_PATH if Path(CHROMIUM_PATH).exists() else None)
 
 pytestmark = [
     pytest.mark.browser,

@@ -281,14 +281,11 @@ def train_dpo_command(
 
 # ------------------------------------------------------------------------------------ sample, synthesize
 def _sampling_errors() -> tuple[type[Exception], ...]:
-    from magic_align.checklists.schema import ChecklistError
-    from magic_align.data.images import BadImageError
-    from magic_align.data.records import DataError
     from magic_align.diffusion.loading import ModelLoadError
     from magic_align.diffusion.trajectories import TrajectoryError
     from magic_align.synthesize import SynthesizeError
 
-    return ModelLoadError, TrajectoryError, SynthesizeError, DataError, BadImageError, ChecklistError, FileNotFoundError
+    return ModelLoadError, TrajectoryError, SynthesizeError, FileNotFoundError, *_data_errors()
 
 
 @app.command("sample")
@@ -428,17 +425,13 @@ def review_command(
 
 # ------------------------------------------------------------------------------- finetune and RFT
 def _training_errors() -> tuple[type[Exception], ...]:
-    from magic_align.checklists.schema import ChecklistError
-    from magic_align.data.images import BadImageError
-    from magic_align.data.records import DataError
     from magic_align.diffusion.loading import ModelLoadError
     from magic_align.evaluate.backbones import BackboneError
     from magic_align.train.finetune import FinetuneError
     from magic_align.train.loop import TrainingError
     from magic_align.train.reward_model import RewardModelError
 
-    return (FinetuneError, TrainingError, RewardModelError, BackboneError, ModelLoadError, DataError, BadImageError,
-            ChecklistError)
+    return FinetuneError, TrainingError, RewardModelError, BackboneError, ModelLoadError, *_data_errors()
 
 
 @app.command("finetune")

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from magic_align.checklists.schema import Checklist, ChecklistSet, load_checklists
-from magic_align.config import JudgeConfig, RunConfig
+from magic_align.config import RunConfig
 from magic_align.judges.base import Judge, Verdict
 from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens, price_usd, sent_size
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, may_send, sends_images

@@ -86,6 +86,21 @@ class LedgerError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ rows
+@dataclass(frozen=True)
+class TableVersion:
+    """What changes when a table changes: its row count, newest rowid and newest change time (None for
+    `pairs`, which has no time column). A replaced verdict keeps its id but gets a new time."""
+
+    rows: int
+    last_rowid: int | None
+    last_change: float | None
+
+
+# the column holding each table's change time
+_TABLE_TIMES = {"samples": "created_at", "verdicts": "created_at", "reviews": "created_at", "pairs": None,
+                "stages": "updated_at"}
+
+
 @dataclass
 class SampleRow:
     sample_id: str
@@ -301,6 +316,19 @@ def _review_from_row(row: sqlite3.Row) -> StoredReview:
     )
 
 
+def _where(*filters: tuple[str, object]) -> tuple[str, list]:
+    """`WHERE ... AND ...` from (condition, value) filters, skipping those whose value is None; a condition's
+    `?` takes its value (a condition without one is a switch: any value but None turns it on)."""
+    conditions, parameters = [], []
+    for condition, value in filters:
+        if value is None:
+            continue
+        conditions.append(condition)
+        if "?" in condition:
+            parameters.append(value)
+    return (f"WHERE {' AND '.join(conditions)}" if conditions else ""), parameters
+
+
 def _check_items(items: Iterable, what: str) -> list[int | None]:
     checked: list[int | None] = []
     for index, value in enumerate(items):
@@ -390,6 +418,16 @@ class Ledger:
     @property
     def schema_version(self) -> int:
         return int(self._read("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"])
+
+    def table_versions(self) -> dict[str, TableVersion]:
+        """A cheap fingerprint of every table (one aggregate query each): readers such as the review page
+        recompute what they derive from a table only when its version moves."""
+        versions = {}
+        for table, time_column in _TABLE_TIMES.items():
+            latest = f"MAX({time_column})" if time_column else "NULL"
+            row = self._read(f"SELECT COUNT(*), MAX(rowid), {latest} FROM {table}")[0]
+            versions[table] = TableVersion(rows=row[0], last_rowid=row[1], last_change=row[2])
+        return versions
 
     # -- samples
     def add_samples(self, rows: Iterable[SampleRow]) -> int:
@@ -523,14 +561,7 @@ class Ledger:
     def verdicts(self, judge_id: str | None = None, round: int | None = None) -> list[SampleVerdict]:
         """Every (sample, verdict) whose image hashes match, optionally for one judge and one round.
         Verdicts of any checklist / prompt version are returned; callers keep the versions they want."""
-        conditions, parameters = [], []
-        if judge_id is not None:
-            conditions.append("v.judge_id = ?")
-            parameters.append(judge_id)
-        if round is not None:
-            conditions.append("s.round = ?")
-            parameters.append(round)
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        where, parameters = _where(("v.judge_id = ?", judge_id), ("s.round = ?", round))
         verdict_columns = ", ".join(f"v.{name.strip()} AS v_{name.strip()}" for name in _VERDICT_COLUMNS.split(","))
         rows = self._read(
             f"SELECT s.*, {verdict_columns} FROM samples s JOIN verdicts v ON v.image_sha256 = s.image_sha256 "
@@ -573,21 +604,13 @@ class Ledger:
     ) -> list[StoredReview]:
         """Reviews, oldest first. With `latest_only` (the default) only the newest review of each
         (sample, reviewer) is returned: a reviewer who changes their mind replaces their earlier answer."""
-        conditions, parameters = [], []
-        if sample_id is not None:
-            conditions.append("r.sample_id = ?")
-            parameters.append(sample_id)
-        if reviewer is not None:
-            conditions.append("r.reviewer = ?")
-            parameters.append(reviewer)
-        if round is not None:
-            conditions.append("r.sample_id IN (SELECT sample_id FROM samples WHERE round = ?)")
-            parameters.append(round)
-        if latest_only:
-            conditions.append(
-                "r.id = (SELECT MAX(id) FROM reviews r2 WHERE r2.sample_id = r.sample_id AND r2.reviewer = r.reviewer)"
-            )
-        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        where, parameters = _where(
+            ("r.sample_id = ?", sample_id),
+            ("r.reviewer = ?", reviewer),
+            ("r.sample_id IN (SELECT sample_id FROM samples WHERE round = ?)", round),
+            ("r.id = (SELECT MAX(id) FROM reviews r2 WHERE r2.sample_id = r.sample_id AND r2.reviewer = r.reviewer)",
+             latest_only or None),
+        )
         rows = self._read(f"SELECT r.* FROM reviews r {where} ORDER BY r.id", parameters)
         return [_review_from_row(row) for row in rows]
 

@@ -185,10 +185,31 @@ def build_tiny_tokenizer():
         return CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_MAX_TOKENS, local_files_only=True)
 
 
+# Stable Diffusion 2.1 base's noise schedule, as DDIM: 100 steps give 991, 981, ..., 1.
+SD21_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+
+def sd21_ddim_scheduler(**changes) -> "DDIMScheduler":  # noqa: F821
+    """A DDIM scheduler with SD 2.1 base's schedule (`changes` override single settings), for models built here."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**{**SD21_SCHEDULE, **changes})
+
+
 def build_tiny_pipeline(seed: int = 0, resolution: int = TINY_RESOLUTION) -> "StableDiffusionPipeline":
     """A random-init Stable Diffusion, the same for the same seed: UNet of about 1 M parameters with
     cross-attention, a 3-level VAE (scale factor 4), a 2-layer CLIP text encoder, the SD 2.1 DDIM schedule."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
 
@@ -235,24 +256,12 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = TINY_RESOLUTION) -> "St
                 projection_dim=32,
             )
         )
-    # Stable Diffusion 2.1 base's schedule: 100 DDIM steps give 991, 981, ..., 1.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-        timestep_spacing="leading",
-    )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=scheduler,
+        scheduler=sd21_ddim_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -29,8 +29,7 @@ from PIL import Image
 from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
 from magic_align.judges.base import Verdict
-from magic_align.judges.costs import cost_usd
-from magic_align.judges.openai_judge import REPAIR_SEPARATOR, better_answer, max_output_tokens
+from magic_align.judges.openai_judge import REPAIR_SEPARATOR, after_repair, answer_verdict, max_output_tokens
 from magic_align.judges.parsing import ParsedAnswer, parse_answer
 from magic_align.judges.privacy import downscale
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair
@@ -198,19 +197,6 @@ class HFJudge:
                 latency += second.seconds
                 if second.error is None:
                     raw += REPAIR_SEPARATOR + second.text
-                    parsed = better_answer(parsed, parse_answer(second.text, n_items, style))
-                if parsed.status == "failed":
-                    parsed.error = f"unreadable answer, also after one repair message: {parsed.error}"
-        items = checklist.apply_requires(parsed.items) if parsed.status in ("ok", "partial") else parsed.items
-        return Verdict(
-            items=items,
-            rationales=parsed.rationales,
-            raw=raw,
-            parse_status=parsed.status,
-            latency_s=latency,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=cost_usd(self.cfg, input_tokens, output_tokens),
-            error=parsed.error,
-        )
+                parsed = after_repair(parsed, second.text if second.error is None else None, n_items, style)
+        return answer_verdict(parsed, checklist, self.cfg, raw, latency, input_tokens, output_tokens)
 

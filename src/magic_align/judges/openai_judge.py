@@ -353,22 +353,9 @@ class OpenAIJudge:
                     output_tokens += repair.output_tokens
                     if repair.error is None:
                         raw += REPAIR_SEPARATOR + (repair.content or repair.refusal or "")
-                        parsed = better_answer(parsed, parse_answer(repair.content, n_items, style))
-                    if parsed.status == "failed":
-                        parsed.error = f"unreadable answer, also after one repair message: {parsed.error}"
+                    parsed = after_repair(parsed, repair.content if repair.error is None else None, n_items, style)
             latency = time.perf_counter() - started
-        items = checklist.apply_requires(parsed.items) if parsed.status in ("ok", "partial") else parsed.items
-        return Verdict(
-            items=items,
-            rationales=parsed.rationales,
-            raw=raw,
-            parse_status=parsed.status,
-            latency_s=latency,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=cost_usd(self.cfg, input_tokens, output_tokens),
-            error=parsed.error,
-        )
+        return answer_verdict(parsed, checklist, self.cfg, raw, latency, input_tokens, output_tokens)
 
 
 def better_answer(first: ParsedAnswer, second: ParsedAnswer) -> ParsedAnswer:
@@ -377,3 +364,31 @@ def better_answer(first: ParsedAnswer, second: ParsedAnswer) -> ParsedAnswer:
         return sum(value is not None for value in parsed.items) if parsed.status in ("ok", "partial") else -1
 
     return second if known(second) >= known(first) else first
+
+
+def after_repair(parsed: ParsedAnswer, repair_text: str | None, n_items: int, style: str) -> ParsedAnswer:
+    """The answer once the one repair message was tried: the better of both (`repair_text` None: the repair
+    call failed), with an error that says a repair was tried when it is still unreadable."""
+    if repair_text is not None:
+        parsed = better_answer(parsed, parse_answer(repair_text, n_items, style))
+    if parsed.status == "failed":
+        parsed.error = f"unreadable answer, also after one repair message: {parsed.error}"
+    return parsed
+
+
+def answer_verdict(parsed: ParsedAnswer, checklist: Checklist, cfg: JudgeConfig, raw: str, latency_s: float,
+                   input_tokens: int, output_tokens: int) -> Verdict:
+    """The `Verdict` of a parsed answer (every chat judge's last step): the checklist's `requires` applied to a
+    readable answer, the cost at the configured price."""
+    items = checklist.apply_requires(parsed.items) if parsed.status in ("ok", "partial") else parsed.items
+    return Verdict(
+        items=items,
+        rationales=parsed.rationales,
+        raw=raw,
+        parse_status=parsed.status,
+        latency_s=latency_s,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=cost_usd(cfg, input_tokens, output_tokens),
+        error=parsed.error,
+    )

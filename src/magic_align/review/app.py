@@ -42,7 +42,6 @@ from magic_align.review.queue import (
     build_queue,
     collect_views,
     condition_agreement,
-    ledger_state,
     verdict_counts,
 )
 from magic_align.review.security import (
@@ -253,23 +252,30 @@ def create_app(
 
     def snapshot() -> tuple[dict[str, SampleView], list[QueueEntry]]:
         """Samples with their verdicts, and the queue; rebuilt only when samples or verdicts changed."""
-        state = (ledger_state(ledger, "samples"), ledger_state(ledger, "verdicts"))
+        versions = ledger.table_versions()
+        state = (versions["samples"], versions["verdicts"])
         if cache.get("views", (None,))[0] != state:
             views = collect_views(ledger, checklists, judging.judge_id, judging.prompt_version)
             queue = build_queue(views, settings.queue, settings.per_condition, config.seed)
             cache["views"] = (state, {view.sample.sample_id: view for view in views}, queue)
         return cache["views"][1], cache["views"][2]
 
-    def find_view(views: dict[str, SampleView], sample_id: str) -> SampleView:
+    def known_sample(sample_id: str):
+        """The ledger's row for a sample id from a URL; 404 for a malformed id or one the ledger lacks."""
         try:
             check_sample_id(sample_id)
         except InputError as error:
             raise StarletteHTTPException(404, f"no sample with that id ({error})") from None
+        sample = ledger.sample(sample_id)
+        if sample is None:
+            raise StarletteHTTPException(404, f"the ledger has no sample {sample_id!r}")
+        return sample
+
+    def find_view(views: dict[str, SampleView], sample_id: str) -> SampleView:
         view = views.get(sample_id)
         if view is None:
-            if ledger.sample(sample_id) is not None:
-                raise StarletteHTTPException(404, f"sample {sample_id} has no checklist in {checklists.id!r}")
-            raise StarletteHTTPException(404, f"the ledger has no sample {sample_id!r}")
+            known_sample(sample_id)  # 404 with the reason when the id is bad or unknown
+            raise StarletteHTTPException(404, f"sample {sample_id} has no checklist in {checklists.id!r}")
         return view
 
     def order(views: dict[str, SampleView], queue: list[QueueEntry], view: SampleView, via: str) -> list[str]:
@@ -287,7 +293,8 @@ def create_app(
             return [], 0
         from magic_align.judges.agreement import compare
 
-        state = tuple(ledger_state(ledger, table) for table in ("samples", "verdicts", "reviews"))
+        versions = ledger.table_versions()
+        state = (versions["samples"], versions["verdicts"], versions["reviews"])
         if cache.get("aspects", (None,))[0] != state:
             report = compare(ledger, checklists, judging.judge_id, judging.prompt_version, "human", resamples=0)
             cache["aspects"] = (state, report.items, report.images)
@@ -496,13 +503,7 @@ def create_app(
     @app.get("/image/{sample_id}")
     def image(request: Request, sample_id: str) -> Response:
         current_reviewer(request)
-        try:
-            check_sample_id(sample_id)
-        except InputError as error:
-            raise StarletteHTTPException(404, f"no image for that id ({error})") from None
-        sample = ledger.sample(sample_id)
-        if sample is None:
-            raise StarletteHTTPException(404, f"the ledger has no sample {sample_id!r}")
+        sample = known_sample(sample_id)
         # The path comes from the ledger, yet it is still checked: a ledger row must not open files outside
         # the run directory either.
         target = (root / sample.image_path).resolve()

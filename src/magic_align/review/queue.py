@@ -209,15 +209,3 @@ def verdict_counts(ledger: Ledger) -> dict[str, int]:
         counts[row.verdict.judge_id] = counts.get(row.verdict.judge_id, 0) + 1
     return counts
 
-
-def ledger_state(ledger: Ledger, table: str) -> tuple:
-    """A cheap fingerprint of one ledger table (rows, newest id, newest time): the page recomputes its queue
-    and agreement only when the fingerprint moves, not on every request (that costs about a second per
-    page on a run of a few thousand judged samples). Replaced verdicts keep their id but get a new time."""
-    if table not in ("samples", "verdicts", "reviews"):
-        raise ValueError(f"no ledger table {table!r} to fingerprint")
-    identity = "COUNT(DISTINCT sample_id)" if table == "samples" else "MAX(id)"
-    # Ledger has no public fingerprint query; `_read` is its own read helper (one connection per thread).
-    row = ledger._read(f"SELECT COUNT(*), {identity}, MAX(created_at) FROM {table}")[0]
-    return tuple(row)
-

@@ -98,7 +98,7 @@ def sd_scheduler(steps: int):
 def make_data(case: Case, unet, scheduler, timesteps, device):
     """Pairs of trajectories and their sampling-time log-probs under the initial model (what the sampler
     stores), plus prompt embeddings. Random latents are enough: both designs score the same transitions."""
-    from magic_align.train.dpo import trajectory_log_probs
+    from magic_align.train.trajectory_likelihood import trajectory_log_probs
 
     generator = torch.Generator().manual_seed(0)
     dim = unet.config.cross_attention_dim
@@ -124,7 +124,7 @@ def _autocast(case: Case, device):
 
 # ------------------------------------------------------------------------------------------- designs
 def train_ours(case, unet, scheduler, timesteps, data, device) -> list[float]:
-    from magic_align.train.dpo import trajectory_log_probs
+    from magic_align.train.trajectory_likelihood import trajectory_log_probs
     from magic_align.train.dpo_loss import dpo_loss
 
     latents, cond, uncond, signs, stored = data

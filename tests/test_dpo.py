@@ -9,19 +9,12 @@ import torch
 from magic_align.config import ModelConfig
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
 from magic_align.diffusion.loading import load_pipeline
-from magic_align.train.dpo import pair_schedule, prepare_policy_unet, trajectory_log_probs
+from magic_align.train.dpo import pair_epoch_seed
 from magic_align.train.dpo_loss import dpo_loss
+from magic_align.train.loop import batch_indices
+from magic_align.train.trajectory_likelihood import prepare_policy_unet, step_chunks, trajectory_log_probs
 
 STEPS, STRENGTH, GUIDANCE, ETA = 10, 0.5, 3.0, 1.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny UNet is too small to gain from two threads; on a shared 2-core machine they only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_pipe(folder):
@@ -72,7 +65,7 @@ def test_stored_reference_equals_a_frozen_reference_unet_stepwise(tiny_model_dir
     ids = tokenize(pipe, ["a photo of red skin", "a photo of red skin"])
     latents, stored, timesteps, cond, uncond = sample_trajectories(pipe, ids, seed=3)
     reference_unet = copy.deepcopy(pipe.unet)  # the authors' design: a frozen copy of the initial model
-    unet = prepare_policy_unet(pipe, rank=4, alpha=4)
+    unet = prepare_policy_unet(pipe, rank=4, alpha=4, adapter_name="dpo")
     perturb_lora(unet)
     scheduler = pipe.scheduler
     signs = torch.tensor([[1, -1]])
@@ -114,7 +107,7 @@ def test_disabled_adapter_reproduces_the_stored_log_probs(tiny_model_dir):
     pipe = tiny_pipe(tiny_model_dir)
     ids = tokenize(pipe, ["a photo of red skin"])
     latents, stored, timesteps, cond, uncond = sample_trajectories(pipe, ids, seed=5)
-    unet = prepare_policy_unet(pipe, rank=4, alpha=4)
+    unet = prepare_policy_unet(pipe, rank=4, alpha=4, adapter_name="dpo")
     perturb_lora(unet)
     kwargs = dict(guidance=GUIDANCE, eta=ETA, reduction="mean")
     with torch.no_grad():
@@ -126,12 +119,36 @@ def test_disabled_adapter_reproduces_the_stored_log_probs(tiny_model_dir):
     assert not torch.allclose(moved, stored, atol=1e-3)
 
 
+def pair_schedule(num_pairs, step, pairs_per_step, seed):
+    return batch_indices(num_pairs, pairs_per_step, step, pair_epoch_seed(seed))
+
+
 def test_pair_schedule_is_a_seeded_stream_of_permutations():
     first_pass = pair_schedule(5, 0, 3, seed=0) + pair_schedule(5, 1, 3, seed=0)[:2]
     assert sorted(first_pass) == [0, 1, 2, 3, 4]
     assert pair_schedule(5, 7, 3, seed=0) == pair_schedule(5, 7, 3, seed=0)
     assert [pair_schedule(5, s, 3, seed=1) for s in range(4)] != [pair_schedule(5, s, 3, seed=2) for s in range(4)]
     assert len(pair_schedule(2, 0, 5, seed=0)) == 5  # more pairs per step than pairs: wraps into the next pass
+
+
+def test_step_chunks_split_a_trajectory_into_passes():
+    assert step_chunks(5, 2) == [[0, 1], [2, 3], [4]]
+    assert step_chunks(4, None) == step_chunks(4, 0) == [[0, 1, 2, 3]]
+    assert step_chunks(3, 8) == [[0, 1, 2]]
+
+
+def test_pair_schedule_is_the_seeded_permutation_of_each_pass():
+    """Position p of DPO's stream is pair p % n of the permutation of pass p // n, seeded seed * 1_000_003 + pass
+    (the sequence resumed checkpoints rely on)."""
+    def by_hand(num_pairs, step, pairs_per_step, seed):
+        positions = range(step * pairs_per_step, (step + 1) * pairs_per_step)
+        return [
+            int(torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 1_000_003 + p // num_pairs))[p % num_pairs])
+            for p in positions
+        ]
+
+    for step in range(5):
+        assert pair_schedule(4, step, 3, seed=2) == by_hand(4, step, 3, 2)
 
 
 # ------------------------------------------------------------------------------------- run_dpo on a run

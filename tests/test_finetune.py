@@ -16,7 +16,6 @@ from magic_align.train.finetune import (
     OBJECT_TEMPLATES,
     TokenRows,
     TokenTextEncoder,
-    batch_indices,
     caption_templates,
     center_crop_resize,
     denoising_loss,
@@ -24,6 +23,7 @@ from magic_align.train.finetune import (
     run_finetune,
     scaled_lr,
 )
+from magic_align.train.loop import batch_indices, phase_epoch_seed, step_seed
 
 CONDITIONS = {"melanoma": "<mel>", "vitiligo": "<vit>"}
 
@@ -82,11 +82,27 @@ def test_scaled_lr():
 
 
 def test_batches_cover_every_item_once_per_epoch_and_are_reproducible():
-    draws = [batch_indices(5, 2, draw, seed=3, phase="ti") for draw in range(5)]  # 10 positions = 2 epochs
+    draws = [batch_indices(5, 2, draw, phase_epoch_seed(3, "ti")) for draw in range(5)]  # 10 positions = 2 epochs
     flat = [i for batch in draws for i in batch]
     assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:]) == list(range(5))
-    assert batch_indices(5, 2, 3, seed=3, phase="ti") == draws[3]
-    assert flat != [i for d in range(5) for i in batch_indices(5, 2, d, seed=4, phase="ti")]
+    assert batch_indices(5, 2, 3, phase_epoch_seed(3, "ti")) == draws[3]
+    assert flat != [i for d in range(5) for i in batch_indices(5, 2, d, phase_epoch_seed(4, "ti"))]
+
+
+def test_batches_are_slices_of_the_phase_epoch_permutations():
+    """The finetune/RFT draws: position p of the stream is item p % n of the permutation of epoch p // n, seeded
+    by step_seed(seed, phase + "-epoch", epoch) (the sequence resumed checkpoints rely on)."""
+    def by_hand(num_items, batch_size, draw, seed, phase):
+        out = []
+        for position in range(draw * batch_size, (draw + 1) * batch_size):
+            epoch, offset = divmod(position, num_items)
+            generator = torch.Generator().manual_seed(step_seed(seed, phase + "-epoch", epoch))
+            out.append(int(torch.randperm(num_items, generator=generator)[offset]))
+        return out
+
+    for draw in range(6):
+        assert batch_indices(5, 3, draw, phase_epoch_seed(7, "lora")) == by_hand(5, 3, draw, 7, "lora")
+    assert batch_indices(2, 5, 1, phase_epoch_seed(7, "rft")) == by_hand(2, 5, 1, 7, "rft")  # spans 3 epochs
 
 
 def test_center_crop_and_flip_by_hand():

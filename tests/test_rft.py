@@ -88,13 +88,13 @@ def sampled_trajectories(pipe, prompts, seed):
 def test_a_weighted_step_raises_high_reward_trajectories_relative_to_low(tiny_model_dir):
     from magic_align.diffusion.loading import load_pipeline
     from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
-    from magic_align.train.dpo import prepare_policy_unet, trajectory_log_probs
+    from magic_align.train.trajectory_likelihood import prepare_policy_unet, trajectory_log_probs
 
     gains = {}
     for weights in ([1.0, 0.0], [0.0, 1.0]):
         pipe = load_pipeline(ModelConfig(source="local", pretrained=str(tiny_model_dir)))
         results, _ = sampled_trajectories(pipe, ["a red patch on skin", "a dark spot"], seed=3)
-        unet = prepare_policy_unet(pipe, rank=4, alpha=4)
+        unet = prepare_policy_unet(pipe, rank=4, alpha=4, adapter_name="rft")
         scheduler = pipe.scheduler
         scheduler.set_timesteps(STEPS)
         with torch.no_grad():
@@ -278,7 +278,7 @@ def test_the_rft_policy_starts_as_the_preliminary_model(rft_run):
     from magic_align.diffusion.tokens import load_tokens
     from magic_align.diffusion.trajectories import TrajectoryStore
     from magic_align.run import RunPaths
-    from magic_align.train.dpo import prepare_policy_unet, trajectory_log_probs
+    from magic_align.train.trajectory_likelihood import prepare_policy_unet, trajectory_log_probs
 
     config, _ = rft_run
     paths = RunPaths(config.run_dir)
@@ -294,7 +294,7 @@ def test_the_rft_policy_starts_as_the_preliminary_model(rft_run):
                                         guidance=GUIDANCE, eta=ETA, reduction="mean")
 
     policy = load_run_policy(config, paths)
-    assert torch.allclose(scored(policy, prepare_policy_unet(policy, 4, 4)), batch.log_probs, atol=1e-4)
+    assert torch.allclose(scored(policy, prepare_policy_unet(policy, 4, 4, adapter_name="rft")), batch.log_probs, atol=1e-4)
     without_lora = load_pipeline(config.model)
     load_tokens(without_lora, paths.model / "tokens")
     assert not torch.allclose(scored(without_lora, without_lora.unet), batch.log_probs, atol=1e-3)

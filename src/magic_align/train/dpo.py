@@ -16,9 +16,9 @@ The reference of the loss is, by default (`dpo.reference = "initial"`), the mode
 - `dpo.recompute_reference = true` always recomputes them (trajectories sampled by some other policy).
 
 Each pair's two trajectories are scored in batched UNet passes (`steps_per_forward` denoising steps of both
-samples per pass; each row carries its own timestep), the log-prob of the stored next latent comes from the
-shared `ddim_step_with_log_prob(prev_latents=...)`, and the per-step losses of all `pairs_per_step` pairs
-are accumulated before one AdamW update. That is the same gradient as one step at a time (method.md 4).
+samples per pass; each row carries its own timestep: `trajectory_likelihood.trajectory_log_probs`), the log-prob
+of the stored next latent comes from the shared `ddim_step_with_log_prob(prev_latents=...)`, and the per-step
+losses of all `pairs_per_step` pairs are accumulated before one AdamW update. That is the same gradient as one step at a time (method.md 4).
 
 Only informative pairs are trained on: a pair both samples of which win, or both lose, has h = (0, 0) and no
 gradient (`dpo_loss.preference_signs`), so spending UNet passes on it would only dilute the batch.
@@ -30,29 +30,25 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from magic_align.config import RunConfig
-from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
 from magic_align.run import RunPaths, prepare_run
 from magic_align.train.dpo_loss import dpo_loss, preference_signs
-from magic_align.train.loop import (
-    ModelWithDtype,
-    TrainingError,
-    freeze_to,
-    make_accelerator,
-    optimizer_step,
-    start_training,
-    weight_dtype,
+from magic_align.train.loop import ModelWithDtype, TrainingError, batch_indices, make_accelerator, optimizer_step
+from magic_align.train.trajectory_likelihood import (
+    TrajectorySettings,
+    check_trajectory_settings,
+    start_policy_training,
+    step_chunks,
 )
 
 if TYPE_CHECKING:
     from magic_align.ledger import Ledger
 
 ADAPTER_NAME = "dpo"
-_CallableWithDtype = ModelWithDtype  # the name rft.py used before it moved to loop.py; use loop.ModelWithDtype
 
 
 # ------------------------------------------------------------------------------------------------ pairs
@@ -88,99 +84,13 @@ def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int) -> tu
     return examples, ties
 
 
-def pair_schedule(num_pairs: int, step: int, pairs_per_step: int, seed: int) -> list[int]:
-    """Indices of the pairs of optimizer step `step` (0-based): a stream of seeded permutations, one per pass.
-
-    A pure function of its arguments, so a resumed run (or another number of processes) sees the same pairs.
-    """
-    if num_pairs < 1:
-        raise ValueError("no pairs to schedule")
-    chosen: list[int] = []
-    position = step * pairs_per_step
-    permutation, permutation_epoch = None, -1
-    while len(chosen) < pairs_per_step:
-        epoch, offset = divmod(position, num_pairs)
-        if epoch != permutation_epoch:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            permutation, permutation_epoch = torch.randperm(num_pairs, generator=generator).tolist(), epoch
-        take = min(pairs_per_step - len(chosen), num_pairs - offset)
-        chosen.extend(permutation[offset : offset + take])
-        position += take
-    return chosen
-
-
-# ------------------------------------------------------------------------------------------- the math
-def trajectory_log_probs(
-    unet,
-    scheduler,
-    latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    cond_embeds: torch.Tensor,
-    uncond_embeds: torch.Tensor | None,
-    *,
-    guidance: float,
-    eta: float,
-    reduction: str,
-    step_indices: torch.Tensor | Sequence[int] | None = None,
-) -> torch.Tensor:
-    """log p(x_{t'} | x_t, c) of stored transitions, for N trajectories and a set of steps, in ONE UNet pass.
-
-    latents [N, T+1, C, h, w]; timesteps [T]; cond_embeds [N, L, D]; uncond_embeds [1 or N, L, D] (or None
-    without guidance). Returns [N, S] for the S chosen steps (all T by default). Each batch row carries the
-    timestep its latent was made at (pitfall 2 of the authors' code). `scheduler` must have had
-    `set_timesteps(steps)` with the sampling step count (it fixes t').
-    """
-    count, length = latents.shape[0], timesteps.shape[0]
-    if latents.shape[1] != length + 1:
-        raise ValueError(f"latents hold {latents.shape[1]} states for {length} timesteps; expected T + 1")
-    steps = torch.arange(length) if step_indices is None else torch.as_tensor(step_indices, dtype=torch.long)
-    device = cond_embeds.device
-    chosen = steps.to(latents.device)
-    current = latents[:, chosen].flatten(0, 1).to(device)  # [N*S, C, h, w], rows ordered (sample, step)
-    following = latents[:, chosen + 1].flatten(0, 1).to(device)
-    row_timesteps = timesteps.to(device)[steps.to(device)].repeat(count)
-    cond = cond_embeds.repeat_interleave(len(steps), dim=0)
-    uncond = None
-    if uncond_embeds is not None:
-        uncond = uncond_embeds.expand(count, *uncond_embeds.shape[1:]).repeat_interleave(len(steps), dim=0)
-    noise = guided_noise_prediction(unet, current, row_timesteps, cond, uncond, guidance)
-    out = ddim_step_with_log_prob(
-        scheduler, noise, row_timesteps, current, eta, prev_latents=following, reduction=reduction
-    )
-    return out.log_prob.reshape(count, len(steps))
+def pair_epoch_seed(seed: int) -> Callable[[int], int]:
+    """`epoch_seed` of DPO's pair schedule (`loop.batch_indices`): pass `epoch` over the pairs is permuted with
+    seed * 1_000_003 + epoch (kept as it was, so existing checkpoints resume on the same pairs)."""
+    return lambda epoch: seed * 1_000_003 + epoch
 
 
 # ------------------------------------------------------------------------------------------ the model
-def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = None):
-    """Fuse whatever LoRA the pipeline carries (the preliminary one) into its weights, then attach the
-    trainable DPO adapter: fresh (B = 0, so the policy starts as the preliminary model) or from `init_lora`."""
-    from magic_align.diffusion.lora import attach_lora, lora_weights_file, merge_lora
-
-    unet = pipe.unet
-    if getattr(unet, "peft_config", None):
-        # Fusing then unloading keeps the preliminary LoRA in the weights for good (pitfall 1) and leaves
-        # the DPO adapter as the only one, so "adapter disabled" means exactly "the preliminary model".
-        merge_lora(pipe)
-    unet.requires_grad_(False)
-    if init_lora is None:
-        attach_lora(unet, rank, alpha, adapter_name=ADAPTER_NAME, init=True)
-    else:
-        try:
-            weights = lora_weights_file(Path(init_lora))
-        except FileNotFoundError as error:
-            raise TrainingError(f"init_lora: {error}") from None
-        unet.load_lora_adapter(str(weights), adapter_name=ADAPTER_NAME, prefix="unet")
-        unet.set_adapter(ADAPTER_NAME)
-    trainable = 0
-    for name, parameter in unet.named_parameters():
-        if "lora_" in name and f".{ADAPTER_NAME}." in name:
-            parameter.requires_grad_(True)
-            trainable += parameter.numel()
-    if trainable == 0:
-        raise TrainingError("the DPO adapter has no parameters: no attention layer matched to_q/to_k/to_v/to_out.0")
-    return unet
-
-
 def save_dpo_lora(unet, folder: Path) -> Path:
     """The DPO adapter in the diffusers LoRA format (`folder/pytorch_lora_weights.safetensors`, rank and
     alpha in its metadata), written atomically; loads with plain `load_lora_weights`."""
@@ -189,31 +99,7 @@ def save_dpo_lora(unet, folder: Path) -> Path:
     return save_lora(unet, Path(folder), adapter_name=ADAPTER_NAME)
 
 
-# ------------------------------------------------------------------------------------------- settings
-@dataclass(frozen=True)
-class TrajectorySettings:
-    """What a round's trajectories were sampled with (their shard header); every pair must agree on it."""
-
-    steps: int
-    eta: float
-    guidance: float
-    negative_prompt: str
-    reduction: str
-
-    @classmethod
-    def from_header(cls, header: dict, where: str) -> "TrajectorySettings":
-        try:
-            return cls(
-                steps=int(header["steps"]),
-                eta=float(header["eta"]),
-                guidance=float(header["guidance"]),
-                negative_prompt=str(header.get("negative_prompt", "")),
-                reduction=str(header["log_prob_reduction"]),
-            )
-        except KeyError as missing:
-            raise TrainingError(f"trajectory shard of {where}: its header has no {missing} field") from None
-
-
+# ------------------------------------------------------------------------------------------- inputs
 def round_output(paths: RunPaths, round_index: int) -> Path:
     return paths.aligned / "dpo" / f"round-{round_index}"
 
@@ -230,11 +116,7 @@ def load_pair(store, example: PairExample, expected: TrajectorySettings):
         raise TrainingError(f"pair {example.pair_id}: its samples were made at different timesteps "
                             f"({batch.timesteps[0].tolist()} vs {batch.timesteps[1].tolist()})")
     for sample_id, header in zip(example.sample_ids, batch.headers):
-        if TrajectorySettings.from_header(header, sample_id) != expected:
-            raise TrainingError(
-                f"sample {sample_id}: sampled with {TrajectorySettings.from_header(header, sample_id)}, other samples "
-                f"of the round with {expected}; train one sampling configuration at a time"
-            )
+        check_trajectory_settings(header, sample_id, expected)
     return batch
 
 
@@ -248,7 +130,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     `checkpoints/dpo/round-<k>/`. `init_lora` continues an earlier DPO LoRA (the previous round's).
     """
     from magic_align.diffusion.loading import load_run_policy
-    from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
+    from magic_align.diffusion.sampler import embed_prompt_ids
     from magic_align.diffusion.trajectories import TrajectoryStore
     from magic_align.ledger import Ledger
 
@@ -301,30 +183,16 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             "base model, tokens or preliminary LoRA changed since), so the stored log-probs are not the reference's: "
             "sample the round again, or set dpo.recompute_reference = true"
         )
-    unet = prepare_policy_unet(pipe, settings.lora_rank, settings.lora_alpha, init_lora)
-    frozen_dtype = weight_dtype(accelerator)
-    freeze_to(unet, frozen_dtype)
-    pipe.text_encoder.to(frozen_dtype)
-    session = start_training(
-        accelerator, unet, lr=settings.lr, weight_decay=settings.weight_decay, use_8bit=settings.use_8bit_adam,
-        lr_scheduler=settings.lr_scheduler, total_steps=settings.iterations, warmup_steps=settings.lr_warmup_steps,
-        checkpoint_dir=paths.checkpoints("dpo") / f"round-{round_index}",
-        log_dir=paths.logs / "dpo" / f"round-{round_index}", log_with=settings.log_with,
-        run_name=f"{config.name}-dpo-round-{round_index}", log_config=settings.model_dump(mode="json"),
+    training = start_policy_training(
+        accelerator, pipe, config, paths, sampling, stage="dpo", adapter_name=ADAPTER_NAME, round_index=round_index,
+        total_steps=settings.iterations, guidance=guidance, warmup_steps=settings.lr_warmup_steps, init_lora=init_lora,
     )
+    session = training.session
     unet, unwrapped, parameters = session.model, session.unwrapped, session.parameters
     optimizer, lr_scheduler, checkpoints, logger = session.optimizer, session.lr_scheduler, session.checkpoints, session.logger
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(sampling.steps, device=accelerator.device)
-    policy = ModelWithDtype(unet, frozen_dtype)
-    negative = None
-    if guidance > 1:
-        with torch.no_grad():
-            negative = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [sampling.negative_prompt]))
     reference_cache: dict[str, torch.Tensor] = {}
     per_process = settings.pairs_per_step // world
     clip = settings.clip or None  # 0 disables the clamp (TOML has no null)
-    kwargs = {"guidance": guidance, "eta": sampling.eta, "reduction": settings.log_prob_reduction}
 
     def reference_log_probs(example: PairExample, batch, cond: torch.Tensor) -> torch.Tensor:
         """[2, T]: the stored log-probs, or the initial model's, recomputed once with the DPO adapter off."""
@@ -335,9 +203,9 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             unwrapped.disable_adapters()
             try:
                 with torch.no_grad(), accelerator.autocast():
-                    values = trajectory_log_probs(
-                        ModelWithDtype(unwrapped, frozen_dtype), scheduler, batch.latents[missing].to(accelerator.device),
-                        batch.timesteps[0], cond[missing], negative, **kwargs,
+                    values = training.log_probs(
+                        batch.latents[missing].to(accelerator.device), batch.timesteps[0], cond[missing],
+                        model=ModelWithDtype(unwrapped, training.frozen_dtype),
                     )
             finally:
                 unwrapped.enable_adapters()
@@ -347,7 +215,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
 
     unet.train()
     for step in range(session.start_step, settings.iterations):
-        chosen = pair_schedule(len(examples), step, settings.pairs_per_step, settings.seed)[rank::world]
+        chosen = batch_indices(len(examples), settings.pairs_per_step, step, pair_epoch_seed(settings.seed))[rank::world]
         policy_rows, reference_rows, sign_rows = [], [], []
         for position, pair_index in enumerate(chosen):
             example = examples[pair_index]
@@ -359,17 +227,13 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             reference = reference_log_probs(example, batch, cond).to(accelerator.device)  # [2, T]
             signs = torch.tensor([example.signs], device=accelerator.device)
             length = timesteps.shape[0]
-            chunk = settings.steps_per_forward or length
             values = []
-            for begin in range(0, length, chunk):
-                steps = list(range(begin, min(begin + chunk, length)))
+            for steps in step_chunks(length, settings.steps_per_forward):
                 last = position == len(chosen) - 1 and steps[-1] == length - 1
                 # Only the last backward of the optimizer step all-reduces the gradients under DDP.
                 with (nullcontext() if last else accelerator.no_sync(unet)):
                     with accelerator.autocast():
-                        log_probs = trajectory_log_probs(
-                            policy, scheduler, latents, timesteps, cond, negative, step_indices=steps, **kwargs
-                        )  # [2, S]
+                        log_probs = training.log_probs(latents, timesteps, cond, step_indices=steps)  # [2, S]
                         loss, _ = dpo_loss(log_probs[None], reference[None, :, steps], signs, settings.beta, clip)
                     # Mean over the steps of a pair and over the pairs of the global batch (DDP averages ranks).
                     accelerator.backward(loss * (len(steps) / length) / per_process)

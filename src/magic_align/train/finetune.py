@@ -15,7 +15,8 @@ Outputs in `run/model/`: `tokens/` (diffusers textual-inversion files that plain
 loads), `lora/` (diffusers LoRA for `pipe.load_lora_weights`), `model.json` (base model, tokens, file hashes,
 steps, losses). Checkpoints go to `run/checkpoints/finetune/`; a rerun resumes from the latest one and ends with
 exactly the weights an uninterrupted run gives, because every random draw of a step (batch, caption, noise,
-timestep, flip) comes from a generator seeded by (seed, phase, step) rather than from a running RNG state.
+timestep, flip) comes from a generator seeded by (seed, phase, step) rather than from a running RNG state
+(`loop.step_seed`, `loop.batch_indices`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 
 from magic_align.config import RunConfig
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
+from magic_align.train.loop import batch_indices, phase_epoch_seed, step_seed
 
 # Object-style captions for textual inversion, written for this project; "{}" is the condition's token.
 OBJECT_TEMPLATES = (
@@ -72,25 +74,6 @@ def caption_templates(prompt_template: str) -> list[str]:
 def scaled_lr(lr: float, batch_size: int, grad_accum: int, scale: bool) -> float:
     """The textual-inversion learning rate: lr x batch x accumulation when scaling is on."""
     return lr * batch_size * grad_accum if scale else lr
-
-
-def step_seed(seed: int, phase: str, step: int, micro: int = 0) -> int:
-    """A seed for the random draws of one (micro-)step, independent of everything that ran before it."""
-    digest = hashlib.sha256(f"{seed}:{phase}:{step}:{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def batch_indices(num_items: int, batch_size: int, draw: int, seed: int, phase: str) -> list[int]:
-    """The items of the `draw`-th batch: consecutive slices of one seeded permutation per epoch, so every
-    item is seen once per epoch, and any batch can be computed without replaying the ones before it."""
-    if num_items <= 0:
-        raise FinetuneError("no training images")
-    indices = []
-    for position in range(draw * batch_size, (draw + 1) * batch_size):
-        epoch, offset = divmod(position, num_items)
-        permutation = torch.randperm(num_items, generator=torch.Generator().manual_seed(step_seed(seed, phase + "-epoch", epoch)))
-        indices.append(int(permutation[offset]))
-    return indices
 
 
 def center_crop_resize(image: Image.Image, size: int, center_crop: bool = True) -> Image.Image:
@@ -282,7 +265,15 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     from magic_align.checklists.schema import load_checklists
     from magic_align.diffusion.loading import load_pipeline
     from magic_align.diffusion.sampler import tokenize_prompts
-    from magic_align.train.loop import Checkpoints, MetricsLogger, make_accelerator, make_optimizer, optimizer_step, weight_dtype
+    from magic_align.train.loop import (
+        Checkpoints,
+        MetricsLogger,
+        make_accelerator,
+        make_optimizer,
+        optimizer_step,
+        start_training,
+        weight_dtype,
+    )
 
     if stop_after is not None and stop_after < 1:
         raise FinetuneError(f"stop_after = {stop_after}: expected at least 1 optimizer step (or None for no limit)")
@@ -344,8 +335,8 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
         for micro in range(ft.ti_grad_accum):
             draw = (step * ft.ti_grad_accum + micro) * world + rank
             generator = torch.Generator().manual_seed(step_seed(ft.seed, "ti", step, micro * world + rank))
-            pixels, conditions = load_batch(images, batch_indices(len(images), ft.ti_batch_size, draw, ft.seed, "ti"),
-                                            size, config, generator)
+            indices = batch_indices(len(images), ft.ti_batch_size, draw, phase_epoch_seed(ft.seed, "ti"))
+            pixels, conditions = load_batch(images, indices, size, config, generator)
             choices = torch.randint(len(templates), (len(conditions),), generator=generator)
             captions = [templates[int(i)].format(token_of[c]) for i, c in zip(choices, conditions)]
             sync = accelerator.no_sync(encoder) if micro < ft.ti_grad_accum - 1 else nullcontext()
@@ -379,16 +370,16 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     for parameter in lora_parameters:  # trainable weights stay fp32 under mixed precision
         parameter.data = parameter.data.float()
     accelerator = make_accelerator(mixed_precision=ft.mixed_precision, seed=ft.seed)
-    lora_optimizer = make_optimizer(lora_parameters, lr=ft.lora_lr, weight_decay=1e-2)
-    from magic_align.train.loop import make_lr_scheduler
-
-    lora_schedule = make_lr_scheduler(ft.lr_scheduler, lora_optimizer, total_steps=max(ft.lora_steps, 1))
-    unet, lora_optimizer = accelerator.prepare(unet, lora_optimizer)
-    accelerator.register_for_checkpointing(lora_schedule)
-    lora_checkpoints = Checkpoints(accelerator, paths.checkpoints("finetune") / "lora")
-    lora_start = _check_resumed(lora_checkpoints.resume(), fingerprint, lora_checkpoints.directory)
-    lora_log = MetricsLogger(paths.logs / "finetune" / "lora", ft.log_with, enabled=accelerator.is_main_process,
-                             resume_step=lora_start if lora_start else None)
+    lora_checkpoint_dir = paths.checkpoints("finetune") / "lora"
+    session = start_training(
+        accelerator, unet, lr=ft.lora_lr, weight_decay=1e-2, use_8bit=False, lr_scheduler=ft.lr_scheduler,
+        total_steps=max(ft.lora_steps, 1), checkpoint_dir=lora_checkpoint_dir,
+        log_dir=paths.logs / "finetune" / "lora", log_with=ft.log_with,
+        check_resumed=lambda state: _check_resumed(state, fingerprint, lora_checkpoint_dir),
+    )
+    unet, lora_parameters, lora_optimizer = session.model, session.parameters, session.optimizer
+    lora_schedule, lora_checkpoints, lora_log = session.lr_scheduler, session.checkpoints, session.logger
+    lora_start = session.start_step
     with torch.no_grad():  # the text encoder is frozen now: one embedding per condition caption, computed once
         caption_states = {
             condition: text_encoder(tokenize_prompts(tokenizer, [config.model.prompt_template.format(token=token)]).to(device))[0]
@@ -397,7 +388,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     unet.train()
     for step in range(lora_start, ft.lora_steps):
         generator = torch.Generator().manual_seed(step_seed(ft.seed, "lora", step, rank))
-        indices = batch_indices(len(images), ft.lora_batch_size, step * world + rank, ft.seed, "lora")
+        indices = batch_indices(len(images), ft.lora_batch_size, step * world + rank, phase_epoch_seed(ft.seed, "lora"))
         pixels, conditions = load_batch(images, indices, size, config, generator)
         with accelerator.autocast():
             with torch.no_grad():

@@ -12,19 +12,23 @@ the same everywhere:
   trainable parameters (a LoRA, not the 3.4 GB UNet), the optimizer, the schedule, the RNG states of every
   process and the step counter, written atomically (a killed save never leaves a checkpoint that looks done);
 - `MetricsLogger`: CSV + TensorBoard (wandb optional) under `run/logs/<stage>/`; on resume it drops rows
-  logged after the checkpoint, so the curves have no duplicated steps.
+  logged after the checkpoint, so the curves have no duplicated steps;
+- `step_seed` and `batch_indices`: the seeded, resumable draws (which items a batch holds, the noise of a
+  step) that make a resumed run see exactly the batches an uninterrupted one would;
+- `start_training`: the common start of a trainer (optimizer, schedule, `prepare`, resume, logger).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -63,6 +67,42 @@ def make_accelerator(
 def weight_dtype(accelerator: Accelerator) -> torch.dtype:
     """The dtype for frozen weights under the accelerator's mixed precision (trainable ones stay fp32)."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+# ------------------------------------------------------------------------------------- seeded schedules
+def step_seed(seed: int, phase: str, step: int, micro: int = 0) -> int:
+    """A seed for the random draws of one (micro-)step, independent of everything that ran before it."""
+    digest = hashlib.sha256(f"{seed}:{phase}:{step}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def phase_epoch_seed(seed: int, phase: str) -> Callable[[int], int]:
+    """`epoch_seed` for `batch_indices`: the permutation of each epoch seeded by (seed, phase, epoch)."""
+    return lambda epoch: step_seed(seed, phase + "-epoch", epoch)
+
+
+def batch_indices(num_items: int, batch_size: int, draw: int, epoch_seed: Callable[[int], int]) -> list[int]:
+    """The items of the `draw`-th batch (0-based): consecutive slices of a stream of permutations of
+    range(num_items), one per epoch, seeded by `epoch_seed(epoch)`.
+
+    Every item is seen once per epoch (a batch may run into the next epoch), and any batch is a pure function
+    of its arguments, so a resumed run (or another number of processes) draws exactly the same batches without
+    replaying the ones before it.
+    """
+    if num_items < 1:
+        raise TrainingError("no items to draw a batch from")
+    chosen: list[int] = []
+    position = draw * batch_size
+    permutation, permutation_epoch = None, -1
+    while len(chosen) < batch_size:
+        epoch, offset = divmod(position, num_items)
+        if epoch != permutation_epoch:
+            generator = torch.Generator().manual_seed(epoch_seed(epoch))
+            permutation, permutation_epoch = torch.randperm(num_items, generator=generator).tolist(), epoch
+        take = min(batch_size - len(chosen), num_items - offset)
+        chosen.extend(permutation[offset : offset + take])
+        position += take
+    return chosen
 
 
 # --------------------------------------------------------------------------------- optimizer and schedule
@@ -398,9 +438,13 @@ def start_training(
     log_with: Sequence[str],
     run_name: str | None = None,
     log_config: Mapping | None = None,
+    check_resumed: Callable[[dict], None] | None = None,
 ) -> TrainingSession:
     """The common start of a trainer: AdamW over the trainable parameters, the LR schedule, `prepare`,
-    checkpoints (resuming the latest one) and the metrics logger (trimmed to the resumed step)."""
+    checkpoints (resuming the latest one) and the metrics logger (trimmed to the resumed step).
+
+    `check_resumed(state)` may refuse a resumed checkpoint (raise) before the logger touches the old metrics.
+    """
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = make_optimizer(parameters, lr=lr, weight_decay=weight_decay, use_8bit=use_8bit)
     schedule = make_lr_scheduler(lr_scheduler, optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
@@ -408,6 +452,8 @@ def start_training(
     accelerator.register_for_checkpointing(schedule)
     checkpoints = Checkpoints(accelerator, checkpoint_dir)
     resumed = checkpoints.resume()
+    if resumed is not None and check_resumed is not None:
+        check_resumed(resumed)
     start = int(resumed["step"]) if resumed else 0
     logger = MetricsLogger(
         log_dir, log_with, enabled=accelerator.is_main_process, resume_step=start if resumed else None,

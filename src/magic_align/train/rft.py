@@ -14,10 +14,10 @@
    i.e. the loss is  -mean_i w_i mean_t log p  +  beta_r * (epsilon MSE on a batch of real training images with
    their own condition's caption). The log-prob of each stored transition comes from the shared
    `ddim_step_with_log_prob` with guidance, all T steps of a trajectory in one batched UNet pass
-   (`dpo.trajectory_log_probs`), each latent with the timestep it was made at.
+   (`trajectory_likelihood.trajectory_log_probs`, shared with DPO), each latent with the timestep it was made at.
 
 The policy is the preliminary model with its LoRA fused in (never dropped: pitfall 1) plus a fresh trainable
-LoRA, exactly as for DPO (`dpo.prepare_policy_unet`). Outputs in `aligned/rft/`: the LoRA
+LoRA (adapter "rft"), built as for DPO (`trajectory_likelihood.prepare_policy_unet`). Outputs in `aligned/rft/`: the LoRA
 (`pytorch_lora_weights.safetensors`, diffusers format; stack it on the run's tokens and preliminary LoRA, as
 `load_run_policy(..., extra_lora=...)` does), `reward/` (the reward model) and `rft.json` (a summary).
 Checkpoints in `checkpoints/rft/round-<k>/`; a rerun resumes exactly where it stopped.
@@ -41,6 +41,7 @@ from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.train.loop import TrainingError
 
 OUTPUT = "rft"
+ADAPTER_NAME = "rft"
 REWARD_DIR = "reward"
 SUMMARY_FILE = "rft.json"
 
@@ -243,16 +244,13 @@ def run_rft(
     from magic_align.diffusion.lora import save_lora
     from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
     from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
-    from magic_align.train import dpo
-    from magic_align.train.finetune import batch_indices, denoising_loss, encode_images, load_batch, step_seed, training_images
-    from magic_align.train.loop import (
-        Checkpoints,
-        MetricsLogger,
-        make_accelerator,
-        make_lr_scheduler,
-        make_optimizer,
-        optimizer_step,
-        weight_dtype,
+    from magic_align.train.finetune import denoising_loss, encode_images, load_batch, training_images
+    from magic_align.train.loop import batch_indices, make_accelerator, optimizer_step, phase_epoch_seed, step_seed
+    from magic_align.train.trajectory_likelihood import (
+        TrajectorySettings,
+        check_trajectory_settings,
+        start_policy_training,
+        step_chunks,
     )
 
     rft = config.rft
@@ -284,48 +282,27 @@ def run_rft(
     if any(math.isnan(t.weight) for t in trajectories):
         raise TrainingError(f"the reward model gave NaN rewards; see its training summary in {output / REWARD_DIR}")
     first = store.header(trajectories[0].sample_id)
-    sampling = dpo.TrajectorySettings.from_header(first, trajectories[0].sample_id)
+    sampling = TrajectorySettings.from_header(first, trajectories[0].sample_id)
     guidance = sampling.guidance if rft.guidance is None else rft.guidance
 
     # ---- 2. the policy: preliminary model (LoRA fused) + trainable LoRA
     pipe = load_run_policy(config, paths, device=device, dtype=torch.float32)
-    unet = dpo.prepare_policy_unet(pipe, rft.lora_rank, rft.lora_alpha, init_lora)
-    frozen_dtype = weight_dtype(accelerator)
-    for parameter in unet.parameters():
-        if not parameter.requires_grad:
-            parameter.data = parameter.data.to(frozen_dtype)
-    pipe.text_encoder.to(frozen_dtype)
-    if frozen_dtype != torch.float32:  # the VAE only encodes the real images of the beta_r term
-        pipe.vae.to(frozen_dtype)
-    parameters = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(parameters, lr=rft.lr, weight_decay=rft.weight_decay, use_8bit=rft.use_8bit_adam)
-    lr_scheduler = make_lr_scheduler(rft.lr_scheduler, optimizer, total_steps=rft.steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    checkpoints = Checkpoints(accelerator, paths.checkpoints("rft") / f"round-{round_index}")
-    resumed = checkpoints.resume()
-    start = int(resumed["step"]) if resumed else 0
-    logger = MetricsLogger(
-        paths.logs / "rft" / f"round-{round_index}",
-        rft.log_with,
-        enabled=accelerator.is_main_process,
-        resume_step=start if resumed else None,
-        run_name=f"{config.name}-rft-round-{round_index}",
-        config=rft.model_dump(mode="json"),
+    training = start_policy_training(
+        accelerator, pipe, config, paths, sampling, stage="rft", adapter_name=ADAPTER_NAME, round_index=round_index,
+        total_steps=rft.steps, guidance=guidance, init_lora=init_lora,
     )
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(sampling.steps, device=device)
-    unwrapped = accelerator.unwrap_model(unet)
-    policy = dpo._CallableWithDtype(unet, frozen_dtype)
-    negative = None
-    with torch.no_grad():
-        if guidance > 1:
-            negative = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [sampling.negative_prompt]))
-    kwargs = {"guidance": guidance, "eta": sampling.eta, "reduction": rft.log_prob_reduction}
+    if training.frozen_dtype != torch.float32:  # the VAE only encodes the real images of the beta_r term
+        pipe.vae.to(training.frozen_dtype)
+    session = training.session
+    unet, unwrapped, parameters = session.model, session.unwrapped, session.parameters
+    optimizer, lr_scheduler, checkpoints, logger = session.optimizer, session.lr_scheduler, session.checkpoints, session.logger
 
     # real images for the beta_r term: the train split, captioned with their own condition's token
     use_real = rft.beta_real > 0 and rft.real_batch_size > 0
     real_images = training_images(config, paths) if use_real else []
+    if use_real and not real_images:
+        raise TrainingError("the train split is empty, but rft.beta_real > 0 needs real training images: check the "
+                            "data section, or set rft.beta_real = 0")
     token_of = {c.condition: c.token for c in load_checklists(config.judge.checklist).conditions}
     if use_real:
         from diffusers import DDPMScheduler
@@ -341,33 +318,24 @@ def run_rft(
     per_process = rft.batch_size // world
 
     unet.train()
-    for step in range(start, rft.steps):
-        chosen = batch_indices(len(trajectories), rft.batch_size, step, rft.seed, "rft")[rank::world]
+    for step in range(session.start_step, rft.steps):
+        chosen = batch_indices(len(trajectories), rft.batch_size, step, phase_epoch_seed(rft.seed, "rft"))[rank::world]
         weighted_terms, weights = [], []
         real_term = torch.zeros(())
         for position, index in enumerate(chosen):
             item = trajectories[index]
             batch = store.get([item.sample_id])
-            header = dpo.TrajectorySettings.from_header(batch.headers[0], item.sample_id)
-            if header != sampling:
-                raise TrainingError(
-                    f"sample {item.sample_id}: sampled with {header}, other samples of the round with {sampling}; "
-                    "train one sampling configuration at a time"
-                )
+            check_trajectory_settings(batch.headers[0], item.sample_id, sampling)
             latents, timesteps = batch.latents.to(device), batch.timesteps[0]
             with torch.no_grad():
                 cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids)
             weight = torch.tensor([item.weight], device=device)
             length = timesteps.shape[0]
-            chunk = rft.steps_per_forward or length
-            for begin in range(0, length, chunk):
-                steps = list(range(begin, min(begin + chunk, length)))
+            for steps in step_chunks(length, rft.steps_per_forward):
                 last = position == len(chosen) - 1 and steps[-1] == length - 1 and not use_real
                 with nullcontext() if last else accelerator.no_sync(unet):
                     with accelerator.autocast():
-                        log_probs = dpo.trajectory_log_probs(
-                            policy, scheduler, latents, timesteps, cond, negative, step_indices=steps, **kwargs
-                        )  # [1, S]
+                        log_probs = training.log_probs(latents, timesteps, cond, step_indices=steps)  # [1, S]
                         term = reward_weighted_nll(log_probs, weight)
                     # mean over the steps of a trajectory and the trajectories of the global batch
                     accelerator.backward(term * (len(steps) / length) / per_process)
@@ -375,7 +343,9 @@ def run_rft(
             weights.append(item.weight)
         if use_real:
             generator = torch.Generator().manual_seed(step_seed(rft.seed, "rft-real", step, rank))
-            indices = batch_indices(len(real_images), rft.real_batch_size, step, rft.seed, "rft-real")[rank::world]
+            indices = batch_indices(
+                len(real_images), rft.real_batch_size, step, phase_epoch_seed(rft.seed, "rft-real")
+            )[rank::world]
             pixels, conditions = load_batch(real_images, indices, size, config, generator)
             with accelerator.autocast():
                 with torch.no_grad():
@@ -403,7 +373,7 @@ def run_rft(
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora(unwrapped, output, adapter_name=dpo.ADAPTER_NAME)
+        save_lora(unwrapped, output, adapter_name=ADAPTER_NAME)
         rewards = [t.reward for t in trajectories]
         summary = {
             "round": round_index,

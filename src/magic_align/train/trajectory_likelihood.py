@@ -1,0 +1,222 @@
+"""What both trainers on stored trajectories (`dpo`, `rft`) share: the policy and the likelihood of a trajectory.
+
+- `prepare_policy_unet`: the preliminary model (its LoRA fused into the UNet weights, never dropped: pitfall 1
+  of the authors' code) plus one trainable LoRA under the trainer's own adapter name ("dpo", "rft");
+- `TrajectorySettings`: what a round's trajectories were sampled with (their shard header), which every
+  trajectory trained on together must share (`check_trajectory_settings`);
+- `trajectory_log_probs`: log p(x_{t'} | x_t, c) of the stored transitions under a model, all chosen steps of
+  N trajectories in one batched UNet pass, each row at the timestep its latent was made at (pitfall 2);
+  `step_chunks` splits a trajectory's steps into passes of `steps_per_forward`;
+- `start_policy_training`: the common start of both trainers (policy, mixed precision, `loop.start_training`,
+  the sampling schedule and negative prompt), returning a `PolicyTraining` whose `log_probs` scores trajectories.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
+from magic_align.train.loop import (
+    ModelWithDtype,
+    TrainingError,
+    TrainingSession,
+    freeze_to,
+    start_training,
+    weight_dtype,
+)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from magic_align.config import RunConfig
+    from magic_align.run import RunPaths
+
+
+# ------------------------------------------------------------------------------------------ the model
+def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = None, *, adapter_name: str):
+    """Fuse whatever LoRA the pipeline carries (the preliminary one) into its weights, then attach the trainable
+    adapter `adapter_name`: fresh (B = 0, so the policy starts as the preliminary model) or from `init_lora`.
+    Only that adapter's LoRA weights train; returns the UNet."""
+    from magic_align.diffusion.lora import attach_lora, lora_weights_file, merge_lora
+
+    unet = pipe.unet
+    if getattr(unet, "peft_config", None):
+        # Fusing then unloading keeps the preliminary LoRA in the weights for good (pitfall 1) and leaves
+        # the trainer's adapter as the only one, so "adapter disabled" means exactly "the preliminary model".
+        merge_lora(pipe)
+    unet.requires_grad_(False)
+    if init_lora is None:
+        attach_lora(unet, rank, alpha, adapter_name=adapter_name, init=True)
+    else:
+        try:
+            weights = lora_weights_file(Path(init_lora))
+        except FileNotFoundError as error:
+            raise TrainingError(f"init_lora: {error}") from None
+        unet.load_lora_adapter(str(weights), adapter_name=adapter_name, prefix="unet")
+        unet.set_adapter(adapter_name)
+    trainable = 0
+    for name, parameter in unet.named_parameters():
+        if "lora_" in name and f".{adapter_name}." in name:
+            parameter.requires_grad_(True)
+            trainable += parameter.numel()
+    if trainable == 0:
+        raise TrainingError(
+            f"the {adapter_name} adapter has no parameters: no attention layer matched to_q/to_k/to_v/to_out.0"
+        )
+    return unet
+
+
+# ------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class TrajectorySettings:
+    """What a round's trajectories were sampled with (their shard header); trajectories trained on together
+    must agree on it."""
+
+    steps: int
+    eta: float
+    guidance: float
+    negative_prompt: str
+    reduction: str
+
+    @classmethod
+    def from_header(cls, header: dict, where: str) -> "TrajectorySettings":
+        try:
+            return cls(
+                steps=int(header["steps"]),
+                eta=float(header["eta"]),
+                guidance=float(header["guidance"]),
+                negative_prompt=str(header.get("negative_prompt", "")),
+                reduction=str(header["log_prob_reduction"]),
+            )
+        except KeyError as missing:
+            raise TrainingError(f"trajectory shard of {where}: its header has no {missing} field") from None
+
+
+def check_trajectory_settings(header: dict, sample_id: str, expected: TrajectorySettings) -> None:
+    """Refuse a trajectory sampled with other settings than the rest of the round."""
+    found = TrajectorySettings.from_header(header, sample_id)
+    if found != expected:
+        raise TrainingError(
+            f"sample {sample_id}: sampled with {found}, other samples of the round with {expected}; "
+            "train one sampling configuration at a time"
+        )
+
+
+# ------------------------------------------------------------------------------------------- the math
+def trajectory_log_probs(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond_embeds: torch.Tensor,
+    uncond_embeds: torch.Tensor | None,
+    *,
+    guidance: float,
+    eta: float,
+    reduction: str,
+    step_indices: torch.Tensor | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """log p(x_{t'} | x_t, c) of stored transitions, for N trajectories and a set of steps, in ONE UNet pass.
+
+    latents [N, T+1, C, h, w]; timesteps [T]; cond_embeds [N, L, D]; uncond_embeds [1 or N, L, D] (or None
+    without guidance). Returns [N, S] for the S chosen steps (all T by default). Each batch row carries the
+    timestep its latent was made at (pitfall 2 of the authors' code). `scheduler` must have had
+    `set_timesteps(steps)` with the sampling step count (it fixes t').
+    """
+    count, length = latents.shape[0], timesteps.shape[0]
+    if latents.shape[1] != length + 1:
+        raise ValueError(f"latents hold {latents.shape[1]} states for {length} timesteps; expected T + 1")
+    steps = torch.arange(length) if step_indices is None else torch.as_tensor(step_indices, dtype=torch.long)
+    device = cond_embeds.device
+    chosen = steps.to(latents.device)
+    current = latents[:, chosen].flatten(0, 1).to(device)  # [N*S, C, h, w], rows ordered (sample, step)
+    following = latents[:, chosen + 1].flatten(0, 1).to(device)
+    row_timesteps = timesteps.to(device)[steps.to(device)].repeat(count)
+    cond = cond_embeds.repeat_interleave(len(steps), dim=0)
+    uncond = None
+    if uncond_embeds is not None:
+        uncond = uncond_embeds.expand(count, *uncond_embeds.shape[1:]).repeat_interleave(len(steps), dim=0)
+    noise = guided_noise_prediction(unet, current, row_timesteps, cond, uncond, guidance)
+    out = ddim_step_with_log_prob(
+        scheduler, noise, row_timesteps, current, eta, prev_latents=following, reduction=reduction
+    )
+    return out.log_prob.reshape(count, len(steps))
+
+
+def step_chunks(length: int, steps_per_forward: int | None) -> list[list[int]]:
+    """The step indices 0..length-1 in consecutive passes of `steps_per_forward` (None or 0: one pass)."""
+    chunk = steps_per_forward or length
+    return [list(range(begin, min(begin + chunk, length))) for begin in range(0, length, chunk)]
+
+
+# ------------------------------------------------------------------------------------ a training start
+@dataclass
+class PolicyTraining:
+    """What `start_policy_training` set up: the training session, the prepared policy with its frozen dtype,
+    the pipeline's scheduler set to the sampling steps, and the likelihood settings of `log_probs`."""
+
+    session: TrainingSession
+    policy: ModelWithDtype
+    frozen_dtype: torch.dtype
+    scheduler: object
+    negative: torch.Tensor | None  # the sampling negative prompt's embedding; None without guidance
+    guidance: float
+    eta: float
+    reduction: str
+
+    def log_probs(self, latents, timesteps, cond, *, step_indices=None, model=None) -> torch.Tensor:
+        """`trajectory_log_probs` under the policy (or `model`) with the round's sampling settings."""
+        return trajectory_log_probs(
+            self.policy if model is None else model, self.scheduler, latents, timesteps, cond, self.negative,
+            guidance=self.guidance, eta=self.eta, reduction=self.reduction, step_indices=step_indices,
+        )
+
+
+def start_policy_training(
+    accelerator: "Accelerator",
+    pipe,
+    config: "RunConfig",
+    paths: "RunPaths",
+    sampling: TrajectorySettings,
+    *,
+    stage: str,
+    adapter_name: str,
+    round_index: int,
+    total_steps: int,
+    guidance: float,
+    warmup_steps: int = 0,
+    init_lora: Path | None = None,
+) -> PolicyTraining:
+    """The common start of a trainer on stored trajectories (`stage` "dpo" or "rft", whose config section gives
+    lora_rank, lora_alpha, lr, weight_decay, use_8bit_adam, lr_scheduler, log_with and log_prob_reduction):
+    the policy UNet (`prepare_policy_unet`), frozen weights and text encoder in the mixed-precision dtype,
+    `loop.start_training` with checkpoints in `checkpoints/<stage>/round-<k>/` and logs in
+    `logs/<stage>/round-<k>/`, the scheduler set to the sampling steps, and the negative prompt's embedding."""
+    from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
+
+    section = getattr(config, stage)
+    unet = prepare_policy_unet(pipe, section.lora_rank, section.lora_alpha, init_lora, adapter_name=adapter_name)
+    frozen_dtype = weight_dtype(accelerator)
+    freeze_to(unet, frozen_dtype)
+    pipe.text_encoder.to(frozen_dtype)
+    session = start_training(
+        accelerator, unet, lr=section.lr, weight_decay=section.weight_decay, use_8bit=section.use_8bit_adam,
+        lr_scheduler=section.lr_scheduler, total_steps=total_steps, warmup_steps=warmup_steps,
+        checkpoint_dir=paths.checkpoints(stage) / f"round-{round_index}",
+        log_dir=paths.logs / stage / f"round-{round_index}", log_with=section.log_with,
+        run_name=f"{config.name}-{stage}-round-{round_index}", log_config=section.model_dump(mode="json"),
+    )
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(sampling.steps, device=accelerator.device)
+    negative = None
+    if guidance > 1:
+        with torch.no_grad():
+            negative = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [sampling.negative_prompt]))
+    return PolicyTraining(
+        session, ModelWithDtype(session.model, frozen_dtype), frozen_dtype, scheduler, negative,
+        guidance=guidance, eta=sampling.eta, reduction=section.log_prob_reduction,
+    )

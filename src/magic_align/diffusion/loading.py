@@ -62,14 +62,14 @@ def load_pipeline(
     if model_cfg.source == "tiny":
         pipe = build_tiny_pipeline(model_cfg.seed, resolution=model_cfg.resolution)
     elif model_cfg.source == "local":
-        pipe = _load_local(Path(model_cfg.pretrained))
+        pipe = _load_local(Path(model_cfg.pretrained), dtype)
     elif model_cfg.source == "hub":
         pipe = _load_hub(model_cfg.pretrained, model_cfg.revision, local_files_only)
     elif model_cfg.source == "demo":
         # Written by the demo module; imported here only when asked for, so the rest works without it.
         from magic_align.diffusion.demo_model import demo_model_dir
 
-        pipe = _load_local(Path(demo_model_dir(model_cfg)))
+        pipe = _load_local(Path(demo_model_dir(model_cfg)), dtype)
     else:  # the config's Literal already rules this out; kept for callers building ModelConfig by hand
         raise ModelLoadError(f"model.source = {model_cfg.source!r}: expected one of hub, local, tiny, demo")
     pipe.scheduler = ddim_scheduler_from(pipe.scheduler.config)
@@ -95,7 +95,7 @@ def ddim_scheduler_from(scheduler_config) -> "DDIMScheduler":  # noqa: F821
     return DDIMScheduler.from_config(dict(scheduler_config))
 
 
-def _load_local(folder: Path) -> "StableDiffusionPipeline":
+def _load_local(folder: Path, dtype: torch.dtype = torch.float32) -> "StableDiffusionPipeline":
     from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
 
     StableDiffusionPipeline = stable_diffusion_pipeline_class()
@@ -108,10 +108,14 @@ def _load_local(folder: Path) -> "StableDiffusionPipeline":
         )
     from diffusers.utils import logging as diffusers_logging
 
+    from transformers.utils import logging as transformers_logging
+
     diffusers_logging.disable_progress_bar()  # the stages draw their own progress bars
+    transformers_logging.disable_progress_bar()
     try:
+        # loaded straight into `dtype`: a folder saved in fp16 (the demo model) is never half precision on the CPU
         return StableDiffusionPipeline.from_pretrained(
-            str(folder), safety_checker=None, requires_safety_checker=False, local_files_only=True
+            str(folder), safety_checker=None, requires_safety_checker=False, local_files_only=True, dtype=dtype
         )
     except (OSError, ValueError, KeyError) as error:
         raise ModelLoadError(f"could not load the diffusers model in {folder}: {error}") from None

@@ -94,14 +94,17 @@ def test_shipped_model_loads_with_plain_diffusers_and_draws_64_px():
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
     assert image.std() > 0.01  # not a constant image
     info = json.loads((packaged_demo_model_dir() / "training.json").read_text())
-    assert "no demo condition" in info["trained_on"]
+    assert "no condition name or token" in info["trained_on"]
+    vocabulary = pipe.tokenizer.get_vocab()
+    assert not any(token.startswith("<demo-") for token in vocabulary)  # finetune has to learn the conditions
 
 
 @pytest.mark.slow
 def test_rebuild_trains_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    recipe = DemoModelRecipe(images=16, vae_steps=2, vae_batch=4, unet_steps=2, unet_batch=4, warmup=1)
+    recipe = DemoModelRecipe(images=16, shape_images=8, unlabeled_lesion_images=8, vae_steps=2, vae_batch=4,
+                             unet_steps=2, unet_batch=4, warmup=1, decoder_steps=2)
     messages: list[str] = []
     folder = train_demo_model(tmp_path / "demo-base", recipe, log=messages.append)
     assert any("autoencoder" in m for m in messages) and not (tmp_path / "demo-base.partial").exists()

@@ -28,7 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from magic_align.checklists.schema import Checklist, ChecklistSet, load_checklists
-from magic_align.config import RunConfig
+from magic_align.config import JudgeConfig, RunConfig
+from magic_align.data.images import sha256_file
 from magic_align.judges.base import Judge, Verdict
 from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens, price_usd, sent_size
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, may_send, sends_images
@@ -215,19 +216,11 @@ class _Work:
     sample: SampleRow
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _open_image(path: Path, expected_sha: str) -> Image.Image:
     """Read the sample's PNG, checking it is the image the ledger recorded (else the cache key would lie)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    actual = _sha256_file(path)
+    actual = sha256_file(path)
     if actual != expected_sha:
         raise ValueError(f"{path} changed since sampling (sha256 {actual[:12]}, ledger says {expected_sha[:12]})")
     with Image.open(path) as image:
@@ -253,25 +246,30 @@ def _collect_work(
     return list(work.values())
 
 
+def estimate_call_tokens(
+    judge: Judge | None, checklist: Checklist, width: int, height: int, config: JudgeConfig
+) -> tuple[int, int]:
+    """(input, output) tokens of one call grading a `width` x `height` image against `checklist`."""
+    input_tokens = estimate_text_tokens(prompt_text_for(judge, checklist, config.prompt_style))
+    input_tokens += estimate_image_tokens(*sent_size(width, height, config.image_size))
+    if config.prompt_style == "structured":
+        return input_tokens, OUTPUT_TOKENS_STRUCTURED_PER_ITEM * len(checklist.items) + 20
+    return input_tokens, OUTPUT_TOKENS_PAPER
+
+
 def _estimate(
     pending: list[_Work], judge: Judge | None, config: RunConfig, paths: RunPaths, summary: JudgeSummary
 ) -> None:
-    prompt_tokens: dict[str, int] = {}
     total_in = total_out = 0
     for unit in pending:
-        version = unit.checklist.version
-        if version not in prompt_tokens:
-            prompt_tokens[version] = estimate_text_tokens(prompt_text_for(judge, unit.checklist, config.judge.prompt_style))
         try:
             with Image.open(paths.root / unit.sample.image_path) as image:
                 width, height = image.size
         except (OSError, ValueError):
             width = height = config.judge.image_size  # missing file: assume the configured size
-        total_in += prompt_tokens[version] + estimate_image_tokens(*sent_size(width, height, config.judge.image_size))
-        if config.judge.prompt_style == "structured":
-            total_out += OUTPUT_TOKENS_STRUCTURED_PER_ITEM * len(unit.checklist.items) + 20
-        else:
-            total_out += OUTPUT_TOKENS_PAPER
+        call_in, call_out = estimate_call_tokens(judge, unit.checklist, width, height, config.judge)
+        total_in += call_in
+        total_out += call_out
     summary.estimated_input_tokens = total_in
     summary.estimated_output_tokens = total_out
     # local backends (hf, rules) are free; HTTP ones are priced by judge.prices[judge.model]

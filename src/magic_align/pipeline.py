@@ -144,23 +144,21 @@ def run_all(config: RunConfig, force: bool = False, console: Console | None = No
 def dry_run_plan(config: RunConfig) -> Table:
     """The plan as a table: stages, counts, estimated judge calls, tokens and cost. Loads no model or data."""
     from magic_align.checklists.schema import load_checklists
-    from magic_align.judge import prompt_text_for
-    from magic_align.judges.costs import estimate_image_tokens, estimate_text_tokens, price_usd, sent_size
-    from magic_align.judge import OUTPUT_TOKENS_PAPER, OUTPUT_TOKENS_STRUCTURED_PER_ITEM
+    from magic_align.judge import estimate_call_tokens
+    from magic_align.judges.costs import price_usd
+    from magic_align.judges.privacy import sends_images
 
     checklists = load_checklists(config.judge.checklist)
-    items = max(len(c.items) for c in checklists.conditions)
-    prompt = max(estimate_text_tokens(prompt_text_for(None, c, config.judge.prompt_style)) for c in checklists.conditions)
-    width = height = config.model.resolution
-    per_call_in = prompt + estimate_image_tokens(*sent_size(width, height, config.judge.image_size))
-    per_call_out = (
-        OUTPUT_TOKENS_STRUCTURED_PER_ITEM * items + 20 if config.judge.prompt_style == "structured" else OUTPUT_TOKENS_PAPER
+    # the largest checklist of the set, on an image of the model's resolution
+    per_call_in, per_call_out = max(
+        estimate_call_tokens(None, checklist, config.model.resolution, config.model.resolution, config.judge)
+        for checklist in checklists.conditions
     )
     samples_per_round = config.sample.num_sources * config.sample.samples_per_unit
     pairs_per_unit = config.sample.samples_per_unit * (config.sample.samples_per_unit - 1) // 2
     # training rounds, plus the held-out comparison of the unaligned and each aligned model
     calls = samples_per_round * config.rounds + config.evaluate.alignment_units * (1 + len(config.align))
-    remote = config.judge.backend in ("openai", "ensemble")
+    remote = sends_images(config.judge)
     cost = price_usd(config.judge, per_call_in * calls, per_call_out * calls) if remote else 0.0
 
     table = Table(title=f"plan for run '{config.name}' -> {config.run_dir}")

@@ -1,0 +1,33 @@
+"""`magic run` planning: stage hashes and the offline dry run."""
+
+from rich.console import Console
+
+from magic_align.config import load_config
+from magic_align.pipeline import dry_run_plan, stage_hash
+
+
+def test_stage_hash_follows_its_sections_and_its_upstream():
+    config = load_config("tiny")
+    base = stage_hash(config, ("sample",), upstream="a")
+    assert stage_hash(load_config("tiny", ["dpo.beta=2"]), ("sample",), upstream="a") == base
+    assert stage_hash(load_config("tiny", ["sample.strength=0.9"]), ("sample",), upstream="a") != base
+    assert stage_hash(config, ("sample",), upstream="b") != base  # an upstream change reruns downstream
+
+
+def test_paper_dry_run_is_offline_and_counts_every_paid_call():
+    config = load_config("paper")
+    console = Console(record=True, width=200)
+    console.print(dry_run_plan(config))
+    text = console.export_text()
+    calls = config.sample.num_sources * config.sample.samples_per_unit * config.rounds
+    calls += config.evaluate.alignment_units * (1 + len(config.align))
+    assert f"{calls} calls" in text and "$" in text
+    for stage in ("finetune", "sample/round-0", "judge/round-0", "pairs/round-0", "dpo/round-0", "rft", "report"):
+        assert stage in text
+    assert not config.run_dir.exists()  # a dry run creates nothing
+
+
+def test_local_judge_dry_run_has_no_cost():
+    console = Console(record=True, width=200)
+    console.print(dry_run_plan(load_config("tiny")))
+    assert "no cost" in console.export_text()

@@ -96,7 +96,7 @@ def plan_units(config: RunConfig, train, classes: list[str], checklists, round_i
     return units
 
 
-def _process_state():
+def process_state():
     """(process index, process count, device) under `accelerate launch`, or (0, 1, best device) alone."""
     try:
         from accelerate import PartialState
@@ -136,7 +136,7 @@ def run_sample(
 
     started = time.perf_counter()
     paths = prepare_run(config)
-    process_index, process_count, device = _process_state()
+    process_index, process_count, device = process_state()
     summary = SampleSummary(round=round_index)
     checklists = load_checklists(config.judge.checklist)
     split = run_split(config, paths)
@@ -198,7 +198,7 @@ def run_sample(
         summary.samples_written += len(records)
         pending.clear()
 
-    bar = _progress_bar(progress and process_index == 0)
+    bar = progress_bar(progress and process_index == 0)
     with bar:
         task = bar.add_task(f"sampling round {round_index}", total=len(todo) * per_unit)
         for start in range(0, len(todo), units_per_batch):
@@ -248,7 +248,8 @@ def run_sample(
     return summary
 
 
-def _progress_bar(enabled: bool):
+def progress_bar(enabled: bool):
+    """A rich progress bar (description, bar, n/total, elapsed, remaining); a no-op when not `enabled`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(

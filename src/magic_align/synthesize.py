@@ -95,7 +95,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
     from magic_align.data.split import run_split
     from magic_align.data.targets import choose_target
     from magic_align.diffusion.loading import load_run_policy, model_hash, policy_files
-    from magic_align.sample import _process_state, _progress_bar
+    from magic_align.sample import process_state, progress_bar
 
     if config.synthesize.judge:
         raise SynthesizeError(
@@ -133,7 +133,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
     if not todo:
         write_manifest(manifest_path, rows)
         return summary
-    _, _, device = _process_state()
+    _, _, device = process_state()
     pipe = load_run_policy(config, paths, extra_lora=lora, device=device)
     if pipe.magic_model_hash != expected_hash:  # the files changed while loading: the check above was wrong
         raise SynthesizeError(
@@ -144,7 +144,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
     region_of = {checklist.condition: checklist.region for checklist in checklists.conditions}
     classes = list(split.classes)
     size = config.synthesize.size
-    bar = _progress_bar(progress)
+    bar = progress_bar(progress)
     with bar:
         task = bar.add_task("synthesizing", total=len(todo))
         for start in range(0, len(todo), config.synthesize.batch_size):
@@ -167,8 +167,8 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
                 prompt = config.model.prompt_template.format(token=checklists[target].token)
                 seed = derived_seed("synthesize", *key)
                 reqs.append(SampleRequest(synthetic_id(record.id, n), prompt, seed, image))
-                meta.append((record, target, seed))
-            for result, (record, target, seed) in zip(sample_batch(pipe, reqs, settings, config.model.resolution), meta):
+                meta.append((record, target, seed, prompt))
+            for result, (record, target, seed, prompt) in zip(sample_batch(pipe, reqs, settings, config.model.resolution), meta):
                 image = result.image if result.image.size == (size, size) else result.image.resize((size, size), Image.LANCZOS)
                 image_path = images_dir / f"{result.sample_id}.png"
                 atomic_write_bytes(image_path, encode_png(image))
@@ -180,7 +180,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
                     "source_group": record.group,
                     "source_skin_type": record.skin_type,
                     "target_label": target,
-                    "prompt": result_prompt(reqs, result.sample_id),
+                    "prompt": prompt,
                     "strength": settings.strength,
                     "seed": seed,
                     "model_hash": expected_hash,
@@ -201,10 +201,6 @@ def _remove_set(manifest_path: Path, images_dir: Path) -> int:
         removed += 1
     manifest_path.unlink(missing_ok=True)
     return removed
-
-
-def result_prompt(requests: Sequence[SampleRequest], sample_id: str) -> str:
-    return next(request.prompt for request in requests if request.sample_id == sample_id)
 
 
 def _extra_sources(config: RunConfig) -> list:

@@ -118,10 +118,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
 
 def embed_prompt_ids(text_encoder, prompt_ids: torch.Tensor) -> torch.Tensor:
     """Text embeddings [N, L, D] for stored token ids (the trainers call this with the frozen text encoder)."""
-    mask = None
     if getattr(text_encoder.config, "use_attention_mask", False):
         raise ValueError("text encoders that need an attention mask are not supported by the trajectory format")
-    return text_encoder(prompt_ids.to(text_encoder.device), attention_mask=mask)[0]
+    return text_encoder(prompt_ids.to(text_encoder.device), attention_mask=None)[0]
 
 
 # --------------------------------------------------------------------------------------------- images

@@ -147,14 +147,12 @@ def load_shard(path: Path, sample_ids: Iterable[str] | None = None) -> Trajector
         rows = [index[sample_id] for sample_id in wanted]
     with safe_open(str(path), "pt") as handle:
         timesteps = handle.get_tensor("timesteps")
+        names = ("latents", "log_probs", "prompt_ids")
         if rows == list(range(len(ids))):
-            latents = handle.get_tensor("latents")
-            log_probs = handle.get_tensor("log_probs")
-            prompt_ids = handle.get_tensor("prompt_ids")
+            latents, log_probs, prompt_ids = (handle.get_tensor(name) for name in names)
         else:  # read only the rows asked for
-            latents = torch.stack([handle.get_slice("latents")[row] for row in rows])
-            log_probs = torch.stack([handle.get_slice("log_probs")[row] for row in rows])
-            prompt_ids = torch.stack([handle.get_slice("prompt_ids")[row] for row in rows])
+            slices = [handle.get_slice(name) for name in names]
+            latents, log_probs, prompt_ids = (torch.stack([part[row] for row in rows]) for part in slices)
     return TrajectoryBatch(
         sample_ids=wanted,
         latents=latents.to(torch.float32),

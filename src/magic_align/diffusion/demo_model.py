@@ -153,8 +153,10 @@ def build_tokenizer(max_length: int = MAX_TOKENS):
 
 def build_components(vocab_size: int, bos: int, eos: int, seed: int = 0) -> dict:
     """Randomly initialised VAE, UNet, text encoder and the DDIM scheduler of the demo model."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from magic_align.diffusion.loading import sd21_ddim_scheduler
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -194,16 +196,7 @@ def build_components(vocab_size: int, bos: int, eos: int, seed: int = 0) -> dict
             pad_token_id=eos,
         )
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    scheduler = sd21_ddim_scheduler()
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "scheduler": scheduler}
 
 

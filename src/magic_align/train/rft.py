@@ -152,7 +152,7 @@ def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge
     from magic_align.checklists.schema import load_checklists
     from magic_align.evaluate.backbones import load_backbone
     from magic_align.train.finetune import training_images
-    from magic_align.train.reward_model import RewardModel, fit_reward_head, load_reward_model
+    from magic_align.train.reward_model import META_FILE, RewardModel, fit_reward_head, load_reward_model
 
     rft = config.rft
     conditions = load_checklists(config.judge.checklist).condition_names
@@ -167,9 +167,10 @@ def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge
         )
     folder = paths.aligned / OUTPUT / REWARD_DIR
     fingerprint = reward_fingerprint(config, labelled)
-    meta_path = folder / "reward_model.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("summary", {}).get("fingerprint") == fingerprint:
-        return load_reward_model(folder, device), json.loads(meta_path.read_text())["summary"]
+    meta_path = folder / META_FILE
+    summary = json.loads(meta_path.read_text()).get("summary", {}) if meta_path.exists() else {}
+    if summary.get("fingerprint") == fingerprint:
+        return load_reward_model(folder, device), summary
     backbone = load_backbone(rft.reward_backbone, device)
     features = image_features(backbone, labelled, config.data.max_image_pixels)
     index = {name: i for i, name in enumerate(conditions)}

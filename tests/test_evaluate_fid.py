@@ -44,3 +44,14 @@ def test_small_sets_and_errors():
     if not _TORCH_FIDELITY_AVAILABLE:  # the project never installs it; the message must say what to use instead
         with pytest.raises(BackboneError, match="torch-fidelity.*efficientnet-lite0"):
             load_feature_module("inception")
+
+
+def test_precomputed_real_features_give_the_same_result():
+    from magic_align.evaluate.fid import extract_features
+
+    module = load_feature_module("small-cnn")
+    real, fake = _images(12, seed=0), _images(12, seed=1, noise=30.0)
+    fresh = image_distances(real, fake, module, resamples=3, kid_subsets=3).as_dict()
+    reused = image_distances(real, fake, module, resamples=3, kid_subsets=3,
+                             real_features=extract_features(real, module)).as_dict()
+    assert fresh == reused

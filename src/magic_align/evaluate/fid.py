@@ -5,9 +5,9 @@ weights, which it downloads on first use, so it is for connected machines), any 
 `evaluate.backbones` ("efficientnet-lite0" works offline; "small-cnn" is for tests). Values from different
 feature extractors are not comparable; the extractor is recorded next to every value.
 
-Each image set is run through the extractor once (torchmetrics' `update` with `feature=` our module); the
-bootstrap intervals then resample those features, feeding them to the same torchmetrics metrics through an
-identity feature module, so the interval costs no further network passes.
+Each image set is run through the extractor once (`extract_features`); the point values and the bootstrap
+intervals feed those features to torchmetrics' metrics through an identity feature module, so the intervals
+cost no further network passes (and a real set shared by several comparisons is extracted once).
 """
 
 from __future__ import annotations
@@ -141,6 +141,14 @@ def _interval(draws: list[float], value: float, confidence: float) -> Estimate:
     return Estimate(value, float(low), float(high))
 
 
+def extract_features(images: Sequence[Image.Image], module: nn.Module, batch_size: int = 32) -> torch.Tensor:
+    """[len(images), D] float64 features of `images` through the extractor, in batches, on the CPU."""
+    size = getattr(module, "input_size", INCEPTION_SIZE)
+    with torch.no_grad():
+        return torch.cat([module(images_to_batch(images[start : start + batch_size], size)).detach().double().cpu()
+                          for start in range(0, len(images), batch_size)])
+
+
 def image_distances(
     real_images: Sequence[Image.Image],
     fake_images: Sequence[Image.Image],
@@ -151,30 +159,20 @@ def image_distances(
     seed: int = 0,
     confidence: float = 0.95,
     batch_size: int = 32,
+    real_features: torch.Tensor | None = None,
 ) -> DistanceResult:
     """FID and KID of `fake_images` against `real_images`, with percentile bootstrap intervals over images
-    (both sets resampled with replacement; `resamples` = 0 gives no interval)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
+    (both sets resampled with replacement; `resamples` = 0 gives no interval). `real_features`, when given,
+    are `extract_features(real_images, module)` from an earlier call, so one real set compared with several
+    synthetic sets goes through the extractor once."""
     if len(real_images) < 2 or len(fake_images) < 2:
         raise ValueError(f"FID needs at least 2 images per set; got {len(real_images)} real and {len(fake_images)} "
                          "synthetic")
     module = load_feature_module(features) if isinstance(features, str) else features
     name = features if isinstance(features, str) else type(features).__name__
-    # The point value runs the images through torchmetrics with our extractor as its `feature=` module;
-    # a hook keeps what the extractor returned, for the intervals.
-    kept: dict[bool, list[torch.Tensor]] = {True: [], False: []}
-    metric = FrechetInceptionDistance(feature=module, reset_real_features=True)
-    size = getattr(module, "input_size", INCEPTION_SIZE)
-    for is_real, images in ((True, real_images), (False, fake_images)):
-        handle = module.register_forward_hook(lambda _m, _i, output, r=is_real: kept[r].append(output.detach().double().cpu()))
-        try:
-            for start in range(0, len(images), batch_size):
-                metric.update(images_to_batch(images[start : start + batch_size], size), real=is_real)
-        finally:
-            handle.remove()
-    fid_value = float(metric.compute())
-    real, fake = torch.cat(kept[True]), torch.cat(kept[False])
+    real = extract_features(real_images, module, batch_size) if real_features is None else real_features
+    fake = extract_features(fake_images, module, batch_size)
+    fid_value = fid_from_features(real, fake)
     kid_value, kid_std = kid_from_features(real, fake, kid_subsets, seed)
 
     rng = np.random.default_rng(seed)

@@ -316,16 +316,17 @@ def run_judge(
 
     if sends_images(config.judge) and pending:
         check_endpoint(config.judge.base_url or OPENAI_API_URL, config.judge.allow_remote)
+    stage, config_hash = f"judge:{round_index}", _config_hash(config)
     try:
-        ledger.set_stage(f"judge:{round_index}", _config_hash(config), "running", f"{len(pending)} images to grade")
+        ledger.set_stage(stage, config_hash, "running", f"{len(pending)} images to grade")
         asyncio.run(_grade_then_close(pending, judge, ledger, config, paths, summary, show_progress, console))
     except BaseException as error:
-        ledger.set_stage(f"judge:{round_index}", _config_hash(config), "failed", f"{type(error).__name__}: {error}")
+        ledger.set_stage(stage, config_hash, "failed", f"{type(error).__name__}: {error}")
         raise
     summary.spent_usd = ledger.spent_usd(judge.id)
     status = "done" if summary.remaining == 0 else "stopped"
     ledger.set_stage(
-        f"judge:{round_index}", _config_hash(config), status,
+        stage, config_hash, status,
         summary.stopped or f"{summary.images} images graded, {summary.asked} calls this run",
     )
     _tally(summary, work, ledger, judge.id, judge.prompt_version)

@@ -30,7 +30,7 @@ from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
 from magic_align.judges.base import Verdict
 from magic_align.judges.openai_judge import REPAIR_SEPARATOR, after_repair, answer_verdict, max_output_tokens
-from magic_align.judges.parsing import ParsedAnswer, parse_answer
+from magic_align.judges.parsing import no_answer, parse_answer
 from magic_align.judges.privacy import downscale
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair
 
@@ -183,7 +183,7 @@ class HFJudge:
         input_tokens, output_tokens, latency = first.input_tokens, first.output_tokens, first.seconds
         raw = first.text
         if first.error is not None:
-            parsed = ParsedAnswer([None] * n_items, [None] * n_items, "failed", first.error)
+            parsed = no_answer(n_items, "failed", first.error)
         else:
             parsed = parse_answer(first.text, n_items, style)
             if parsed.status in ("failed", "partial"):

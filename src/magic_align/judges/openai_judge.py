@@ -38,7 +38,7 @@ from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
 from magic_align.judges.base import Verdict
 from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens, sent_size
-from magic_align.judges.parsing import ParsedAnswer, parse_answer
+from magic_align.judges.parsing import ParsedAnswer, no_answer, parse_answer
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, is_loopback_url, png_data_url, prepare_image
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair, response_format
 
@@ -340,9 +340,9 @@ class OpenAIJudge:
             input_tokens, output_tokens = reply.input_tokens, reply.output_tokens
             raw = reply.content or reply.refusal or ""
             if reply.error is not None:
-                parsed = ParsedAnswer([None] * n_items, [None] * n_items, "failed", reply.error)
+                parsed = no_answer(n_items, "failed", reply.error)
             elif reply.refusal is not None and not reply.content:
-                parsed = ParsedAnswer([None] * n_items, [None] * n_items, "refused", f"refusal: {reply.refusal[:200]}")
+                parsed = no_answer(n_items, "refused", f"refusal: {reply.refusal[:200]}")
             else:
                 parsed = parse_answer(reply.content, n_items, style)
                 if parsed.status in ("failed", "partial"):

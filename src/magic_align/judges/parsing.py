@@ -379,7 +379,7 @@ def parse_answer(text: str | None, n_items: int, style: str = "paper") -> Parsed
         raise ValueError(f"n_items must be at least 1, got {n_items}")
     raw = (text or "").strip()
     if not raw:
-        return _nothing(n_items, "failed", "empty answer")
+        return no_answer(n_items, "failed", "empty answer")
     fenced = [block.strip() for block in _FENCE.findall(raw) if block.strip()]
     unfenced = _FENCE.sub(lambda match: match.group(1), raw).replace("`", "")
     sources = fenced + [unfenced]
@@ -398,12 +398,13 @@ def parse_answer(text: str | None, n_items: int, style: str = "paper") -> Parsed
     if fallback is not None:
         return _finish(fallback, n_items)
     if looks_like_refusal(raw):
-        return _nothing(n_items, "refused", "the judge declined to grade the image")
+        return no_answer(n_items, "refused", "the judge declined to grade the image")
     expected = "a list like [1, 0, 1]" if style == "paper" else 'a JSON object {"items": [...]}'
-    return _nothing(n_items, "failed", f"no verdicts found in the answer (expected {expected})")
+    return no_answer(n_items, "failed", f"no verdicts found in the answer (expected {expected})")
 
 
-def _nothing(n_items: int, status: ParseStatus, error: str) -> ParsedAnswer:
+def no_answer(n_items: int, status: ParseStatus, error: str) -> ParsedAnswer:
+    """An answer with no verdicts (every item None) and why."""
     return ParsedAnswer([None] * n_items, [None] * n_items, status, error)
 
 

@@ -103,3 +103,30 @@ def test_stale_set_is_replaced_by_evaluate_and_refused_by_plain_synthesize(tmp_p
     with pytest.raises(SynthesizeError, match=f"made with model \\['{second_hash}'\\].*changed since"):
         synthesize(config, lora, manifest.parent, progress=False)
     assert hashes(manifest) == {second_hash}  # untouched
+
+
+@pytest.mark.slow
+def test_changed_sampling_settings_make_the_set_stale(tmp_path):
+    """A set made at another strength is never silently reused: plain synthesize refuses it, evaluate's
+    replace_stale makes it again, and the alignment comparison keeps one folder per setting."""
+    from magic_align.evaluate.alignment import _output_dir
+    from magic_align.synthesize import synthesis_settings_hash
+
+    overrides = [f"runs_dir='{tmp_path}'", "sample.steps=10", "synthesize.size=32"]
+    first = load_config("tiny", overrides + ["sample.strength=0.3"])
+    second = load_config("tiny", overrides + ["sample.strength=0.6"])
+    assert synthesis_settings_hash(first) != synthesis_settings_hash(second)
+    assert synthesis_settings_hash(first) == synthesis_settings_hash(load_config("tiny", overrides + ["sample.strength=0.3"]))
+    paths = prepare_run(first)
+    assert _output_dir(first, paths, "i2i", None) != _output_dir(second, paths, "i2i", None)
+
+    sources = run_split(first, paths).train[:2]
+    manifest = run_synthesize(first, lora=None, sources=sources, progress=False)
+    with pytest.raises(SynthesizeError, match="sampling settings"):
+        run_synthesize(second, lora=None, sources=sources, progress=False)
+    summary = synthesize(second, lora=None, sources=sources, progress=False, replace_stale=True)
+    assert (summary.replaced, summary.written) == (2, 2)
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {float(row["strength"]) for row in rows} == {0.6}
+    assert {row["settings_hash"] for row in rows} == {synthesis_settings_hash(second)}

@@ -14,7 +14,9 @@ manifest already lists and draws the rest exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -29,8 +31,10 @@ from magic_align.run import atomic_write_bytes, atomic_write_text, prepare_run
 
 MANIFEST_COLUMNS = (
     "synthetic_id", "path", "source_id", "source_label", "source_group", "source_skin_type", "target_label",
-    "prompt", "strength", "seed", "model_hash", "verdict_score", "verdict_items",
+    "prompt", "strength", "seed", "model_hash", "verdict_score", "verdict_items", "settings_hash",
 )
+# Manifests written before `settings_hash` existed are still read (their sets count as stale).
+REQUIRED_COLUMNS = MANIFEST_COLUMNS[:-1]
 
 
 class SynthesizeError(RuntimeError):
@@ -52,7 +56,7 @@ def read_manifest(path: Path) -> list[dict]:
         return []
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = [column for column in MANIFEST_COLUMNS if column not in (reader.fieldnames or [])]
+        missing = [column for column in REQUIRED_COLUMNS if column not in (reader.fieldnames or [])]
         if missing:
             raise SynthesizeError(f"{path}: not a synthetic manifest (missing columns {missing})")
         return list(reader)
@@ -69,6 +73,20 @@ def write_manifest(path: Path, rows: Sequence[dict]) -> None:
 
 def synthetic_id(source_id: str, n: int) -> str:
     return f"syn-{source_id}-{n}"
+
+
+def synthesis_settings_hash(config: RunConfig) -> str:
+    """Names everything besides the model that decides a synthetic image: the I2I sampling settings, the prompt
+    template, the target rule, the output size and the seed. A set made with other settings is stale, so a
+    changed `sample.strength` (say) never silently reuses the images of the old one."""
+    settings = SamplingSettings.from_config(config.sample, config.model, keep_trajectory=False)
+    key = {
+        "steps": settings.steps, "strength": settings.strength, "eta": settings.eta, "guidance": settings.guidance,
+        "negative_prompt": settings.negative_prompt, "prompt_template": config.model.prompt_template,
+        "target_selection": config.sample.target_selection, "size": config.synthesize.size,
+        "seed": config.synthesize.seed,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_synthesize(
@@ -113,14 +131,19 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
         sources = list(split.train) + _extra_sources(config)
     # The model's hash from its files alone (no model load), so a finished set of an older model is caught too.
     expected_hash = model_hash(config.model, policy_files(paths, lora))
+    expected_settings = synthesis_settings_hash(config)
     rows = read_manifest(manifest_path)
-    stale = sorted({row["model_hash"] for row in rows} - {expected_hash})
+    stale_models = sorted({row["model_hash"] for row in rows} - {expected_hash})
+    stale_settings = sorted({row.get("settings_hash") or "(none)" for row in rows} - {expected_settings})
     replaced = 0
-    if stale:
+    if stale_models or stale_settings:
         if not replace_stale:
+            why = (f"model {stale_models}, not {expected_hash} (the model or LoRA changed since)" if stale_models else
+                   f"sampling settings {stale_settings}, not {expected_settings} (sample.strength, steps, guidance, "
+                   "eta, the prompt template, target rule, synthesize.size or seed changed since)")
             raise SynthesizeError(
-                f"{manifest_path} lists images made with model {stale}, not {expected_hash} (the model or LoRA "
-                "changed since); write to another folder (--out) or delete it to start over"
+                f"{manifest_path} lists images made with {why}; write to another folder (--out) or delete it to "
+                "start over"
             )
         replaced = _remove_set(manifest_path, images_dir)
         rows = []
@@ -184,6 +207,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
                     "strength": settings.strength,
                     "seed": seed,
                     "model_hash": expected_hash,
+                    "settings_hash": expected_settings,
                     "verdict_score": "",
                     "verdict_items": "",
                 })

@@ -151,10 +151,13 @@ def run_alignment_comparison(
 
 
 def _output_dir(config: RunConfig, paths: RunPaths, name: str, lora: Path | None) -> Path:
-    """One folder per model version, so a retrained model never mixes with images of the previous one."""
+    """One folder per model version and sampling settings, so a retrained model or a changed strength never mixes
+    with (or silently reuses) the images of the previous one."""
     from magic_align.diffusion.loading import model_hash, policy_files
+    from magic_align.synthesize import synthesis_settings_hash
 
-    return paths.eval / "alignment" / f"{name}-{model_hash(config.model, policy_files(paths, lora))}"
+    model = model_hash(config.model, policy_files(paths, lora))
+    return paths.eval / "alignment" / f"{name}-{model}-{synthesis_settings_hash(config)}"
 
 
 def _relative(path: Path | None, root: Path) -> str | None:

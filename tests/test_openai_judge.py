@@ -21,7 +21,6 @@ from magic_align.judges.openai_judge import (
     JudgeEndpointError,
     OpenAIJudge,
     backoff_delay,
-    estimate_call,
     estimate_image_tokens,
     parse_retry_after,
 )
@@ -190,11 +189,14 @@ def test_image_token_estimate_matches_openai_rules():
 
 
 def test_call_estimate_uses_prices():
+    from magic_align.judge import estimate_call_tokens
+    from magic_align.judges.costs import price_usd
+
     cfg = JudgeConfig(model="gpt-4o")
-    estimate = estimate_call(cfg, CHECKLIST)
-    assert estimate.input_tokens > 255
-    assert estimate.cost_usd == pytest.approx(estimate.input_tokens * 2.5e-6 + estimate.output_tokens * 10e-6)
-    assert estimate_call(JudgeConfig(model="local-llava"), CHECKLIST).cost_usd == 0.0
+    input_tokens, output_tokens = estimate_call_tokens(None, CHECKLIST, 512, 512, cfg)
+    assert input_tokens > 255 and output_tokens > 0
+    assert price_usd(cfg, input_tokens, output_tokens) == pytest.approx(input_tokens * 2.5e-6 + output_tokens * 10e-6)
+    assert price_usd(JudgeConfig(model="local-llava"), input_tokens, output_tokens) is None
 
 
 async def test_concurrency_limit_is_respected():

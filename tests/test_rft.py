@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 from pathlib import Path
 
@@ -298,3 +299,35 @@ def test_the_rft_policy_starts_as_the_preliminary_model(rft_run):
     without_lora = load_pipeline(config.model)
     load_tokens(without_lora, paths.model / "tokens")
     assert not torch.allclose(scored(without_lora, without_lora.unet), batch.log_probs, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_denoising_objective_weighs_final_latents_by_reward(rft_run, monkeypatch):
+    """rft.objective = "denoising": reward-weighted epsilon loss on each sample's final latent. With every weight
+    zero (and no real-image term) nothing is learned; with the rewards, the LoRA moves."""
+    from safetensors.torch import load_file
+
+    import magic_align.train.rft as rft_module
+    from magic_align.train.loop import read_metrics
+
+    config, _ = rft_run
+    config = config.model_copy(deep=True)
+    config.rft.objective = "denoising"
+    config.rft.beta_real = 0.0
+    metrics = config.run_dir / "logs" / "rft" / "round-0" / "metrics.csv"
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rft_module, "trajectory_weight", lambda reward, power: torch.zeros_like(reward))
+        output = rft_module.run_rft(config, judge_id="test:judge")
+    rows = read_metrics(metrics)
+    assert rows and all(r["grad_norm"] == 0 and r["weighted_nll"] == 0 and r["mean_weight"] == 0 for r in rows)
+    lora = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    assert all(not value.any() for key, value in lora.items() if "lora_B" in key or "lora.up" in key)
+
+    for folder in ("checkpoints", "logs", "aligned"):
+        shutil.rmtree(config.run_dir / folder / "rft", ignore_errors=True)
+    output = rft_module.run_rft(config, judge_id="test:judge")
+    rows = read_metrics(metrics)
+    assert all(r["grad_norm"] > 0 and r["weighted_nll"] > 0 for r in rows)
+    lora = load_file(str(output / "pytorch_lora_weights.safetensors"))
+    assert any(value.any() for key, value in lora.items() if "lora_B" in key or "lora.up" in key)

@@ -181,6 +181,10 @@ class RFTConfig(Section):
     reward_real_negative_label: float | None = Field(0.0, ge=0, le=1)
     # reward-weighted likelihood: weight = R(x, c) ** reward_power on each stored trajectory
     reward_power: float = Field(1.0, gt=0)
+    # what the reward weighs: "trajectory" = the log-likelihood of every stored denoising transition (with
+    # guidance, T steps per sample: method.md section 3); "denoising" = the diffusion (epsilon) loss on each
+    # sample's final latent, a bound on its likelihood (one UNet row per sample: T x 2 times cheaper)
+    objective: Literal["trajectory", "denoising"] = "trajectory"
     beta_real: float = Field(0.1, ge=0)  # beta_r: weight of the denoising loss on real images
     real_batch_size: int = Field(4, ge=0)  # real images per step for the beta_r term
     steps: int = Field(500, ge=1)

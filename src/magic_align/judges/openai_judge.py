@@ -37,7 +37,7 @@ from PIL import Image
 from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
 from magic_align.judges.base import Verdict
-from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens, sent_size
+from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens
 from magic_align.judges.parsing import ParsedAnswer, no_answer, parse_answer
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, is_loopback_url, png_data_url, prepare_image
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair, response_format
@@ -95,10 +95,6 @@ def max_output_tokens(n_items: int, style: str, configured: int | None = None) -
     return 256 if style == "paper" else 64 + 96 * n_items
 
 
-def expected_output_tokens(n_items: int, style: str) -> int:
-    return 4 * n_items + 8 if style == "paper" else 32 * n_items + 16
-
-
 def estimate_request_tokens(messages: list[dict], image_size: int) -> int:
     """Input tokens of a chat request: its text parts, and each image as a square of `image_size` (the upper
     bound of the image as sent)."""
@@ -111,23 +107,6 @@ def estimate_request_tokens(messages: list[dict], image_size: int) -> int:
             else:
                 total += estimate_image_tokens(image_size, image_size)
     return total
-
-
-@dataclass(frozen=True)
-class CallEstimate:
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-
-
-def estimate_call(cfg: JudgeConfig, checklist: Checklist, image_size: tuple[int, int] | None = None) -> CallEstimate:
-    """Tokens and cost of grading one image (for `magic judge --dry-run`); no repair, no retry."""
-    side = cfg.image_size
-    width, height = image_size or (side, side)
-    prompt = render_prompt(checklist, cfg.prompt_style)
-    input_tokens = estimate_text_tokens(prompt) + estimate_image_tokens(*sent_size(width, height, side))
-    output_tokens = expected_output_tokens(len(checklist.items), cfg.prompt_style)
-    return CallEstimate(input_tokens, output_tokens, cost_usd(cfg, input_tokens, output_tokens))
 
 
 # ------------------------------------------------------------------------------------------- judge

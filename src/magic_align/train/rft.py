@@ -7,7 +7,8 @@
    - every real training image: label 1 for its own condition, and `rft.reward_real_negative_label` (default 0)
      for one other condition drawn at random (None: no negatives; see docs/training.md for the trade-off).
 2. **Reward-weighted likelihood.** Every stored trajectory of round k (judged or not: the reward model scores
-   them all) gets the weight w = R(final image, target condition) ** `reward_power`. The policy maximises
+   them all) gets the weight w = R(final image, target condition) ** `reward_power`. With
+   `rft.objective = "trajectory"` (the default) the policy maximises
 
        J = mean_i w_i * mean_t log p_theta(x_{t'} | x_t, c_i)  -  beta_r * L_denoise(real images)
 
@@ -15,6 +16,9 @@
    their own condition's caption). The log-prob of each stored transition comes from the shared
    `ddim_step_with_log_prob` with guidance, all T steps of a trajectory in one batched UNet pass
    (`trajectory_likelihood.trajectory_log_probs`, shared with DPO), each latent with the timestep it was made at.
+   With `rft.objective = "denoising"` the likelihood of a sample is instead bounded by the diffusion loss on its
+   final latent (reward-weighted epsilon MSE with its target caption, one UNet row per sample instead of
+   2 T): the same reward-weighted maximum likelihood, trained like the beta_r term on real images.
 
 The policy is the preliminary model with its LoRA fused in (never dropped: pitfall 1) plus a fresh trainable
 LoRA (adapter "rft"), built as for DPO (`trajectory_likelihood.prepare_policy_unet`). Outputs in `aligned/rft/`: the LoRA
@@ -305,10 +309,12 @@ def run_rft(
         raise TrainingError("the train split is empty, but rft.beta_real > 0 needs real training images: check the "
                             "data section, or set rft.beta_real = 0")
     token_of = {c.condition: c.token for c in load_checklists(config.judge.checklist).conditions}
-    if use_real:
+    on_final_latents = rft.objective == "denoising"
+    if use_real or on_final_latents:
         from diffusers import DDPMScheduler
 
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if use_real:
         with torch.no_grad():
             caption_states = {
                 condition: embed_prompt_ids(pipe.text_encoder, tokenize_prompts(
@@ -323,25 +329,41 @@ def run_rft(
         chosen = batch_indices(len(trajectories), rft.batch_size, step, phase_epoch_seed(rft.seed, "rft"))[rank::world]
         weighted_terms, weights = [], []
         real_term = torch.zeros(())
-        for position, index in enumerate(chosen):
-            item = trajectories[index]
-            batch = store.get([item.sample_id])
-            check_trajectory_settings(batch.headers[0], item.sample_id, sampling)
-            latents, timesteps = batch.latents.to(device), batch.timesteps[0]
-            with torch.no_grad():
-                cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids)
-            weight = torch.tensor([item.weight], device=device)
-            length = timesteps.shape[0]
-            for steps in step_chunks(length, rft.steps_per_forward):
-                last = position == len(chosen) - 1 and steps[-1] == length - 1 and not use_real
-                with nullcontext() if last else accelerator.no_sync(unet):
-                    with accelerator.autocast():
-                        log_probs = training.log_probs(latents, timesteps, cond, step_indices=steps)  # [1, S]
-                        term = reward_weighted_nll(log_probs, weight)
-                    # mean over the steps of a trajectory and the trajectories of the global batch
-                    accelerator.backward(term * (len(steps) / length) / per_process)
-                weighted_terms.append(term.detach().float() * len(steps) / length)
-            weights.append(item.weight)
+        if on_final_latents:
+            items = [trajectories[index] for index in chosen]
+            batch = store.get([item.sample_id for item in items])
+            for header, item in zip(batch.headers, items):
+                check_trajectory_settings(header, item.sample_id, sampling)
+            weight = torch.tensor([item.weight for item in items], device=device)
+            generator = torch.Generator().manual_seed(step_seed(rft.seed, "rft-final", step, rank))
+            with nullcontext() if not use_real else accelerator.no_sync(unet):
+                with accelerator.autocast():
+                    with torch.no_grad():
+                        cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids.to(device))
+                    term = denoising_loss(unet, noise_scheduler, batch.latents[:, -1].to(device), cond, generator, weight)
+                accelerator.backward(term)
+            weighted_terms.append(term.detach().float() * per_process)  # the batch mean already (see the sum below)
+            weights.extend(item.weight for item in items)
+        else:
+            for position, index in enumerate(chosen):
+                item = trajectories[index]
+                batch = store.get([item.sample_id])
+                check_trajectory_settings(batch.headers[0], item.sample_id, sampling)
+                latents, timesteps = batch.latents.to(device), batch.timesteps[0]
+                with torch.no_grad():
+                    cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids)
+                weight = torch.tensor([item.weight], device=device)
+                length = timesteps.shape[0]
+                for steps in step_chunks(length, rft.steps_per_forward):
+                    last = position == len(chosen) - 1 and steps[-1] == length - 1 and not use_real
+                    with nullcontext() if last else accelerator.no_sync(unet):
+                        with accelerator.autocast():
+                            log_probs = training.log_probs(latents, timesteps, cond, step_indices=steps)  # [1, S]
+                            term = reward_weighted_nll(log_probs, weight)
+                        # mean over the steps of a trajectory and the trajectories of the global batch
+                        accelerator.backward(term * (len(steps) / length) / per_process)
+                    weighted_terms.append(term.detach().float() * len(steps) / length)
+                weights.append(item.weight)
         if use_real:
             generator = torch.Generator().manual_seed(step_seed(rft.seed, "rft-real", step, rank))
             indices = batch_indices(

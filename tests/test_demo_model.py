@@ -69,6 +69,23 @@ def test_captions_are_generic():
     assert not any(condition.split("-")[0] in text for condition in CONDITIONS)
 
 
+def test_unlabeled_lesions_are_described_by_their_looks_never_their_names():
+    from magic_align.diffusion.demo_model import LESION_LOOKS, VOCABULARY_WORDS
+
+    assert set(LESION_LOOKS) == set(CONDITIONS)
+    rng = np.random.default_rng(0)
+    looks = list(CONDITIONS) * 40
+    captions = captions_for(["generic-lesion"] * len(looks), ["trunk"] * len(looks), rng, looks)
+    described = [c for c in captions if c.endswith("on skin") or "on skin on the" in c]
+    assert 0.6 < len(described) / len(captions) < 0.9  # most described, some generic
+    for condition in CONDITIONS:
+        mine = [c for c, look in zip(captions, looks) if look == condition]
+        assert any(LESION_LOOKS[condition]["colour"][0] in c or LESION_LOOKS[condition]["noun"][0] in c for c in mine)
+    text = " ".join(captions)
+    assert not any(part in text for condition in CONDITIONS for part in condition.split("-"))
+    assert {word for c in captions for word in c.split()} <= set(VOCABULARY_WORDS)  # whole words of the tokenizer
+
+
 # -------------------------------------------------------------------------------------- shipped asset
 def test_shipped_model_is_fp16_and_small():
     folder = packaged_demo_model_dir()

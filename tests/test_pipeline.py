@@ -20,7 +20,7 @@ def test_paper_dry_run_is_offline_and_counts_every_paid_call():
     console.print(dry_run_plan(config))
     text = console.export_text()
     calls = config.sample.num_sources * config.sample.samples_per_unit * config.rounds
-    calls += config.evaluate.alignment_units * (1 + len(config.align))
+    calls += config.evaluate.alignment_units * config.evaluate.alignment_per_source * (1 + len(config.align))
     assert f"{calls} calls" in text and "$" in text
     for stage in ("finetune", "sample/round-0", "judge/round-0", "pairs/round-0", "dpo/round-0", "rft", "report"):
         assert stage in text

@@ -368,11 +368,15 @@ def data_demo_model_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the diffusers pipeline (replaced when complete).")],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the training data and initialisation.")] = 0,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch threads; 0 = torch's default, 1 on a busy machine.")] = 0,
+    codec_from: Annotated[Optional[Path], typer.Option("--codec-from", help="Reuse the autoencoder of an earlier build (a model folder) instead of training it.")] = None,
 ) -> None:
     """Train the demo base model from scratch on condition-free procedural skin (several minutes on CPU)."""
     from magic_align.diffusion.demo_model import DemoModelRecipe, train_demo_model
 
-    folder = train_demo_model(out, DemoModelRecipe(seed=seed, torch_threads=threads), log=lambda m: console.print(m, highlight=False))
+    if codec_from is not None and not (codec_from / "vae" / "config.json").is_file():
+        raise typer.BadParameter(f"{codec_from} has no vae/config.json (expected a demo model folder)", param_hint="--codec-from")
+    folder = train_demo_model(out, DemoModelRecipe(seed=seed, torch_threads=threads),
+                              log=lambda m: console.print(m, highlight=False), codec_from=codec_from)
     typer.echo(f"demo base model in {folder}")
 
 

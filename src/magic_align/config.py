@@ -236,6 +236,9 @@ class EvaluateConfig(Section):
     kid_subsets: int = Field(100, ge=1)
     bootstrap: int = Field(1000, ge=0)
     alignment_units: int = Field(300, ge=1)  # held-out sources in the paired alignment comparison (eval/alignment.json)
+    # images per held-out source in that comparison (each with its own target and seed); the interval resamples
+    # sources, so more images per source narrow it without counting one source twice
+    alignment_per_source: int = Field(1, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backbone_paths: dict[str, Path] = Field(default_factory=dict)  # backbone name -> local save_pretrained folder
     judge_synthetic: bool = False  # grade synthetic sets without manifest verdicts with the run's judge

@@ -95,9 +95,10 @@ def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
     stages += [
         Stage(
             "compare",
-            ("evaluate.alignment_units", "evaluate.held_out_judge"),
+            ("evaluate.alignment_units", "evaluate.alignment_per_source", "evaluate.held_out_judge"),
             lambda: alignment.run_alignment_comparison(config, console=console),
-            f"{config.evaluate.alignment_units} held-out sources through each model, judged (eval/alignment.json)",
+            f"{config.evaluate.alignment_units} held-out sources x {config.evaluate.alignment_per_source} through each "
+            "model, judged (eval/alignment.json)",
         ),
         Stage(
             "synthesize",
@@ -157,7 +158,8 @@ def dry_run_plan(config: RunConfig) -> Table:
     samples_per_round = config.sample.num_sources * config.sample.samples_per_unit
     pairs_per_unit = config.sample.samples_per_unit * (config.sample.samples_per_unit - 1) // 2
     # training rounds, plus the held-out comparison of the unaligned and each aligned model
-    calls = samples_per_round * config.rounds + config.evaluate.alignment_units * (1 + len(config.align))
+    compared = config.evaluate.alignment_units * config.evaluate.alignment_per_source
+    calls = samples_per_round * config.rounds + compared * (1 + len(config.align))
     remote = sends_images(config.judge)
     cost = price_usd(config.judge, per_call_in * calls, per_call_out * calls) if remote else 0.0
 
@@ -179,7 +181,8 @@ def dry_run_plan(config: RunConfig) -> Table:
     if "rft" in config.align:
         table.add_row("rft", f"reward model + {config.rft.steps} reward-weighted steps")
     models = 1 + len(config.align)
-    table.add_row("compare", f"{config.evaluate.alignment_units} held-out sources x {models} models, judged")
+    table.add_row("compare", f"{config.evaluate.alignment_units} held-out sources x {config.evaluate.alignment_per_source} "
+                  f"images x {models} models, judged")
     table.add_row("synthesize", f"{config.synthesize.per_image} per training image at {config.synthesize.size} px")
     table.add_row("evaluate", f"{', '.join(config.evaluate.backbones)}; {config.evaluate.seeds} seeds; rho {config.evaluate.rho}")
     table.add_row("report", str(RunPaths(config.run_dir).report / "index.html"))

@@ -3,8 +3,10 @@
 It is a real Stable Diffusion pipeline in diffusers format (AutoencoderKL + UNet2DConditionModel +
 CLIPTextModel + CLIPTokenizer + DDIMScheduler), only tiny, trained from scratch on CPU on condition-free
 procedural images (healthy skin and low-contrast generic lesions, `data.procedural.generate_condition_free`)
-with generic captions ("a photo of skin", "a photo of a skin lesion"). The six demo conditions never appear
-in its training data, so finetune has to learn their tokens and LoRA, and DPO / RFT align them.
+with generic captions ("a photo of skin", "a photo of a skin lesion"), and on unlabeled lesions captioned by
+how they look ("a photo of a small round dark spot on skin"), as Stable Diffusion knows colours and shapes.
+The names of the six demo conditions never appear, so finetune has to learn their tokens and LoRA, and
+DPO / RFT align them.
 
 Recipe (demo-notes.md): VAE (16, 32, 64) channels, 4x downsampling (64 px -> 4 x 16 x 16), trained on
 32 px random crops with MSE + 0.5 L1 + a tiny KL; latent scale = 1 / std; UNet (32, 64, 128) with
@@ -62,6 +64,27 @@ CAPTIONS_LESION = (
     "an image of a skin lesion on human skin",
 )
 REGION_PHRASES = {"face": "on the face", "trunk": "on the trunk", "extremities": "on the arm"}
+
+# What an unlabeled lesion looks like, in everyday visual words (never a condition name): Stable Diffusion
+# knows "a red ring" or "white patches" from its captions but not what erythema multiforme or vitiligo is, and
+# so does the demo base model. Without these words every lesion caption was the same, the text pathway of the
+# UNet learned nothing but "lesion or not", and the condition tokens of finetune had nothing to steer.
+# Each caption names a random subset of the parts (see `describe_lesion`), so every word is learned on its own.
+LESION_LOOKS = {
+    "melanoma": {"size": ("large",), "shape": ("irregular",), "colour": ("dark", "dark brown", "black and brown"),
+                 "noun": ("spot", "patch"), "detail": ("with an irregular border",)},
+    "nevus": {"size": ("small",), "shape": ("round",), "colour": ("dark", "brown"), "noun": ("spot",),
+              "detail": ()},
+    "acne": {"size": ("small",), "shape": ("many", "several", "a cluster of"), "colour": ("red", "pink"),
+             "noun": ("spots",), "detail": ()},
+    "erythema-multiforme": {"size": (), "shape": ("round",), "colour": ("red",), "noun": ("ring", "rings"),
+                            "detail": ("with a dark centre", "with a pale ring")},
+    "psoriasis": {"size": ("large",), "shape": ("oval",), "colour": ("red",), "noun": ("patch",),
+                  "detail": ("with white scale", "with dry white scale")},
+    "vitiligo": {"size": ("large", "few"), "shape": ("irregular",), "colour": ("white", "pale white"),
+                 "noun": ("patches", "patch"), "detail": ()},
+}
+DESCRIBED_FRACTION = 0.75  # the rest of the unlabeled lesions keep a generic caption
 
 
 @dataclass(frozen=True)
@@ -200,12 +223,30 @@ def build_components(vocab_size: int, bos: int, eos: int, seed: int = 0) -> dict
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
-def captions_for(labels: list[str], regions: list[str], rng: np.random.Generator) -> list[str]:
-    """Generic captions; half of them name the body region so a prompt can ask for one."""
+def describe_lesion(looks: dict[str, tuple[str, ...]], rng: np.random.Generator) -> str:
+    """A caption from a random subset of a lesion's looks, e.g. "a photo of round small dark spot on skin"."""
+    def pick(part: str, chance: float) -> str:
+        options = looks[part]
+        return options[int(rng.integers(0, len(options)))] if options and rng.uniform() < chance else ""
+
+    noun = looks["noun"][int(rng.integers(0, len(looks["noun"])))]
+    words = [pick("shape", 0.6), pick("size", 0.5), pick("colour", 0.8), noun]
+    phrase = " ".join(word for word in words if word)
+    detail = pick("detail", 0.5)
+    return f"a photo of {phrase}{' ' + detail if detail else ''} on skin"
+
+
+def captions_for(labels: list[str], regions: list[str], rng: np.random.Generator,
+                 looks: list[str | None] | None = None) -> list[str]:
+    """Captions; half of them name the body region so a prompt can ask for one. `looks[i]` names the drawer of
+    an unlabeled lesion (a key of `LESION_LOOKS`): most of those are described by how they look."""
     captions = []
-    for label, region in zip(labels, regions):
+    for index, (label, region) in enumerate(zip(labels, regions)):
         pool = CAPTIONS_LESION if label == "generic-lesion" else CAPTIONS_HEALTHY
         caption = pool[int(rng.integers(0, len(pool)))]
+        look = looks[index] if looks is not None else None
+        if look is not None and rng.uniform() < DESCRIBED_FRACTION:
+            caption = describe_lesion(LESION_LOOKS[look], rng)
         if rng.uniform() < 0.5:
             caption = f"{caption} {REGION_PHRASES[region]}"
         captions.append(caption)
@@ -372,10 +413,13 @@ def train_denoiser(unet, text_encoder, scheduler, latents: torch.Tensor, token_i
     text_encoder.eval()
 
 
-def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: Callable[[str], None] = _stderr) -> Path:
+def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: Callable[[str], None] = _stderr,
+                     codec_from: Path | None = None) -> Path:
     """Train the demo base model from scratch and save it (fp16 safetensors, diffusers format) to `out_dir`.
 
-    About 8 minutes on 2 CPU cores with the default recipe (docs/demo.md has the measured time)."""
+    `codec_from` takes the autoencoder (and its latent scale) of an earlier build of the same recipe instead of
+    training it again: the codec does not depend on captions or the denoiser, and is most of the time
+    (docs/demo.md has the measured times)."""
     from diffusers import StableDiffusionPipeline
 
     recipe = recipe or DemoModelRecipe()
@@ -392,6 +436,7 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
     lesion_arrays, lesion_drawings = render_arrays(lesion_labels, recipe.seed, size=64, stream=UNLABELED_STREAM)
     arrays = np.concatenate([arrays, lesion_arrays])
     drawings = drawings + lesion_drawings
+    looks = [None] * len(labels) + list(lesion_labels)  # how each unlabeled lesion looks, for its caption
     labels = labels + ["generic-lesion"] * len(lesion_labels)  # captions never name the condition
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     shapes = random_shapes(arrays[: recipe.shape_images], np.random.default_rng([recipe.seed, SHAPES_STREAM]))
@@ -401,21 +446,29 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
     components = build_components(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, recipe.seed)
     vae, unet, text_encoder, scheduler = (components[k] for k in ("vae", "unet", "text_encoder", "scheduler"))
 
-    log(f"demo base model: training the autoencoder ({recipe.vae_steps} steps on {recipe.vae_crop} px crops)")
-    train_vae(vae, codec_images, recipe, log)
-    latents = encode_latents(vae, images)
-    scaling = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
-    latents = latents * scaling
+    if codec_from is not None:
+        from diffusers import AutoencoderKL
+
+        log(f"demo base model: reusing the autoencoder of {codec_from}")
+        vae = AutoencoderKL.from_pretrained(Path(codec_from) / "vae", torch_dtype=torch.float32)
+        scaling = float(vae.config.scaling_factor)
+        latents = encode_latents(vae, images) * scaling
+    else:
+        log(f"demo base model: training the autoencoder ({recipe.vae_steps} steps on {recipe.vae_crop} px crops)")
+        train_vae(vae, codec_images, recipe, log)
+        latents = encode_latents(vae, images)
+        scaling = float(1.0 / latents.std())
+        vae.register_to_config(scaling_factor=scaling)
+        latents = latents * scaling
     vae_seconds = time.time() - started
 
     rng = np.random.default_rng([recipe.seed, 3])
-    captions = captions_for(labels, [d.region for d in drawings], rng)
+    captions = captions_for(labels, [d.region for d in drawings], rng, looks)
     encode = lambda texts: tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
     token_ids, empty_ids = encode(captions), encode([""])[0]
     log(f"demo base model: training the UNet and text encoder ({recipe.unet_steps} steps, latent scale {scaling:.3f})")
     train_denoiser(unet, text_encoder, scheduler, latents, token_ids, empty_ids, recipe, log)
-    if recipe.decoder_steps:
+    if recipe.decoder_steps and codec_from is None:
         log(f"demo base model: refining the decoder on the frozen latents ({recipe.decoder_steps} steps)")
         refine_decoder(vae, codec_images, encode_latents(vae, codec_images), recipe, log)
 
@@ -441,9 +494,11 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
                 "recipe": asdict(recipe),
                 "latent_scaling_factor": scaling,
                 "seconds": {"vae": round(vae_seconds, 1), "total": round(total, 1)},
+                "codec_from": str(codec_from) if codec_from is not None else None,
                 "torch_threads": torch.get_num_threads(),
                 "trained_on": "condition-free procedural images (healthy skin, generic lesions) and unlabeled lesions "
-                "of the six conditions captioned only as skin lesions; no condition name or token",
+                "of the six conditions captioned by how they look (colour, shape, size words) or only as skin "
+                "lesions; no condition name or token",
             },
             indent=2,
         )

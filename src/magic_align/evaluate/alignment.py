@@ -3,7 +3,8 @@
 Every model (unaligned I2I, MAGIC-DPO, MAGIC-RFT) turns the same test-split images into the same target
 conditions with the same noise, because synthesis derives targets and seeds from (seed, source id, index)
 only. The comparison is therefore paired per unit, and the bootstrap interval of the mean difference in items
-met resamples units. Sources come from the test split, so no image the models were aligned on is graded.
+met resamples source images (with `evaluate.alignment_per_source` > 1 each source gives several units, with
+their own targets and seeds). Sources come from the test split, so no image the models were aligned on is graded.
 
 Written to `eval/alignment.json` (format in docs/formats.md) and shown in the report.
 """
@@ -37,10 +38,25 @@ def held_out_sources(split, count: int, seed: int) -> list:
     return records[:count]
 
 
-def paired_summary(scores: dict[str, dict[str, int]], baseline: str, resamples: int, seed: int) -> dict:
-    """Per-setting mean items met with intervals, and each setting minus `baseline` over the units both have."""
+def per_source_means(by_unit: dict[str, float], units: Sequence[str], source_of: dict[str, str] | None) -> np.ndarray:
+    """The mean score of each source's units (one value per unit when `source_of` is None): the bootstrap then
+    resamples sources, so several images of one source are never counted as independent evidence."""
+    if source_of is None:
+        return np.array([by_unit[unit] for unit in units], float)
+    groups: dict[str, list[float]] = {}
+    for unit in units:
+        groups.setdefault(source_of[unit], []).append(by_unit[unit])
+    return np.array([np.mean(values) for _, values in sorted(groups.items())], float)
+
+
+def paired_summary(scores: dict[str, dict[str, int]], baseline: str, resamples: int, seed: int,
+                   source_of: dict[str, str] | None = None) -> dict:
+    """Per-setting mean items met with intervals, and each setting minus `baseline` over the units both have.
+
+    `source_of` maps a unit to its source image: intervals then resample sources (a cluster bootstrap)."""
     settings = {
-        name: bootstrap(np.mean, np.array(list(by_unit.values()), float), resamples=resamples, seed=seed).as_dict()
+        name: bootstrap(np.mean, per_source_means(by_unit, sorted(by_unit), source_of), resamples=resamples,
+                        seed=seed).as_dict()
         for name, by_unit in scores.items()
     }
     differences = {}
@@ -50,8 +66,8 @@ def paired_summary(scores: dict[str, dict[str, int]], baseline: str, resamples: 
         units = sorted(set(by_unit) & set(scores[baseline]))
         if not units:
             continue
-        after = [by_unit[unit] for unit in units]
-        before = [scores[baseline][unit] for unit in units]
+        after = per_source_means(by_unit, units, source_of)
+        before = per_source_means(scores[baseline], units, source_of)
         differences[f"{name} - {baseline}"] = {
             **mean_difference(after, before, resamples=resamples, seed=seed).as_dict(),
             "units": len(units),
@@ -88,6 +104,8 @@ def run_alignment_comparison(
     checklists = load_checklists(config.judge.checklist)
     judge_config = evaluate.held_out_judge or config.judge
     judge = make_judge(judge_config, checklists)
+    compare_config = config.model_copy(deep=True)  # n images per source, each with its own target and seed
+    compare_config.synthesize.per_image = evaluate.alignment_per_source
 
     scores: dict[str, dict[str, int]] = {}
     images: dict[str, dict[str, str]] = {}
@@ -99,7 +117,7 @@ def run_alignment_comparison(
             notes.append(f"{name}: no model at {needed.relative_to(paths.root)} (train it first); left out")
             continue
         console.print(f"alignment comparison: {len(sources)} held-out sources through the {name} model")
-        manifest = run_synthesize(config, lora, out_dir=_output_dir(config, paths, name, lora), sources=sources)
+        manifest = run_synthesize(compare_config, lora, out_dir=_output_dir(config, paths, name, lora), sources=sources)
         rows = read_manifest(manifest)
         with Ledger(paths.ledger) as ledger:
             verdicts = judge_images(
@@ -118,7 +136,8 @@ def run_alignment_comparison(
             images[name][unit] = row["path"]
             targets[unit] = (row["source_id"], row["target_label"])
 
-    summary = paired_summary(scores, ALIGNMENT_SETTINGS[0], evaluate.bootstrap, config.seed)
+    source_of = {unit: source_id for unit, (source_id, _) in targets.items()}
+    summary = paired_summary(scores, ALIGNMENT_SETTINGS[0], evaluate.bootstrap, config.seed, source_of)
     source_paths = {record.id: record.path for record in sources}
     result = {
         "judge": judge.id,

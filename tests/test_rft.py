@@ -331,3 +331,23 @@ def test_the_denoising_objective_weighs_final_latents_by_reward(rft_run, monkeyp
     assert all(r["grad_norm"] > 0 and r["weighted_nll"] > 0 for r in rows)
     lora = load_file(str(output / "pytorch_lora_weights.safetensors"))
     assert any(value.any() for key, value in lora.items() if "lora_B" in key or "lora.up" in key)
+
+
+@pytest.mark.slow
+def test_trajectory_rewards_reuse_the_reward_models_features(rft_run, monkeypatch):
+    from magic_align.diffusion.trajectories import TrajectoryStore
+    from magic_align.run import RunPaths
+    from magic_align.train.rft import fit_reward_model, score_trajectories
+
+    config, _ = rft_run
+    paths = RunPaths(config.run_dir)
+    model, _, known = fit_reward_model(config, paths, 0, "test:judge", "cpu")
+    assert len(known) == 4  # the four judged samples
+    store = TrajectoryStore(paths.trajectories(0))
+    fresh = score_trajectories(config, paths, 0, model, store)
+    calls = []
+    original = model.backbone.features
+    monkeypatch.setattr(model.backbone, "features", lambda images: calls.append(len(images)) or original(images))
+    reused = score_trajectories(config, paths, 0, model, store, known)
+    assert calls == []  # no backbone pass: every sample's features were known
+    assert [t.reward for t in reused] == pytest.approx([t.reward for t in fresh], abs=1e-6)

@@ -152,7 +152,10 @@ def reward_fingerprint(config: RunConfig, labelled: Sequence[LabelledImage]) -> 
 
 
 def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None, device):
-    """Fit (or reuse, when the same labels and settings already gave one) the reward model in aligned/rft/reward/."""
+    """Fit (or reuse, when the same labels and settings already gave one) the reward model in aligned/rft/reward/.
+
+    Returns (model, summary, features of the synthetic images it was fitted on, by path): scoring the round's
+    trajectories then reuses them instead of running the backbone on the same images twice."""
     from magic_align.checklists.schema import load_checklists
     from magic_align.evaluate.backbones import load_backbone
     from magic_align.train.finetune import training_images
@@ -174,7 +177,7 @@ def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge
     meta_path = folder / META_FILE
     summary = json.loads(meta_path.read_text()).get("summary", {}) if meta_path.exists() else {}
     if summary.get("fingerprint") == fingerprint:
-        return load_reward_model(folder, device), summary
+        return load_reward_model(folder, device), summary, {}
     backbone = load_backbone(rft.reward_backbone, device)
     features = image_features(backbone, labelled, config.data.max_image_pixels)
     index = {name: i for i, name in enumerate(conditions)}
@@ -192,7 +195,8 @@ def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge
     model = RewardModel(backbone, fit.head, conditions, rft.reward_backbone)
     kinds = {kind: sum(1 for item in labelled if item.kind == kind) for kind in ("synthetic", "real", "real-negative")}
     summary = {"fingerprint": fingerprint, "images": kinds, "final_mse": fit.final_mse, "epoch_mse": fit.losses}
-    return model, summary
+    synthetic_features = {Path(item.path): row for item, row in zip(labelled, features) if item.kind == "synthetic"}
+    return model, summary, synthetic_features
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -204,8 +208,10 @@ class WeightedTrajectory:
     weight: float
 
 
-def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, reward_model, store) -> list[WeightedTrajectory]:
-    """Every sample of the round with a stored trajectory, scored by the reward model on its final image."""
+def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, reward_model, store,
+                       known_features: dict[Path, torch.Tensor] | None = None) -> list[WeightedTrajectory]:
+    """Every sample of the round with a stored trajectory, scored by the reward model on its final image
+    (`known_features[path]`, when given, instead of running the backbone again)."""
     from magic_align.data.images import load_image
     from magic_align.ledger import Ledger
 
@@ -219,16 +225,19 @@ def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, rew
             f"round {round_index} has no sample with a stored trajectory in {paths.trajectories(round_index)}; "
             "run `magic sample` (trajectories are kept by default)"
         )
+    known_features = known_features or {}
     rewards = []
     for start in range(0, len(samples), 32):
         chunk = samples[start : start + 32]
-        images = []
-        for sample in chunk:
-            path = paths.root / sample.image_path
-            if not path.is_file():
+        paths_of_chunk = [paths.root / sample.image_path for sample in chunk]
+        missing = [path for path in paths_of_chunk if path not in known_features]
+        for sample, path in zip(chunk, paths_of_chunk):
+            if path in missing and not path.is_file():
                 raise TrainingError(f"sample {sample.sample_id}: its image {path} is missing (ledger row image_path)")
-            images.append(load_image(path, config.data.max_image_pixels))
-        rewards.append(reward_model.score(images, [s.target_label for s in chunk]))
+        computed = dict(zip(missing, reward_model.backbone.features(
+            [load_image(path, config.data.max_image_pixels) for path in missing]))) if missing else {}
+        features = torch.stack([known_features[path] if path in known_features else computed[path] for path in paths_of_chunk])
+        rewards.append(reward_model.score_features(features, [s.target_label for s in chunk]))
     reward = torch.cat(rewards)
     weight = trajectory_weight(reward, config.rft.reward_power)
     return [
@@ -275,14 +284,14 @@ def run_rft(
     output = paths.aligned / OUTPUT
 
     # ---- 1. reward model, and the weight of every stored trajectory
-    reward_model, reward_summary = fit_reward_model(config, paths, round_index, judge_id, device)
+    reward_model, reward_summary, known_features = fit_reward_model(config, paths, round_index, judge_id, device)
     if accelerator.is_main_process:
         reward_model.save(output / REWARD_DIR, reward_summary)
     try:
         store = TrajectoryStore(paths.trajectories(round_index))
     except TrajectoryError as error:
         raise TrainingError(str(error)) from None
-    trajectories = score_trajectories(config, paths, round_index, reward_model, store)
+    trajectories = score_trajectories(config, paths, round_index, reward_model, store, known_features)
     del reward_model  # the backbone is not needed any more
     if any(math.isnan(t.weight) for t in trajectories):
         raise TrainingError(f"the reward model gave NaN rewards; see its training summary in {output / REWARD_DIR}")

@@ -386,3 +386,22 @@ def test_rounds_sample_judge_pair_and_continue_from_the_previous_lora(tmp_path, 
         ("sample", 1, aligned / "round-0"), ("judge", 1), ("pairs", 1), ("dpo", 1, aligned / "round-0"),
         ("sample", 2, aligned / "round-1"), ("judge", 2), ("pairs", 2), ("dpo", 2, aligned / "round-1"),
     ]
+
+
+def test_condition_balanced_batches_weigh_every_condition_the_same():
+    from collections import Counter
+
+    from magic_align.train.loop import balanced_batch_indices
+
+    groups = [list(range(0, 50)), list(range(50, 53)), list(range(53, 73))]  # 50, 3 and 20 informative pairs
+    owner = {item: g for g, group in enumerate(groups) for item in group}
+    batches = [balanced_batch_indices(groups, 6, draw, seed=0) for draw in range(20)]
+    assert all(len(batch) == 6 for batch in batches)
+    counts = Counter(owner[item] for batch in batches for item in batch)
+    assert counts == {0: 40, 1: 40, 2: 40}  # 120 slots, a third each, whatever the group sizes
+    small = [item for batch in batches for item in batch if owner[item] == 1]
+    assert sorted(Counter(small).values()) == [13, 13, 14]  # each of the 3 items once per pass over its group
+    # a pure function of its arguments: a resumed run draws the same batch
+    assert balanced_batch_indices(groups, 6, 7, seed=0) == batches[7]
+    assert balanced_batch_indices(groups, 6, 7, seed=1) != batches[7]
+    assert balanced_batch_indices([[], [4, 5]], 3, 0, seed=0) and set(balanced_batch_indices([[], [4, 5]], 4, 0, 0)) == {4, 5}

@@ -154,6 +154,10 @@ class DPOConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     pairs_per_step: int = Field(8, ge=1)
     iterations: int = Field(128, ge=1)
+    # how pairs are drawn: "none" = every informative pair once per pass (the paper); "condition" = every
+    # target condition weighs the same in each batch, so conditions with few informative pairs are not
+    # drowned by the ones with many (the shared LoRA otherwise drifts towards the majority's look)
+    balance: Literal["none", "condition"] = "none"
     lr_scheduler: str = "constant"
     use_8bit_adam: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

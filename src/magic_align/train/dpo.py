@@ -37,7 +37,14 @@ import torch
 from magic_align.config import RunConfig
 from magic_align.run import RunPaths, prepare_run
 from magic_align.train.dpo_loss import dpo_loss, preference_signs
-from magic_align.train.loop import ModelWithDtype, TrainingError, batch_indices, make_accelerator, optimizer_step
+from magic_align.train.loop import (
+    ModelWithDtype,
+    TrainingError,
+    balanced_batch_indices,
+    batch_indices,
+    make_accelerator,
+    optimizer_step,
+)
 from magic_align.train.trajectory_likelihood import (
     TrajectorySettings,
     check_trajectory_settings,
@@ -59,6 +66,7 @@ class PairExample:
     pair_id: str
     sample_ids: tuple[str, str]
     signs: tuple[int, int]
+    condition: str = ""  # the target condition of the pair's unit
 
 
 def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int) -> tuple[list[PairExample], int]:
@@ -70,6 +78,7 @@ def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int) -> tu
         if signs == (0, 0):
             ties += 1
             continue
+        condition = ""
         for sample_id in (pair.sample_a, pair.sample_b):
             sample = ledger.sample(sample_id)
             if sample is None:
@@ -80,7 +89,8 @@ def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int) -> tu
                     f"sample {sample_id} of pair {pair.pair_id} has no stored trajectory (shard is empty in the "
                     "ledger); DPO needs the trajectories: rerun `magic sample` for this round"
                 )
-        examples.append(PairExample(pair.pair_id, (pair.sample_a, pair.sample_b), signs))
+            condition = sample.target_label
+        examples.append(PairExample(pair.pair_id, (pair.sample_a, pair.sample_b), signs, condition))
     return examples, ties
 
 
@@ -213,9 +223,17 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
                 reference_cache[example.sample_ids[i]] = values[row].float().cpu()
         return torch.stack([reference_cache[sample_id] for sample_id in example.sample_ids])
 
+    by_condition: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_condition.setdefault(example.condition, []).append(index)
+    groups = [by_condition[condition] for condition in sorted(by_condition)]
+
     unet.train()
     for step in range(session.start_step, settings.iterations):
-        chosen = batch_indices(len(examples), settings.pairs_per_step, step, pair_epoch_seed(settings.seed))[rank::world]
+        if settings.balance == "condition":
+            chosen = balanced_batch_indices(groups, settings.pairs_per_step, step, settings.seed)[rank::world]
+        else:
+            chosen = batch_indices(len(examples), settings.pairs_per_step, step, pair_epoch_seed(settings.seed))[rank::world]
         policy_rows, reference_rows, sign_rows = [], [], []
         for position, pair_index in enumerate(chosen):
             example = examples[pair_index]

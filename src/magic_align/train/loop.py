@@ -105,6 +105,27 @@ def batch_indices(num_items: int, batch_size: int, draw: int, epoch_seed: Callab
     return chosen
 
 
+def balanced_batch_indices(groups: Sequence[Sequence[int]], batch_size: int, draw: int, seed: int) -> list[int]:
+    """The `draw`-th batch when every group (e.g. the pairs of one condition) must weigh the same: slot p of the
+    stream of slots takes group `order[p % G]` of the cycle p // G (a seeded permutation of the G groups per
+    cycle), and within that group the cycle-th item of its own stream of permutations (`batch_indices`).
+
+    A small group's items are seen more often than a large group's, so a condition with few informative pairs
+    is not drowned by one with many. A pure function of its arguments, like `batch_indices` (exact resume)."""
+    groups = [list(group) for group in groups if len(group)]
+    if not groups:
+        raise TrainingError("no items to draw a batch from")
+    chosen = []
+    for position in range(draw * batch_size, (draw + 1) * batch_size):
+        cycle, slot = divmod(position, len(groups))
+        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 1_000_003 + cycle)).tolist()
+        group_index = order[slot]
+        group = groups[group_index]
+        within = batch_indices(len(group), 1, cycle, lambda epoch: (seed * 7_919 + group_index) * 1_000_003 + epoch)[0]
+        chosen.append(group[within])
+    return chosen
+
+
 # --------------------------------------------------------------------------------- optimizer and schedule
 def make_optimizer(
     parameters: Iterable[torch.nn.Parameter],

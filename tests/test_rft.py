@@ -351,3 +351,28 @@ def test_trajectory_rewards_reuse_the_reward_models_features(rft_run, monkeypatc
     reused = score_trajectories(config, paths, 0, model, store, known)
     assert calls == []  # no backbone pass: every sample's features were known
     assert [t.reward for t in reused] == pytest.approx([t.reward for t in fresh], abs=1e-6)
+
+
+def test_image_features_run_each_image_once_and_keep_the_order(tmp_path):
+    from PIL import Image
+
+    from magic_align.train.rft import LabelledImage, image_features
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(paths[-1])
+
+    class Backbone:
+        dim = 1
+        seen = 0
+
+        def features(self, images):
+            Backbone.seen += len(images)
+            return torch.tensor([[float(image.getpixel((0, 0))[0])] for image in images])
+
+    items = [LabelledImage(paths[0], "a", 1.0, "real"), LabelledImage(paths[0], "b", 0.0, "real-negative"),
+             LabelledImage(paths[2], "a", 0.4, "synthetic"), LabelledImage(paths[1], "b", 1.0, "real")]
+    features = image_features(Backbone(), items, max_pixels=10_000, batch_size=2)
+    assert features[:, 0].tolist() == [0.0, 0.0, 80.0, 40.0]
+    assert Backbone.seen == 3  # the real image and its negative share one backbone pass

@@ -35,10 +35,12 @@ def accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
 def per_class_precision_recall(y_true: Sequence[int], y_pred: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(classes, precision, recall) over the classes present in y_true or y_pred."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    classes = np.union1d(y_true, y_pred)
-    true_positive = np.array([np.sum((y_pred == c) & (y_true == c)) for c in classes], float)
-    predicted = np.array([np.sum(y_pred == c) for c in classes], float)
-    actual = np.array([np.sum(y_true == c) for c in classes], float)
+    classes, index = np.unique(np.concatenate([y_true, y_pred]), return_inverse=True)
+    # counted with bincount over class positions: the bootstrap calls this thousands of times
+    true_index, pred_index = index[: len(y_true)], index[len(y_true) :]
+    true_positive = np.bincount(true_index[true_index == pred_index], minlength=len(classes)).astype(float)
+    predicted = np.bincount(pred_index, minlength=len(classes)).astype(float)
+    actual = np.bincount(true_index, minlength=len(classes)).astype(float)
     precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
     recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
     return classes, precision, recall

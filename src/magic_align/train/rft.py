@@ -130,14 +130,20 @@ def synthetic_labels(
 
 
 def image_features(backbone, images: Sequence[LabelledImage], max_pixels: int, batch_size: int = 32) -> torch.Tensor:
-    """Frozen features [N, D] of the images, read from disk a batch at a time (never all in memory)."""
+    """Frozen features [N, D] of the images, read from disk a batch at a time (never all in memory). An image that
+    appears under several labels (a real image and its negative) goes through the backbone once."""
     from magic_align.data.images import load_image
 
+    unique = list(dict.fromkeys((item.path, item.row) for item in images))
     chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = [load_image(item.path, max_pixels, row=item.row) for item in images[start : start + batch_size]]
+    for start in range(0, len(unique), batch_size):
+        batch = [load_image(path, max_pixels, row=row) for path, row in unique[start : start + batch_size]]
         chunks.append(backbone.features(batch))
-    return torch.cat(chunks) if chunks else torch.zeros((0, backbone.dim))
+    if not chunks:
+        return torch.zeros((0, backbone.dim))
+    features = torch.cat(chunks)
+    position = {key: index for index, key in enumerate(unique)}
+    return features[[position[(item.path, item.row)] for item in images]]
 
 
 def reward_fingerprint(config: RunConfig, labelled: Sequence[LabelledImage]) -> str:

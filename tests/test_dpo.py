@@ -405,3 +405,16 @@ def test_condition_balanced_batches_weigh_every_condition_the_same():
     assert balanced_batch_indices(groups, 6, 7, seed=0) == batches[7]
     assert balanced_batch_indices(groups, 6, 7, seed=1) != batches[7]
     assert balanced_batch_indices([[], [4, 5]], 3, 0, seed=0) and set(balanced_batch_indices([[], [4, 5]], 4, 0, 0)) == {4, 5}
+
+
+def test_lora_targets_choose_the_adapted_projections(tiny_model_dir):
+    from magic_align.train.loop import TrainingError
+
+    unet = prepare_policy_unet(tiny_pipe(tiny_model_dir), rank=4, alpha=4, adapter_name="dpo",
+                               targets=["attn2.to_k", "attn2.to_v"])
+    trainable = {name.split(".lora_")[0] for name, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all(name.endswith(("attn2.to_k", "attn2.to_v")) for name in trainable)
+    everything = prepare_policy_unet(tiny_pipe(tiny_model_dir), rank=4, alpha=4, adapter_name="dpo")
+    assert len({n for n, p in everything.named_parameters() if p.requires_grad}) > 2 * len(trainable)
+    with pytest.raises(TrainingError, match="no attention layer matched"):
+        prepare_policy_unet(tiny_pipe(tiny_model_dir), rank=4, alpha=4, adapter_name="dpo", targets=["attn9.to_x"])

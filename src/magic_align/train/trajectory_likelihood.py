@@ -37,11 +37,14 @@ if TYPE_CHECKING:
 
 
 # ------------------------------------------------------------------------------------------ the model
-def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = None, *, adapter_name: str):
+def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = None, *, adapter_name: str,
+                        targets: Sequence[str] | None = None):
     """Fuse whatever LoRA the pipeline carries (the preliminary one) into its weights, then attach the trainable
-    adapter `adapter_name`: fresh (B = 0, so the policy starts as the preliminary model) or from `init_lora`.
-    Only that adapter's LoRA weights train; returns the UNet."""
-    from magic_align.diffusion.lora import attach_lora, lora_weights_file, merge_lora
+    adapter `adapter_name` on the projections `targets` (default `lora.LORA_TARGETS`): fresh (B = 0, so the policy
+    starts as the preliminary model) or from `init_lora`. Only that adapter's LoRA weights train; returns the UNet."""
+    from magic_align.diffusion.lora import LORA_TARGETS, attach_lora, lora_weights_file, merge_lora
+
+    targets = tuple(targets or LORA_TARGETS)
 
     unet = pipe.unet
     if getattr(unet, "peft_config", None):
@@ -50,7 +53,13 @@ def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = 
         merge_lora(pipe)
     unet.requires_grad_(False)
     if init_lora is None:
-        attach_lora(unet, rank, alpha, adapter_name=adapter_name, init=True)
+        try:
+            attach_lora(unet, rank, alpha, adapter_name=adapter_name, targets=targets, init=True)
+        except ValueError as error:  # peft: no module matches a target
+            raise TrainingError(
+                f"lora_targets {list(targets)}: no attention layer matched ({error}); use projection names such as "
+                "to_q, to_k, to_v, to_out.0, optionally prefixed by attn1. (self) or attn2. (cross-attention)"
+            ) from None
     else:
         try:
             weights = lora_weights_file(Path(init_lora))
@@ -65,7 +74,7 @@ def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = 
             trainable += parameter.numel()
     if trainable == 0:
         raise TrainingError(
-            f"the {adapter_name} adapter has no parameters: no attention layer matched to_q/to_k/to_v/to_out.0"
+            f"the {adapter_name} adapter has no parameters: no attention layer matched {'/'.join(targets)}"
         )
     return unet
 
@@ -199,7 +208,8 @@ def start_policy_training(
     from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
 
     section = getattr(config, stage)
-    unet = prepare_policy_unet(pipe, section.lora_rank, section.lora_alpha, init_lora, adapter_name=adapter_name)
+    unet = prepare_policy_unet(pipe, section.lora_rank, section.lora_alpha, init_lora, adapter_name=adapter_name,
+                               targets=section.lora_targets)
     frozen_dtype = weight_dtype(accelerator)
     freeze_to(unet, frozen_dtype)
     pipe.text_encoder.to(frozen_dtype)

@@ -98,8 +98,9 @@ class DemoModelRecipe:
     # extra autoencoder images: condition-free skin with random shapes in random colours, so the codec keeps
     # saturated reds, whites and thin rings that condition-free skin alone never shows it
     shape_images: int = 1500
-    # unlabeled lesions for the denoiser: images of the six conditions captioned only "a skin lesion", drawn
-    # from their own random stream (never the demo dataset's images): the model has seen lesions, never their names
+    # unlabeled lesions for the denoiser: images of the six conditions captioned by their looks or as "a skin
+    # lesion", drawn from their own random stream (never the demo dataset's images): the model has seen
+    # lesions and knows colours and shapes, never the conditions' names
     unlabeled_lesion_images: int = 1500
     unet_steps: int = 1000
     decoder_steps: int = 400

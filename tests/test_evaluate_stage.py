@@ -9,7 +9,8 @@ import yaml
 from PIL import Image
 
 from magic_align.config import load_config
-from magic_align.evaluate.stage import EvaluateError, MANIFEST_COLUMNS, parse_settings, read_manifest
+from magic_align.evaluate.stage import EvaluateError, parse_settings, read_manifest
+from magic_align.synthesize import MANIFEST_COLUMNS
 
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}

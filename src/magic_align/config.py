@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from magic_align.diffusion.lora import LORA_TARGETS
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user: which key, which value, what is allowed."""
@@ -151,7 +153,7 @@ class DPOConfig(Section):
     lora_alpha: float = Field(32, gt=0)
     # the attention projections the trainable LoRA adapts (peft names, matched at the end of a module's name):
     # every attention (the paper), or e.g. ["attn2.to_k", "attn2.to_v"] for the cross-attention to the prompt only
-    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -202,7 +204,7 @@ class RFTConfig(Section):
     batch_size: int = Field(8, ge=1)  # trajectories per optimizer step (over all processes)
     lora_rank: int = Field(32, ge=1)
     lora_alpha: float = Field(32, gt=0)
-    lora_targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1)  # as dpo.lora_targets
+    lora_targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)  # as dpo.lora_targets
     grad_clip: float = Field(1.0, gt=0)
     guidance: float | None = None  # None: the guidance the trajectories were sampled with (their header)
     log_prob_reduction: Literal["mean", "sum"] = "mean"

@@ -46,8 +46,8 @@ from magic_align.run import RunPaths, atomic_write_text, prepare_run
 SETTINGS = ("real", "t2i", "i2i", "magic-dpo", "magic-rft")
 LABELS = {"real": "real", "t2i": "+ T2I", "i2i": "+ I2I (unaligned)", "magic-dpo": "+ MAGIC-DPO",
           "magic-rft": "+ MAGIC-RFT"}
-MANIFEST_COLUMNS = ("synthetic_id", "path", "source_id", "source_label", "source_group", "source_skin_type",
-                    "target_label", "prompt", "strength", "seed", "model_hash", "verdict_score", "verdict_items")
+# what evaluate reads of a synthetic manifest (synthesize.MANIFEST_COLUMNS has more; a hand-built one needs these)
+NEEDED_COLUMNS = ("synthetic_id", "path", "source_id", "source_group", "target_label")
 
 
 class EvaluateError(ValueError):
@@ -70,10 +70,9 @@ def read_manifest(manifest: Path, run_dir: Path, classes: Sequence[str], hash_fi
     examples = []
     with open(manifest, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in ("synthetic_id", "path", "source_id", "source_group", "target_label")
-                   if c not in (reader.fieldnames or [])]
+        missing = [c for c in NEEDED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise EvaluateError(f"{manifest} lacks column(s) {', '.join(missing)}; expected {', '.join(MANIFEST_COLUMNS)}")
+            raise EvaluateError(f"{manifest} lacks column(s) {', '.join(missing)}; expected {', '.join(NEEDED_COLUMNS)}")
         for row, fields in enumerate(reader, start=2):  # row 1 is the header
             target = fields["target_label"]
             if target not in index:

@@ -342,7 +342,7 @@ def run_rft(
     unet.train()
     for step in range(session.start_step, rft.steps):
         chosen = batch_indices(len(trajectories), rft.batch_size, step, phase_epoch_seed(rft.seed, "rft"))[rank::world]
-        weighted_terms, weights = [], []
+        weights = []
         real_term = torch.zeros(())
         if on_final_latents:
             items = [trajectories[index] for index in chosen]
@@ -357,9 +357,10 @@ def run_rft(
                         cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids.to(device))
                     term = denoising_loss(unet, noise_scheduler, batch.latents[:, -1].to(device), cond, generator, weight)
                 accelerator.backward(term)
-            weighted_terms.append(term.detach().float() * per_process)  # the batch mean already (see the sum below)
+            trajectory_term = term.detach().float()  # already the mean over this process's batch
             weights.extend(item.weight for item in items)
         else:
+            weighted_terms = []
             for position, index in enumerate(chosen):
                 item = trajectories[index]
                 batch = store.get([item.sample_id])
@@ -379,6 +380,7 @@ def run_rft(
                         accelerator.backward(term * (len(steps) / length) / per_process)
                     weighted_terms.append(term.detach().float() * len(steps) / length)
                 weights.append(item.weight)
+            trajectory_term = torch.stack(weighted_terms).sum() / per_process
         if use_real:
             generator = torch.Generator().manual_seed(step_seed(rft.seed, "rft-real", step, rank))
             indices = batch_indices(
@@ -391,7 +393,6 @@ def run_rft(
                 hidden = torch.cat([caption_states[c] for c in conditions])
                 real_term = denoising_loss(unet, noise_scheduler, real_latents, hidden, generator)
                 accelerator.backward(rft.beta_real * real_term)
-        trajectory_term = torch.stack(weighted_terms).sum() / per_process
         learning_rate = lr_scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, rft.grad_clip)
         trajectory_term = float(accelerator.reduce(trajectory_term.to(device), "mean"))

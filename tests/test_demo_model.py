@@ -129,3 +129,15 @@ def test_rebuild_trains_a_loadable_pipeline(tmp_path):
     assert pipe.vae.config.scaling_factor > 0
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert json.loads((folder / "training.json").read_text())["recipe"]["unet_steps"] == 2
+
+    # --codec-from: the autoencoder (weights and latent scale) comes from that build; only the denoiser trains
+    messages.clear()
+    again = train_demo_model(tmp_path / "demo-base-2", recipe, log=messages.append, codec_from=folder)
+    assert any("reusing the autoencoder" in m for m in messages)
+    assert not any("training the autoencoder" in m or "refining the decoder" in m for m in messages)
+    from safetensors.torch import load_file
+
+    before = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(again / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert StableDiffusionPipeline.from_pretrained(str(again)).vae.config.scaling_factor == pipe.vae.config.scaling_factor

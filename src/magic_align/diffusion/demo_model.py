@@ -440,13 +440,12 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
     looks = [None] * len(labels) + list(lesion_labels)  # how each unlabeled lesion looks, for its caption
     labels = labels + ["generic-lesion"] * len(lesion_labels)  # captions never name the condition
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    shapes = random_shapes(arrays[: recipe.shape_images], np.random.default_rng([recipe.seed, SHAPES_STREAM]))
-    codec_images = torch.cat([images, torch.from_numpy(shapes).permute(0, 3, 1, 2).float() / 127.5 - 1.0])
 
     tokenizer = build_tokenizer()
     components = build_components(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, recipe.seed)
     vae, unet, text_encoder, scheduler = (components[k] for k in ("vae", "unet", "text_encoder", "scheduler"))
 
+    codec_images = None  # what the autoencoder trains on, when it is trained here
     if codec_from is not None:
         from diffusers import AutoencoderKL
 
@@ -455,6 +454,8 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
         scaling = float(vae.config.scaling_factor)
         latents = encode_latents(vae, images) * scaling
     else:
+        shapes = random_shapes(arrays[: recipe.shape_images], np.random.default_rng([recipe.seed, SHAPES_STREAM]))
+        codec_images = torch.cat([images, torch.from_numpy(shapes).permute(0, 3, 1, 2).float() / 127.5 - 1.0])
         log(f"demo base model: training the autoencoder ({recipe.vae_steps} steps on {recipe.vae_crop} px crops)")
         train_vae(vae, codec_images, recipe, log)
         latents = encode_latents(vae, images)
@@ -469,7 +470,7 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
     token_ids, empty_ids = encode(captions), encode([""])[0]
     log(f"demo base model: training the UNet and text encoder ({recipe.unet_steps} steps, latent scale {scaling:.3f})")
     train_denoiser(unet, text_encoder, scheduler, latents, token_ids, empty_ids, recipe, log)
-    if recipe.decoder_steps and codec_from is None:
+    if recipe.decoder_steps and codec_images is not None:
         log(f"demo base model: refining the decoder on the frozen latents ({recipe.decoder_steps} steps)")
         refine_decoder(vae, codec_images, encode_latents(vae, codec_images), recipe, log)
 

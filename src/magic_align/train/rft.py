@@ -231,18 +231,22 @@ def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, rew
             f"round {round_index} has no sample with a stored trajectory in {paths.trajectories(round_index)}; "
             "run `magic sample` (trajectories are kept by default)"
         )
-    known_features = known_features or {}
+    features_of = dict(known_features or {})  # image path -> backbone features
     rewards = []
     for start in range(0, len(samples), 32):
         chunk = samples[start : start + 32]
-        paths_of_chunk = [paths.root / sample.image_path for sample in chunk]
-        missing = [path for path in paths_of_chunk if path not in known_features]
-        for sample, path in zip(chunk, paths_of_chunk):
-            if path in missing and not path.is_file():
+        unknown = []
+        for sample in chunk:
+            path = paths.root / sample.image_path
+            if path in features_of:
+                continue
+            if not path.is_file():
                 raise TrainingError(f"sample {sample.sample_id}: its image {path} is missing (ledger row image_path)")
-        computed = dict(zip(missing, reward_model.backbone.features(
-            [load_image(path, config.data.max_image_pixels) for path in missing]))) if missing else {}
-        features = torch.stack([known_features[path] if path in known_features else computed[path] for path in paths_of_chunk])
+            unknown.append(path)
+        if unknown:
+            images = [load_image(path, config.data.max_image_pixels) for path in unknown]
+            features_of.update(zip(unknown, reward_model.backbone.features(images)))
+        features = torch.stack([features_of[paths.root / sample.image_path] for sample in chunk])
         rewards.append(reward_model.score_features(features, [s.target_label for s in chunk]))
     reward = torch.cat(rewards)
     weight = trajectory_weight(reward, config.rft.reward_power)

@@ -157,16 +157,18 @@ def test_missing_sets_are_synthesized_with_the_right_model(toy_run, monkeypatch)
     paths = prepare_run(config)
     calls = []
 
-    def fake_run_synthesize(cfg, lora, out_dir, replace_stale=False):
+    def fake_synthesize(cfg, lora, out_dir, replace_stale=False):
         assert replace_stale  # evaluate's sets are a cache: a stale one is made again, never refused
         manifest = out_dir / "manifest.csv"
+        summary = synthesize.SynthesizeSummary(manifest=manifest)
         if not manifest.is_file():  # a complete set of the same model: nothing to do
             calls.append((cfg.sample.strength, lora, out_dir.name))
             out_dir.mkdir(parents=True, exist_ok=True)
             manifest.write_text(",".join(MANIFEST_COLUMNS) + "\n")
-        return manifest
+            summary.written = 1
+        return summary
 
-    monkeypatch.setattr(synthesize, "run_synthesize", fake_run_synthesize)
+    monkeypatch.setattr(synthesize, "synthesize", fake_synthesize)
     manifest, how = ensure_synthetic(config, paths, "magic-dpo")
     assert manifest is None and "aligned/dpo" in how and "magic train dpo" in how and not calls
     manifest, how = ensure_synthetic(config, paths, "t2i")

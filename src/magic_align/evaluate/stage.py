@@ -9,7 +9,7 @@ Settings (each adds one synthetic set to the real training images, at share rho 
     magic-rft   + I2I images of the RFT-aligned model (run/aligned/rft)
 
 A setting's images are read from `run/synthetic/<setting>/manifest.csv`; a missing set is synthesized
-through `synthesize.run_synthesize` when its model exists, and skipped with a note when it does not. For
+through `synthesize.synthesize` when its model exists, and skipped with a note when it does not. For
 every backbone of `evaluate.backbones` and every setting, `evaluate.seeds` classifiers are trained
 (linear probe on cached features, or full fine-tuning) and tested on the real test split. With
 `data.few_shot_fraction` the few-shot setting is added: the seeded subset of the training set, with the
@@ -109,7 +109,7 @@ def manifest_verdicts(manifest: Path) -> tuple[list[str], list[list[int | None]]
 
 
 def setting_model(setting: str, paths: RunPaths) -> tuple[Path, Path | None]:
-    """(what must exist, the LoRA handed to run_synthesize): the run's preliminary model (model/, no extra
+    """(what must exist, the LoRA handed to synthesize): the run's preliminary model (model/, no extra
     LoRA) for t2i and i2i, an aligned LoRA stacked on it for the MAGIC settings."""
     if setting in ("t2i", "i2i"):
         return paths.model, None
@@ -131,22 +131,21 @@ def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[
         command = "magic finetune" if lora is None else f"magic train {setting.removeprefix('magic-')}"
         return None, f"skipped: no {needed.relative_to(paths.root)}/ (make it first: {command})"
     try:
-        from magic_align.synthesize import run_synthesize
+        from magic_align.synthesize import synthesize
     except ImportError as error:
         return None, f"skipped: synthesis is not available ({error})"
     synth_config = config
     if setting == "t2i":  # text-to-image = starting from pure noise
         synth_config = config.model_copy(deep=True)
         synth_config.sample.strength = 1.0
-    before = manifest.read_bytes() if manifest.is_file() else None
     try:
         # cheap when the set is complete and of this model; a stale set (the model was retrained) is replaced
-        manifest = Path(run_synthesize(synth_config, lora, out_dir, replace_stale=True))
+        summary = synthesize(synth_config, lora, out_dir, replace_stale=True)
     except Exception as error:  # one setting's failed synthesis must not stop the others' evaluation
         return None, f"skipped: synthesis failed ({error.__class__.__name__}: {error})"
-    if not manifest.is_file():
-        raise EvaluateError(f"synthesis for {setting!r} finished without writing {manifest}")
-    return manifest, "read" if before is not None and manifest.read_bytes() == before else "synthesized"
+    if not summary.manifest.is_file():
+        raise EvaluateError(f"synthesis for {setting!r} finished without writing {summary.manifest}")
+    return summary.manifest, "synthesized" if summary.written or summary.replaced else "read"
 
 
 def _device(choice: str) -> str:

@@ -419,10 +419,6 @@ def lora_targets() -> tuple[str, ...]:
     return LORA_TARGETS
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _final_loss(path: Path) -> float | None:
     from magic_align.train.loop import read_metrics
 
@@ -433,6 +429,8 @@ def _final_loss(path: Path) -> float | None:
 
 
 def _write_model_json(config: RunConfig, paths: RunPaths, checklists, tokens_dir: Path, lora_dir: Path) -> None:
+    from magic_align.data.images import sha256_file
+
     ft = config.finetune
     files = sorted(tokens_dir.glob("*.safetensors")) + sorted(lora_dir.glob("*.safetensors"))
     info = {
@@ -465,6 +463,6 @@ def _write_model_json(config: RunConfig, paths: RunPaths, checklists, tokens_dir
             "final_loss": _final_loss(paths.logs / "finetune" / "lora" / "metrics.csv"),
         },
         "settings_fingerprint": settings_fingerprint(config),
-        "files": {path.relative_to(paths.model).as_posix(): _sha256(path) for path in files},
+        "files": {path.relative_to(paths.model).as_posix(): sha256_file(path) for path in files},
     }
     atomic_write_text(paths.model / "model.json", json.dumps(info, indent=2) + "\n")

@@ -317,3 +317,13 @@ def test_table_versions_move_with_every_change(tmp_path, monkeypatch):
     assert ledger.table_versions()["stages"].rows == 1
     ledger.replace_pairs(0, [PairRow("a~b", 0, "u", "a", "b", 1, 0, False, 4, 2, 1, 2, "paper")])
     assert ledger.table_versions()["pairs"].rows == 1 and ledger.table_versions()["pairs"].last_change is None
+
+
+def test_table_versions_of_named_tables_only(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.add_samples([make_sample(0)])
+    named = ledger.table_versions("samples", "verdicts")
+    assert list(named) == ["samples", "verdicts"]
+    assert named["samples"] == ledger.table_versions()["samples"]
+    with pytest.raises(ValueError, match="unknown ledger table"):
+        ledger.table_versions("sample")

@@ -419,11 +419,15 @@ class Ledger:
     def schema_version(self) -> int:
         return int(self._read("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"])
 
-    def table_versions(self) -> dict[str, TableVersion]:
-        """A cheap fingerprint of every table (one aggregate query each): readers such as the review page
-        recompute what they derive from a table only when its version moves."""
+    def table_versions(self, *tables: str) -> dict[str, TableVersion]:
+        """A cheap fingerprint of the named tables (every table when none is named; one aggregate query each):
+        readers such as the review page recompute what they derive from a table only when its version moves."""
+        unknown = [table for table in tables if table not in _TABLE_TIMES]
+        if unknown:
+            raise ValueError(f"unknown ledger table(s) {unknown}; expected some of {list(_TABLE_TIMES)}")
         versions = {}
-        for table, time_column in _TABLE_TIMES.items():
+        for table in tables or tuple(_TABLE_TIMES):
+            time_column = _TABLE_TIMES[table]
             latest = f"MAX({time_column})" if time_column else "NULL"
             row = self._read(f"SELECT COUNT(*), MAX(rowid), {latest} FROM {table}")[0]
             versions[table] = TableVersion(rows=row[0], last_rowid=row[1], last_change=row[2])

@@ -252,8 +252,7 @@ def create_app(
 
     def snapshot() -> tuple[dict[str, SampleView], list[QueueEntry]]:
         """Samples with their verdicts, and the queue; rebuilt only when samples or verdicts changed."""
-        versions = ledger.table_versions()
-        state = (versions["samples"], versions["verdicts"])
+        state = tuple(ledger.table_versions("samples", "verdicts").values())
         if cache.get("views", (None,))[0] != state:
             views = collect_views(ledger, checklists, judging.judge_id, judging.prompt_version)
             queue = build_queue(views, settings.queue, settings.per_condition, config.seed)
@@ -293,8 +292,7 @@ def create_app(
             return [], 0
         from magic_align.judges.agreement import compare
 
-        versions = ledger.table_versions()
-        state = (versions["samples"], versions["verdicts"], versions["reviews"])
+        state = tuple(ledger.table_versions("samples", "verdicts", "reviews").values())
         if cache.get("aspects", (None,))[0] != state:
             report = compare(ledger, checklists, judging.judge_id, judging.prompt_version, "human", resamples=0)
             cache["aspects"] = (state, report.items, report.images)

@@ -39,10 +39,15 @@ def attach_lora(
         unet.add_adapter(lora_config(rank, alpha, targets, init), adapter_name=adapter_name)
     if hasattr(unet, "set_adapter"):
         unet.set_adapter(adapter_name)
-    parameters = [param for name, param in unet.named_parameters() if "lora_" in name and f".{adapter_name}." in name]
+    parameters = adapter_parameters(unet, adapter_name)
     for param in parameters:
         param.requires_grad_(True)
     return parameters
+
+
+def adapter_parameters(unet, adapter_name: str) -> list:
+    """The LoRA weights (A and B) of one named adapter, in module order."""
+    return [param for name, param in unet.named_parameters() if "lora_" in name and f".{adapter_name}." in name]
 
 
 def lora_state_dict(unet, adapter_name: str = "default") -> dict:

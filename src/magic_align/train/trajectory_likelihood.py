@@ -42,7 +42,7 @@ def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = 
     """Fuse whatever LoRA the pipeline carries (the preliminary one) into its weights, then attach the trainable
     adapter `adapter_name` on the projections `targets` (default `lora.LORA_TARGETS`): fresh (B = 0, so the policy
     starts as the preliminary model) or from `init_lora`. Only that adapter's LoRA weights train; returns the UNet."""
-    from magic_align.diffusion.lora import LORA_TARGETS, attach_lora, lora_weights_file, merge_lora
+    from magic_align.diffusion.lora import LORA_TARGETS, adapter_parameters, attach_lora, lora_weights_file, merge_lora
 
     targets = tuple(targets or LORA_TARGETS)
 
@@ -67,12 +67,10 @@ def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = 
             raise TrainingError(f"init_lora: {error}") from None
         unet.load_lora_adapter(str(weights), adapter_name=adapter_name, prefix="unet")
         unet.set_adapter(adapter_name)
-    trainable = 0
-    for name, parameter in unet.named_parameters():
-        if "lora_" in name and f".{adapter_name}." in name:
-            parameter.requires_grad_(True)
-            trainable += parameter.numel()
-    if trainable == 0:
+    trainable = adapter_parameters(unet, adapter_name)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
+    if not trainable:
         raise TrainingError(
             f"the {adapter_name} adapter has no parameters: no attention layer matched {'/'.join(targets)}"
         )

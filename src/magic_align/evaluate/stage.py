@@ -318,15 +318,14 @@ def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Ex
         notes.append(f"FID/KID skipped: {error}")
         return {}
     real_images = [loader(e.path) for e in train]
-    real_features = None  # extracted at the first comparison, reused by the others
+    # extracted once for every comparison; with fewer than 2, image_distances says why it cannot compare
+    real_features = extract_features(real_images, module) if len(real_images) >= 2 else None
     result = {}
     for setting, pool in pools.items():
         if len(pool) < 2:
             notes.append(f"FID/KID for {setting}: fewer than 2 synthetic images")
             continue
         say(f"FID/KID {setting}: {len(real_images)} real vs {len(pool)} synthetic ({evaluate.fid_features})")
-        if real_features is None and len(real_images) >= 2:  # fewer: image_distances says why it cannot
-            real_features = extract_features(real_images, module)
         distance = image_distances(real_images, [loader(e.path) for e in pool], module, real_features=real_features,
                                    resamples=evaluate.fid_resamples, kid_subsets=evaluate.kid_subsets, seed=config.seed)
         result[setting] = {**distance.as_dict(), "features": evaluate.fid_features}

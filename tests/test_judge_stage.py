@@ -131,10 +131,35 @@ def test_budget_holds_with_concurrent_calls(feedback_run):
     assert judge.calls < 20, (judge.calls, ledger.spent_usd(judge.id))
 
 
+class OverlapJudge(CountingJudge):
+    """Holds its first call open until a second call arrives, so overlap never depends on thread timing.
+
+    A stage that asks one image at a time never sends the second call: the first one gives up waiting and
+    the test sees one call in flight at most.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.second_call = asyncio.Event()
+
+    async def judge(self, image, checklist) -> Verdict:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        if self.in_flight >= 2:
+            self.second_call.set()
+        try:
+            await asyncio.wait_for(self.second_call.wait(), timeout=5.0)
+        except asyncio.TimeoutError:
+            self.second_call.set()  # one wait is enough to tell; the later calls go straight through
+        self.in_flight -= 1
+        return await CountingJudge.judge(self, image, checklist)
+
+
 def test_concurrency_is_used(feedback_run):
     config, _, _ = feedback_run(units=8, k=2, extra=["judge.concurrency=4"])
-    judge = CountingJudge()
+    judge = OverlapJudge()
     run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 16
     assert judge.most_in_flight > 1
     assert judge.most_in_flight <= 4
 

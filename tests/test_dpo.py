@@ -2,6 +2,7 @@
 ties, resume, two processes, and the saved LoRA in plain diffusers."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -418,3 +419,89 @@ def test_lora_targets_choose_the_adapted_projections(tiny_model_dir):
     assert len({n for n, p in everything.named_parameters() if p.requires_grad}) > 2 * len(trainable)
     with pytest.raises(TrainingError, match="no attention layer matched"):
         prepare_policy_unet(tiny_pipe(tiny_model_dir), rank=4, alpha=4, adapter_name="dpo", targets=["attn9.to_x"])
+
+
+# ------------------------------------------------------------------------ Diffusion-DPO (denoising objective)
+DENOISING = ("dpo.objective='denoising'", "dpo.denoising_beta=2000.0", "dpo.iterations=6", "dpo.checkpoint_every=3")
+
+
+@pytest.fixture(scope="module")
+def denoising_run(prepared_run, tiny_model_dir):
+    copy_run(prepared_run, "denoising")
+    return dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "denoising", tiny_model_dir, *DENOISING)))
+
+
+@torch.no_grad()
+def winner_advantage(pipe, root, draws=12):
+    """Mean over pairs and noise draws of (loser's error - winner's error) of the noise prediction at the pairs'
+    final latents, at fixed timesteps and noises: it rises when a model prefers the winners more."""
+    from diffusers import DDPMScheduler
+
+    from magic_align.diffusion.trajectories import TrajectoryStore
+    from magic_align.ledger import Ledger
+    from magic_align.run import RunPaths
+
+    paths = RunPaths(root)
+    examples, _ = dpo_module.informative_pairs(Ledger(paths.ledger), paths, 0)
+    store = TrajectoryStore(paths.trajectories(0))
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(7)
+    values = []
+    for example in examples:
+        batch = store.get(list(example.sample_ids))
+        clean = batch.latents[:, -1]
+        cond = pipe.text_encoder(batch.prompt_ids)[0]
+        for _ in range(draws):
+            noise = torch.randn(clean.shape[1:], generator=generator).expand_as(clean)
+            t = torch.randint(0, int(batch.timesteps[0].max()) + 1, (1,), generator=generator).repeat(2)
+            error = (pipe.unet(scheduler.add_noise(clean, noise, t), t, encoder_hidden_states=cond).sample - noise)
+            error = error.pow(2).flatten(1).mean(1)
+            winner = 0 if example.signs[0] == 1 else 1
+            values.append(float(error[1 - winner] - error[winner]))
+    return sum(values) / len(values)
+
+
+def test_denoising_objective_learns_to_prefer_the_winners(prepared_run, denoising_run, tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    assert denoising_run == prepared_run / "denoising" / "aligned" / "dpo"
+    rows = read_metrics(prepared_run / "denoising" / "logs" / "dpo" / "round-0" / "metrics.csv")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
+    assert rows[0]["mean_log_ratio"] == pytest.approx(0.0, abs=1e-7)
+    assert rows[0]["grad_norm"] > 0
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    before = winner_advantage(pipe, prepared_run / "denoising")
+    pipe.load_lora_weights(str(denoising_run))
+    after = winner_advantage(pipe, prepared_run / "denoising")
+    assert after > before + 1e-4, (before, after)
+
+
+def test_denoising_objective_resumes_to_the_same_lora(prepared_run, denoising_run, tiny_model_dir, monkeypatch):
+    copy_run(prepared_run, "denoising-resumed")
+    config = load_config("tiny", run_overrides(prepared_run, "denoising-resumed", tiny_model_dir, *DENOISING))
+    calls = {"n": 0}
+    real_step = dpo_module.optimizer_step
+
+    def crash_on_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill after the step-3 checkpoint")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "optimizer_step", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        dpo_module.run_dpo(config)
+    monkeypatch.setattr(dpo_module, "optimizer_step", real_step)
+    resumed = dpo_module.run_dpo(config)
+    expected, got = lora_tensors(denoising_run), lora_tensors(resumed)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_denoising_objective_refuses_the_sampling_reference():
+    from magic_align.config import ConfigError
+
+    with pytest.raises(ConfigError, match='reference = "initial"'):
+        load_config("tiny", ["dpo.objective='denoising'", "dpo.reference='sampling'"])

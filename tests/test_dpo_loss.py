@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from magic_align.train.dpo_loss import clamped_log_ratio, dpo_loss, preference_signs
+from magic_align.train.dpo_loss import clamped_log_ratio, denoising_dpo_loss, dpo_loss, preference_signs
 
 
 def log_sigmoid(x: float) -> float:
@@ -108,3 +108,48 @@ def test_shape_errors_name_the_argument():
         dpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), torch.zeros(1, 2), 1.0, None)
     with pytest.raises(ValueError, match="preference"):
         dpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 2), 1.0, None)
+
+
+# ------------------------------------------------------------------------------ Diffusion-DPO (denoising)
+def test_denoising_loss_equals_a_hand_computation():
+    # two pairs; pair 0 prefers sample 0, pair 1 prefers sample 1
+    error = torch.tensor([[0.40, 0.50], [0.30, 0.20]])
+    reference = torch.tensor([[0.42, 0.49], [0.30, 0.25]])
+    h = torch.tensor([[1, -1], [-1, 1]])
+    beta = 100.0
+    # pair 0: the winner's error fell by 0.02, the loser's rose by 0.01 -> margin 100 * (0.02 + 0.01) = 3
+    # pair 1: the winner's (sample 1) error fell by 0.05, the loser's stayed -> margin 100 * 0.05 = 5
+    expected = (-log_sigmoid(3.0) - log_sigmoid(5.0)) / 2
+    loss, stats = denoising_dpo_loss(error, reference, h, beta)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert stats.implicit_accuracy == 1.0
+    assert stats.clamped_share == 0.0
+    assert stats.mean_log_ratio == pytest.approx((0.02 - 0.01 + 0.0 + 0.05) / 4, abs=1e-6)
+    assert stats.informative_pairs == 2
+
+
+def test_denoising_gradient_lowers_the_winners_error_and_raises_the_losers():
+    error = torch.tensor([[0.4, 0.4]], requires_grad=True)
+    loss, _ = denoising_dpo_loss(error, torch.tensor([[0.4, 0.4]]), torch.tensor([[1, -1]]), beta=10.0)
+    loss.backward()
+    # at margin 0: dL/d error_winner = beta * sigmoid(0) = 5, dL/d error_loser = -5
+    assert error.grad[0, 0].item() == pytest.approx(5.0, abs=1e-6)
+    assert error.grad[0, 1].item() == pytest.approx(-5.0, abs=1e-6)
+
+
+def test_denoising_ties_give_log2_and_no_gradient():
+    error = torch.tensor([[0.3, 0.9]], requires_grad=True)
+    loss, stats = denoising_dpo_loss(error, torch.tensor([[0.1, 0.1]]), torch.tensor([[0, 0]]), beta=50.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert torch.count_nonzero(error.grad) == 0
+    assert stats.informative_pairs == 0 and math.isnan(stats.implicit_accuracy)
+
+
+def test_denoising_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match="error_policy"):
+        denoising_dpo_loss(torch.zeros(3), torch.zeros(3), torch.zeros(3), 1.0)
+    with pytest.raises(ValueError, match="error_ref"):
+        denoising_dpo_loss(torch.zeros(1, 2), torch.zeros(2, 2), torch.zeros(1, 2), 1.0)
+    with pytest.raises(ValueError, match="preference"):
+        denoising_dpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(2, 2), 1.0)

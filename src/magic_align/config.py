@@ -146,7 +146,16 @@ class FinetuneConfig(Section):
 
 class DPOConfig(Section):
     seed: int = 0
+    # what the preference acts on: "trajectory" = the log-likelihood ratios of the stored denoising transitions
+    # (MAGIC-DPO, method.md section 4; beta, clip, reference, guidance and log_prob_reduction belong to it);
+    # "denoising" = Diffusion-DPO (Wallace et al. 2024): each pair's final latents re-noised to one random
+    # timestep within the range the sampler visited, the policy's noise-prediction errors against those of the
+    # initial model (the DPO adapter off), scaled by denoising_beta. Four UNet rows per pair instead of 2T.
+    objective: Literal["trajectory", "denoising"] = "trajectory"
     beta: float = Field(0.1, gt=0)
+    # Diffusion-DPO's beta multiplies per-element mean squared errors, so it lives on another scale (the paper
+    # used 2000-5000 for Stable Diffusion 1.5)
+    denoising_beta: float = Field(2500.0, gt=0)
     clip: float | None = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 (TOML) or None disables it
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     lora_rank: int = Field(32, ge=1)
@@ -176,6 +185,16 @@ class DPOConfig(Section):
     steps_per_forward: int | None = Field(None, ge=1)  # (sample, step) rows per UNet pass; None: a whole pair
     checkpoint_every: int = Field(32, ge=1)
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
+
+    @model_validator(mode="after")
+    def _reference_fits_objective(self) -> "DPOConfig":
+        if self.objective == "denoising" and self.reference == "sampling":
+            raise ValueError(
+                'reference = "sampling" needs the log-probs stored with the trajectories, which only the '
+                '"trajectory" objective uses; the "denoising" objective compares with the initial model (the DPO '
+                'adapter off): set reference = "initial" or objective = "trajectory"'
+            )
+        return self
 
 
 class RFTConfig(Section):

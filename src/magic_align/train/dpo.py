@@ -20,6 +20,10 @@ samples per pass; each row carries its own timestep: `trajectory_likelihood.traj
 of the stored next latent comes from the shared `ddim_step_with_log_prob(prev_latents=...)`, and the per-step
 losses of all `pairs_per_step` pairs are accumulated before one AdamW update. That is the same gradient as one step at a time (method.md 4).
 
+`dpo.objective = "denoising"` is Diffusion-DPO instead (Wallace et al. 2024): the preference acts on the noise-
+prediction errors of each pair's two final latents, re-noised together to a random timestep the sampler visited,
+against the same errors of the initial model (the DPO adapter off); four UNet rows per pair instead of 2T.
+
 Only informative pairs are trained on: a pair both samples of which win, or both lose, has h = (0, 0) and no
 gradient (`dpo_loss.preference_signs`), so spending UNet passes on it would only dilute the batch.
 """
@@ -36,7 +40,7 @@ import torch
 
 from magic_align.config import RunConfig
 from magic_align.run import RunPaths, prepare_run
-from magic_align.train.dpo_loss import dpo_loss, preference_signs
+from magic_align.train.dpo_loss import denoising_dpo_loss, dpo_loss, preference_signs
 from magic_align.train.loop import (
     ModelWithDtype,
     TrainingError,
@@ -44,6 +48,7 @@ from magic_align.train.loop import (
     batch_indices,
     make_accelerator,
     optimizer_step,
+    step_seed,
 )
 from magic_align.train.trajectory_likelihood import (
     TrajectorySettings,
@@ -173,7 +178,8 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     # Stored log-probs are the initial model's only if the initial model sampled (no aligned LoRA stacked).
     sampled_by_initial = round_index == 0 and not header.get("policy_lora")
     recompute = settings.recompute_reference or (settings.reference == "initial" and not sampled_by_initial)
-    if not recompute:
+    # the denoising objective runs the initial model itself, so the stored log-probs need not match it
+    if settings.objective == "trajectory" and not recompute:
         if sampling.reduction != settings.log_prob_reduction:
             raise TrainingError(
                 f"the stored log-probs use reduction {sampling.reduction!r} but dpo.log_prob_reduction = "
@@ -187,7 +193,8 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
 
     pipe = load_run_policy(config, paths, device=accelerator.device, dtype=torch.float32)
     stored_hash, current_hash = header.get("model_hash"), getattr(pipe, "magic_model_hash", None)
-    if not recompute and settings.reference == "initial" and stored_hash and current_hash and stored_hash != current_hash:
+    stale = stored_hash and current_hash and stored_hash != current_hash
+    if settings.objective == "trajectory" and not recompute and settings.reference == "initial" and stale:
         raise TrainingError(
             f"round {round_index} was sampled by model {stored_hash}, but the run's model is now {current_hash} (the "
             "base model, tokens or preliminary LoRA changed since), so the stored log-probs are not the reference's: "
@@ -228,12 +235,8 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         by_condition.setdefault(example.condition, []).append(index)
     groups = [by_condition[condition] for condition in sorted(by_condition)]
 
-    unet.train()
-    for step in range(session.start_step, settings.iterations):
-        if settings.balance == "condition":
-            chosen = balanced_batch_indices(groups, settings.pairs_per_step, step, settings.seed)[rank::world]
-        else:
-            chosen = batch_indices(len(examples), settings.pairs_per_step, step, pair_epoch_seed(settings.seed))[rank::world]
+    def trajectory_step(chosen: list[int]):
+        """The per-step DPO loss of the chosen pairs, backpropagated; returns (loss, stats) over all processes."""
         policy_rows, reference_rows, sign_rows = [], [], []
         for position, pair_index in enumerate(chosen):
             example = examples[pair_index]
@@ -259,9 +262,60 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             policy_rows.append(torch.cat(values, dim=1))
             reference_rows.append(reference.float())
             sign_rows.append(signs[0])
-        grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, settings.grad_clip)
         gathered = [accelerator.gather(torch.stack(rows)) for rows in (policy_rows, reference_rows, sign_rows)]
-        loss_value, stats = dpo_loss(*gathered, settings.beta, clip)
+        return dpo_loss(*gathered, settings.beta, clip)
+
+    def denoising_step(chosen: list[int], step: int):
+        """Diffusion-DPO on the chosen pairs' final latents, backpropagated; returns (loss, stats) over all
+        processes. Both samples of a pair get the same noise and timestep, so their errors compare fairly."""
+        pairs = [load_pair(store, examples[index], sampling) for index in chosen]
+        final = torch.stack([batch.latents[:, -1] for batch in pairs]).to(accelerator.device)  # [P, 2, C, h, w]
+        prompt_ids = torch.cat([batch.prompt_ids for batch in pairs]).to(accelerator.device)  # [2P, L]
+        signs = torch.tensor([examples[index].signs for index in chosen], device=accelerator.device)
+        generator = torch.Generator().manual_seed(step_seed(settings.seed, "dpo-denoising", step, rank))
+        noise = torch.randn((final.shape[0], 1, *final.shape[2:]), generator=generator).expand_as(final)
+        # the timesteps the I2I sampler visits: training on noisier ones would change what I2I never uses
+        tops = [int(batch.timesteps[0].max()) for batch in pairs]
+        row_timesteps = torch.tensor([int(torch.randint(0, top + 1, (1,), generator=generator)) for top in tops])
+        row_timesteps = row_timesteps.repeat_interleave(2).to(accelerator.device)
+        clean = final.flatten(0, 1)
+        noisy, target = noised_with_target(noise_scheduler, clean, noise.to(clean).flatten(0, 1), row_timesteps)
+        noisy = noisy.to(training.frozen_dtype)
+        with torch.no_grad():
+            cond = embed_prompt_ids(pipe.text_encoder, prompt_ids)
+            unwrapped.disable_adapters()
+            try:
+                with accelerator.autocast():
+                    reference = unwrapped(noisy, row_timesteps, encoder_hidden_states=cond).sample
+            finally:
+                unwrapped.enable_adapters()
+            reference_error = prediction_error(reference, target).reshape(-1, 2)
+        with accelerator.autocast():
+            prediction = unet(noisy, row_timesteps, encoder_hidden_states=cond).sample
+            error = prediction_error(prediction, target).reshape(-1, 2)
+            loss, _ = denoising_dpo_loss(error, reference_error, signs, settings.denoising_beta)
+        accelerator.backward(loss)  # the mean over this process's pairs; DDP averages the processes
+        gathered = [accelerator.gather(rows) for rows in (error.detach().float(), reference_error, signs)]
+        return denoising_dpo_loss(*gathered, settings.denoising_beta)
+
+    if settings.objective == "denoising":
+        from diffusers import DDPMScheduler
+
+        from magic_align.train.finetune import noised_with_target, prediction_error
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    unet.train()
+    for step in range(session.start_step, settings.iterations):
+        if settings.balance == "condition":
+            chosen = balanced_batch_indices(groups, settings.pairs_per_step, step, settings.seed)[rank::world]
+        else:
+            chosen = batch_indices(len(examples), settings.pairs_per_step, step, pair_epoch_seed(settings.seed))[rank::world]
+        if settings.objective == "denoising":
+            loss_value, stats = denoising_step(chosen, step)
+        else:
+            loss_value, stats = trajectory_step(chosen)
+        grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, settings.grad_clip)
         done = step + 1
         logger.log(done, {"loss": float(loss_value), **stats.as_dict(), "grad_norm": grad_norm,
                           "lr": lr_scheduler.get_last_lr()[0]})

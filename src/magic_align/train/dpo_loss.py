@@ -107,3 +107,42 @@ def _stats(lp: torch.Tensor, lp_ref: torch.Tensor, h: torch.Tensor, clip: float 
         ratio = raw.exp()
         clamped = ((ratio < 1 - clip) | (ratio > 1 + clip)).float().mean()
     return DPOStats(float(accuracy), float(clamped), float(raw.mean()), count)
+
+
+def denoising_dpo_loss(
+    error_policy: torch.Tensor,
+    error_ref: torch.Tensor,
+    preference: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, DPOStats]:
+    """Diffusion-DPO (Wallace et al., 2024): the preference on the noise-prediction errors of the two final images.
+
+    error_policy, error_ref: [B, 2], each sample's mean squared error of the predicted noise (or velocity) at
+    one noisy version of its final latent, shared by both models and by both samples of a pair; preference h:
+    [B, 2] as in `dpo_loss`. A lower error than the reference's is a higher likelihood, so
+
+        margin = -beta * sum_i h_i * (error_policy_i - error_ref_i)
+        L      = -log sigmoid(margin)
+
+    averaged over pairs. Ties (h = 0) contribute log 2 and no gradient. In the stats, `mean_log_ratio` is the mean
+    of error_ref - error_policy (the log-ratio up to the positive factor the errors stand in for).
+    """
+    if error_policy.ndim != 2 or error_policy.shape[1] != 2:
+        raise ValueError(f"error_policy has shape {tuple(error_policy.shape)}; expected [B, 2]")
+    if error_ref.shape != error_policy.shape:
+        raise ValueError(f"error_ref has shape {tuple(error_ref.shape)}; expected {tuple(error_policy.shape)}")
+    if preference.shape != error_policy.shape:
+        raise ValueError(f"preference has shape {tuple(preference.shape)}; expected {tuple(error_policy.shape)}")
+    h = preference.to(error_policy.dtype)
+    improvement = error_ref.to(error_policy.dtype) - error_policy  # > 0: the policy finds the sample more likely
+    margin = beta * (h * improvement).sum(dim=1)  # [B]
+    loss = -F.logsigmoid(margin).mean()
+    with torch.no_grad():
+        informative = (preference != 0).any(dim=1)
+        count = int(informative.sum())
+        if count == 0:
+            nan = float("nan")
+            return loss, DPOStats(nan, nan, nan, 0)
+        accuracy = float((margin.detach()[informative] > 0).float().mean())
+        mean_ratio = float(improvement.detach()[informative].float().mean())
+    return loss, DPOStats(accuracy, 0.0, mean_ratio, count)

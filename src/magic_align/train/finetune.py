@@ -110,20 +110,30 @@ def denoising_loss(
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator,
     weights: torch.Tensor | None = None,
+    max_timestep: int | None = None,
 ) -> torch.Tensor:
-    """The standard diffusion loss: noise the latents to random DDPM timesteps, MSE between the UNet's output and
-    the target, averaged per sample and then over the batch (weighted by `weights` when given)."""
+    """The standard diffusion loss: noise the latents to random DDPM timesteps (0 to `max_timestep`, all of them by
+    default), MSE between the UNet's output and the target, averaged per sample and then over the batch (weighted by
+    `weights` when given)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    ).to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    high = noise_scheduler.config.num_train_timesteps if max_timestep is None else max_timestep + 1
+    timesteps = torch.randint(0, high, (latents.shape[0],), generator=generator).to(latents.device)
+    noisy, target = noised_with_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
-    target = noise_target(noise_scheduler, latents, noise, timesteps)
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+    per_sample = prediction_error(prediction, target)
     if weights is None:
         return per_sample.mean()
     return (per_sample * weights.to(per_sample)).mean()
+
+
+def noised_with_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """(the latents noised to `timesteps`, what the UNet must predict for them)."""
+    return noise_scheduler.add_noise(latents, noise, timesteps), noise_target(noise_scheduler, latents, noise, timesteps)
+
+
+def prediction_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean squared error of each sample's prediction, in fp32: [N]."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
 
 
 def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -18,7 +18,8 @@
    (`trajectory_likelihood.trajectory_log_probs`, shared with DPO), each latent with the timestep it was made at.
    With `rft.objective = "denoising"` the likelihood of a sample is instead bounded by the diffusion loss on its
    final latent (reward-weighted epsilon MSE with its target caption, one UNet row per sample instead of
-   2 T): the same reward-weighted maximum likelihood, trained like the beta_r term on real images.
+   2 T), re-noised to timesteps up to the highest one the sampler visited (I2I never starts higher): the same
+   reward-weighted maximum likelihood, trained like the beta_r term on real images.
 
 The policy is the preliminary model with its LoRA fused in (never dropped: pitfall 1) plus a fresh trainable
 LoRA (adapter "rft"), built as for DPO (`trajectory_likelihood.prepare_policy_unet`). Outputs in `aligned/rft/`: the LoRA
@@ -359,7 +360,11 @@ def run_rft(
                 with accelerator.autocast():
                     with torch.no_grad():
                         cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids.to(device))
-                    term = denoising_loss(unet, noise_scheduler, batch.latents[:, -1].to(device), cond, generator, weight)
+                    # re-noised only as far as the sampler started (I2I: about strength x 1000), where the
+                    # aligned model will be used
+                    top = int(batch.timesteps.max())
+                    term = denoising_loss(unet, noise_scheduler, batch.latents[:, -1].to(device), cond, generator,
+                                          weight, max_timestep=top)
                 accelerator.backward(term)
             trajectory_term = term.detach().float()  # already the mean over this process's batch
             weights.extend(item.weight for item in items)

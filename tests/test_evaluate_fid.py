@@ -55,3 +55,15 @@ def test_precomputed_real_features_give_the_same_result():
     reused = image_distances(real, fake, module, resamples=3, kid_subsets=3,
                              real_features=extract_features(real, module)).as_dict()
     assert fresh == reused
+
+
+def test_fid_image_size_sets_the_backbone_input_and_is_refused_for_inception():
+    from magic_align.config import ConfigError, load_config
+    from magic_align.evaluate.fid import extract_features
+
+    small = load_feature_module("small-cnn", image_size=32)
+    assert small.input_size == 32
+    assert load_feature_module("small-cnn").input_size == 64
+    assert extract_features(_images(3, seed=0), small).shape[0] == 3
+    with pytest.raises(ConfigError, match="fid_image_size"):
+        load_config("tiny", ["evaluate.fid_features='inception'", "evaluate.fid_image_size=128"])

@@ -258,3 +258,32 @@ def test_changed_settings_refuse_the_old_checkpoint(finetune_config):
     run_finetune(finetune_config("changed"), stop_after=1)
     with pytest.raises(FinetuneError, match="other settings"):
         run_finetune(finetune_config("changed", **{"finetune.ti_lr": 1e-2}))
+
+
+def test_denoising_loss_shares_noise_and_timestep_within_a_group_and_keeps_the_range():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from magic_align.train.finetune import denoising_loss
+
+    seen = {}
+
+    def recording_unet(noisy, timesteps, encoder_hidden_states):
+        seen["noisy"], seen["timesteps"] = noisy.clone(), timesteps.clone()
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.ones(4, 4, 8, 8)  # equal latents: equal noisy inputs exactly when noise and timestep are shared
+    hidden = torch.zeros(4, 3, 8)
+    denoising_loss(recording_unet, scheduler, latents, hidden, torch.Generator().manual_seed(0),
+                   max_timestep=300, groups=[7, 7, 2, 2])
+    noisy, timesteps = seen["noisy"], seen["timesteps"]
+    assert torch.equal(noisy[0], noisy[1]) and torch.equal(noisy[2], noisy[3])
+    assert not torch.equal(noisy[0], noisy[2])
+    assert timesteps[0] == timesteps[1] and timesteps[2] == timesteps[3]
+
+    for seed in range(20):  # the range bound holds for every draw
+        denoising_loss(recording_unet, scheduler, latents, hidden, torch.Generator().manual_seed(seed), max_timestep=300)
+        assert int(seen["timesteps"].max()) <= 300
+        assert len({tuple(row.flatten()[:5].tolist()) for row in seen["noisy"]}) == 4  # no groups: four draws

@@ -12,7 +12,7 @@ import torch
 
 from magic_align.config import ModelConfig, load_config
 from magic_align.train.reward_model import RewardHead, fit_reward_head
-from magic_align.train.rft import real_labels, reward_weighted_nll, trajectory_weight
+from magic_align.train.rft import real_labels, reward_weighted_nll, trajectory_weight, unit_baselined_weights
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -22,6 +22,16 @@ def test_trajectory_weight_by_hand():
     assert trajectory_weight(reward, 2.0).tolist() == [0.0, 0.25, 1.0, 1.0, 0.0]
     with pytest.raises(ValueError):
         trajectory_weight(reward, 0.0)
+
+
+def test_unit_baseline_subtracts_each_units_mean_weight():
+    weights = torch.tensor([0.9, 0.3, 0.6, 0.2, 0.2, 0.7])
+    units = ["a", "a", "a", "b", "b", "c"]
+    # unit a: mean 0.6 -> 0.3, -0.3, 0.0; unit b: equal weights cancel; unit c alone: nothing to compare with
+    assert unit_baselined_weights(weights, units).tolist() == pytest.approx([0.3, -0.3, 0.0, 0.0, 0.0, 0.0])
+    assert weights.tolist() == pytest.approx([0.9, 0.3, 0.6, 0.2, 0.2, 0.7])  # the input is left alone
+    with pytest.raises(ValueError, match="unit ids"):
+        unit_baselined_weights(weights, units[:3])
 
 
 def test_reward_weighted_nll_by_hand():
@@ -376,3 +386,55 @@ def test_image_features_run_each_image_once_and_keep_the_order(tmp_path):
     features = image_features(Backbone(), items, max_pixels=10_000, batch_size=2)
     assert features[:, 0].tolist() == [0.0, 0.0, 80.0, 40.0]
     assert Backbone.seen == 3  # the real image and its negative share one backbone pass
+
+
+def test_unit_baseline_makes_each_units_weights_sum_to_zero(rft_run):
+    from magic_align.diffusion.trajectories import TrajectoryStore
+    from magic_align.ledger import Ledger
+    from magic_align.run import RunPaths
+    from magic_align.train.rft import fit_reward_model, score_trajectories
+
+    config, _ = rft_run
+    config = config.model_copy(deep=True)
+    paths = RunPaths(config.run_dir)
+    model, _, known = fit_reward_model(config, paths, 0, "test:judge", "cpu")
+    store = TrajectoryStore(paths.trajectories(0))
+    plain = score_trajectories(config, paths, 0, model, store, known)
+    config.rft.baseline = "unit"
+    centred = score_trajectories(config, paths, 0, model, store, known)
+    with Ledger(paths.ledger) as ledger:
+        unit_of = {s.sample_id: s.unit_id for s in ledger.samples(0)}
+    sums: dict[str, float] = {}
+    for item in centred:
+        sums[unit_of[item.sample_id]] = sums.get(unit_of[item.sample_id], 0.0) + item.weight
+    assert len(sums) < len(centred)  # units hold several samples
+    assert all(abs(total) < 1e-6 for total in sums.values())
+    assert [t.reward for t in centred] == pytest.approx([t.reward for t in plain])
+    assert any(abs(a.weight - b.weight) > 1e-6 for a, b in zip(centred, plain))
+
+
+def test_unit_baseline_trains_whole_units_on_shared_draws(rft_run, monkeypatch):
+    import magic_align.train.finetune as finetune_module
+    import magic_align.train.rft as rft_module
+
+    config, _ = rft_run
+    config = config.model_copy(deep=True)
+    config.rft.objective = "denoising"
+    config.rft.baseline = "unit"
+    config.rft.beta_real = 0.0
+    config.rft.batch_size = 4
+    calls = []
+    real_loss = finetune_module.denoising_loss  # run_rft imports it when it starts
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("groups"), kwargs["weights"] if "weights" in kwargs else args[5]))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "denoising_loss", recording)
+    rft_module.run_rft(config, judge_id="test:judge")
+    assert calls
+    for groups, weights in calls:  # units of 2 samples: every group twice, and each unit's weights sum to zero
+        assert groups is not None and len(groups) == 4
+        assert all(groups.count(group) == 2 for group in groups)
+        for group in set(groups):
+            assert abs(float(sum(w for g, w in zip(groups, weights.tolist()) if g == group))) < 1e-6

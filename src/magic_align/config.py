@@ -209,6 +209,9 @@ class RFTConfig(Section):
     reward_real_negative_label: float | None = Field(0.0, ge=0, le=1)
     # reward-weighted likelihood: weight = R(x, c) ** reward_power on each stored trajectory
     reward_power: float = Field(1.0, gt=0)
+    # "none": the weights as they are (the paper); "unit": minus the mean weight of the sample's unit (same source,
+    # same target), so the weights of a unit sum to zero and the look its samples share (the source's) cancels
+    baseline: Literal["none", "unit"] = "none"
     # what the reward weighs: "trajectory" = the log-likelihood of every stored denoising transition (with
     # guidance, T steps per sample: method.md section 3); "denoising" = the diffusion (epsilon) loss on each
     # sample's final latent, a bound on its likelihood (one UNet row per sample: T x 2 times cheaper)
@@ -261,6 +264,8 @@ class EvaluateConfig(Section):
     rho: float = Field(0.2, ge=0, lt=1)
     image_size: int = Field(224, ge=16)
     fid_features: str = "efficientnet-lite0"  # "inception" (needs torch-fidelity + weights) or a backbone name
+    # input size of a backbone FID extractor (None: its own, 224 px for efficientnet-lite0); Inception is always 299
+    fid_image_size: int | None = Field(None, ge=16)
     fid_resamples: int = Field(100, ge=0)  # bootstrap resamples for the FID/KID intervals (each one is an FID)
     kid_subsets: int = Field(100, ge=1)
     bootstrap: int = Field(1000, ge=0)
@@ -272,6 +277,13 @@ class EvaluateConfig(Section):
     backbone_paths: dict[str, Path] = Field(default_factory=dict)  # backbone name -> local save_pretrained folder
     judge_synthetic: bool = False  # grade synthetic sets without manifest verdicts with the run's judge
     held_out_judge: JudgeConfig | None = None  # a second judge, not used in training, for the pass rate
+
+    @model_validator(mode="after")
+    def _inception_keeps_its_size(self) -> "EvaluateConfig":
+        if self.fid_features == "inception" and self.fid_image_size is not None:
+            raise ValueError("fid_image_size applies to backbone FID extractors only: Inception's FID is defined at "
+                             "299 px; remove fid_image_size or choose a backbone in fid_features")
+        return self
 
 
 class ReviewConfig(Section):

@@ -56,8 +56,9 @@ class PrecomputedFeatures(nn.Module):
         return features
 
 
-def load_feature_module(name: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The extractor for `evaluate.fid_features`: "inception" or a backbone name."""
+def load_feature_module(name: str, device: str | torch.device = "cpu", image_size: int | None = None) -> nn.Module:
+    """The extractor for `evaluate.fid_features`: "inception" or a backbone name (at `image_size` px when given,
+    else the backbone's own input size)."""
     if name == "inception":
         from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
@@ -77,7 +78,7 @@ def load_feature_module(name: str, device: str | torch.device = "cpu") -> nn.Mod
         module.num_features = 2048
         module.input_size = INCEPTION_SIZE
         return module.to(device)
-    return FeatureModule(load_backbone(name, device))
+    return FeatureModule(load_backbone(name, device, image_size=image_size))
 
 
 def images_to_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:

@@ -313,7 +313,7 @@ def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Ex
         return {}
     evaluate = config.evaluate
     try:
-        module = load_feature_module(evaluate.fid_features, _device(evaluate.device))
+        module = load_feature_module(evaluate.fid_features, _device(evaluate.device), evaluate.fid_image_size)
     except BackboneError as error:
         notes.append(f"FID/KID skipped: {error}")
         return {}

@@ -111,13 +111,19 @@ def denoising_loss(
     generator: torch.Generator,
     weights: torch.Tensor | None = None,
     max_timestep: int | None = None,
+    groups: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The standard diffusion loss: noise the latents to random DDPM timesteps (0 to `max_timestep`, all of them by
     default), MSE between the UNet's output and the target, averaged per sample and then over the batch (weighted by
-    `weights` when given)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    `weights` when given). Rows with the same entry in `groups` share their noise and timestep, so a contrast
+    between them is not buried in the spread of the draws."""
+    count = latents.shape[0]
+    rows = torch.arange(count) if groups is None else torch.unique(torch.as_tensor(groups), return_inverse=True)[1]
+    draws = int(rows.max()) + 1
+    noise = torch.randn((draws, *latents.shape[1:]), generator=generator, dtype=torch.float32)
+    noise = noise[rows].to(latents.device, latents.dtype)
     high = noise_scheduler.config.num_train_timesteps if max_timestep is None else max_timestep + 1
-    timesteps = torch.randint(0, high, (latents.shape[0],), generator=generator).to(latents.device)
+    timesteps = torch.randint(0, high, (draws,), generator=generator)[rows].to(latents.device)
     noisy, target = noised_with_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
     per_sample = prediction_error(prediction, target)

@@ -63,6 +63,25 @@ def trajectory_weight(reward: torch.Tensor, power: float) -> torch.Tensor:
     return reward.clamp(0.0, 1.0) ** power
 
 
+def unit_baselined_weights(weights: torch.Tensor, unit_ids: Sequence[str]) -> torch.Tensor:
+    """Each weight minus the mean weight of its unit's samples (same source image, same target): [N].
+
+    The samples of a unit share the source's look, and a positive weight on every one of them teaches the
+    target's token that look too; with the unit's mean subtracted the weights of a unit sum to zero, so what its
+    samples share cancels and only what sets the better ones apart is learned (a per-prompt baseline, as in
+    policy-gradient methods). A unit with a single sample gets weight 0: there is nothing to compare it with.
+    """
+    if weights.ndim != 1 or len(unit_ids) != weights.shape[0]:
+        raise ValueError(f"weights {tuple(weights.shape)} and {len(unit_ids)} unit ids: expected [N] and N ids")
+    members: dict[str, list[int]] = {}
+    for index, unit in enumerate(unit_ids):
+        members.setdefault(unit, []).append(index)
+    centred = weights.clone()
+    for indices in members.values():
+        centred[indices] = weights[indices] - weights[indices].mean()
+    return centred
+
+
 def reward_weighted_nll(log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """-mean_i w_i mean_t log p_i,t for log_probs [N, T] and weights [N].
 
@@ -213,6 +232,7 @@ class WeightedTrajectory:
     condition: str
     reward: float
     weight: float
+    unit_id: str = ""
 
 
 def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, reward_model, store,
@@ -251,8 +271,11 @@ def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, rew
         rewards.append(reward_model.score_features(features, [s.target_label for s in chunk]))
     reward = torch.cat(rewards)
     weight = trajectory_weight(reward, config.rft.reward_power)
+    if config.rft.baseline == "unit":
+        weight = unit_baselined_weights(weight, [s.unit_id for s in samples])
     return [
-        WeightedTrajectory(s.sample_id, s.target_label, float(r), float(w)) for s, r, w in zip(samples, reward, weight)
+        WeightedTrajectory(s.sample_id, s.target_label, float(r), float(w), s.unit_id)
+        for s, r, w in zip(samples, reward, weight)
     ]
 
 
@@ -344,9 +367,25 @@ def run_rft(
     size = config.finetune.resolution or config.model.resolution
     per_process = rft.batch_size // world
 
+    # With the unit baseline, the denoising form trains on whole units whose samples share noise and timestep:
+    # their weights sum to zero, and only on a shared draw does that contrast what sets the samples apart.
+    by_unit = rft.baseline == "unit" and on_final_latents
+    if by_unit:
+        members: dict[str, list[int]] = {}
+        for index, item in enumerate(trajectories):
+            members.setdefault(item.unit_id, []).append(index)
+        units = list(members.values())
+        units_per_step = max(world, rft.batch_size // max(len(unit) for unit in units))
+
     unet.train()
     for step in range(session.start_step, rft.steps):
-        chosen = batch_indices(len(trajectories), rft.batch_size, step, phase_epoch_seed(rft.seed, "rft"))[rank::world]
+        groups = None
+        if by_unit:
+            picked = batch_indices(len(units), units_per_step, step, phase_epoch_seed(rft.seed, "rft-units"))[rank::world]
+            chosen = [index for unit in picked for index in units[unit]]
+            groups = [unit for unit in picked for _ in units[unit]]
+        else:
+            chosen = batch_indices(len(trajectories), rft.batch_size, step, phase_epoch_seed(rft.seed, "rft"))[rank::world]
         weights = []
         real_term = torch.zeros(())
         if on_final_latents:
@@ -364,7 +403,7 @@ def run_rft(
                     # aligned model will be used
                     top = int(batch.timesteps.max())
                     term = denoising_loss(unet, noise_scheduler, batch.latents[:, -1].to(device), cond, generator,
-                                          weight, max_timestep=top)
+                                          weight, max_timestep=top, groups=groups)
                 accelerator.backward(term)
             trajectory_term = term.detach().float()  # already the mean over this process's batch
             weights.extend(item.weight for item in items)

@@ -73,13 +73,18 @@ def unit_baselined_weights(weights: torch.Tensor, unit_ids: Sequence[str]) -> to
     """
     if weights.ndim != 1 or len(unit_ids) != weights.shape[0]:
         raise ValueError(f"weights {tuple(weights.shape)} and {len(unit_ids)} unit ids: expected [N] and N ids")
+    centred = weights.clone()
+    for indices in unit_members(unit_ids):
+        centred[indices] = weights[indices] - weights[indices].mean()
+    return centred
+
+
+def unit_members(unit_ids: Sequence[str]) -> list[list[int]]:
+    """The positions of each unit's samples, units in order of first appearance."""
     members: dict[str, list[int]] = {}
     for index, unit in enumerate(unit_ids):
         members.setdefault(unit, []).append(index)
-    centred = weights.clone()
-    for indices in members.values():
-        centred[indices] = weights[indices] - weights[indices].mean()
-    return centred
+    return list(members.values())
 
 
 def reward_weighted_nll(log_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -371,10 +376,7 @@ def run_rft(
     # their weights sum to zero, and only on a shared draw does that contrast what sets the samples apart.
     by_unit = rft.baseline == "unit" and on_final_latents
     if by_unit:
-        members: dict[str, list[int]] = {}
-        for index, item in enumerate(trajectories):
-            members.setdefault(item.unit_id, []).append(index)
-        units = list(members.values())
+        units = unit_members([item.unit_id for item in trajectories])
         units_per_step = max(world, rft.batch_size // max(len(unit) for unit in units))
 
     unet.train()

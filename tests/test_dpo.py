@@ -311,23 +311,29 @@ def test_a_round_without_informative_pairs_is_a_clear_error(prepared_run, tiny_m
         dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "ties-only", tiny_model_dir)))
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(prepared_run, straight_run, tiny_model_dir):
-    one = straight_run
-    copy_run(prepared_run, "two")
-    overrides = run_overrides(prepared_run, "two", tiny_model_dir)
+def train_on_two_processes(prepared_run, name, tiny_model_dir, *extra):
+    """`magic train dpo` under `accelerate launch --num_processes 2 --cpu` on a copy of the prepared run."""
+    copy_run(prepared_run, name)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "magic_align", "train", "dpo", "tiny", "--round", "0"]
-    for override in overrides:
+    for override in run_overrides(prepared_run, name, tiny_model_dir, *extra):
         command += ["--set", override]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    two = prepared_run / "two" / "aligned" / "dpo"
+    return prepared_run / name / "aligned" / "dpo"
+
+
+def assert_same_lora(one, two):
     a, b = lora_tensors(one), lora_tensors(two)
     assert set(a) == set(b)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(prepared_run, straight_run, tiny_model_dir):
+    assert_same_lora(straight_run, train_on_two_processes(prepared_run, "two", tiny_model_dir))
 
 
 # ------------------------------------------------------------------------------------ the shared loop
@@ -505,3 +511,9 @@ def test_denoising_objective_refuses_the_sampling_reference():
 
     with pytest.raises(ConfigError, match='reference = "initial"'):
         load_config("tiny", ["dpo.objective='denoising'", "dpo.reference='sampling'"])
+
+
+@pytest.mark.slow
+def test_denoising_objective_on_two_processes_matches_one(prepared_run, denoising_run, tiny_model_dir):
+    """The noise and timestep of a pair are seeded by (step, pair), not by process, so the split changes nothing."""
+    assert_same_lora(denoising_run, train_on_two_processes(prepared_run, "denoising-two", tiny_model_dir, *DENOISING))

@@ -272,12 +272,15 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         final = torch.stack([batch.latents[:, -1] for batch in pairs]).to(accelerator.device)  # [P, 2, C, h, w]
         prompt_ids = torch.cat([batch.prompt_ids for batch in pairs]).to(accelerator.device)  # [2P, L]
         signs = torch.tensor([examples[index].signs for index in chosen], device=accelerator.device)
-        generator = torch.Generator().manual_seed(step_seed(settings.seed, "dpo-denoising", step, rank))
-        noise = torch.randn((final.shape[0], 1, *final.shape[2:]), generator=generator).expand_as(final)
-        # the timesteps the I2I sampler visits: training on noisier ones would change what I2I never uses
-        tops = [int(batch.timesteps[0].max()) for batch in pairs]
-        row_timesteps = torch.tensor([int(torch.randint(0, top + 1, (1,), generator=generator)) for top in tops])
-        row_timesteps = row_timesteps.repeat_interleave(2).to(accelerator.device)
+        # One draw per pair, seeded by (step, pair): the same whichever process takes the pair, so N processes
+        # train exactly as one. Timesteps only up to where the I2I sampler starts: it never denoises from higher.
+        noises, timesteps = [], []
+        for index, batch in zip(chosen, pairs):
+            generator = torch.Generator().manual_seed(step_seed(settings.seed, "dpo-denoising", step, index))
+            noises.append(torch.randn(final.shape[2:], generator=generator))
+            timesteps.append(int(torch.randint(0, int(batch.timesteps[0].max()) + 1, (1,), generator=generator)))
+        noise = torch.stack(noises)[:, None].expand_as(final)
+        row_timesteps = torch.tensor(timesteps).repeat_interleave(2).to(accelerator.device)
         clean = final.flatten(0, 1)
         noisy, target = noised_with_target(noise_scheduler, clean, noise.to(clean).flatten(0, 1), row_timesteps)
         noisy = noisy.to(training.frozen_dtype)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from interruption import killed_at_step
 
 from magic_align.config import ModelConfig
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
@@ -263,17 +264,9 @@ def test_run_dpo_writes_a_lora_plain_diffusers_loads_and_that_changes_outputs(pr
 
 def test_an_interrupted_run_resumes_to_the_same_lora(prepared_run, straight_run, tiny_model_dir, monkeypatch):
     copy_run(prepared_run, "resumed")
-    calls = {"n": 0}
     real_step = dpo_module.optimizer_step
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
-        return real_step(*args, **kwargs)
-
     config = load_config("tiny", run_overrides(prepared_run, "resumed", tiny_model_dir))
-    monkeypatch.setattr(dpo_module, "optimizer_step", crash_on_third)
+    monkeypatch.setattr(dpo_module, "optimizer_step", killed_at_step(real_step, 3))  # after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         dpo_module.run_dpo(config)
     monkeypatch.setattr(dpo_module, "optimizer_step", real_step)
@@ -487,16 +480,8 @@ def test_denoising_objective_learns_to_prefer_the_winners(prepared_run, denoisin
 def test_denoising_objective_resumes_to_the_same_lora(prepared_run, denoising_run, tiny_model_dir, monkeypatch):
     copy_run(prepared_run, "denoising-resumed")
     config = load_config("tiny", run_overrides(prepared_run, "denoising-resumed", tiny_model_dir, *DENOISING))
-    calls = {"n": 0}
     real_step = dpo_module.optimizer_step
-
-    def crash_on_fourth(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated kill after the step-3 checkpoint")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(dpo_module, "optimizer_step", crash_on_fourth)
+    monkeypatch.setattr(dpo_module, "optimizer_step", killed_at_step(real_step, 4))  # after the step-3 checkpoint
     with pytest.raises(KeyboardInterrupt):
         dpo_module.run_dpo(config)
     monkeypatch.setattr(dpo_module, "optimizer_step", real_step)

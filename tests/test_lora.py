@@ -6,6 +6,7 @@ from magic_align.config import ModelConfig
 from magic_align.diffusion.loading import load_pipeline
 from magic_align.diffusion.lora import (
     LORA_WEIGHTS_NAME,
+    adapters_disabled,
     attach_lora,
     load_lora_adapters,
     merge_lora,
@@ -64,6 +65,22 @@ def test_lora_round_trip_through_plain_diffusers(tiny_model_dir, tmp_path):
     load_lora_adapters(again, [tmp_path / "lora"])
     unload_lora(again)
     assert torch.allclose(unet_output(again), base_out, atol=1e-6)
+
+
+def test_adapters_disabled_gives_the_base_unet_and_restores_the_lora(tiny_model_dir):
+    pipe = load_pipeline(ModelConfig(source="local", pretrained=str(tiny_model_dir), resolution=64))
+    base = unet_output(pipe)
+    attach_lora(pipe.unet, rank=4, alpha=8)
+    randomise_lora(pipe.unet)
+    adapted = unet_output(pipe)
+    assert (adapted - base).abs().max() > 1e-4
+    with adapters_disabled(pipe.unet):
+        assert torch.allclose(unet_output(pipe), base, atol=1e-6)
+    assert torch.equal(unet_output(pipe), adapted)
+    with pytest.raises(RuntimeError):
+        with adapters_disabled(pipe.unet):
+            raise RuntimeError("a failure inside the block")
+    assert torch.equal(unet_output(pipe), adapted)  # back on after the failure too
 
 
 def test_missing_lora_folder_is_named(tiny_model_dir, tmp_path):

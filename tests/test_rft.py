@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from interruption import killed_at_step
 
 from magic_align.config import ModelConfig, load_config
 from magic_align.train.reward_model import RewardHead, fit_reward_head
@@ -260,15 +261,8 @@ def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch):
         shutil.copytree(config.run_dir, config.run_dir.parent / name)
     straight = run_rft(make("straight"), judge_id="test:judge")
 
-    real_step, calls = loop.optimizer_step, {"n": 0}
-
-    def crash_on_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill after the step-2 checkpoint")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "optimizer_step", crash_on_third)
+    real_step = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", killed_at_step(real_step, 3))  # after the step-2 checkpoint
     with pytest.raises(KeyboardInterrupt):
         run_rft(make("resumed"), judge_id="test:judge")
     monkeypatch.setattr(loop, "optimizer_step", real_step)

@@ -8,8 +8,9 @@ aligned LoRA was saved in a format the loader silently ignored).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -48,6 +49,17 @@ def attach_lora(
 def adapter_parameters(unet, adapter_name: str) -> list:
     """The LoRA weights (A and B) of one named adapter, in module order."""
     return [param for name, param in unet.named_parameters() if "lora_" in name and f".{adapter_name}." in name]
+
+
+@contextmanager
+def adapters_disabled(unet) -> Iterator[None]:
+    """The UNet without its LoRA adapters inside the block (the model training started from), restored after it
+    even when the block raises."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
 
 
 def lora_state_dict(unet, adapter_name: str = "default") -> dict:

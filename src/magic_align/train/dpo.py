@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from magic_align.config import RunConfig
+from magic_align.diffusion.lora import adapters_disabled
 from magic_align.run import RunPaths, prepare_run
 from magic_align.train.dpo_loss import denoising_dpo_loss, dpo_loss, preference_signs
 from magic_align.train.loop import (
@@ -217,15 +218,11 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
             return batch.log_probs
         missing = [i for i, sample_id in enumerate(example.sample_ids) if sample_id not in reference_cache]
         if missing:
-            unwrapped.disable_adapters()
-            try:
-                with torch.no_grad(), accelerator.autocast():
-                    values = training.log_probs(
-                        batch.latents[missing].to(accelerator.device), batch.timesteps[0], cond[missing],
-                        model=ModelWithDtype(unwrapped, training.frozen_dtype),
-                    )
-            finally:
-                unwrapped.enable_adapters()
+            with adapters_disabled(unwrapped), torch.no_grad(), accelerator.autocast():
+                values = training.log_probs(
+                    batch.latents[missing].to(accelerator.device), batch.timesteps[0], cond[missing],
+                    model=ModelWithDtype(unwrapped, training.frozen_dtype),
+                )
             for row, i in enumerate(missing):
                 reference_cache[example.sample_ids[i]] = values[row].float().cpu()
         return torch.stack([reference_cache[sample_id] for sample_id in example.sample_ids])
@@ -234,6 +231,13 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     for index, example in enumerate(examples):
         by_condition.setdefault(example.condition, []).append(index)
     groups = [by_condition[condition] for condition in sorted(by_condition)]
+
+    if settings.objective == "denoising":
+        from diffusers import DDPMScheduler
+
+        from magic_align.train.finetune import noised_with_target, prediction_error
+
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     def trajectory_step(chosen: list[int]):
         """The per-step DPO loss of the chosen pairs, backpropagated; returns (loss, stats) over all processes."""
@@ -286,12 +290,8 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         noisy = noisy.to(training.frozen_dtype)
         with torch.no_grad():
             cond = embed_prompt_ids(pipe.text_encoder, prompt_ids)
-            unwrapped.disable_adapters()
-            try:
-                with accelerator.autocast():
-                    reference = unwrapped(noisy, row_timesteps, encoder_hidden_states=cond).sample
-            finally:
-                unwrapped.enable_adapters()
+            with adapters_disabled(unwrapped), accelerator.autocast():
+                reference = unwrapped(noisy, row_timesteps, encoder_hidden_states=cond).sample
             reference_error = prediction_error(reference, target).reshape(-1, 2)
         with accelerator.autocast():
             prediction = unet(noisy, row_timesteps, encoder_hidden_states=cond).sample
@@ -300,13 +300,6 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         accelerator.backward(loss)  # the mean over this process's pairs; DDP averages the processes
         gathered = [accelerator.gather(rows) for rows in (error.detach().float(), reference_error, signs)]
         return denoising_dpo_loss(*gathered, settings.denoising_beta)
-
-    if settings.objective == "denoising":
-        from diffusers import DDPMScheduler
-
-        from magic_align.train.finetune import noised_with_target, prediction_error
-
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     unet.train()
     for step in range(session.start_step, settings.iterations):

@@ -237,7 +237,7 @@ class WeightedTrajectory:
     condition: str
     reward: float
     weight: float
-    unit_id: str = ""
+    unit_id: str  # the (source, target) unit the sample belongs to
 
 
 def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, reward_model, store,

@@ -10,13 +10,31 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-from magic_align.config import ConfigError, RunConfig, dump_config, load_config
+from magic_align.config import RunConfig, dump_config, load_config
+from magic_align.errors import MagicError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Align diffusion models with expert checklists (MAGIC).")
+console = Console(stderr=True)
+
+
+class MagicGroup(TyperGroup):
+    """Turns every user-facing error (`MagicError`) into one line on stderr and exit code 2, in one place."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (MagicError, FileNotFoundError) as error:
+            console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=MagicGroup, no_args_is_help=True, add_completion=False,
+    help="Align diffusion models with expert checklists (MAGIC).",
+)
 config_app = typer.Typer(no_args_is_help=True, help="Show the resolved configuration.")
 app.add_typer(config_app, name="config")
-console = Console(stderr=True)
 
 ConfigArg = Annotated[str, typer.Argument(help="A TOML file or a preset name (paper, tiny, demo).")]
 SetOpt = Annotated[
@@ -25,12 +43,8 @@ SetOpt = Annotated[
 
 
 def load(config: str, overrides: list[str] | None) -> RunConfig:
-    """Load a configuration or exit with the user-facing message (no traceback)."""
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    """Load a configuration; a ConfigError reaches the user as one line through MagicGroup."""
+    return load_config(config, overrides or [])
 
 
 @config_app.command("show")
@@ -53,16 +67,11 @@ def evaluate_command(
     set_: SetOpt = None,
 ) -> None:
     """Classifier real vs real + synthetic, FID/KID and checklist pass rate -> run/eval/metrics.json."""
-    from magic_align.data.records import DataError
-    from magic_align.evaluate.stage import EvaluateError, run_evaluate
+    from magic_align.evaluate.stage import run_evaluate
 
     run_config = load(config, set_)
     chosen = [part for text in settings or [] for part in text.split(",") if part.strip()] or None
-    try:
-        metrics = run_evaluate(run_config, chosen, progress=lambda text: console.print(text, highlight=False))
-    except (EvaluateError, DataError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    metrics = run_evaluate(run_config, chosen, progress=lambda text: console.print(text, highlight=False))
     for row in metrics["classifier"]:
         accuracy = row["accuracy"]
         typer.echo(f"{row['backbone']:<18} {row['group']:<9} {row['label']:<36} accuracy "
@@ -80,15 +89,6 @@ JudgeIdOpt = Annotated[
 ]
 
 
-def _feedback_errors() -> tuple[type[BaseException], ...]:
-    from magic_align.checklists.schema import ChecklistError
-    from magic_align.feedback import FeedbackError
-    from magic_align.judge import JudgeStageError
-    from magic_align.judges.privacy import PrivacyError
-    from magic_align.ledger import LedgerError
-
-    return (JudgeStageError, FeedbackError, ChecklistError, LedgerError, PrivacyError)
-
 
 @app.command("judge")
 def judge_command(
@@ -101,11 +101,7 @@ def judge_command(
     from magic_align.judge import run_judge
 
     run_config = load(config, set_)
-    try:
-        summary = run_judge(run_config, round_index=round_, dry_run=dry_run, console=console)
-    except _feedback_errors() as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    summary = run_judge(run_config, round_index=round_, dry_run=dry_run, console=console)
     output = Console()
     for table in summary.tables():
         output.print(table)
@@ -135,21 +131,17 @@ def pairs_command(
     from magic_align.feedback import export_authors_feedback, export_dpo_dataset, import_authors_feedback, run_pairs
 
     run_config = load(config, set_)
-    try:
-        if import_authors is not None:
-            judge = import_authors_feedback(run_config, import_authors, round_)
-            console.print(f"imported {import_authors} as judge {judge}", highlight=False)
-        summary = run_pairs(run_config, round_index=round_, judge_id=judge)
-        Console().print(summary.table())
-        if export_authors is not None:
-            count = export_authors_feedback(run_config, export_authors, round_, judge_id=judge)
-            console.print(f"wrote {count} prompts to {export_authors}", highlight=False)
-        if export_dpo is not None:
-            count = export_dpo_dataset(run_config, export_dpo, round_)
-            console.print(f"wrote {count} pairs to {export_dpo}/metadata.jsonl (+ metadata.csv, images/)", highlight=False)
-    except _feedback_errors() as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    if import_authors is not None:
+        judge = import_authors_feedback(run_config, import_authors, round_)
+        console.print(f"imported {import_authors} as judge {judge}", highlight=False)
+    summary = run_pairs(run_config, round_index=round_, judge_id=judge)
+    Console().print(summary.table())
+    if export_authors is not None:
+        count = export_authors_feedback(run_config, export_authors, round_, judge_id=judge)
+        console.print(f"wrote {count} prompts to {export_authors}", highlight=False)
+    if export_dpo is not None:
+        count = export_dpo_dataset(run_config, export_dpo, round_)
+        console.print(f"wrote {count} pairs to {export_dpo}/metadata.jsonl (+ metadata.csv, images/)", highlight=False)
 
 
 @app.command("agreement")
@@ -166,7 +158,7 @@ def agreement_command(
     run_config = load(config, set_)
     try:
         report = run_agreement(run_config, against=against, judge_id=judge, round_index=round_)
-    except (*_feedback_errors(), ValueError, FileNotFoundError) as error:
+    except ValueError as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         raise typer.Exit(2) from None
     if not report.items:
@@ -181,13 +173,6 @@ def agreement_command(
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: check images and labels, build the train/test split.")
 app.add_typer(data_app, name="data")
 
-
-def _data_errors() -> tuple[type[Exception], ...]:
-    from magic_align.checklists.schema import ChecklistError
-    from magic_align.data.images import BadImageError
-    from magic_align.data.records import DataError
-
-    return DataError, BadImageError, ChecklistError
 
 
 def _image_progress(description: str):
@@ -207,12 +192,8 @@ def data_check_command(config: ConfigArg, set_: SetOpt = None) -> None:
 
     run_config = load(config, set_)
     bar, on_total, advance = _image_progress("checking images")
-    try:
-        with bar:
-            report = run_data_check(run_config, prepare_run(run_config), progress=advance, on_total=on_total)
-    except _data_errors() as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    with bar:
+        report = run_data_check(run_config, prepare_run(run_config), progress=advance, on_total=on_total)
     typer.echo(report.summary())
     if report.images.bad:
         raise typer.Exit(1)
@@ -231,12 +212,8 @@ def data_split_command(
     run_config = load(config, set_)
     paths = prepare_run(run_config)
     bar, on_total, advance = _image_progress("checking images")
-    try:
-        with bar:
-            split = run_split(run_config, paths, force=force, progress=advance, on_total=on_total)
-    except _data_errors() as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    with bar:
+        split = run_split(run_config, paths, force=force, progress=advance, on_total=on_total)
     for name, (train, test) in split.counts().items():
         typer.echo(f"{name:<32} train {train:>5}  test {test:>5}")
     if split.skipped_classes:
@@ -261,32 +238,19 @@ def train_dpo_command(
     set_: SetOpt = None,
 ) -> None:
     """MAGIC-DPO on the stored trajectories and pairs -> run/aligned/dpo/ (a diffusers LoRA). Resumable."""
-    from magic_align.diffusion.loading import ModelLoadError
     from magic_align.run import RunPaths
     from magic_align.train.dpo import round_output, run_dpo, run_rounds
-    from magic_align.train.loop import TrainingError
 
     run_config = load(config, set_)
-    try:
-        if round_ is None:
-            output = run_rounds(run_config)
-        else:
-            previous = round_output(RunPaths(run_config.run_dir), round_ - 1) if round_ > 0 else None
-            output = run_dpo(run_config, round_index=round_, init_lora=previous)
-    except (TrainingError, ModelLoadError, *_feedback_errors()) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    if round_ is None:
+        output = run_rounds(run_config)
+    else:
+        previous = round_output(RunPaths(run_config.run_dir), round_ - 1) if round_ > 0 else None
+        output = run_dpo(run_config, round_index=round_, init_lora=previous)
     typer.echo(f"wrote {output}")
 
 
 # ------------------------------------------------------------------------------------ sample, synthesize
-def _sampling_errors() -> tuple[type[Exception], ...]:
-    from magic_align.diffusion.loading import ModelLoadError
-    from magic_align.diffusion.trajectories import TrajectoryError
-    from magic_align.synthesize import SynthesizeError
-
-    return ModelLoadError, TrajectoryError, SynthesizeError, FileNotFoundError, *_data_errors()
-
 
 @app.command("sample")
 def sample_command(
@@ -301,11 +265,7 @@ def sample_command(
     from magic_align.sample import run_sample
 
     run_config = load(config, set_)
-    try:
-        summary = run_sample(run_config, round_index=round_, policy_lora=lora)
-    except _sampling_errors() as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    summary = run_sample(run_config, round_index=round_, policy_lora=lora)
     typer.echo(
         f"round {summary.round}: {summary.units_sampled} units sampled ({summary.samples_written} samples, "
         f"{len(summary.shards)} shards), {summary.units_already_done} already done, {summary.units_skipped} skipped, "
@@ -328,11 +288,7 @@ def synthesize_command(
     from magic_align.synthesize import synthesize
 
     run_config = load(config, set_)
-    try:
-        summary = synthesize(run_config, lora, out)
-    except _sampling_errors() as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    summary = synthesize(run_config, lora, out)
     typer.echo(
         f"{summary.written} synthetic images written, {summary.already_done} already there, "
         f"{summary.skipped_sources} unreadable sources skipped -> {summary.manifest}"
@@ -387,15 +343,11 @@ def report_command(
     set_: SetOpt = None,
 ) -> None:
     """One self-contained HTML page about the run so far -> run/report/index.html (works on partial runs)."""
-    from magic_align.evaluate.report import ReportError, run_report
+    from magic_align.evaluate.report import run_report
 
     run_config = load(config, set_)
-    try:
-        output = run_report(run_config, max_units_per_condition=units,
-                            progress=lambda line: console.print(line, highlight=False, markup=False))
-    except ReportError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    output = run_report(run_config, max_units_per_condition=units,
+                        progress=lambda line: console.print(line, highlight=False, markup=False))
     typer.echo(f"wrote {output}")
 
 
@@ -416,27 +368,13 @@ def review_command(
     set_: SetOpt = None,
 ) -> None:
     """Serve the expert review page: confirm or correct the judge's verdicts; reviews go to the ledger."""
-    from magic_align.review.app import ReviewError, run_review
-    from magic_align.review.security import InputError
+    from magic_align.review.app import run_review
 
     run_config = load(config, set_)
-    try:
-        run_review(run_config, host=host, port=port, reviewer=reviewer, judge_id=judge_id, announce=typer.echo)
-    except (ReviewError, InputError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    run_review(run_config, host=host, port=port, reviewer=reviewer, judge_id=judge_id, announce=typer.echo)
 
 
 # ------------------------------------------------------------------------------- finetune and RFT
-def _training_errors() -> tuple[type[Exception], ...]:
-    from magic_align.diffusion.loading import ModelLoadError
-    from magic_align.evaluate.backbones import BackboneError
-    from magic_align.train.finetune import FinetuneError
-    from magic_align.train.loop import TrainingError
-    from magic_align.train.reward_model import RewardModelError
-
-    return FinetuneError, TrainingError, RewardModelError, BackboneError, ModelLoadError, *_data_errors()
-
 
 @app.command("finetune")
 def finetune_command(
@@ -450,11 +388,7 @@ def finetune_command(
     from magic_align.train.finetune import run_finetune
 
     run_config = load(config, set_)
-    try:
-        model_dir = run_finetune(run_config, stop_after=stop_after)
-    except _training_errors() as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    model_dir = run_finetune(run_config, stop_after=stop_after)
     if (model_dir / "model.json").is_file() and stop_after is None:
         typer.echo(f"wrote {model_dir} (tokens/, lora/, model.json)")
     else:
@@ -474,11 +408,7 @@ def train_rft_command(
     from magic_align.train.rft import SUMMARY_FILE, run_rft
 
     run_config = load(config, set_)
-    try:
-        output = run_rft(run_config, round_index=round_, judge_id=judge)
-    except (*_training_errors(), *_feedback_errors()) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    output = run_rft(run_config, round_index=round_, judge_id=judge)
     summary = json.loads((output / SUMMARY_FILE).read_text())
     model = summary["reward_model"]
     typer.echo(
@@ -488,10 +418,6 @@ def train_rft_command(
     )
     typer.echo(f"wrote {output}")
 
-
-def _stage_errors() -> tuple[type[BaseException], ...]:
-    """Every error a stage raises for a problem the user can fix (shown as a message, not a traceback)."""
-    return tuple({*_feedback_errors(), *_data_errors(), *_sampling_errors(), *_training_errors()})
 
 
 @app.command("compare")
@@ -504,25 +430,20 @@ def compare_command(
     set_: SetOpt = None,
 ) -> None:
     """Paired alignment comparison on held-out sources: mean checklist items met per model, with intervals."""
-    from magic_align.evaluate.alignment import AlignmentError, run_alignment_comparison
+    from magic_align.evaluate.alignment import run_alignment_comparison
 
     run_config = load(config, set_)
     chosen = [name.strip() for name in settings.split(",") if name.strip()] if settings else None
-    try:
-        output = run_alignment_comparison(run_config, settings=chosen, units=units, console=console)
-    except (AlignmentError, *_stage_errors()) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
-        raise typer.Exit(2) from None
+    output = run_alignment_comparison(run_config, settings=chosen, units=units, console=console)
     typer.echo(f"wrote {output}")
 
 
 def _run_stages(run_config: RunConfig, force: bool):
-    from magic_align.evaluate.alignment import AlignmentError
     from magic_align.pipeline import run_all
 
     try:
         return run_all(run_config, force=force, console=console)
-    except (AlignmentError, *_stage_errors()) as error:
+    except (MagicError, FileNotFoundError) as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         console.print("fix the problem and rerun: finished stages are skipped")
         raise typer.Exit(2) from None

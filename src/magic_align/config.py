@@ -15,9 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magic_align.diffusion.lora import LORA_TARGETS
+from magic_align.errors import MagicError
 
 
-class ConfigError(ValueError):
+class ConfigError(MagicError, ValueError):
     """A configuration problem, phrased for the user: which key, which value, what is allowed."""
 
 

@@ -47,12 +47,13 @@ from magic_align.config import PairsConfig, RunConfig
 from magic_align.judges.base import Verdict
 from magic_align.ledger import Ledger, PairRow, SampleRow
 from magic_align.run import RunPaths, atomic_path, atomic_write_text
+from magic_align.errors import MagicError
 
 Outcome = tuple[int, int]
 AUTHORS_IMPORT_PREFIX = "import:"
 
 
-class FeedbackError(ValueError):
+class FeedbackError(MagicError, ValueError):
     """Pairs cannot be built or a feedback file is malformed; the message names the place and the fix."""
 
 

@@ -36,6 +36,7 @@ from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, may_send,
 from magic_align.judges.prompts import render_prompt
 from magic_align.ledger import Ledger, SampleRow
 from magic_align.run import RunPaths
+from magic_align.errors import MagicError
 
 # Rough answer lengths for the dry-run estimate: the paper style answers one short list, the structured
 # style one verdict and one sentence per item.
@@ -43,7 +44,7 @@ OUTPUT_TOKENS_PAPER = 20
 OUTPUT_TOKENS_STRUCTURED_PER_ITEM = 35
 
 
-class JudgeStageError(RuntimeError):
+class JudgeStageError(MagicError, RuntimeError):
     """The judge stage cannot start or had to stop; the message says why and what to do."""
 
 

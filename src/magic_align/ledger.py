@@ -76,12 +76,13 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 from magic_align.judges.base import Verdict
+from magic_align.errors import MagicError
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 60.0
 
 
-class LedgerError(RuntimeError):
+class LedgerError(MagicError, RuntimeError):
     """A ledger that cannot be used as asked (newer schema, conflicting rows); the message says why."""
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 from magic_align.config import RunConfig
 from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, sample_batch
 from magic_align.run import atomic_write_bytes, atomic_write_text, prepare_run
+from magic_align.errors import MagicError
 
 MANIFEST_COLUMNS = (
     "synthetic_id", "path", "source_id", "source_label", "source_group", "source_skin_type", "target_label",
@@ -37,7 +38,7 @@ MANIFEST_COLUMNS = (
 REQUIRED_COLUMNS = MANIFEST_COLUMNS[:-1]
 
 
-class SynthesizeError(RuntimeError):
+class SynthesizeError(MagicError, RuntimeError):
     """The synthesis cannot go on as asked; the message says what to change."""
 
 

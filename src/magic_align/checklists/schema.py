@@ -27,9 +27,10 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from magic_align.errors import MagicError
 
 
-class ChecklistError(ValueError):
+class ChecklistError(MagicError, ValueError):
     """A checklist file that does not follow the schema; the message names the file, condition and item."""
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from magic_align.errors import MagicError
 
 
-class BadImageError(ValueError):
+class BadImageError(MagicError, ValueError):
     """An image that cannot be used; the message names the file, the CSV row when known, and the reason."""
 
     def __init__(self, path: Path | str, reason: str, row: int | None = None, source: str | None = None):

@@ -12,9 +12,10 @@ import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from magic_align.errors import MagicError
 
 
-class DataError(ValueError):
+class DataError(MagicError, ValueError):
     """A dataset problem phrased for the user: which file, which row or column, what was expected."""
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from magic_align.config import ModelConfig
+from magic_align.errors import MagicError
 
 if TYPE_CHECKING:  # diffusers is heavy to import; functions import it when they run
     from diffusers import StableDiffusionPipeline
@@ -43,7 +44,7 @@ LORA_DIR = "lora"
 TOKENS_DIR = "tokens"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MagicError, RuntimeError):
     """A model could not be loaded; the message says what to download or which setting to change."""
 
 

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from magic_align.run import atomic_path
+from magic_align.errors import MagicError
 
 FORMAT_VERSION = 1
 HEADER_KEY = "magic_align"
@@ -39,7 +40,7 @@ LATENT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32"
 SHARD_PATTERN = re.compile(r"^p(\d+)-(\d+)\.safetensors$")
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(MagicError, ValueError):
     """A trajectory shard that cannot be used as asked (missing, malformed, unknown sample id)."""
 
 

@@ -22,12 +22,13 @@ from rich.console import Console
 from magic_align.config import RunConfig
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.stats import bootstrap, mean_difference
+from magic_align.errors import MagicError
 
 # the models compared, named as in `magic evaluate`; the first is the baseline of every difference
 ALIGNMENT_SETTINGS = ("i2i", "magic-dpo", "magic-rft")
 
 
-class AlignmentError(ValueError):
+class AlignmentError(MagicError, ValueError):
     """The comparison cannot run as asked; the message says why."""
 
 

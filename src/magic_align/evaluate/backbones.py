@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from magic_align.errors import MagicError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,7 +49,7 @@ BACKBONES = tuple(HUB_BACKBONES) + LOCAL_BACKBONES
 CROP_FRACTION = 224 / 256
 
 
-class BackboneError(RuntimeError):
+class BackboneError(MagicError, RuntimeError):
     """A backbone that cannot be built or loaded; the message says what to do."""
 
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from magic_align.config import RunConfig, dump_config
 from magic_align.run import RunPaths, atomic_write_text
+from magic_align.errors import MagicError
 
 THUMBNAIL_SIDE = 192  # px; big enough to judge a lesion, small enough that 20 conditions x 4 units mail well
 THUMBNAIL_QUALITY = 85
@@ -53,7 +54,7 @@ AFTER_SETTINGS = ("magic-dpo", "dpo", "magic-rft", "rft", "aligned")
 SETTING_ORDER = ("real", "t2i", "i2i", "unaligned", "magic-dpo", "dpo", "magic-rft", "rft", "aligned")
 
 
-class ReportError(ValueError):
+class ReportError(MagicError, ValueError):
     """An input of the report that cannot be read; the message names the file and field."""
 
 

@@ -42,6 +42,7 @@ from magic_align.evaluate.classifier import (
 )
 from magic_align.evaluate.metrics import METRICS, classification_metrics, mean_over_seeds
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
+from magic_align.errors import MagicError
 
 SETTINGS = ("real", "t2i", "i2i", "magic-dpo", "magic-rft")
 LABELS = {"real": "real", "t2i": "+ T2I", "i2i": "+ I2I (unaligned)", "magic-dpo": "+ MAGIC-DPO",
@@ -50,7 +51,7 @@ LABELS = {"real": "real", "t2i": "+ T2I", "i2i": "+ I2I (unaligned)", "magic-dpo
 NEEDED_COLUMNS = ("synthetic_id", "path", "source_id", "source_group", "target_label")
 
 
-class EvaluateError(ValueError):
+class EvaluateError(MagicError, ValueError):
     """Bad evaluation input (a manifest row, a setting name); the message names the file, row and field."""
 
 

@@ -33,11 +33,12 @@ from magic_align.judges.openai_judge import REPAIR_SEPARATOR, after_repair, answ
 from magic_align.judges.parsing import no_answer, parse_answer
 from magic_align.judges.privacy import downscale
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair
+from magic_align.errors import MagicError
 
 DOCUMENTED_MODELS = ("google/medgemma-4b-it", "Qwen/Qwen2.5-VL-3B-Instruct")
 
 
-class HFJudgeLoadError(RuntimeError):
+class HFJudgeLoadError(MagicError, RuntimeError):
     """The model or processor named by `judge.model` could not be loaded."""
 
 

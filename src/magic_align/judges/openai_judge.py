@@ -41,6 +41,7 @@ from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_t
 from magic_align.judges.parsing import ParsedAnswer, no_answer, parse_answer
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, is_loopback_url, png_data_url, prepare_image
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair, response_format
+from magic_align.errors import MagicError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ RETRY_AFTER_CEILING_S = 600.0  # a server asking for more than this is not honou
 REPAIR_SEPARATOR = "\n\n[repair answer]\n"
 
 
-class JudgeEndpointError(RuntimeError):
+class JudgeEndpointError(MagicError, RuntimeError):
     """The endpoint refuses every request (wrong key, model or URL); grading cannot go on."""
 
 

@@ -20,13 +20,14 @@ from PIL import Image
 
 from magic_align.config import JudgeConfig
 from magic_align.data.images import encode_png
+from magic_align.errors import MagicError
 
 OPENAI_API_URL = "https://api.openai.com/v1"
 # Backends that call an HTTP endpoint; the others grade in this process.
 SENDING_BACKENDS = ("openai",)
 
 
-class PrivacyError(ValueError):
+class PrivacyError(MagicError, ValueError):
     """An image or endpoint that the configuration does not allow; the message says which setting allows it."""
 
 

@@ -62,6 +62,7 @@ from magic_align.review.security import (
     same_secret,
 )
 from magic_align.run import RunPaths
+from magic_align.errors import MagicError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
 MAX_FORM_BYTES = 64 * 1024
 
 
-class ReviewError(RuntimeError):
+class ReviewError(MagicError, RuntimeError):
     """The review page cannot start (no ledger, no samples); the message says what to run first."""
 
 

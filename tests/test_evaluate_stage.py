@@ -182,3 +182,30 @@ def test_missing_sets_are_synthesized_with_the_right_model(toy_run, monkeypatch)
     strength = config.sample.strength
     assert calls == [(1.0, None, "t2i"), (strength, None, "i2i"), (strength, paths.aligned / "dpo", "magic-dpo")]
     assert config.sample.strength == strength  # the caller's config is untouched
+
+
+def test_a_setting_that_raises_is_a_failure_not_a_skip(toy_run, monkeypatch):
+    import magic_align.synthesize as synthesize
+    from magic_align.data.split import run_split
+    from magic_align.evaluate.stage import EvaluateIncomplete, run_evaluate
+    from magic_align.run import prepare_run
+
+    config = toy_run
+    paths = prepare_run(config)
+    split = run_split(config, paths)
+    _write_manifest(config, "i2i", split.train, COLOURS.get)  # a set built by hand: read as it is
+    (paths.aligned / "dpo").mkdir(parents=True)  # the DPO model exists, so its set must be synthesized
+
+    def broken_synthesis(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(synthesize, "synthesize", broken_synthesis)
+    with pytest.raises(EvaluateIncomplete, match="magic-dpo: RuntimeError: CUDA out of memory") as raised:
+        run_evaluate(config, ["i2i", "magic-dpo", "magic-rft"])
+    assert raised.value.failures == ["magic-dpo: RuntimeError: CUDA out of memory"]
+    metrics = json.loads((paths.eval / "metrics.json").read_text())  # what did work is written
+    assert metrics["settings"]["magic-dpo"]["status"] == "failed"
+    assert "CUDA out of memory" in metrics["settings"]["magic-dpo"]["note"]
+    assert metrics["settings"]["magic-rft"]["status"] == "skipped"  # no model: a documented skip, not a failure
+    assert metrics["failures"] == raised.value.failures
+    assert {row["setting"] for row in metrics["classifier"] if row["group"] == "full"} == {"real", "i2i"}

@@ -238,3 +238,42 @@ def test_dpo_export_layout(feedback_run, tmp_path):
         table = list(csv.DictReader(handle))
     assert [row["jpg_0"] for row in table] == [row["jpg_0"] for row in rows]
     assert export_dpo_dataset(config, tmp_path / "dpo-ties", include_ties=True) == 3
+
+
+# ------------------------------------------------------------------------------- undecided items
+def test_verdicts_with_an_undecided_item_feed_no_pair_and_no_reward(feedback_run):
+    from magic_align.evaluate.report import pair_outcome_counts
+    from magic_align.feedback import undecided_counts
+
+    config, ledger, samples = feedback_run(units=3, k=2)
+    # unit 0: both decided (4 vs 1); unit 1: the second has an unknown item; unit 2: the first has one, but in
+    # alpha 'round' (item 2) requires 'red' (item 1), so an unknown 'round' under a failed 'red' is decided (0).
+    answers = [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, None, 1, 1], [0, None, 1, 1, 1], [0, 0, 0, 0, 1]]
+    checklists = load_checklists(config.judge.checklist)
+    for sample, items in zip(samples, answers):
+        checklist = checklists[sample.target_label]
+        status = "ok" if None not in items else "partial"
+        ledger.put_verdict(sample.image_sha256, "judge-a", checklist.version, "p", Verdict(items=items, parse_status=status),
+                           checklist.condition)
+    summary = run_pairs(config, judge_id="judge-a")
+    assert [p.unit_id for p in ledger.pairs(0)] == ["u000", "u002"]
+    assert summary.missing == {samples[3].sample_id: "verdict with an undecided item"}
+    assert summary.undecided == 1
+    assert "1 verdicts with an undecided item left out" in summary.undecided_note
+    assert "undecided item left out" in ledger.stage("pairs:0").detail
+    rewards = sample_rewards(config, judge_id="judge-a")
+    assert samples[3].sample_id not in rewards and samples[4].sample_id in rewards
+    assert len(rewards) == 5
+    counts = undecided_counts(ledger, checklists, "judge-a", None)
+    assert counts == {0: 1}
+    assert pair_outcome_counts(ledger.pairs(), counts)[0]["undecided"] == 1
+
+
+def test_reviews_with_an_undecided_item_are_left_out(feedback_run):
+    config, ledger, samples = feedback_run(units=1, k=2, extra=["judge.backend='human'"])
+    version = load_checklists(config.judge.checklist)["alpha"].version
+    ledger.add_review(samples[0].sample_id, version, [1, 1, 1, 0, 0], "dr. a")
+    ledger.add_review(samples[1].sample_id, version, [1, 0, None, 0, 0], "dr. a")
+    summary = run_pairs(config)
+    assert summary.pairs == 0 and summary.undecided == 1
+    assert summary.missing == {samples[1].sample_id: "review with an undecided item"}

@@ -65,3 +65,17 @@ def test_pairs_import_export_and_agreement(feedback_run, tmp_path):
     assert "all items" in result.output and "kappa" in result.output
     result = runner.invoke(app, ["agreement", config_path, "--judge", "nobody"])
     assert result.exit_code == 2 and "has no verdicts" in result.output
+
+
+def test_pairs_says_how_many_undecided_verdicts_were_left_out(feedback_run, tmp_path):
+    from magic_align.judges.base import Verdict
+
+    config, ledger, samples = feedback_run(units=2, k=2)
+    checklists = load_checklists(config.judge.checklist)
+    for sample, items in zip(samples, [[1, 1, 1, 1, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, None, 0, 0]]):
+        checklist = checklists[sample.target_label]
+        ledger.put_verdict(sample.image_sha256, "judge-a", checklist.version, "p", Verdict(items=items), checklist.condition)
+    result = runner.invoke(app, ["pairs", _config_file(config, tmp_path), "--judge", "judge-a"])
+    assert result.exit_code == 0, result.output
+    assert "1 verdicts with an undecided item left out" in " ".join(result.output.split())
+    assert len(ledger.pairs(0)) == 1

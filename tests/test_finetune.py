@@ -188,9 +188,13 @@ def fixed_batch_loss(pipe, images_root: Path, tokens: dict[str, str], prompt_tem
 
 
 @pytest.mark.slow
-def test_finetune_learns_and_loads_in_plain_diffusers(finetune_config, tiny_model_dir, tmp_path):
+def test_finetune_learns_and_loads_in_plain_diffusers(finetune_config, tiny_model_dir, tmp_path, capsys, monkeypatch):
     config = finetune_config("learn", **{"finetune.ti_steps": 12, "finetune.lora_steps": 25, "finetune.ti_lr": 5e-3})
+    monkeypatch.setenv("MAGIC_PROGRESS_EVERY", "5")
     model_dir = run_finetune(config)
+    reported = capsys.readouterr().err  # off a terminal: a line per 5 steps of each phase, and the last
+    assert "finetune textual inversion step 10/12 loss " in reported and "step 12/12 loss " in reported
+    assert "finetune lora step 25/25 loss " in reported and "finetune lora step 24/25" not in reported
     info = json.loads((model_dir / "model.json").read_text())
     assert info["tokens"] == CONDITIONS and info["lora"]["steps"] == 25
     for relative, digest in info["files"].items():
@@ -287,3 +291,56 @@ def test_denoising_loss_shares_noise_and_timestep_within_a_group_and_keeps_the_r
         denoising_loss(recording_unet, scheduler, latents, hidden, torch.Generator().manual_seed(seed), max_timestep=300)
         assert int(seen["timesteps"].max()) <= 300
         assert len({tuple(row.flatten()[:5].tolist()) for row in seen["noisy"]}) == 4  # no groups: four draws
+
+
+# ------------------------------------------------------------------------- per-token textual inversion
+def test_per_token_phases_give_each_condition_its_own_images_and_budget():
+    from magic_align.train.finetune import TrainingImage, phase_at, ti_phases
+
+    images = [TrainingImage(Path(f"{i}.png"), "vitiligo" if i % 3 else "melanoma") for i in range(9)]
+    paper = load_config("paper").finetune
+    assert (paper.ti_schedule, paper.ti_steps_per_token, paper.ti_batch_size, paper.ti_grad_accum) == ("per_token", 500, 4, 4)
+    phases = ti_phases(images, ["melanoma", "acne", "vitiligo"], paper)  # acne has no image: no phase
+    assert [(p.condition, p.steps) for p in phases] == [("melanoma", 500), ("vitiligo", 500)]
+    assert all(images[i].condition == p.condition for p in phases for i in p.images)
+    assert sorted(i for p in phases for i in p.images) == list(range(9))
+    assert phase_at(phases, 499) == (0, 499) and phase_at(phases, 500) == (1, 0) and phase_at(phases, 999) == (1, 499)
+    joint = ti_phases(images, ["melanoma", "vitiligo"], load_config("tiny").finetune)
+    assert [(p.condition, p.steps, len(p.images)) for p in joint] == [(None, 4, 9)]
+
+
+def test_a_fresh_optimizer_state_keeps_the_finished_token_fixed():
+    from magic_align.train.finetune import TokenRows, forget_optimizer_state
+
+    def train(forget: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = TokenRows([5, 6], torch.zeros(2, 4))
+        optimizer = torch.optim.AdamW(rows.parameters(), lr=0.1, weight_decay=0.0)
+        for row in (0, 1):  # token 0's phase, then token 1's: the loss only ever sees the phase's own row
+            if forget:
+                forget_optimizer_state(optimizer)
+            for _ in range(3):
+                optimizer.zero_grad()
+                (rows.rows[row] - 1.0).pow(2).sum().backward()
+                optimizer.step()
+            if row == 0:
+                after_own_phase = rows.rows[0].detach().clone()
+        return after_own_phase, rows.rows.detach()
+
+    first, final = train(forget=True)
+    assert torch.equal(final[0], first) and not torch.equal(final[1], torch.zeros(4))
+    first, final = train(forget=False)
+    assert not torch.equal(final[0], first)  # without it, momentum keeps moving the finished token
+
+
+def test_per_token_run_trains_every_token_for_its_own_steps(finetune_config):
+    from magic_align.train.loop import read_metrics
+
+    config = finetune_config("per-token", **{"finetune.ti_schedule": "per_token", "finetune.ti_steps_per_token": 2,
+                                             "finetune.lora_steps": 0})
+    model = run_finetune(config)
+    rows = read_metrics(config.run_dir / "logs" / "finetune" / "ti" / "metrics.csv")
+    assert [int(r["token"]) for r in rows] == [0, 0, 1, 1]  # melanoma's 2 steps, then vitiligo's 2
+    info = json.loads((model / "model.json").read_text())["textual_inversion"]
+    assert (info["schedule"], info["steps"]) == ("per_token", 2)
+    mel, vit = (next(iter(load_file(str(model / "tokens" / f"{name}.safetensors")).values())) for name in ("mel", "vit"))
+    assert not torch.equal(mel, vit)

@@ -163,3 +163,20 @@ def test_missing_model_is_a_clear_error(tmp_path):
     judge = HFJudge(config(tmp_path / "no-such-model"))
     with pytest.raises(HFJudgeLoadError, match="judge.model"):
         asyncio.run(judge.judge(images(1)[0], CHECKLIST))
+
+
+def test_a_failed_generation_is_no_answer_not_a_verdict(tmp_path):
+    from magic_align.judges.base import JudgeCallError
+
+    judge = HFJudge(config(tmp_path / "unused"), model=object(), processor=object())
+
+    def out_of_memory(batch):
+        raise RuntimeError("CUDA out of memory")
+
+    judge._generate_batch = out_of_memory
+    with pytest.raises(JudgeCallError, match="out of memory") as raised:
+        asyncio.run(judge.judge(images(1)[0], CHECKLIST))
+    assert raised.value.cause == "generation failed (RuntimeError)" and not raised.value.systematic
+    with pytest.raises(HFJudgeLoadError) as missing:
+        asyncio.run(HFJudge(config(tmp_path / "no-such-model")).judge(images(1)[0], CHECKLIST))
+    assert missing.value.systematic  # no call can succeed: the stage stops

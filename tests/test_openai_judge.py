@@ -17,12 +17,14 @@ from checklist_builders import gated_checklist
 from fake_openai_server import ChatRequest, FakeChatServer, Fault, answer_like, default_items, image_key
 from magic_align.checklists.schema import Checklist, ChecklistItem
 from magic_align.config import JudgeConfig, Price
+from magic_align.judges.base import JudgeCallError
 from magic_align.judges.openai_judge import (
     JudgeEndpointError,
     OpenAIJudge,
     backoff_delay,
     estimate_image_tokens,
     parse_retry_after,
+    systematic_failure,
 )
 from magic_align.judges.privacy import PrivacyError, check_may_send, is_loopback_url, may_send
 from magic_align.judges.prompts import prompt_version, render_prompt
@@ -88,7 +90,9 @@ async def test_every_fault_ends_graded_or_explicitly_failed(server):
         "rate_limit": [Fault("rate_limit", retry_after="2")],
         "server_error": ["server_error", "server_error"],
         "slow": [Fault("slow", delay_s=30)],
+        "hang": [Fault("hang", delay_s=30)],
         "drop": ["drop"],
+        "bad_gateway": ["bad_gateway"],
         "malformed": ["malformed"],
         "prose": ["prose"],
         "unparseable_once": ["unparseable"],
@@ -109,11 +113,17 @@ async def test_every_fault_ends_graded_or_explicitly_failed(server):
     sleep = SleepRecorder()
     judge = OpenAIJudge(config(server), sleep=sleep, rng=random.Random(0))
     try:
-        verdicts = dict(zip(scripts, await asyncio.gather(*(judge.judge(images[name], CHECKLIST) for name in scripts))))
+        outcomes = await asyncio.gather(*(judge.judge(images[name], CHECKLIST) for name in scripts), return_exceptions=True)
     finally:
         await judge.aclose()
+    verdicts = dict(zip(scripts, outcomes))
 
     assert server.pending_faults() == 0
+    # no answer after every retry: an error for the stage to record, never a verdict
+    no_answer = verdicts.pop("always_500")
+    assert isinstance(no_answer, JudgeCallError) and not no_answer.systematic
+    assert "4 attempt" in str(no_answer) and no_answer.cause == "HTTP 500" and no_answer.requests == 4
+    assert server.base_url in str(no_answer)
     for name, verdict in verdicts.items():
         expected = default_items(keys[name], 5)
         assert len(verdict.items) == 5
@@ -123,7 +133,8 @@ async def test_every_fault_ends_graded_or_explicitly_failed(server):
         else:
             assert verdict.parse_status in ("partial", "failed", "refused"), name
             assert verdict.error, name
-    graded = {"none", "rate_limit", "server_error", "slow", "drop", "malformed", "prose", "unparseable_once", "short_once"}
+    graded = {"none", "rate_limit", "server_error", "slow", "hang", "drop", "bad_gateway", "malformed", "prose",
+              "unparseable_once", "short_once"}
     for name in graded:
         assert verdicts[name].parse_status == "ok", (name, verdicts[name].error)
     assert verdicts["unparseable_twice"].parse_status == "failed"
@@ -131,19 +142,25 @@ async def test_every_fault_ends_graded_or_explicitly_failed(server):
     assert "repair" in verdicts["unparseable_twice"].error
     assert verdicts["refusal"].parse_status == "refused"
     assert verdicts["refusal_field"].parse_status == "refused"
-    assert verdicts["short_twice"].parse_status == "partial"
-    assert verdicts["short_twice"].items == default_items(keys["short_twice"], 3) + [None, None]
-    assert verdicts["always_500"].parse_status == "failed"
-    assert "4 attempt" in verdicts["always_500"].error and "HTTP 500" in verdicts["always_500"].error
+    # a list of the wrong length twice is no verdict: a failed parse that says why
+    assert verdicts["short_twice"].parse_status == "failed"
+    assert verdicts["short_twice"].items == [None] * 5
+    assert "wrong length 3 of 5" in verdicts["short_twice"].error
+    # a request the server rejects for this image is an explicit failed verdict (asking again gives the same)
     assert verdicts["bad_request"].parse_status == "failed" and "HTTP 400" in verdicts["bad_request"].error
 
     # One HTTP request per fault that is retried or repaired, plus the answer that finally counted.
     expected_calls = {
-        "none": 1, "rate_limit": 2, "server_error": 3, "slow": 2, "drop": 2, "malformed": 2, "prose": 1,
+        "none": 1, "rate_limit": 2, "server_error": 3, "slow": 2, "hang": 2, "drop": 2, "bad_gateway": 2,
+        "malformed": 2, "prose": 1,
         "unparseable_once": 2, "unparseable_twice": 2, "refusal": 1, "refusal_field": 1, "short_once": 2,
         "short_twice": 2, "always_500": 4, "bad_request": 1,
     }
     assert {name: server.calls[keys[name]] for name in scripts} == expected_calls
+    # each verdict counts the requests behind it: retries and the repair message included
+    assert {name: verdict.requests for name, verdict in verdicts.items()} == {
+        name: calls for name, calls in expected_calls.items() if name != "always_500"
+    }
     # The repair keeps the raw text of both answers.
     assert "[repair answer]" in verdicts["unparseable_once"].raw
     # Retry-After: 2 was honoured (the recorded wait is at least 2 s); backoff waits are positive.
@@ -314,8 +331,12 @@ async def test_api_key_is_sent_but_never_leaks(server, monkeypatch, caplog):
     server.script("unauthorized")
     with pytest.raises(JudgeEndpointError) as raised:
         await judge.judge(make_image(9), CHECKLIST)
+    calls = server.total_calls
+    with pytest.raises(JudgeEndpointError) as again:  # the judge remembers: no request for a call bound to fail
+        await judge.judge(make_image(10), CHECKLIST)
     await judge.aclose()
-    assert "401" in str(raised.value)
+    assert server.total_calls == calls and again.value is raised.value
+    assert "401" in str(raised.value) and KEY_ENV in str(raised.value)
     for text in (str(raised.value), repr(judge), caplog.text, json.dumps(verdict.__dict__, default=str)):
         assert secret not in text
 
@@ -326,10 +347,16 @@ def test_remote_endpoints_need_allow_remote(monkeypatch):
         OpenAIJudge(JudgeConfig(api_key_env=KEY_ENV))  # the default OpenAI API
     with pytest.raises(PrivacyError, match="allow_remote"):
         OpenAIJudge(JudgeConfig(base_url="http://10.0.0.5:8000/v1", api_key_env=KEY_ENV))
-    with pytest.raises(ValueError, match=KEY_ENV):
-        OpenAIJudge(JudgeConfig(allow_remote=True, api_key_env=KEY_ENV))
+    # without its key a remote judge can be built (a dry run needs only its id) but not called
+    keyless = OpenAIJudge(JudgeConfig(allow_remote=True, api_key_env=KEY_ENV))
+    assert keyless.id == "openai:gpt-4o@api.openai.com"
+    with pytest.raises(JudgeEndpointError, match=KEY_ENV):
+        keyless.check_ready()
+    with pytest.raises(JudgeEndpointError, match=KEY_ENV):
+        asyncio.run(keyless.judge(make_image(0), CHECKLIST))  # raised before any request: no network here
     monkeypatch.setenv(KEY_ENV, "sk-remote")
     judge = OpenAIJudge(JudgeConfig(allow_remote=True, api_key_env=KEY_ENV))
+    judge.check_ready()
     assert judge.id == "openai:gpt-4o@api.openai.com"
     # Loopback needs neither permission nor a key.
     monkeypatch.delenv(KEY_ENV)
@@ -343,7 +370,8 @@ def test_judge_is_reusable_across_event_loops(server):
     assert first.parse_status == second.parse_status == "ok"
 
 
-async def test_max_tokens_is_renamed_when_the_server_asks(server):
+def record_bodies(server: FakeChatServer) -> list[dict]:
+    """Make the server answer every image with all items met and keep the body of each answered request."""
     seen: list[dict] = []
 
     def answer(request: ChatRequest) -> str:
@@ -351,6 +379,11 @@ async def test_max_tokens_is_renamed_when_the_server_asks(server):
         return "[1, 1, 1, 1, 1]"
 
     server.answer = answer
+    return seen
+
+
+async def test_max_tokens_is_renamed_when_the_server_asks(server):
+    seen = record_bodies(server)
     server.script("reject_max_tokens")
     judge = OpenAIJudge(config(server, max_output_tokens=40))
     verdict = await judge.judge(make_image(12), CHECKLIST)
@@ -360,6 +393,82 @@ async def test_max_tokens_is_renamed_when_the_server_asks(server):
     assert server.total_calls == 3  # one rejection, then the judge remembers
     assert [body.get("max_completion_tokens") for body in seen] == [40, 40]
     assert not any("max_tokens" in body for body in seen)
+
+
+async def test_temperature_is_dropped_when_the_server_rejects_it(server):
+    seen = record_bodies(server)
+    server.script("reject_temperature")
+    judge = OpenAIJudge(config(server))
+    first = await judge.judge(make_image(14), CHECKLIST)
+    second = await judge.judge(make_image(15), CHECKLIST)
+    await judge.aclose()
+    assert first.parse_status == second.parse_status == "ok"
+    assert server.total_calls == 3  # one rejection, then the judge remembers
+    assert first.requests == 2 and second.requests == 1
+    assert not any("temperature" in body for body in seen)
+
+
+async def test_temperature_zero_is_sent_to_servers_that_accept_it(server):
+    seen = record_bodies(server)
+    judge = OpenAIJudge(config(server))
+    await judge.judge(make_image(16), CHECKLIST)
+    await judge.aclose()
+    assert [body["temperature"] for body in seen] == [0]
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("unauthorized", "rejected the API key (HTTP 401"),
+        ("forbidden", "denied access (HTTP 403"),
+        ("model_not_found", "judge model 'fake-model' not found at"),
+        ("quota", "quota exhausted (HTTP 429"),
+    ],
+)
+async def test_systematic_failures_stop_at_the_first_call(server, fault, expected):
+    server.script(fault)
+    sleep = SleepRecorder()
+    judge = OpenAIJudge(config(server), sleep=sleep)
+    with pytest.raises(JudgeEndpointError) as raised:
+        await judge.judge(make_image(20), CHECKLIST)
+    assert expected in str(raised.value) and raised.value.systematic
+    assert raised.value.requests == 1 and server.total_calls == 1 and sleep.delays == []  # no retry
+    with pytest.raises(JudgeEndpointError):
+        await judge.judge(make_image(21), CHECKLIST)
+    await judge.aclose()
+    assert server.total_calls == 1
+    if fault == "model_not_found":
+        assert str(raised.value).endswith("check judge.model")
+
+
+def test_systematic_failure_reads_status_and_body():
+    def body(message, code=None):
+        return json.dumps({"error": {"message": message, "code": code}})
+
+    quota = body("You exceeded your current quota, please check your plan and billing details.", "insufficient_quota")
+    assert systematic_failure(429, quota) == "quota"
+    assert systematic_failure(429, quota, retry_after="20") is None  # a rate limit: the server says when
+    assert systematic_failure(429, body("Rate limit reached for gpt-4o on tokens per min (TPM)")) is None
+    assert systematic_failure(401, body("Incorrect API key")) == "key"
+    assert systematic_failure(403, "forbidden") == "access"
+    assert systematic_failure(404, body("The model `gpt-4o-2024-05-13` does not exist", "model_not_found")) == "model"
+    assert systematic_failure(404, '{"error": "model \\"llava\\" not found, try pulling it first"}') == "model"
+    assert systematic_failure(400, body("The model `x` does not exist.")) == "model"
+    assert systematic_failure(404, body("no route /v2/chat/completions")) == "url"
+    assert systematic_failure(400, body("Invalid image: could not process the image.")) is None
+    assert systematic_failure(500, body("The model crashed")) is None
+    assert systematic_failure(402, "payment required") == "quota"
+
+
+async def test_a_failed_repair_call_keeps_the_paid_answer(server):
+    image = make_image(22)
+    server.script("unparseable", *["server_error"] * 4, image_key=image_key(image))
+    judge = OpenAIJudge(config(server), sleep=SleepRecorder())
+    verdict = await judge.judge(image, CHECKLIST)
+    await judge.aclose()
+    assert verdict.parse_status == "failed" and verdict.raw  # the first answer was paid for: stored as failed
+    assert "repair" in verdict.error
+    assert verdict.requests == 5 == server.calls[image_key(image)]
 
 
 @pytest.mark.parametrize(

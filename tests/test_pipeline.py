@@ -31,3 +31,37 @@ def test_local_judge_dry_run_has_no_cost():
     console = Console(record=True, width=200)
     console.print(dry_run_plan(load_config("tiny")))
     assert "no cost" in console.export_text()
+
+
+def test_a_stage_that_raised_is_recorded_failed_and_retried_by_the_next_run(tmp_path, monkeypatch):
+    import pytest
+
+    import magic_align.pipeline as pipeline
+    from magic_align.evaluate.stage import EvaluateIncomplete
+    from magic_align.ledger import Ledger
+
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'"])
+    calls = []
+    broken = {"evaluate": True}
+
+    def evaluate():
+        calls.append("evaluate")
+        if broken["evaluate"]:
+            raise EvaluateIncomplete(["magic-dpo: RuntimeError: CUDA out of memory"], tmp_path / "metrics.json")
+
+    def plan(config, console):
+        return [pipeline.Stage("synthesize", ("synthesize",), lambda: calls.append("synthesize"), "s"),
+                pipeline.Stage("evaluate", ("evaluate",), evaluate, "e"),
+                pipeline.Stage("report", (), lambda: calls.append("report"), "r")]
+
+    monkeypatch.setattr(pipeline, "plan_stages", plan)
+    with pytest.raises(EvaluateIncomplete):
+        pipeline.run_all(config, console=Console(quiet=True))
+    status = Ledger(config.run_dir / "ledger.sqlite").stage("run:evaluate")
+    assert status.status == "failed" and "CUDA out of memory" in status.detail
+    assert calls == ["synthesize", "evaluate"]  # the report waits for a complete evaluation
+
+    broken["evaluate"] = False
+    pipeline.run_all(config, console=Console(quiet=True))
+    assert calls == ["synthesize", "evaluate", "evaluate", "report"]  # done stages skipped, the failed one retried
+    assert Ledger(config.run_dir / "ledger.sqlite").stage("run:evaluate").status == "done"

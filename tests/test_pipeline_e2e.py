@@ -1,14 +1,14 @@
-"""End to end: `magic run` on the tiny preset, every stage in order, with the `openai` judge on loopback.
+"""End to end: `magic run tiny` as a user types it, every stage in order, and the judge over HTTP on loopback.
 
-The fake chat-completions server answers with a reproducible verdict per image (its default), so pairs have
-winners and both trainers get a signal; a second `run_all` must skip every stage and make no judge call.
-A second test stands the demo domain's rules judge behind the same HTTP protocol and checks that the judge
-stage stores exactly what the rules judge measures.
+The tiny preset grades its noise images with the tiny checklists (pixel statistics), so pairs have winners and
+both trainers get a signal; a second `magic run tiny` must skip every stage. A second test stands the demo
+domain's rules judge behind the OpenAI protocol and checks that the judge stage stores exactly what it measures.
 """
 
 import json
 
 import pytest
+from typer.testing import CliRunner
 
 from fake_openai_server import FakeChatServer, answer_like
 from magic_align.config import load_config
@@ -23,44 +23,53 @@ def tiny_run_config(tmp_path, server, *extra):
         [
             f"runs_dir='{tmp_path}'",
             "judge.backend='openai'",
+            "judge.checklist='demo'",
             f"judge.base_url='{server.base_url}'",
             "judge.api_key_env='MAGIC_E2E_KEY'",
             "judge.image_size=64",
             "judge.concurrency=4",
-            "evaluate.alignment_units=6",
-            "evaluate.settings=['real', 'i2i', 'magic-dpo', 'magic-rft']",
             *extra,
         ],
     )
 
 
-def test_magic_run_tiny_runs_every_stage_and_a_rerun_skips_them(tmp_path, monkeypatch):
-    from magic_align.pipeline import plan_stages, run_all
+def test_magic_run_tiny_runs_every_stage_and_a_rerun_skips_them(tmp_path):
+    from magic_align.cli import app
+    from magic_align.pipeline import plan_stages
 
-    monkeypatch.setenv("MAGIC_E2E_KEY", "sk-test")
-    with FakeChatServer() as server:
-        config = tiny_run_config(tmp_path, server)
-        paths = run_all(config)
-        first_calls = sum(server.calls.values())
+    runner = CliRunner()
+    command = ["run", "tiny", "--set", f"runs_dir='{tmp_path}'"]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
 
-        ledger = Ledger(paths.ledger)
-        names = [stage.name for stage in plan_stages(config, console=None)]
-        assert all(ledger.stage(f"run:{name}").status == "done" for name in names)
-        assert (paths.aligned / "dpo" / "pytorch_lora_weights.safetensors").is_file()
-        assert (paths.aligned / "rft" / "pytorch_lora_weights.safetensors").is_file()
-        pairs = ledger.pairs(0)
-        assert pairs and any(not pair.tie for pair in pairs)
-        metrics = json.loads((paths.eval / "metrics.json").read_text())
-        assert "real" in json.dumps(metrics) and "magic-dpo" in json.dumps(metrics)
-        alignment = json.loads((paths.eval / "alignment.json").read_text())
-        assert set(alignment["settings"]) == {"i2i", "magic-dpo", "magic-rft"}
-        assert "magic-dpo - i2i" in alignment["differences"]
-        report = (paths.report / "index.html").read_text()
-        assert "MAGIC-DPO" in report
-        assert first_calls >= config.sample.num_sources * config.sample.samples_per_unit
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'"])
+    ledger = Ledger(config.run_dir / "ledger.sqlite")
+    names = [stage.name for stage in plan_stages(config, console=None)]
+    assert all(ledger.stage(f"run:{name}").status == "done" for name in names)
+    aligned = config.run_dir / "aligned"
+    assert (aligned / "dpo" / "pytorch_lora_weights.safetensors").is_file()
+    assert (aligned / "rft" / "pytorch_lora_weights.safetensors").is_file()
+    pairs = ledger.pairs(0)
+    assert pairs and any(not pair.tie for pair in pairs)  # the tiny checklists give winners on noise
+    scores = {entry.verdict.score for entry in ledger.verdicts(round=0)}
+    assert len(scores) > 1
+    metrics = json.loads((config.run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["failures"] == []
+    assert {"real", "i2i", "magic-dpo", "magic-rft"} <= {name for name, info in metrics["settings"].items()
+                                                       if info["status"] == "ok"}
+    alignment = json.loads((config.run_dir / "eval" / "alignment.json").read_text())
+    assert set(alignment["settings"]) == {"i2i", "magic-dpo", "magic-rft"}
+    assert "magic-dpo - i2i" in alignment["differences"]
+    assert "MAGIC-DPO" in (config.run_dir / "report" / "index.html").read_text()
+    updated = {name: ledger.stage(f"run:{name}").updated_at for name in names}
+    ledger.close()
 
-        run_all(config)  # everything is done for this configuration: nothing runs, nothing is asked
-        assert sum(server.calls.values()) == first_calls
+    again = runner.invoke(app, command)  # everything is done for this configuration: nothing runs again
+    assert again.exit_code == 0, again.output
+    assert all(f"skip {name}" in again.output for name in names)
+    ledger = Ledger(config.run_dir / "ledger.sqlite")
+    assert {name: ledger.stage(f"run:{name}").updated_at for name in names} == updated
 
 
 def test_judge_stage_over_http_stores_what_the_rules_judge_measures(tmp_path, monkeypatch):

@@ -257,21 +257,30 @@ def test_default_judge_is_the_busiest_when_the_configured_one_has_no_verdicts(re
 
 
 def test_cli_review_command(review_run, monkeypatch, tmp_path):
-    import uvicorn
     from typer.testing import CliRunner
 
     from magic_align.cli import app as cli
+    from magic_align.review import app as review_app
 
     config = review_run[0]
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: served.update(host=host, port=port))
+    real_bind = review_app.bind_listener
+
+    def bind(host, port):  # records the address asked for, listens on a free loopback port instead
+        served.update(host=host, port=port)
+        return real_bind("127.0.0.1", 0)
+
+    monkeypatch.setattr(review_app, "bind_listener", bind)
+    monkeypatch.setattr(review_app, "_serve", lambda app, listener: served.update(app=app))
     config_file = config.run_dir / "config.toml"
     result = CliRunner().invoke(cli, ["review", str(config_file), "--port", "8899", "--reviewer", "Dr A", "--judge", "judge:a"])
     assert result.exit_code == 0, result.output
-    assert served == {"host": "127.0.0.1", "port": 8899}
-    assert "http://127.0.0.1:8899/" in result.output and "token" not in result.output
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8899) and "app" in served
+    assert "http://127.0.0.1:" in result.output and "token" not in result.output
     result = CliRunner().invoke(cli, ["review", str(config_file), "--host", "0.0.0.0", "--judge", "judge:a"])
     assert result.exit_code == 0 and "token: " in result.output
+    result = CliRunner().invoke(cli, ["review", str(config_file), "--require-token", "--judge", "judge:a"])
+    assert result.exit_code == 0 and "token required (--require-token)" in result.output and "token: " in result.output
     result = CliRunner().invoke(cli, ["review", str(config_file), "--judge", "nobody"])
     assert result.exit_code == 2 and "has no verdicts" in result.output
     result = CliRunner().invoke(cli, ["review", str(config_file), "--reviewer", "<x>", "--judge", "judge:a"])

@@ -143,6 +143,25 @@ def test_gallery_and_agreement_in_the_browser(review_run):
     assert len(ledger.reviews()) == 1
 
 
+def test_token_login_in_the_browser(review_run):
+    """Behind the token nothing under /static/ answers, so the login page carries its own style (allowed by
+    its hash in the page's CSP); after the login the page's script is served and the keyboard works."""
+    from magic_align.review.app import create_app
+
+    config, ledger, samples, checklists = review_run
+    token = "browser-token-0123456789abcdef"
+    with serve(create_app(config, token=token, reviewer="Dr Browser", judge_id="judge:a")) as url, browser_page() as page:
+        page.goto(url + "/")
+        page.wait_for_url("**/login")
+        button = page.locator("button[type=submit]")
+        assert button.evaluate("b => getComputedStyle(b).backgroundColor") == "rgb(36, 87, 166)"
+        page.fill("input[name=token]", token)
+        button.click()
+        page.wait_for_url(url + "/")
+        page.keyboard.press("Enter")  # review.js, served now, opens the next image
+        page.wait_for_url("**/review/*")
+
+
 # ----------------------------------------------------------------------------------------- screenshots
 def build_demo_run(root: Path):
     """A small demo-domain run for the screenshots: 6 conditions x 4 procedural images, graded by the rules

@@ -248,11 +248,12 @@ def test_run_rft_without_verdicts_says_what_to_run(tiny_model_dir, two_condition
 
 
 @pytest.mark.slow
-def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch):
+def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch, capsys):
     import shutil
 
     from safetensors.torch import load_file
 
+    from magic_align import progress
     from magic_align.train import loop
     from magic_align.train.rft import run_rft
 
@@ -263,8 +264,15 @@ def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch):
 
     real_step = loop.optimizer_step
     monkeypatch.setattr(loop, "optimizer_step", killed_at_step(real_step, 3))  # after the step-2 checkpoint
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         run_rft(make("resumed"), judge_id="test:judge")
+    # both phases report progress off a terminal, and Ctrl-C knows the step and the checkpoint to resume from
+    reported = capsys.readouterr().err
+    assert "rft reward model epoch 1/" in reported and " mse " in reported
+    assert "rft round 0 step 1/" in reported and " loss " in reported
+    stopped = progress.interrupted()
+    assert stopped.startswith("rft round 0 stopped after step 2 of ") and "checkpoint at step 2 is kept" in stopped
     monkeypatch.setattr(loop, "optimizer_step", real_step)
     assert not (config.run_dir.parent / "resumed" / "aligned" / "rft" / "pytorch_lora_weights.safetensors").exists()
     resumed = run_rft(make("resumed"), judge_id="test:judge")

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from magic_align.config import load_config
 from magic_align.diffusion.trajectories import TrajectoryStore
@@ -65,3 +64,43 @@ def test_units_are_deterministic_and_targets_differ(tmp_path):
     assert len(units) == 7 and all(u.target_label != u.source_label for u in units)
     assert len({u.source_id for u in units[:5]}) == 5  # every image once before any repeats
     assert all(checklists[u.target_label].token in u.prompt for u in units)
+
+
+def test_few_shot_runs_sample_only_the_few_shot_subset_unless_unlabeled_sources_are_added(tmp_path):
+    from PIL import Image
+
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data.split import run_split
+    from magic_align.run import prepare_run
+    from magic_align.sample import sampling_sources
+
+    checklists = load_checklists("demo")
+    full = tiny_config(tmp_path, "sample.num_sources=40")
+    split = run_split(full, prepare_run(full))
+    few_config = tiny_config(tmp_path, "name='few'", "sample.num_sources=40", "data.few_shot_fraction=0.25")
+    few_split = run_split(few_config, prepare_run(few_config))
+    few_ids = {record.id for record in few_split.few_shot}
+    assert 0 < len(few_ids) < len(few_split.train)
+
+    # the whole train split without few-shot; only the few-shot images (with their labels) with it
+    assert {u.source_id for u in plan_units(full, sampling_sources(full, split), split.classes, checklists, 0)} - few_ids
+    units = plan_units(few_config, sampling_sources(few_config, few_split), few_split.classes, checklists, 0)
+    assert {u.source_id for u in units} == few_ids
+    labels = {record.id: record.label for record in few_split.few_shot}
+    assert all(u.source_label == labels[u.source_id] != u.target_label for u in units)
+    sampled = tiny_config(tmp_path, "name='few'", "sample.num_sources=3", "sample.steps=4", "data.few_shot_fraction=0.25")
+    run_sample(sampled, progress=False)
+    rows = Ledger(RunPaths(sampled.run_dir).ledger).samples(0)
+    assert len(rows) == 6 and {row.source_id for row in rows} <= few_ids
+
+    # MAGIC-A: unlabeled extra images join the sources; any condition may be their target
+    extra = tmp_path / "unlabeled"
+    extra.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 90, 120)).save(extra / f"u{i}.png")
+    magic_a = tiny_config(tmp_path, "name='few'", "sample.num_sources=40", "data.few_shot_fraction=0.25",
+                          f"synthesize.extra_sources='{extra}'")
+    units = plan_units(magic_a, sampling_sources(magic_a, few_split), few_split.classes, checklists, 0)
+    extra_units = [u for u in units if u.source_id.startswith("extra-")]
+    assert {u.source_id for u in units} - few_ids == {"extra-u0", "extra-u1", "extra-u2"}
+    assert extra_units and all(u.source_label == "" and u.target_label in few_split.classes for u in extra_units)

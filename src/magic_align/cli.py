@@ -10,23 +10,36 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
-from magic_align.config import RunConfig, dump_config, load_config
+from magic_align.config import ConfigError, RunConfig, dump_config, load_config
 from magic_align.errors import MagicError
 
 console = Console(stderr=True)
 
 
 class MagicGroup(TyperGroup):
-    """Turns every user-facing error (`MagicError`) into one line on stderr and exit code 2, in one place."""
+    """Turns every user-facing error (`MagicError`) into one line on stderr and exit code 2, and Ctrl-C into one
+    line saying where the stage stopped and what a rerun does, with exit code 130 (the shell's code for SIGINT),
+    in one place."""
 
     def invoke(self, ctx):
+        from magic_align import progress
+
+        progress.forget()
         try:
             return super().invoke(ctx)
         except (MagicError, FileNotFoundError) as error:
             console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            where = progress.interrupted() or (
+                "stopped while no stage was counting steps (loading, saving or between phases); files are written "
+                f"atomically, so nothing half-written counts as done: {progress.RERUN}"
+            )
+            console.print(f"[yellow]interrupted:[/yellow] {escape(where)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
 
 app = typer.Typer(
@@ -95,20 +108,22 @@ def judge_command(
     config: ConfigArg,
     round_: RoundOpt = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Estimate calls, tokens and cost; ask nothing.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Ask again the answers stored as failed (unreadable); the new answer replaces each.")
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Grade the round's samples against their checklists; every answer goes to the ledger as it arrives."""
+    """Grade the round's samples against their checklists; every answer goes to the ledger as it arrives.
+    Exits non-zero, with one line, when any image is left without a verdict (a rerun asks those)."""
     from magic_align.judge import run_judge
 
     run_config = load(config, set_)
-    summary = run_judge(run_config, round_index=round_, dry_run=dry_run, console=console)
+    summary = run_judge(run_config, round_index=round_, dry_run=dry_run, console=console, retry_failed=retry_failed)
     output = Console()
     for table in summary.tables():
         output.print(table)
-    if summary.stopped:
+    if summary.stopped:  # the human backend: reviews still missing
         console.print(f"[yellow]stopped:[/yellow] {summary.stopped}", highlight=False)
-    for problem in summary.not_readable:
-        console.print(f"[yellow]not graded:[/yellow] {problem}", highlight=False)
 
 
 @app.command("pairs")
@@ -136,6 +151,8 @@ def pairs_command(
         console.print(f"imported {import_authors} as judge {judge}", highlight=False)
     summary = run_pairs(run_config, round_index=round_, judge_id=judge)
     Console().print(summary.table())
+    if summary.undecided_note:
+        console.print(f"[yellow]note:[/yellow] {summary.undecided_note}", highlight=False)
     if export_authors is not None:
         count = export_authors_feedback(run_config, export_authors, round_, judge_id=judge)
         console.print(f"wrote {count} prompts to {export_authors}", highlight=False)
@@ -186,16 +203,23 @@ def _image_progress(description: str):
 
 @data_app.command("check")
 def data_check_command(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Report skipped CSV rows, unreadable images (file and row) and labels without a checklist."""
+    """Name every unusable row (file, CSV row, reason); exit 1 when there is one, 2 when the data cannot be read."""
     from magic_align.data.check import run_data_check
     from magic_align.run import prepare_run
 
     run_config = load(config, set_)
     bar, on_total, advance = _image_progress("checking images")
-    with bar:
-        report = run_data_check(run_config, prepare_run(run_config), progress=advance, on_total=on_total)
+
+    def start(total: int) -> None:  # the bar appears once the dataset is read: a dataset that cannot be read is one line
+        bar.start()
+        on_total(total)
+
+    try:
+        report = run_data_check(run_config, prepare_run(run_config), progress=advance, on_total=start)
+    finally:
+        bar.stop()
     typer.echo(report.summary())
-    if report.images.bad:
+    if not report.ok:
         raise typer.Exit(1)
 
 
@@ -365,13 +389,25 @@ def review_command(
         Optional[str], typer.Option("--reviewer", help="Name stored with each review (default: asked at login).")
     ] = None,
     judge_id: JudgeIdOpt = None,
+    require_token: Annotated[
+        bool,
+        typer.Option("--require-token", help="Ask for the token on loopback too (default review.require_token): "
+                     "on a machine shared with other users, e.g. reached through an SSH tunnel."),
+    ] = False,
     set_: SetOpt = None,
 ) -> None:
     """Serve the expert review page: confirm or correct the judge's verdicts; reviews go to the ledger."""
     from magic_align.review.app import run_review
 
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected a port number from 1 to 65535")
     run_config = load(config, set_)
-    run_review(run_config, host=host, port=port, reviewer=reviewer, judge_id=judge_id, announce=typer.echo)
+    try:
+        run_review(run_config, host=host, port=port, reviewer=reviewer, judge_id=judge_id,
+                   require_token=require_token or None, announce=typer.echo)
+    except KeyboardInterrupt:
+        # Stopping a server is its normal end, not an interrupted stage: every review was saved as it was sent.
+        console.print("review page stopped; every saved review is in the ledger", highlight=False)
 
 
 # ------------------------------------------------------------------------------- finetune and RFT

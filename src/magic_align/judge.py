@@ -7,6 +7,14 @@ so a rerun asks nothing already answered and a killed run resumes where it stopp
 Calls run concurrently (`judge.concurrency`); the budget cap (`judge.budget_usd`, counted over everything
 this judge has spent in the ledger) stops new calls before they could exceed it, keeping what was answered.
 
+Only an answer is a verdict. A call that got none (`JudgeCallError`: unreachable server, timeouts or 5xx
+after every retry, rejected key, unknown model, exhausted quota) is recorded in the ledger's `attempts` table
+and its image stays pending. A systematic failure stops the stage at once, and so do
+`STOP_AFTER_FAILED_CALLS` calls in a row without an answer. The stage is `done` only when every image of the
+round has a verdict; otherwise it ends `failed` with a `JudgeStageError` whose one line says why, how many
+images are left and how many answers were stored, and a rerun asks the rest. `retry_failed` asks again the
+answers stored as `failed` (unreadable), replacing them.
+
 Only synthetic images are sent to judges that talk to a server (judges/privacy.py: `openai`, and an ensemble
 with an `openai` member) unless `judge.send_real_images` is set; a non-loopback endpoint needs
 `judge.allow_remote`. The `human` backend asks nothing: its verdicts are the reviews written by
@@ -24,17 +32,17 @@ from pathlib import Path
 
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from magic_align.checklists.schema import Checklist, ChecklistSet, load_checklists
 from magic_align.config import JudgeConfig, RunConfig
 from magic_align.data.images import sha256_file
-from magic_align.judges.base import Judge, Verdict
+from magic_align.judges.base import Judge, JudgeCallError, Verdict
 from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens, price_usd, sent_size
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, may_send, sends_images
 from magic_align.judges.prompts import render_prompt
 from magic_align.ledger import Ledger, SampleRow
+from magic_align.progress import StageProgress
 from magic_align.run import RunPaths
 from magic_align.errors import MagicError
 
@@ -42,10 +50,18 @@ from magic_align.errors import MagicError
 # style one verdict and one sentence per item.
 OUTPUT_TOKENS_PAPER = 20
 OUTPUT_TOKENS_STRUCTURED_PER_ITEM = 35
+# Calls in a row (in the order they end) without an answer after which the stage stops: the server is down
+# or refuses everything, and retrying each remaining image would only repeat the failure.
+STOP_AFTER_FAILED_CALLS = 3
 
 
 class JudgeStageError(MagicError, RuntimeError):
-    """The judge stage cannot start or had to stop; the message says why and what to do."""
+    """The judge stage cannot start or did not grade every image; the message says why and what to do.
+    `summary` is the run's `JudgeSummary` when the stage had started asking."""
+
+    def __init__(self, message: str, summary: "JudgeSummary | None" = None):
+        super().__init__(message)
+        self.summary = summary
 
 
 # ------------------------------------------------------------------------------------------ estimates
@@ -92,9 +108,12 @@ class JudgeSummary:
     samples: int = 0  # samples in the round
     images: int = 0  # distinct ledger keys the round needs
     cached: int = 0  # keys already answered before this run
-    asked: int = 0  # calls made by this run
+    asked: int = 0  # answers stored by this run (one per image)
     answered: int = 0  # of those, answers with at least some items (ok / partial)
     failed: int = 0  # of those, failed or refused answers (stored, items unknown)
+    requests: int = 0  # calls to the model (HTTP requests with retries and repairs), answered or not
+    call_failures: dict[str, int] = field(default_factory=dict)  # calls without an answer (attempts), by cause
+    retried: int = 0  # stored failed answers asked again (retry_failed)
     skipped_real: int = 0  # real images not sent (send_real_images = false)
     not_readable: list[str] = field(default_factory=list)  # samples whose image is missing, unreadable or changed
     remaining: int = 0  # keys still unanswered when the run ended (budget, error)
@@ -132,14 +151,18 @@ class JudgeSummary:
             ]
         else:
             rows += [
-                ("calls made", self.asked),
+                ("calls made (requests, retries included)", self.requests),
+                ("answers stored", self.asked),
                 ("answered", self.answered),
                 ("failed or refused (stored)", self.failed),
+                ("calls without an answer (attempts)", sum(self.call_failures.values())),
                 ("still unanswered", self.remaining),
                 ("input / output tokens", f"{self.input_tokens} / {self.output_tokens}"),
                 ("cost of this run", f"${self.cost_usd:.4f}"),
                 ("spent by this judge (ledger)", f"${self.spent_usd:.4f}"),
             ]
+        if self.retried:
+            rows.append(("failed answers asked again", self.retried))
         if self.skipped_real:
             rows.append(("real images not sent", self.skipped_real))
         if self.not_readable:
@@ -215,6 +238,7 @@ class _Work:
     sha: str
     checklist: Checklist
     sample: SampleRow
+    replace: bool = False  # a stored failed answer asked again (retry_failed): the new answer replaces it
 
 
 def _open_image(path: Path, expected_sha: str) -> Image.Image:
@@ -284,8 +308,10 @@ def run_judge(
     judge: Judge | None = None,
     show_progress: bool = True,
     console: Console | None = None,
+    retry_failed: bool = False,
 ) -> JudgeSummary:
-    """Grade the round's samples; see the module docstring. `judge` replaces the configured one (tests)."""
+    """Grade the round's samples; see the module docstring. `judge` replaces the configured one (tests).
+    Returns the summary when every image has a verdict; raises `JudgeStageError` (with the summary) otherwise."""
     paths = RunPaths(config.run_dir)
     if not paths.ledger.exists():
         raise JudgeStageError(f"{paths.ledger} does not exist; run `magic sample` first")
@@ -305,7 +331,15 @@ def run_judge(
     summary = JudgeSummary(judge_id=judge.id, round=round_index, samples=len(samples), dry_run=dry_run)
     work = _collect_work(samples, checklists, config, summary)
     answered = ledger.answered_keys(judge.id, judge.prompt_version)
-    pending = [unit for unit in work if (unit.sha, unit.checklist.version) not in answered]
+    unreadable = ledger.failed_keys(judge.id, judge.prompt_version) if retry_failed else set()
+    pending = []
+    for unit in work:
+        key = (unit.sha, unit.checklist.version)
+        if key in unreadable:
+            unit.replace = True
+            pending.append(unit)
+        elif key not in answered:
+            pending.append(unit)
     summary.images = len(work)
     summary.cached = len(work) - len(pending)
     summary.remaining = len(pending)
@@ -320,15 +354,27 @@ def run_judge(
     stage, config_hash = f"judge:{round_index}", _config_hash(config)
     try:
         ledger.set_stage(stage, config_hash, "running", f"{len(pending)} images to grade")
+        ready = getattr(judge, "check_ready", None)  # e.g. no API key: fail before the first call
+        if ready is not None and pending:
+            try:
+                ready()
+            except JudgeCallError as error:
+                raise JudgeStageError(f"{error}; {len(pending)} of {len(work)} images not graded, nothing was sent",
+                                      summary) from error
         asyncio.run(_grade_then_close(pending, judge, ledger, config, paths, summary, show_progress, console))
+    except JudgeStageError as error:
+        summary.spent_usd = ledger.spent_usd(judge.id)
+        _tally(summary, work, ledger, judge.id, judge.prompt_version)
+        error.summary = summary
+        ledger.set_stage(stage, config_hash, "failed", str(error))
+        raise
     except BaseException as error:
         ledger.set_stage(stage, config_hash, "failed", f"{type(error).__name__}: {error}")
         raise
     summary.spent_usd = ledger.spent_usd(judge.id)
-    status = "done" if summary.remaining == 0 else "stopped"
     ledger.set_stage(
-        stage, config_hash, status,
-        summary.stopped or f"{summary.images} images graded, {summary.asked} calls this run",
+        stage, config_hash, "done",
+        f"{summary.images} images graded, {summary.asked} answers and {summary.requests} calls this run",
     )
     _tally(summary, work, ledger, judge.id, judge.prompt_version)
     return summary
@@ -384,26 +430,49 @@ async def _grade(
     # Only HTTP judges are priced; local ones (hf, rules) cost nothing unless their verdicts say otherwise.
     paid = sends_images(config.judge)
     one_call = _estimate_one_call(pending, judge, config, paths) if paid else None
-    state = {"reserved": 0.0, "largest": 0.0, "error": None}
+    # error: what stops the stage (systematic or unexpected); seen: failed-call errors already recorded (a
+    # judge raises its systematic error again, without a request, for every later call); in_a_row: calls
+    # without an answer since the last answer
+    state = {"reserved": 0.0, "largest": 0.0, "error": None, "seen": [], "in_a_row": 0}
     queue: asyncio.Queue[_Work] = asyncio.Queue()
     for unit in pending:
         queue.put_nowait(unit)
 
-    progress = Progress(
-        TextColumn("[bold]judging[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("${task.fields[cost]:.4f}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        disable=not show_progress,
+    progress = StageProgress(
+        f"judging {judge.id} round {summary.round}", summary.images, unit="image", completed=summary.cached,
+        resume="rerun the same command: images already graded are not asked again",
+        enabled=show_progress, console=console,
     )
 
     def reservation() -> float:
         return max(state["largest"], one_call or 0.0)
 
-    async def worker(task_id) -> None:
+    async def failed_call(unit: _Work, error: Exception) -> bool:
+        """Record a call that got no answer as an attempt (never a verdict); True when the stage must stop."""
+        if any(error is seen for seen in state["seen"]):
+            return True  # the systematic error once more, for a call that sent nothing
+        state["seen"].append(error)
+        call_error = error if isinstance(error, JudgeCallError) else None
+        systematic = call_error is None or call_error.systematic  # an unexpected exception stops too
+        if systematic and state["error"] is None:
+            state["error"] = error
+        cause = call_error.cause if call_error is not None else type(error).__name__
+        requests = call_error.requests if call_error is not None else 1
+        summary.requests += requests
+        summary.call_failures[cause] = summary.call_failures.get(cause, 0) + 1
+        await asyncio.to_thread(
+            ledger.add_attempt, unit.sha, judge.id, unit.checklist.version, judge.prompt_version, cause,
+            str(error) if call_error is not None else f"{type(error).__name__}: {error}", requests, systematic,
+            unit.checklist.condition,
+        )
+        if systematic:
+            return True
+        state["in_a_row"] += 1
+        if state["in_a_row"] >= STOP_AFTER_FAILED_CALLS and not summary.stopped:
+            summary.stopped = f"{state['in_a_row']} calls in a row got no answer, the last: {error}"
+        return bool(summary.stopped)
+
+    async def worker() -> None:
         while True:
             if state["error"] is not None or summary.stopped:
                 return
@@ -430,7 +499,12 @@ async def _grade(
                     summary.not_readable.append(f"{unit.sample.sample_id}: {error}")
                     continue
                 started = time.perf_counter()
-                verdict = await judge.judge(image, unit.checklist)
+                try:
+                    verdict = await judge.judge(image, unit.checklist)
+                except Exception as error:  # no answer: an attempt, and the image stays pending
+                    if await failed_call(unit, error):
+                        return
+                    continue
                 if not verdict.latency_s:
                     verdict.latency_s = time.perf_counter() - started
                 if paid and not verdict.cost_usd and (verdict.input_tokens or verdict.output_tokens):
@@ -439,32 +513,50 @@ async def _grade(
                 # disk (synchronous = FULL), so it runs in a thread and the other calls keep going meanwhile.
                 await asyncio.to_thread(
                     ledger.put_verdict, unit.sha, judge.id, unit.checklist.version, judge.prompt_version, verdict,
-                    unit.checklist.condition,
+                    unit.checklist.condition, unit.replace,
                 )
-            except Exception as error:  # an unexpected failure: stop asking, keep what others are finishing
+            except Exception as error:  # e.g. a lost disk: stop asking, keep what others are finishing
                 if state["error"] is None:
                     state["error"] = error
                 return
             finally:
                 state["reserved"] -= reserve
             _count(summary, verdict)
+            summary.retried += int(unit.replace)
+            state["in_a_row"] = 0
             state["largest"] = max(state["largest"], verdict.cost_usd)
-            progress.update(task_id, advance=1, cost=summary.cost_usd)
+            progress.advance(cost=f"${summary.cost_usd:.4f}")
 
     with progress:
-        task_id = progress.add_task(f"{judge.id} round {summary.round}", total=len(pending), cost=0.0)
-        await asyncio.gather(*(worker(task_id) for _ in range(min(config.judge.concurrency, max(1, len(pending))))))
+        await asyncio.gather(*(worker() for _ in range(min(config.judge.concurrency, max(1, len(pending))))))
     summary.remaining = len(pending) - summary.asked
-    if state["error"] is not None:
-        error = state["error"]
-        raise JudgeStageError(
-            f"judge {judge.id} raised {type(error).__name__}: {error}; {summary.asked} answers of this run are "
-            f"stored in the ledger and {summary.remaining} images remain; rerun to continue"
-        ) from error
+    error = state["error"]
+    if error is not None:
+        reason = str(error) if isinstance(error, JudgeCallError) else f"judge {judge.id} raised {type(error).__name__}: {error}"
+        raise JudgeStageError(incomplete_line(summary, reason), summary) from error
+    if summary.remaining:
+        failures = sum(summary.call_failures.values())
+        reason = summary.stopped or (
+            f"{failures} call(s) got no answer" if failures else f"{len(summary.not_readable)} image(s) could not be read"
+        )
+        raise JudgeStageError(incomplete_line(summary, reason), summary)
+
+
+def incomplete_line(summary: JudgeSummary, reason: str) -> str:
+    """The one line a stage that did not grade every image ends with: why, what is left, what was kept."""
+    parts = [reason, f"{summary.remaining} of {summary.images} images not graded"]
+    if summary.call_failures:
+        causes = ", ".join(f"{count} x {cause}" for cause, count in sorted(summary.call_failures.items()))
+        parts.append(f"calls without an answer (recorded as attempts, not verdicts): {causes}")
+    if summary.not_readable:
+        parts.append(f"{len(summary.not_readable)} image(s) missing or changed since sampling, first {summary.not_readable[0]}")
+    parts.append(f"{summary.asked} answer(s) stored this run in {summary.requests} call(s); rerun to continue")
+    return "; ".join(parts)
 
 
 def _count(summary: JudgeSummary, verdict: Verdict) -> None:
     summary.asked += 1
+    summary.requests += verdict.requests or 1  # a backend that does not count its calls made one
     if verdict.answered:
         summary.answered += 1
     else:

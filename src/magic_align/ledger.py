@@ -41,7 +41,19 @@ Tables (schema version `SCHEMA_VERSION`, stored in `meta`):
     latency_s REAL, input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL
     created_at REAL
     A key that is present is never asked again (failed answers included: they are explicit outcomes, and
-    retrying them is a deliberate `put_verdict(..., replace=True)`).
+    retrying them is a deliberate `put_verdict(..., replace=True)`, what `magic judge --retry-failed` does).
+    Only answers a model gave are verdicts; a call that got none is an attempt.
+
+`attempts`: one row per judge call that got no answer (kept for audit; never read as a verdict).
+    id INTEGER PRIMARY KEY
+    image_sha256, judge_id, checklist_version, prompt_version TEXT   the key the call was for
+    condition TEXT                  the checklist's condition
+    cause TEXT                      the short reason ("connection error (ConnectError)", "HTTP 503", "model not found")
+    error TEXT                      the whole message
+    requests INTEGER                requests made for it (retries included; 0 when none was sent)
+    systematic INTEGER              1 when every later call would fail the same way (key, model, quota), which
+                                    stops the stage
+    created_at REAL
 
 `reviews`: one row per expert review from the review page (never overwrites a verdict).
     id INTEGER PRIMARY KEY, sample_id TEXT, checklist_version TEXT, items TEXT (JSON as in verdicts),
@@ -99,7 +111,7 @@ class TableVersion:
 
 # the column holding each table's change time
 _TABLE_TIMES = {"samples": "created_at", "verdicts": "created_at", "reviews": "created_at", "pairs": None,
-                "stages": "updated_at"}
+                "stages": "updated_at", "attempts": "created_at"}
 
 
 @dataclass
@@ -134,6 +146,23 @@ class StoredVerdict(Verdict):
 
     def as_verdict(self) -> Verdict:
         return Verdict(**{f.name: getattr(self, f.name) for f in fields(Verdict)})
+
+
+@dataclass
+class StoredAttempt:
+    """A judge call that got no answer (see the `attempts` table)."""
+
+    id: int
+    image_sha256: str
+    judge_id: str
+    checklist_version: str
+    prompt_version: str
+    condition: str | None
+    cause: str
+    error: str
+    requests: int
+    systematic: bool
+    created_at: float
 
 
 @dataclass
@@ -258,6 +287,20 @@ CREATE TABLE IF NOT EXISTS pairs (
     source TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS pairs_round ON pairs (round);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    image_sha256 TEXT NOT NULL,
+    judge_id TEXT NOT NULL,
+    checklist_version TEXT NOT NULL,
+    prompt_version TEXT NOT NULL,
+    condition TEXT,
+    cause TEXT NOT NULL,
+    error TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    systematic INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_judge ON attempts (judge_id, image_sha256);
 CREATE TABLE IF NOT EXISTS stages (
     stage TEXT PRIMARY KEY,
     config_hash TEXT NOT NULL,
@@ -505,6 +548,15 @@ class Ledger:
         )
         return {(row[0], row[1]) for row in rows}
 
+    def failed_keys(self, judge_id: str, prompt_version: str) -> set[tuple[str, str]]:
+        """(image_sha256, checklist_version) of this judge's stored answers that could not be read (`failed`)."""
+        rows = self._read(
+            "SELECT image_sha256, checklist_version FROM verdicts WHERE judge_id = ? AND prompt_version = ? "
+            "AND parse_status = 'failed'",
+            (judge_id, prompt_version),
+        )
+        return {(row[0], row[1]) for row in rows}
+
     def put_verdict(
         self,
         image_sha256: str,
@@ -584,6 +636,43 @@ class Ledger:
         else:
             rows = self._read("SELECT COALESCE(SUM(cost_usd), 0) FROM verdicts WHERE judge_id = ?", (judge_id,))
         return float(rows[0][0])
+
+    # -- attempts
+    def add_attempt(
+        self,
+        image_sha256: str,
+        judge_id: str,
+        checklist_version: str,
+        prompt_version: str,
+        cause: str,
+        error: str = "",
+        requests: int = 0,
+        systematic: bool = False,
+        condition: str | None = None,
+    ) -> int:
+        """Record a call that got no answer; commits before returning. Never touches `verdicts`."""
+        with self._write() as connection:
+            cursor = connection.execute(
+                "INSERT INTO attempts (image_sha256, judge_id, checklist_version, prompt_version, condition, cause, "
+                "error, requests, systematic, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (image_sha256, judge_id, checklist_version, prompt_version, condition, cause, error or cause,
+                 int(requests), int(bool(systematic)), time.time()),
+            )
+        return int(cursor.lastrowid)
+
+    def attempts(self, judge_id: str | None = None, image_sha256: str | None = None) -> list[StoredAttempt]:
+        """Recorded failed calls, oldest first, optionally of one judge and one image."""
+        where, parameters = _where(("judge_id = ?", judge_id), ("image_sha256 = ?", image_sha256))
+        rows = self._read(f"SELECT * FROM attempts {where} ORDER BY id", parameters)
+        return [
+            StoredAttempt(
+                id=row["id"], image_sha256=row["image_sha256"], judge_id=row["judge_id"],
+                checklist_version=row["checklist_version"], prompt_version=row["prompt_version"],
+                condition=row["condition"], cause=row["cause"], error=row["error"], requests=row["requests"],
+                systematic=bool(row["systematic"]), created_at=row["created_at"],
+            )
+            for row in rows
+        ]
 
     # -- reviews
     def add_review(

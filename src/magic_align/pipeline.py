@@ -142,8 +142,18 @@ def run_all(config: RunConfig, force: bool = False, console: Console | None = No
 
 
 # -------------------------------------------------------------------------------------------- dry run
-def dry_run_plan(config: RunConfig) -> Table:
-    """The plan as a table: stages, counts, estimated judge calls, tokens and cost. Loads no model or data."""
+@dataclass(frozen=True)
+class JudgeEstimate:
+    calls: int
+    per_call_input_tokens: int
+    per_call_output_tokens: int
+    remote: bool  # images go to a paid HTTP judge
+    cost_usd: float | None  # None: no price for the model in judge.prices; 0 for local judges
+
+
+def judge_estimate(config: RunConfig) -> JudgeEstimate:
+    """Judge calls of a whole run (every round's samples, plus the held-out comparison of the unaligned and each
+    aligned model) and their cost, from the configuration alone."""
     from magic_align.checklists.schema import load_checklists
     from magic_align.judge import estimate_call_tokens
     from magic_align.judges.costs import price_usd
@@ -156,17 +166,31 @@ def dry_run_plan(config: RunConfig) -> Table:
         for checklist in checklists.conditions
     )
     samples_per_round = config.sample.num_sources * config.sample.samples_per_unit
-    pairs_per_unit = config.sample.samples_per_unit * (config.sample.samples_per_unit - 1) // 2
-    # training rounds, plus the held-out comparison of the unaligned and each aligned model
     compared = config.evaluate.alignment_units * config.evaluate.alignment_per_source
     calls = samples_per_round * config.rounds + compared * (1 + len(config.align))
     remote = sends_images(config.judge)
     cost = price_usd(config.judge, per_call_in * calls, per_call_out * calls) if remote else 0.0
+    return JudgeEstimate(calls, per_call_in, per_call_out, remote, cost)
+
+
+def dry_run_plan(config: RunConfig) -> Table:
+    """The plan as a table: stages, counts, estimated judge calls, tokens and cost. Loads no model or data."""
+    from magic_align.checklists.schema import load_checklists
+
+    checklists = load_checklists(config.judge.checklist)
+    estimate = judge_estimate(config)
+    per_call_in, per_call_out = estimate.per_call_input_tokens, estimate.per_call_output_tokens
+    calls, remote, cost = estimate.calls, estimate.remote, estimate.cost_usd
+    samples_per_round = config.sample.num_sources * config.sample.samples_per_unit
+    pairs_per_unit = config.sample.samples_per_unit * (config.sample.samples_per_unit - 1) // 2
 
     table = Table(title=f"plan for run '{config.name}' -> {config.run_dir}")
     table.add_column("stage")
     table.add_column("what")
-    table.add_row("finetune", f"{len(checklists.conditions)} tokens x {config.finetune.ti_steps} TI steps, LoRA r{config.finetune.lora_rank} x {config.finetune.lora_steps} steps")
+    ft = config.finetune
+    ti = (f"{len(checklists.conditions)} tokens x {ft.ti_steps_per_token} TI steps each" if ft.ti_schedule == "per_token"
+          else f"{len(checklists.conditions)} tokens, {ft.ti_steps} joint TI steps")
+    table.add_row("finetune", f"{ti}, LoRA r{ft.lora_rank} x {ft.lora_steps} steps")
     for round_index in range(config.rounds):
         table.add_row(
             f"sample/round-{round_index}",

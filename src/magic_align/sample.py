@@ -1,6 +1,7 @@
 """The sample stage: image-to-image trajectories from real training images towards other conditions.
 
-`run_sample(config, round_index, policy_lora)` draws `sample.num_sources` (source, target) units from the train split,
+`run_sample(config, round_index, policy_lora)` draws `sample.num_sources` (source, target) units from the train split
+(its few-shot subset in the few-shot setting, plus MAGIC-A's unlabeled sources when configured: `sampling_sources`),
 K = `sample.samples_per_unit` samples each, and writes, under `run/samples/round-<k>/`:
 
     images/<sample_id>.png            the decoded samples (metadata-free PNG)
@@ -27,7 +28,8 @@ import torch
 from magic_align.config import RunConfig
 from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, sample_batch
 from magic_align.diffusion.trajectories import TrajectoryStore, next_shard_number, shard_name, write_shard
-from magic_align.run import RunPaths, atomic_write_bytes, prepare_run
+from magic_align.progress import StageProgress
+from magic_align.run import atomic_write_bytes, prepare_run
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +65,16 @@ class SampleSummary:
 
 def sample_id(unit_id: str, k: int) -> str:
     return f"{unit_id}-k{k}"
+
+
+def sampling_sources(config: RunConfig, split) -> list:
+    """The images alignment samples from: the few-shot subset when `data.few_shot_fraction` is set (the rest of the
+    train split is then not labelled data the run may use), else the whole train split; plus the unlabeled images
+    of `synthesize.extra_sources` (MAGIC-A), whose targets may be any condition."""
+    from magic_align.synthesize import _extra_sources
+
+    labelled = split.few_shot if config.data.few_shot_fraction else split.train
+    return list(labelled) + _extra_sources(config)
 
 
 def plan_units(config: RunConfig, train, classes: list[str], checklists, round_index: int) -> list[Unit]:
@@ -140,7 +152,7 @@ def run_sample(
     summary = SampleSummary(round=round_index)
     checklists = load_checklists(config.judge.checklist)
     split = run_split(config, paths)
-    units = plan_units(config, split.train, split.classes, checklists, round_index)
+    units = plan_units(config, sampling_sources(config, split), split.classes, checklists, round_index)
     summary.units_planned = len(units)
     mine = units[process_index::process_count]
 
@@ -198,9 +210,11 @@ def run_sample(
         summary.samples_written += len(records)
         pending.clear()
 
-    bar = progress_bar(progress and process_index == 0)
-    with bar:
-        task = bar.add_task(f"sampling round {round_index}", total=len(todo) * per_unit)
+    # Ctrl-C stores the finished samples still waiting for a shard (flush) before the stage ends.
+    with StageProgress(f"sampling round {round_index}", len(mine) * per_unit, unit="image",
+                       completed=summary.units_already_done * per_unit, enabled=progress and process_index == 0,
+                       resume="rerun the same command: units already in the ledger are skipped",
+                       on_interrupt=flush) as bar:
         for start in range(0, len(todo), units_per_batch):
             batch_units = todo[start : start + units_per_batch]
             reqs, owners = [], []
@@ -213,7 +227,7 @@ def run_sample(
                         raise
                     summary.units_skipped += 1
                     summary.problems.append(str(error))
-                    bar.advance(task, per_unit)
+                    bar.advance(per_unit)
                     continue
                 for k in range(per_unit):
                     seed = derived_seed(config.sample.seed, round_index, unit.index, k)
@@ -242,24 +256,10 @@ def run_sample(
                 if len(pending) >= config.sample.shard_size:
                     flush()
             summary.units_sampled += len({unit.unit_id for unit, _, _ in owners})
-            bar.advance(task, len(reqs))
+            bar.advance(len(reqs))
         flush()
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def progress_bar(enabled: bool):
-    """A rich progress bar (description, bar, n/total, elapsed, remaining); a no-op when not `enabled`."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def summary_dict(summary: SampleSummary) -> dict:

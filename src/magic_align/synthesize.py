@@ -114,7 +114,8 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
     from magic_align.data.split import run_split
     from magic_align.data.targets import choose_target
     from magic_align.diffusion.loading import load_run_policy, model_hash, policy_files
-    from magic_align.sample import process_state, progress_bar
+    from magic_align.progress import StageProgress
+    from magic_align.sample import process_state
 
     if config.synthesize.judge:
         raise SynthesizeError(
@@ -168,9 +169,11 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
     region_of = {checklist.condition: checklist.region for checklist in checklists.conditions}
     classes = list(split.classes)
     size = config.synthesize.size
-    bar = progress_bar(progress)
-    with bar:
-        task = bar.add_task("synthesizing", total=len(todo))
+    total = len(sources) * per_image
+    # Ctrl-C writes the manifest of the images finished so far before the stage ends.
+    with StageProgress("synthesizing", total, unit="image", completed=total - len(todo), enabled=progress,
+                       resume="rerun the same command: images already in the manifest are skipped",
+                       on_interrupt=lambda: write_manifest(manifest_path, rows)) as bar:
         for start in range(0, len(todo), config.synthesize.batch_size):
             chunk = todo[start : start + config.synthesize.batch_size]
             reqs, meta = [], []
@@ -183,7 +186,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
                         raise
                     summary.skipped_sources += 1
                     summary.problems.append(str(error))
-                    bar.advance(task)
+                    bar.advance()
                     continue
                 key = (config.synthesize.seed, record.id, n)
                 target = choose_target(record.label, classes, random.Random(f"synthesize-target:{key}"),
@@ -214,7 +217,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
                 })
                 summary.written += 1
             write_manifest(manifest_path, rows)  # after every batch: a crash loses at most one batch
-            bar.advance(task, len(reqs))
+            bar.advance(len(reqs))
     return summary
 
 

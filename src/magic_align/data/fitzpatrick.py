@@ -42,7 +42,7 @@ def load_fitzpatrick(csv_path: Path, images: Path, problems: LoadProblems | None
             continue
         skin_type = parse_skin_type(fields.get("fitzpatrick_scale"))
         if skin_type is None:
-            problems.add(source, row, f"fitzpatrick_scale {fields['fitzpatrick_scale']!r} is not 1-6 or -1; "
+            problems.note(source, row, f"fitzpatrick_scale {fields['fitzpatrick_scale']!r} is not 1-6 or -1; "
                                       "taken as unknown (-1)")
             skin_type = -1
         record_id = safe_id(md5hash)

@@ -42,6 +42,8 @@ def open_checked(path: Path | str, max_pixels: int, row: int | None = None, sour
         raise BadImageError(path, "file not found", row, source)
     if not path.is_file():
         raise BadImageError(path, "not a file", row, source)
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "empty file (0 bytes)", row, source)
     try:
         with warnings.catch_warnings():
             # Pillow warns between its own limit and twice that; our own limit below is the one that counts.

@@ -54,7 +54,7 @@ def load_padufes(csv_path: Path, images: Path, problems: LoadProblems | None = N
             continue
         skin_type = parse_skin_type(fields.get("fitspatrick"))
         if skin_type is None:
-            problems.add(source, row, f"fitspatrick {fields['fitspatrick']!r} is not 1-6; taken as unknown")
+            problems.note(source, row, f"fitspatrick {fields['fitspatrick']!r} is not 1-6; taken as unknown")
             skin_type = -1
         records.append(Record(
             id=safe_id(Path(img_id).stem), path=files.get(img_id, images / img_id), label=DIAGNOSES[code],

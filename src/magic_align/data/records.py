@@ -31,21 +31,42 @@ class Record:
     source: str = ""  # the CSV file or folder it came from
 
     def where(self) -> str:
-        """'file.csv row 12' or the folder, for messages."""
-        return f"{self.source} row {self.row}" if self.row else (self.source or str(self.path))
+        """'file.csv row 12', or the image file for a record from a folder, for messages."""
+        return f"{self.source} row {self.row}" if self.row else str(self.path)
 
 
 @dataclass
 class LoadProblems:
-    """Row-level problems a loader skipped over; reported by `magic data check`, never silently lost."""
+    """What a loader met while reading, reported by `magic data check`, never silently lost.
 
-    messages: list[str] = field(default_factory=list)
+    `add` records a row the loader dropped (an unusable row: `magic data check` exits non-zero); `note` records
+    a row it kept with a caveat (e.g. an unreadable skin type taken as unknown)."""
+
+    dropped: list[tuple[str, int, str]] = field(default_factory=list)  # (source, 1-based row or 0, reason)
+    notes: list[tuple[str, int, str]] = field(default_factory=list)
 
     def add(self, source: str, row: int, message: str) -> None:
-        self.messages.append(f"{source} row {row}: {message}" if row else f"{source}: {message}")
+        self.dropped.append((source, row, message))
 
-    def __len__(self) -> int:
-        return len(self.messages)
+    def note(self, source: str, row: int, message: str) -> None:
+        self.notes.append((source, row, message))
+
+    @property
+    def messages(self) -> list[str]:
+        """One line per dropped row: 'file.csv row 12: reason'."""
+        return [where_row(source, row) + f": {message}" for source, row, message in self.dropped]
+
+    @property
+    def note_messages(self) -> list[str]:
+        return [where_row(source, row) + f": {message}" for source, row, message in self.notes]
+
+    def __len__(self) -> int:  # rows dropped
+        return len(self.dropped)
+
+
+def where_row(source: str, row: int) -> str:
+    """'file.csv row 12', or the file or folder alone when there is no row."""
+    return f"{source} row {row}" if row else source
 
 
 # ------------------------------------------------------------------------------------------ labels
@@ -193,7 +214,8 @@ def find_duplicate_ids(records: list[Record], problems: LoadProblems) -> list[Re
     for record in records:
         first = seen.get(record.id)
         if first is not None:
-            problems.add(record.source, record.row, f"id {record.id!r} repeats {first.where()}; skipped")
+            where = record.source if record.row else str(record.path)
+            problems.add(where, record.row, f"id {record.id!r} repeats {first.where()}; skipped")
             continue
         seen[record.id] = record
         kept.append(record)

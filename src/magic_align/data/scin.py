@@ -60,7 +60,7 @@ def load_scin(csv_path: Path, images: Path | None, problems: LoadProblems | None
         if column is not None:
             parsed = parse_skin_type(fields[column])
             if parsed is None:
-                problems.add(source, row, f"{column} {fields[column]!r} is not a skin type 1-6; taken as unknown")
+                problems.note(source, row, f"{column} {fields[column]!r} is not a skin type 1-6; taken as unknown")
             skin_type = parsed if parsed is not None else -1
         records.append(Record(
             id=safe_id(f"{case_id}-{Path(relative).stem}"), path=resolve_path(relative, images, csv_path.parent),

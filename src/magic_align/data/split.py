@@ -7,6 +7,13 @@ A leakage group (a SCIN case, a PAD-UFES-20 patient; the image itself otherwise)
 so no patient is both trained and tested on. Groups are placed greedily, largest first, each on the side that keeps every class
 closest to its train fraction; with one image per group this is exact (round(fraction x count) per class).
 
+A published split can be used instead (`data.split_dir`): a folder with `train.csv` and `test.csv`, each a
+subset of the dataset's own CSV rows, as the MAGIC authors publish theirs (`splits/Fitzpatrick17k/`,
+`splits/SCIN/`, `splits/PAD-UFES-20/` in their repository). Rows are matched to the dataset's records by the
+dataset's image key (`SPLIT_KEYS`); a row naming an image the dataset lacks, a label that disagrees with the
+dataset's, or an image on both sides is an error naming the file and row. The classes are then the split's
+labels, and `data.num_classes` must equal their number.
+
 The split is written once to `run/data/split.csv` (id, label, group, split, few_shot) with the settings it
 was made with in `run/data/split.json`; every later stage reads it back (`run_split`), so all stages and
 reruns see the same images.
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magic_align.data.records import DataError, Record
+from magic_align.data.records import DataError, Record, match_labels, normalise_label, read_csv_rows, safe_id
 from magic_align.run import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
@@ -131,14 +138,107 @@ def build_split(records: list[Record], num_classes: int, train_fraction: float, 
     train_ids = assign_groups(kept, train_fraction, rng)
     train = [r for r in kept if r.id in train_ids]
     test = [r for r in kept if r.id not in train_ids]
+    _check_both_sides(train, test, classes)
+    few_shot = few_shot_subset(train, few_shot_fraction, rng) if few_shot_fraction else []
+    return Split(train=train, test=test, classes=classes, few_shot=few_shot, skipped_classes=skipped)
+
+
+def _check_both_sides(train: list[Record], test: list[Record], classes: list[str]) -> None:
     train_counts, test_counts = Counter(r.label for r in train), Counter(r.label for r in test)
     lopsided = [f"{c} (train {train_counts[c]}, test {test_counts[c]})" for c in classes
                 if not train_counts[c] or not test_counts[c]]
     if lopsided:
         raise DataError(f"the split left class(es) with no train or no test image: {', '.join(lopsided)}; each needs "
                         "images in at least two groups (cases, patients): add data or lower data.num_classes")
-    few_shot = few_shot_subset(train, few_shot_fraction, rng) if few_shot_fraction else []
-    return Split(train=train, test=test, classes=classes, few_shot=few_shot, skipped_classes=skipped)
+
+
+# ------------------------------------------------------------------------------- published split files
+PUBLISHED_SPLIT_FILES = ("train.csv", "test.csv")
+# The columns that name an image in each dataset's CSV, turned into the id its loader gives the record.
+SPLIT_KEYS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, str]], str]]] = {
+    "fitzpatrick17k": (("md5hash",), lambda row: safe_id(row["md5hash"])),
+    "procedural": (("md5hash",), lambda row: safe_id(row["md5hash"])),
+    "scin": (("case_id", "image_path"), lambda row: safe_id(f"{row['case_id']}-{Path(row['image_path']).stem}")),
+    "pad-ufes-20": (("image_path",), lambda row: safe_id(Path(row["image_path"]).stem)),
+}
+
+
+def _split_key(kind: str, header_has_img_id: bool):
+    if kind == "pad-ufes-20" and header_has_img_id:  # the dataset's metadata.csv spelling
+        return ("img_id",), lambda row: safe_id(Path(row["img_id"]).stem)
+    return SPLIT_KEYS[kind]
+
+
+def read_split_file(path: Path, kind: str, by_id: dict[str, Record], conditions: Collection[str]) -> list[Record]:
+    """The dataset's records named by the rows of one published split file, in file order."""
+    if kind not in SPLIT_KEYS:
+        raise DataError(f"data.split_dir: published split files are read for {', '.join(sorted(SPLIT_KEYS))}, "
+                        f"not data.kind = {kind!r}; leave data.split_dir unset to draw the split")
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:  # read_csv_rows names bad bytes
+        header = {name.strip() for name in (csv.DictReader(handle).fieldnames or [])}
+    columns, key_of = _split_key(kind, "img_id" in header)
+    chosen: list[Record] = []
+    seen: dict[str, int] = {}
+    for row, fields in read_csv_rows(path, columns, f"{kind} split", ("label",)):
+        empty = [name for name in columns if not fields.get(name)]
+        if empty:
+            raise DataError(f"{path} row {row}: empty {', '.join(empty)}; every row must name an image")
+        record_id = key_of(fields)
+        record = by_id.get(record_id)
+        if record is None:
+            named = ", ".join(f"{name} {fields[name]!r}" for name in columns)
+            raise DataError(f"{path} row {row}: {named} is not an image of the dataset (data.csv, after leaving out "
+                            "unreadable images); the split file and the dataset must come from the same release")
+        if record_id in seen:
+            raise DataError(f"{path} row {row}: the image of row {seen[record_id]} again")
+        seen[record_id] = row
+        label = fields.get("label")
+        if label:
+            named = match_labels([Record("x", path, normalise_label(label))], conditions)[0].label
+            if named != record.label:
+                raise DataError(f"{path} row {row}: label {label!r} but the dataset labels this image "
+                                f"{record.label!r}; the split file and the dataset disagree")
+        chosen.append(record)
+    return chosen
+
+
+def published_split(split_dir: Path, kind: str, records: list[Record], num_classes: int,
+                    eligible: Collection[str] | None = None) -> Split:
+    """The split of `split_dir/train.csv` and `split_dir/test.csv` (see the module docstring); `run_split` leaves
+    out unreadable images and draws the few-shot subset."""
+    split_dir = Path(split_dir)
+    missing = [name for name in PUBLISHED_SPLIT_FILES if not (split_dir / name).is_file()]
+    if missing:
+        raise DataError(f"data.split_dir = {split_dir} has no {' or '.join(missing)}; expected a folder holding "
+                        "train.csv and test.csv in the dataset's CSV format (e.g. the authors' splits/Fitzpatrick17k/)")
+    by_id = {r.id: r for r in records}
+    conditions = list(eligible) if eligible is not None else sorted({r.label for r in records if r.label})
+    train_path, test_path = (split_dir / name for name in PUBLISHED_SPLIT_FILES)
+    train = read_split_file(train_path, kind, by_id, conditions)
+    test = read_split_file(test_path, kind, by_id, conditions)
+    train_ids = {r.id: r.row for r in train}
+    both = [r for r in test if r.id in train_ids]
+    if both:
+        raise DataError(f"{test_path}: {len(both)} image(s) also in {train_path}, first {both[0].id} "
+                        f"({train_path.name} and {test_path.name} must not share images)")
+    counts = Counter(r.label for r in train)
+    classes = sorted({r.label for r in train + test}, key=lambda label: (-counts[label], label))
+    if eligible is not None:
+        no_checklist = [label for label in classes if label not in set(eligible)]
+        if no_checklist:
+            raise DataError(f"the split files in {split_dir} hold label(s) without a checklist: "
+                            f"{', '.join(no_checklist)}; every class is a sampling target the judge grades")
+    if len(classes) != num_classes:
+        raise DataError(f"the split files in {split_dir} hold {len(classes)} classes but data.num_classes = "
+                        f"{num_classes}; set data.num_classes = {len(classes)}")
+    _check_both_sides(train, test, classes)
+    return Split(train=train, test=test, classes=classes)
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -186,9 +286,15 @@ def read_split(csv_path: Path, records: list[Record]) -> Split:
 
 def split_settings(config: "RunConfig") -> dict:
     data = config.data
-    return {"kind": data.kind, "csv": str(data.csv) if data.csv else None, "num_classes": data.num_classes,
-            "train_fraction": data.train_fraction, "seed": data.split_seed, "few_shot_fraction": data.few_shot_fraction,
-            "checklist": config.judge.checklist}
+    settings = {"kind": data.kind, "csv": str(data.csv) if data.csv else None, "num_classes": data.num_classes,
+                "train_fraction": data.train_fraction, "seed": data.split_seed,
+                "few_shot_fraction": data.few_shot_fraction, "checklist": config.judge.checklist}
+    if data.split_dir is not None:  # the files' contents too: a replaced file must not pass for the old one
+        folder = Path(data.split_dir)
+        settings["split_files"] = {name: _file_digest(folder / name) if (folder / name).is_file() else None
+                                   for name in PUBLISHED_SPLIT_FILES}
+        settings["split_dir"] = str(folder)
+    return settings
 
 
 def run_split(config: "RunConfig", paths: "RunPaths", force: bool = False,
@@ -212,6 +318,21 @@ def run_split(config: "RunConfig", paths: "RunPaths", force: bool = False,
             raise DataError(f"{csv_path} was made with other settings ({', '.join(changed)} differ); a run keeps "
                             "one split: use a new run name, or rebuild it with magic data split --force")
         return read_split(csv_path, records)
+    if config.data.split_dir is not None:
+        named = published_split(config.data.split_dir, config.data.kind, records, config.data.num_classes,
+                                eligible=checklists.condition_names)
+        if on_total is not None:
+            on_total(len(named.train) + len(named.test))
+        # only the images the split names are checked; unreadable ones are left out (or stop the run)
+        good, _ = check_images(named.train + named.test, config.data, progress)
+        readable = {r.id for r in good}
+        train, test = [r for r in named.train if r.id in readable], [r for r in named.test if r.id in readable]
+        _check_both_sides(train, test, named.classes)
+        fraction = config.data.few_shot_fraction
+        few_shot = few_shot_subset(train, fraction, random.Random(config.data.split_seed)) if fraction else []
+        split = Split(train=train, test=test, classes=named.classes, few_shot=few_shot)
+        write_split(split, csv_path, settings)
+        return split
     if on_total is not None:
         on_total(len(records))
     good, _ = check_images(records, config.data, progress)

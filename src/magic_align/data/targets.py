@@ -1,6 +1,8 @@
 """Target selection for image-to-image sampling: which condition a source image is turned into.
 
-The paper draws the target among the other conditions, within the same body region where metadata exists.
+`uniform` (the default, and the paper's rule on Fitzpatrick17k, which has no body-site column): any condition
+other than the source's, each with the same chance, so every condition ends up near 1/N of the targets.
+`same_region` keeps the target in the source's body region where metadata says where the lesion is.
 `region_of` maps each condition to its region (the checklist's `region:`; see `records.REGIONS`). A condition
 whose region is "anywhere" (melanoma) is a candidate for every region, and a source in "anywhere" may go to
 any condition. When the region is unknown or no other condition shares it, the choice falls back to uniform

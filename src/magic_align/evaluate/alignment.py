@@ -98,6 +98,7 @@ def run_alignment_comparison(
     unknown = [name for name in chosen if name not in ALIGNMENT_SETTINGS]
     if unknown:
         raise AlignmentError(f"unknown setting(s) {unknown}; expected some of {', '.join(ALIGNMENT_SETTINGS)}")
+    _require_models(chosen, paths)
     split = run_split(config, paths)
     sources = held_out_sources(split, units or evaluate.alignment_units, config.seed)
     if not sources:
@@ -168,6 +169,22 @@ def run_alignment_comparison(
     for note in notes:
         console.print(f"  [yellow]note[/yellow]: {note}")
     return output
+
+
+def _require_models(chosen: Sequence[str], paths: RunPaths) -> None:
+    """Refuse, naming the stage to run, when there is nothing to compare: no unaligned model for the baseline, or
+    none of the aligned models asked for. One aligned model of two is enough (the other is noted as left out)."""
+    from magic_align.evaluate.stage import setting_model
+
+    baseline = ALIGNMENT_SETTINGS[0]
+    if baseline in chosen and not setting_model(baseline, paths)[0].exists():
+        raise AlignmentError(f"no preliminary model in {paths.model} to compare against: run `magic finetune` first "
+                             "(then `magic train dpo` or `magic train rft`)")
+    aligned = [name for name in chosen if name != baseline]
+    if aligned and not any(setting_model(name, paths)[0].exists() for name in aligned):
+        commands = " or ".join(f"`magic train {name.removeprefix('magic-')}`" for name in aligned)
+        raise AlignmentError(f"no aligned model in {paths.aligned} to compare ({', '.join(aligned)}): run {commands} "
+                             "first")
 
 
 def _output_dir(config: RunConfig, paths: RunPaths, name: str, lora: Path | None) -> Path:

@@ -1,11 +1,11 @@
 """The classifier harness: does synthetic data help a skin-disease classifier?
 
-Two modes on a `Backbone`:
+Two modes on a `Backbone` (`evaluate.mode`):
 
-- **linear probe**: the backbone is frozen; features are computed once per image and cached on disk under
+- **linear probe** (the default and the paper's protocol: linear classifiers on frozen features): the backbone is frozen; features are computed once per image and cached on disk under
   `run/eval/features/<backbone>/` (keyed by backbone identity + image content hash), so every seed and every
   setting after the first costs only the training of a linear layer;
-- **fine-tune**: backbone + linear head trained end to end (a fresh backbone per seed).
+- **fine-tune**: backbone + linear head trained end to end (a fresh backbone per seed); kept for comparison.
 
 The training set is the real training images, optionally with a synthetic pool drawn at a fixed share `rho`
 of every batch (paper: 0.2), as in the paper. Synthetic images never enter the test set, and a synthetic

@@ -112,16 +112,21 @@ def _setting_rank(name: str) -> tuple[int, str]:
 
 
 # =========================================================================================== pure parts
-def pair_outcome_counts(pairs: Iterable) -> list[dict]:
-    """Per round: pairs, one wins (the training signal), both win, both lose, ties, pairs from human reviews.
+def pair_outcome_counts(pairs: Iterable, undecided: Mapping[int, int] | None = None) -> list[dict]:
+    """Per round: pairs, one wins (the training signal), both win, both lose, ties, pairs from human reviews,
+    and the verdicts left out because an item stayed undecided (`undecided`: round -> count).
 
     `pairs` are `ledger.PairRow`s (anything with round, outcome_a, outcome_b, tie, source)."""
     rounds: dict[int, dict] = {}
+
+    def round_counts(round_index: int) -> dict:
+        return rounds.setdefault(round_index, {"round": round_index, "pairs": 0, "one_wins": 0, "both_win": 0,
+                                               "both_lose": 0, "human": 0, "undecided": 0})
+
+    for round_index, count in (undecided or {}).items():
+        round_counts(int(round_index))["undecided"] = int(count)
     for pair in pairs:
-        counts = rounds.setdefault(
-            int(pair.round),
-            {"round": int(pair.round), "pairs": 0, "one_wins": 0, "both_win": 0, "both_lose": 0, "human": 0},
-        )
+        counts = round_counts(int(pair.round))
         counts["pairs"] += 1
         if not pair.tie:
             counts["one_wins"] += 1
@@ -776,19 +781,26 @@ def collect_report(config: RunConfig, max_units_per_condition: int = 4,
         except Exception as error:
             problems.append(f"{paths.ledger}: {error}")
     no_ledger = f"no ledger yet ({paths.ledger.relative_to(paths.root)}: magic sample, magic judge, magic pairs)"
-    configured = None
+    configured = identity = None
     if ledger is not None and config.judge.backend != "human":
         try:
             from magic_align.judge import judge_identity
 
-            configured = judge_identity(config, checklists)[0] if checklists is not None else None
+            identity = judge_identity(config, checklists) if checklists is not None else None
+            configured = identity[0] if identity is not None else None
         except Exception:
             configured = None  # the report still shows every judge; it just cannot say which one trained
     context.sections["configured_judge"] = configured
     section("round_pass_rates",
             lambda: pass_rates_from_ledger(ledger, checklists, resamples, seed) if ledger else None,
             no_ledger if ledger is None else "no verdicts or reviews of sampled images yet (magic judge, magic review)")
-    section("pairs", lambda: pair_outcome_counts(ledger.pairs()) if ledger else None,
+    def pair_counts():
+        from magic_align.feedback import undecided_counts
+
+        undecided = undecided_counts(ledger, checklists, *identity) if identity and checklists is not None else None
+        return pair_outcome_counts(ledger.pairs(), undecided)
+
+    section("pairs", lambda: pair_counts() if ledger else None,
             no_ledger if ledger is None else "no preference pairs yet (magic pairs)")
     section("judge_usage", lambda: judge_usage(paths.ledger) if ledger else None,
             no_ledger if ledger is None else "no judge verdicts yet (magic judge)")

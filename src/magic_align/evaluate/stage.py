@@ -55,6 +55,22 @@ class EvaluateError(MagicError, ValueError):
     """Bad evaluation input (a manifest row, a setting name); the message names the file, row and field."""
 
 
+class EvaluateIncomplete(MagicError, RuntimeError):
+    """Some of what evaluate was asked to do failed; the rest is written. A rerun tries the failed parts again."""
+
+    def __init__(self, failures: list[str], metrics_path: Path):
+        self.failures = failures
+        super().__init__(
+            f"evaluate did not finish: {len(failures)} part(s) failed ({'; '.join(failures)}); the rest is in "
+            f"{metrics_path}; fix the cause and rerun `magic evaluate` (or `magic run`, which retries the stage)"
+        )
+
+
+def _reason(error: BaseException) -> str:
+    """An exception as one line: its type and message, whitespace runs folded."""
+    return f"{type(error).__name__}: {' '.join(str(error).split()) or 'no detail'}"
+
+
 # -------------------------------------------------------------------------------------------- inputs
 def parse_settings(settings: Sequence[str] | None) -> list[str]:
     """The settings to evaluate, in the paper's order, "real" always first."""
@@ -120,7 +136,8 @@ def setting_model(setting: str, paths: RunPaths) -> tuple[Path, Path | None]:
 
 def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[Path | None, str]:
     """The setting's manifest, (re)synthesized when missing, incomplete or made by an older model (the sets under
-    synthetic/<setting>/ are a cache of the setting's model); (None, why) when its model does not exist.
+    synthetic/<setting>/ are a cache of the setting's model); (None, why) when its model does not exist (a
+    documented skip: that model was not trained). A synthesis that fails raises: it is a failure, not a skip.
 
     A manifest without a model (e.g. one built by hand) is read as it is."""
     out_dir = paths.synthetic / setting
@@ -131,19 +148,14 @@ def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[
             return manifest, "read"
         command = "magic finetune" if lora is None else f"magic train {setting.removeprefix('magic-')}"
         return None, f"skipped: no {needed.relative_to(paths.root)}/ (make it first: {command})"
-    try:
-        from magic_align.synthesize import synthesize
-    except ImportError as error:
-        return None, f"skipped: synthesis is not available ({error})"
+    from magic_align.synthesize import synthesize
+
     synth_config = config
     if setting == "t2i":  # text-to-image = starting from pure noise
         synth_config = config.model_copy(deep=True)
         synth_config.sample.strength = 1.0
-    try:
-        # cheap when the set is complete and of this model; a stale set (the model was retrained) is replaced
-        summary = synthesize(synth_config, lora, out_dir, replace_stale=True)
-    except Exception as error:  # one setting's failed synthesis must not stop the others' evaluation
-        return None, f"skipped: synthesis failed ({error.__class__.__name__}: {error})"
+    # cheap when the set is complete and of this model; a stale set (the model was retrained) is replaced
+    summary = synthesize(synth_config, lora, out_dir, replace_stale=True)
     if not summary.manifest.is_file():
         raise EvaluateError(f"synthesis for {setting!r} finished without writing {summary.manifest}")
     return summary.manifest, "synthesized" if summary.written or summary.replaced else "read"
@@ -197,7 +209,11 @@ def _csv_text(rows: list[dict]) -> str:
 def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
                  progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate the run's synthetic data (see the module docstring); writes eval/metrics.json and
-    eval/classifier.csv, and returns what metrics.json holds."""
+    eval/classifier.csv, and returns what metrics.json holds.
+
+    A setting whose model is missing is skipped with a note (documented). Anything that raises (a setting's
+    synthesis or manifest, a backbone, the FID features, a pass-rate judge) is a failure: the other parts still
+    run and are written, then `EvaluateIncomplete` names every failure, so the stage is not recorded as done."""
     from magic_align.data.images import load_image, sha256_file
     from magic_align.data.split import run_split
 
@@ -221,17 +237,29 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
         return load_image(path, config.data.max_image_pixels)
 
     notes: list[str] = []
+    failures: list[str] = []
+
+    def fail(what: str, error: BaseException) -> str:
+        failures.append(f"{what}: {_reason(error)}")
+        notes.append(f"FAILED {what}: {_reason(error)}")
+        say(f"[failed] {what}: {_reason(error)}")
+        return _reason(error)
+
     settings_info: dict[str, dict] = {"real": {"label": LABELS["real"], "status": "ok", "n_synthetic": 0}}
     pools: dict[str, list[Example]] = {}
     manifests: dict[str, Path] = {}
     for setting in chosen[1:]:
-        manifest, how = ensure_synthetic(config, paths, setting)
-        if manifest is None:
-            settings_info[setting] = {"label": LABELS[setting], "status": "skipped", "note": how}
-            notes.append(f"{setting}: {how}")
+        try:
+            manifest, how = ensure_synthetic(config, paths, setting)
+            if manifest is None:
+                settings_info[setting] = {"label": LABELS[setting], "status": "skipped", "note": how}
+                notes.append(f"{setting}: {how}")
+                continue
+            say(f"{setting}: {how} {manifest.relative_to(paths.root)}")
+            every = read_manifest(manifest, paths.root, classes, sha256_file)
+        except Exception as error:  # one setting's failure must not cost the others' results
+            settings_info[setting] = {"label": LABELS[setting], "status": "failed", "note": fail(setting, error)}
             continue
-        say(f"{setting}: {how} {manifest.relative_to(paths.root)}")
-        every = read_manifest(manifest, paths.root, classes, sha256_file)
         kept, dropped = select_synthetic(every, test)  # the full set; per group the allow-list narrows it
         pools[setting] = kept
         manifests[setting] = manifest
@@ -273,8 +301,7 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
         try:
             backbone = make_backbone()
         except BackboneError as error:
-            notes.append(f"backbone {backbone_name}: {error}")
-            say(f"backbone {backbone_name} skipped: {error}")
+            fail(f"backbone {backbone_name}", error)
             continue
         cache = FeatureCache(paths.eval / "features", backbone) if evaluate.mode == "linear_probe" else None
         for group, setting, label, real, synthetic in runs:
@@ -288,8 +315,8 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
                          "label": label, "n_real": len(real), "n_synthetic": len(synthetic), "seeds": len(seeds),
                          **summarise_runs(results, len(classes), evaluate.bootstrap, config.seed)})
 
-    distances = _distances(config, train, pools, loader, notes, say)
-    pass_rates = _pass_rates(config, paths, manifests, notes, say)
+    distances = _distances(config, train, pools, loader, fail, notes, say)
+    pass_rates = _pass_rates(config, paths, manifests, fail, say)
     metrics = {
         "classes": classes,
         "schedule": {**schedule.__dict__, "seeds": seeds},
@@ -300,13 +327,17 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
         "pass_rate": pass_rates,
         "counts": {"train": len(train), "test": len(test), "few_shot": len(split.few_shot)},
         "notes": notes,
+        "failures": failures,
     }
     atomic_write_text(paths.eval / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
     atomic_write_text(paths.eval / "classifier.csv", _csv_text(rows))
+    if failures:
+        raise EvaluateIncomplete(failures, paths.eval / "metrics.json")
     return metrics
 
 
-def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Example]], loader, notes, say) -> dict:
+def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Example]], loader, fail, notes,
+               say) -> dict:
     """FID/KID of each synthetic set against the real training images (the images it was made from)."""
     from magic_align.evaluate.fid import extract_features, image_distances, load_feature_module
 
@@ -316,7 +347,7 @@ def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Ex
     try:
         module = load_feature_module(evaluate.fid_features, _device(evaluate.device), evaluate.fid_image_size)
     except BackboneError as error:
-        notes.append(f"FID/KID skipped: {error}")
+        fail(f"FID/KID features {evaluate.fid_features}", error)
         return {}
     real_images = [loader(e.path) for e in train]
     # extracted once for every comparison; with fewer than 2, image_distances says why it cannot compare
@@ -333,7 +364,7 @@ def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Ex
     return result
 
 
-def _pass_rates(config: RunConfig, paths: RunPaths, manifests: dict[str, Path], notes, say) -> dict:
+def _pass_rates(config: RunConfig, paths: RunPaths, manifests: dict[str, Path], fail, say) -> dict:
     """{setting: {judge id: pass-rate summary}} from manifest verdicts, the run's judge and the held-out judge."""
     from magic_align.evaluate.passrate import judge_images, pass_rate_summary
 
@@ -345,7 +376,7 @@ def _pass_rates(config: RunConfig, paths: RunPaths, manifests: dict[str, Path], 
 
         checklists = load_checklists(config.judge.checklist)
     except Exception as error:  # a missing checklist file must not cost the classifier results
-        notes.append(f"pass rate skipped: checklists {config.judge.checklist!r} could not be loaded ({error})")
+        fail(f"pass rate (checklists {config.judge.checklist!r})", error)
         return {}
     item_ids = {c.condition: [item.id for item in c.items] for c in checklists.conditions}
     judges = []
@@ -356,7 +387,11 @@ def _pass_rates(config: RunConfig, paths: RunPaths, manifests: dict[str, Path], 
     result: dict[str, dict] = {}
     for setting, manifest in manifests.items():
         result[setting] = {}
-        stored = manifest_verdicts(manifest)
+        try:
+            stored = manifest_verdicts(manifest)
+        except ValueError as error:  # a bad verdict_items cell: that setting's pass rate fails, nothing else
+            fail(f"pass rate of {setting} (manifest verdicts)", error)
+            continue
         if stored is not None:
             result[setting]["manifest"] = pass_rate_summary(*stored, item_ids, evaluate.bootstrap, config.seed)
         if not judges:
@@ -376,7 +411,7 @@ def _pass_rates(config: RunConfig, paths: RunPaths, manifests: dict[str, Path], 
                 with Ledger(paths.ledger) as ledger:
                     verdicts = judge_images(judge, ledger, images, conditions, checklists, judge_config.concurrency)
             except Exception as error:  # a judge failure must not lose the classifier results above
-                notes.append(f"pass rate of {setting} under the {role} failed: {error}")
+                fail(f"pass rate of {setting} under the {role}", error)
                 continue
             say(f"pass rate {setting}: {role} {judge.id}")
             result[setting][f"{role}: {judge.id}"] = pass_rate_summary(conditions, verdicts, item_ids,

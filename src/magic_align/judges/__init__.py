@@ -17,23 +17,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from magic_align.judges.base import Judge, ParseStatus, Verdict
+from magic_align.judges.base import Judge, JudgeCallError, ParseStatus, Verdict
 
 if TYPE_CHECKING:
     from magic_align.checklists.schema import ChecklistSet
     from magic_align.config import JudgeConfig
 
-__all__ = ["Judge", "ParseStatus", "Verdict", "make_judge", "member_config"]
+__all__ = ["Judge", "JudgeCallError", "ParseStatus", "Verdict", "make_judge", "member_config"]
 
 MEMBER_BACKENDS = ("openai", "hf", "rules")
 
 
 def member_config(cfg: "JudgeConfig", spec: str) -> "JudgeConfig":
     """The configuration of one ensemble member: `spec` is "backend" or "backend:model"."""
+    from magic_align.config import ConfigError
+
     backend, _, model = spec.partition(":")
     backend = backend.strip()
     if backend not in MEMBER_BACKENDS:
-        raise ValueError(
+        raise ConfigError(
             f"judge.members entry {spec!r}: expected 'backend' or 'backend:model' with backend one of {MEMBER_BACKENDS}"
         )
     update: dict = {"backend": backend, "members": []}
@@ -44,6 +46,8 @@ def member_config(cfg: "JudgeConfig", spec: str) -> "JudgeConfig":
 
 def make_judge(cfg: "JudgeConfig", checklists: "ChecklistSet") -> Judge:
     """Build the judge that `cfg.backend` names (see the module docstring)."""
+    from magic_align.config import ConfigError
+
     backend = cfg.backend
     if backend == "openai":
         from magic_align.judges.openai_judge import OpenAIJudge
@@ -61,12 +65,12 @@ def make_judge(cfg: "JudgeConfig", checklists: "ChecklistSet") -> Judge:
         from magic_align.judges.ensemble import EnsembleJudge
 
         if not cfg.members:
-            raise ValueError('judge.backend = "ensemble" needs judge.members, e.g. ["openai:gpt-4o", "hf:google/medgemma-4b-it"]')
+            raise ConfigError('judge.backend = "ensemble" needs judge.members, e.g. ["openai:gpt-4o", "hf:google/medgemma-4b-it"]')
         members = [make_judge(member_config(cfg, spec), checklists) for spec in cfg.members]
         return EnsembleJudge(members, cfg.ensemble_rule)
     if backend == "human":
-        raise ValueError(
+        raise ConfigError(
             'judge.backend = "human" has no judge to call: human verdicts are the reviews from the review page '
             "(`magic review`)"
         )
-    raise ValueError(f"unknown judge.backend {backend!r}")
+    raise ConfigError(f"unknown judge.backend {backend!r}")

@@ -8,9 +8,14 @@ Two rules (`judge.ensemble_rule`):
   not met (as `Verdict.score` does); above 0.5 is met, below is not met, exactly 0.5 (a tie) is not met (0).
   The per-item means are written into the rationales ("mean 0.67 of 3").
 
-Members that failed or refused on an image are left out of both rules; if none answered, the ensemble's
-verdict is failed (refused when every member refused). Tokens and cost add up; latency is the slowest member
-(they run concurrently). `raw` keeps every member's raw answer as JSON keyed by member id.
+Members whose answer failed to parse or refused are left out of both rules; if none answered, the ensemble's
+verdict is failed (refused when every member refused). Tokens, cost and requests add up; latency is the slowest
+member (they run concurrently). `raw` keeps every member's raw answer as JSON keyed by member id.
+
+A member that got no answer at all (`JudgeCallError`: unreachable, out of retries, rejected key) makes the
+ensemble raise `JudgeCallError` for the image too, systematic when the member's was: a verdict from the other
+members alone would be a different judge's verdict. The other members' answers to that image are not kept;
+they are asked again with it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Literal, Sequence
 from PIL import Image
 
 from magic_align.checklists.schema import Checklist
-from magic_align.judges.base import Judge, Verdict
+from magic_align.judges.base import Judge, JudgeCallError, Verdict
 
 EnsembleRule = Literal["majority", "mean"]
 
@@ -72,6 +77,7 @@ def combine_verdicts(verdicts: Sequence[Verdict], member_ids: Sequence[str], rul
         input_tokens=sum(verdict.input_tokens for verdict in verdicts),
         output_tokens=sum(verdict.output_tokens for verdict in verdicts),
         cost_usd=sum(verdict.cost_usd for verdict in verdicts),
+        requests=sum(verdict.requests for verdict in verdicts),
     )
     if not answered:
         status = "refused" if all(verdict.parse_status == "refused" for verdict in verdicts) else "failed"
@@ -119,11 +125,30 @@ class EnsembleJudge:
         return f"EnsembleJudge({self.id!r})"
 
     async def judge(self, image: Image.Image, checklist: Checklist) -> Verdict:
-        verdicts = await asyncio.gather(*(member.judge(image, checklist) for member in self.members))
+        outcomes = await asyncio.gather(*(member.judge(image, checklist) for member in self.members), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, JudgeCallError):
+                raise outcome
+        failures = [(member, outcome) for member, outcome in zip(self.members, outcomes) if isinstance(outcome, JudgeCallError)]
+        if failures:
+            member, first = failures[0]
+            requests = sum(outcome.requests for outcome in outcomes)  # verdicts and errors both count them
+            raise JudgeCallError(
+                f"ensemble member {member.id}: {first}", cause=f"{member.id}: {first.cause}", requests=requests,
+                systematic=any(error.systematic for _, error in failures),
+            )
+        verdicts = list(outcomes)
         verdict = combine_verdicts(verdicts, [member.id for member in self.members], self.rule)
         if verdict.answered:
             verdict.items = checklist.apply_requires(verdict.items)
         return verdict
+
+    def check_ready(self) -> None:
+        """Raise when a member can make no call (see `OpenAIJudge.check_ready`)."""
+        for member in self.members:
+            check = getattr(member, "check_ready", None)
+            if check is not None:
+                check()
 
     async def aclose(self) -> None:
         for member in self.members:

@@ -9,7 +9,9 @@ Concurrent `judge()` calls are collected into batches of up to `judge.hf_batch_s
 (greedy decoding, left padding) in a worker thread, so the event loop keeps collecting the next batch while
 one runs. The prompt and the parser are the same as the HTTP judge's (`prompts.py`, `parsing.py`); the
 structured style asks for JSON in the text (there is no constrained decoding here). An unreadable answer gets
-one repair turn, batched like any other request. The model is loaded on the first call (on CUDA in bfloat16
+one repair turn, batched like any other request. A batch whose generation fails (out of memory, say) gives its
+images no answer: each raises `JudgeCallError` and stays to be asked again; a model that cannot be loaded
+raises `HFJudgeLoadError`, which stops the stage. The model is loaded on the first call (on CUDA in bfloat16
 when available, else CPU float32), so building the judge to learn its id costs nothing.
 
 Images never leave the process, so real images may be graded (privacy.py); they are still downscaled to
@@ -28,18 +30,20 @@ from PIL import Image
 
 from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
-from magic_align.judges.base import Verdict
+from magic_align.judges.base import JudgeCallError, Verdict
 from magic_align.judges.openai_judge import REPAIR_SEPARATOR, after_repair, answer_verdict, max_output_tokens
-from magic_align.judges.parsing import no_answer, parse_answer
+from magic_align.judges.parsing import parse_answer
 from magic_align.judges.privacy import downscale
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair
-from magic_align.errors import MagicError
 
 DOCUMENTED_MODELS = ("google/medgemma-4b-it", "Qwen/Qwen2.5-VL-3B-Instruct")
 
 
-class HFJudgeLoadError(MagicError, RuntimeError):
-    """The model or processor named by `judge.model` could not be loaded."""
+class HFJudgeLoadError(JudgeCallError):
+    """The model or processor named by `judge.model` could not be loaded; no call can succeed."""
+
+    def __init__(self, message: str):
+        super().__init__(message, cause="judge model could not be loaded", systematic=True)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Generation:
     output_tokens: int = 0
     seconds: float = 0.0
     error: str | None = None
+    cause: str | None = None  # the short reason the stage counts failed calls by
 
 
 @dataclass
@@ -168,7 +173,10 @@ class HFJudge:
                 self._pending = []
                 return
             except Exception as error:  # e.g. out of memory on one batch: those images fail, the stage goes on
-                results = [_Generation(error=f"generation failed: {type(error).__name__}: {error}")] * len(batch)
+                results = [
+                    _Generation(error=f"generation failed: {type(error).__name__}: {error}",
+                                cause=f"generation failed ({type(error).__name__})")
+                ] * len(batch)
             for request, result in zip(batch, results):
                 if not request.future.done():
                     request.future.set_result(result)
@@ -181,23 +189,25 @@ class HFJudge:
         picture = downscale(image, self.cfg.image_size)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": render_prompt(checklist, style)}]}]
         first = await self._generate(messages, picture, budget)
+        if first.error is not None:  # no answer at all: an attempt, not a verdict
+            raise JudgeCallError(f"judge {self.id}: {first.error}", cause=first.cause, requests=1)
         input_tokens, output_tokens, latency = first.input_tokens, first.output_tokens, first.seconds
-        raw = first.text
-        if first.error is not None:
-            parsed = no_answer(n_items, "failed", first.error)
-        else:
-            parsed = parse_answer(first.text, n_items, style)
-            if parsed.status in ("failed", "partial"):
-                repair_messages = messages + [
-                    {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
-                    {"role": "user", "content": [{"type": "text", "text": render_repair(n_items, style)}]},
-                ]
-                second = await self._generate(repair_messages, picture, budget)
-                input_tokens += second.input_tokens
-                output_tokens += second.output_tokens
-                latency += second.seconds
-                if second.error is None:
-                    raw += REPAIR_SEPARATOR + second.text
-                parsed = after_repair(parsed, second.text if second.error is None else None, n_items, style)
-        return answer_verdict(parsed, checklist, self.cfg, raw, latency, input_tokens, output_tokens)
+        raw, requests = first.text, 1
+        parsed = parse_answer(first.text, checklist, style)
+        if parsed.status in ("failed", "partial"):
+            repair_messages = messages + [
+                {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+                {"role": "user", "content": [{"type": "text", "text": render_repair(n_items, style)}]},
+            ]
+            second = await self._generate(repair_messages, picture, budget)
+            requests += 1
+            input_tokens += second.input_tokens
+            output_tokens += second.output_tokens
+            latency += second.seconds
+            if second.error is None:
+                raw += REPAIR_SEPARATOR + second.text
+            parsed = after_repair(parsed, second.text if second.error is None else None, checklist, style)
+        verdict = answer_verdict(parsed, checklist, self.cfg, raw, latency, input_tokens, output_tokens)
+        verdict.requests = requests
+        return verdict
 

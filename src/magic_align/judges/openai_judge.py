@@ -8,23 +8,32 @@ httpx, written out here so retries are exactly what we want:
   with an estimate of each request (prompt text + image tiles + max output tokens), as OpenAI counts them;
 - retries on 429, 408/409, 5xx, timeouts, dropped connections and malformed response bodies, with
   exponential backoff and jitter, honouring `Retry-After` (seconds or an HTTP date), up to `max_retries`;
-- a server that rejects `response_format` (structured style) is asked again without it, once, and never
-  again by this judge;
-- 401/403/404 raise `JudgeEndpointError` (every call would fail the same way: wrong key, model or URL);
-  any other problem with one image, including an answer that cannot be read after one repair message,
-  comes back as a failed or refused `Verdict` with `error` set and never raises.
+- a server that rejects a request parameter with HTTP 400 gets the request again without it and this judge
+  remembers: `response_format` (structured style) is dropped, `max_tokens` becomes `max_completion_tokens`,
+  `temperature` is left to the server's default (newer reasoning models accept no other value);
+- a call that gets no answer after every retry raises `JudgeCallError` (never a verdict: the stage records an
+  attempt and the image stays to be asked again);
+- 401, 403, 404 (and a 400 naming the model as unknown) and a 429 that says the quota is exhausted raise
+  `JudgeEndpointError` at once, without retries, and every later call of this judge raises the same error
+  without a request: every call would fail the same way (wrong key, model or URL, no credit);
+- an answer the model gave is a `Verdict`: one that cannot be read after one repair message is `failed`,
+  a refusal `refused`; another 4xx rejection of one request (an image the server will not take) is a
+  `failed` verdict for that image.
 
 The API key is read from the environment variable named by `judge.api_key_env`; it is sent in the
-Authorization header only and never stored in reprs, logs, errors or verdicts.
+Authorization header only and never stored in reprs, logs, errors or verdicts. A judge without the key it
+needs can still be built (a dry run, or a later stage that only needs the judge's id); its first call raises.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -36,23 +45,24 @@ from PIL import Image
 
 from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
-from magic_align.judges.base import Verdict
+from magic_align.judges.base import JudgeCallError, Verdict
 from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens
 from magic_align.judges.parsing import ParsedAnswer, no_answer, parse_answer
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, is_loopback_url, png_data_url, prepare_image
 from magic_align.judges.prompts import prompt_version, render_prompt, render_repair, response_format
-from magic_align.errors import MagicError
 
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 520, 521, 522, 524, 529})
-FATAL_STATUS = frozenset({401, 403, 404})
 RETRY_AFTER_CEILING_S = 600.0  # a server asking for more than this is not honoured beyond it
 REPAIR_SEPARATOR = "\n\n[repair answer]\n"
 
 
-class JudgeEndpointError(MagicError, RuntimeError):
-    """The endpoint refuses every request (wrong key, model or URL); grading cannot go on."""
+class JudgeEndpointError(JudgeCallError):
+    """The endpoint refuses every request (wrong key, model or URL, exhausted quota); grading cannot go on."""
+
+    def __init__(self, message: str, *, cause: str | None = None, requests: int = 0):
+        super().__init__(message, cause=cause, requests=requests, systematic=True)
 
 
 # ------------------------------------------------------------------------------------- pure helpers
@@ -110,6 +120,50 @@ def estimate_request_tokens(messages: list[dict], image_size: int) -> int:
     return total
 
 
+def error_fields(text: str) -> tuple[str, str, str]:
+    """(message, param, code) of an error body such as OpenAI's {"error": {"message", "param", "code"}};
+    the raw text as the message when the body is not that shape."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text, "", ""
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, str):
+        return error, "", ""
+    if not isinstance(error, dict):
+        return text, "", ""
+    return str(error.get("message") or text), str(error.get("param") or ""), str(error.get("code") or error.get("type") or "")
+
+
+_UNKNOWN_MODEL = re.compile(r"model\b.{0,120}?\b(does not exist|not found|not exist|unknown|no such|not available)")
+
+
+def systematic_failure(status: int, text: str, retry_after: str | None = None) -> str | None:
+    """What an HTTP error says about every later call: "key" (401), "access" (403), "model" (404, or 400, naming
+    the model as unknown), "url" (another 404), "quota" (402, or a 429 saying the quota or credit is exhausted,
+    OpenAI's `insufficient_quota`), or None when the next call may well succeed (rate limits, 5xx, a rejection of
+    this one request). A 429 with a Retry-After header is a rate limit whatever its text: the server says when
+    to come back."""
+    message, _, code = error_fields(text)
+    lowered = f"{code} {message}".lower()
+    if status == 429:
+        if retry_after is not None and retry_after.strip():
+            return None
+        exhausted = "insufficient_quota" in lowered or ("quota" in lowered and ("billing" in lowered or "credit" in lowered))
+        return "quota" if exhausted else None
+    if status == 401:
+        return "key"
+    if status == 403:
+        return "access"
+    if status in (400, 404) and ("model_not_found" in lowered or _UNKNOWN_MODEL.search(lowered)):
+        return "model"
+    if status == 404:
+        return "url"
+    if status == 402:
+        return "quota"
+    return None
+
+
 # ------------------------------------------------------------------------------------------- judge
 @dataclass
 class _Reply:
@@ -117,7 +171,8 @@ class _Reply:
     refusal: str | None = None
     input_tokens: int = 0
     output_tokens: int = 0
-    error: str | None = None  # the call failed (after retries); content is None
+    error: str | None = None  # the request was rejected (a 4xx other than the systematic ones); content is None
+    requests: int = 0  # HTTP requests made for this reply (retries and resent adapted requests included)
 
 
 @dataclass
@@ -148,15 +203,19 @@ class OpenAIJudge:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"judge.base_url = {self.base_url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
         self._api_key = os.environ.get(cfg.api_key_env) or None
+        # Every later call raises this once set: a missing key now, a rejected key or unknown model later.
+        self._fatal: JudgeEndpointError | None = None
         if self._api_key is None and not is_loopback_url(self.base_url):
-            raise ValueError(
+            self._fatal = JudgeEndpointError(
                 f"the environment variable {cfg.api_key_env} (judge.api_key_env) is not set; "
-                f"the judge at {self.base_url} needs an API key"
+                f"the judge at {self.base_url} needs an API key",
+                cause="no API key",
             )
         self.id = f"openai:{cfg.model}@{parts.netloc}"
         self.prompt_version = prompt_version(cfg.prompt_style)
         self._use_response_format = cfg.prompt_style == "structured"
         self._max_tokens_key = "max_tokens"  # becomes max_completion_tokens if the server asks for it
+        self._send_temperature = True  # False once the server rejected temperature = 0
         self._sleep = sleep or asyncio.sleep
         self._rng = rng or random.Random()
         self._state: _LoopState | None = None
@@ -187,6 +246,11 @@ class OpenAIJudge:
     def prompt_text(self, checklist: Checklist) -> str:
         return render_prompt(checklist, self.cfg.prompt_style)
 
+    def check_ready(self) -> None:
+        """Raise `JudgeEndpointError` when no call can succeed (no API key); the stage asks before any call."""
+        if self._fatal is not None:
+            raise self._fatal
+
     async def __aenter__(self) -> "OpenAIJudge":
         return self
 
@@ -207,26 +271,31 @@ class OpenAIJudge:
 
     # ------------------------------------------------------------------------------------ calls
     async def _complete(self, state: _LoopState, messages: list[dict], n_items: int) -> _Reply:
-        """One chat completion with retries; returns the reply or why it failed."""
+        """One chat completion with retries: the reply, or a rejected request as `_Reply.error`; raises
+        `JudgeCallError` when no answer came after every retry, `JudgeEndpointError` when none ever will."""
+        if self._fatal is not None:
+            raise self._fatal
         style = self.cfg.prompt_style
         body: dict = {
             "model": self.cfg.model,
             "messages": messages,
-            "temperature": 0,
             self._max_tokens_key: max_output_tokens(n_items, style, self.cfg.max_output_tokens),
         }
+        if self._send_temperature:
+            body["temperature"] = 0
         if self._use_response_format:
             body["response_format"] = response_format(style)
         estimate = estimate_request_tokens(messages, self.cfg.image_size) + body[self._max_tokens_key]
         url = f"{self.base_url}/chat/completions"
         reason = "no attempt made"
-        attempt = 0
+        attempt = requests = 0
         while attempt <= self.cfg.max_retries:
             if state.requests is not None:
                 await state.requests.acquire()
             if state.tokens is not None:
                 await state.tokens.acquire(min(estimate, self.cfg.tokens_per_minute))
             retry_after: float | None = None
+            requests += 1
             try:
                 response = await state.client.post(url, json=body, headers=self._headers())
             except httpx.TimeoutException:
@@ -238,35 +307,58 @@ class OpenAIJudge:
                 if status == 200:
                     reply = self._read_reply(response)
                     if reply is not None:
+                        reply.requests = requests
                         return reply
                     reason = "malformed response body (not a chat completion)"
-                elif status in FATAL_STATUS:
-                    raise JudgeEndpointError(
-                        f"{url} answered HTTP {status}: {self._scrub(response.text)!r}; check judge.api_key_env "
-                        f"({self.cfg.api_key_env}), judge.model ({self.cfg.model!r}) and judge.base_url"
-                    )
                 elif status == 400 and self._adapt_to_rejection(body, response.text):
                     continue  # the request changed shape; not a failure of the call, so no retry is used up
+                elif (kind := systematic_failure(status, response.text, response.headers.get("retry-after"))) is not None:
+                    if self._fatal is None:
+                        self._fatal = self._endpoint_error(kind, status, response.text, requests)
+                    raise self._fatal
                 elif status in RETRYABLE_STATUS:
                     reason = f"HTTP {status}"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
                 else:
-                    return _Reply(error=f"HTTP {status}: {self._scrub(response.text)}")
+                    return _Reply(error=f"HTTP {status}: {self._scrub(response.text)}", requests=requests)
             if attempt == self.cfg.max_retries:
                 break
             delay = retry_delay(attempt, retry_after, self.cfg.retry_base_s, self.cfg.retry_max_s, self._rng)
             logger.info("%s: %s; retry %d/%d in %.2f s", self.id, reason, attempt + 1, self.cfg.max_retries, delay)
             await self._sleep(delay)
             attempt += 1
-        return _Reply(error=f"gave up after {attempt + 1} attempt(s): {reason}")
+        raise JudgeCallError(
+            f"no answer from {self.base_url} after {attempt + 1} attempt(s): {reason}", cause=reason, requests=requests
+        )
+
+    def _endpoint_error(self, kind: str, status: int, text: str, requests: int) -> JudgeEndpointError:
+        """The one line that says which setting to check (see `systematic_failure` for the kinds)."""
+        detail = self._scrub(error_fields(text)[0])[:200]
+        cfg, where = self.cfg, self.base_url
+        messages = {
+            "key": (f"judge at {where} rejected the API key (HTTP {status}: {detail!r}); check that "
+                    f"{cfg.api_key_env} (judge.api_key_env) holds a valid key", "API key rejected"),
+            "access": (f"judge at {where} denied access (HTTP {status}: {detail!r}); check the key's permissions "
+                       f"for judge.model = {cfg.model!r}", "access denied"),
+            "model": (f"judge model {cfg.model!r} not found at {where} (HTTP {status}: {detail!r}); check judge.model",
+                      "model not found"),
+            "url": (f"{where}/chat/completions not found (HTTP {status}: {detail!r}); check judge.base_url "
+                    "(OpenAI-compatible servers usually end in /v1)", "URL not found"),
+            "quota": (f"judge at {where}: quota exhausted (HTTP {status}: {detail!r}); check the account's plan and "
+                      "billing, then rerun to continue", "quota exhausted"),
+        }
+        message, cause = messages[kind]
+        return JudgeEndpointError(message, cause=cause, requests=requests)
 
     def _adapt_to_rejection(self, body: dict, text: str) -> bool:
         """Drop or rename a request parameter the server says it does not support; True when the body changed.
 
         Servers without JSON-schema support get the JSON asked for in the prompt text only (once; the judge
-        remembers). Newer OpenAI models want `max_completion_tokens` instead of `max_tokens`.
+        remembers). Newer OpenAI models want `max_completion_tokens` instead of `max_tokens`, and reasoning
+        models accept only their default temperature: it is then left out, so answers may vary between calls.
         """
-        lowered = text.lower()
+        message, param, _ = error_fields(text)
+        lowered = f"{param} {message}".lower()
         if "response_format" in body and ("response_format" in lowered or "json_schema" in lowered or "response format" in lowered):
             logger.warning("%s rejects response_format; asking for JSON in the prompt text only", self.id)
             self._use_response_format = False
@@ -275,6 +367,11 @@ class OpenAIJudge:
         if "max_tokens" in body and "max_completion_tokens" in lowered:
             self._max_tokens_key = "max_completion_tokens"
             body["max_completion_tokens"] = body.pop("max_tokens")
+            return True
+        if "temperature" in body and (param == "temperature" or "temperature" in lowered):
+            logger.warning("%s rejects temperature = 0; asking with the server's default temperature", self.id)
+            self._send_temperature = False
+            del body["temperature"]
             return True
         return False
 
@@ -316,26 +413,33 @@ class OpenAIJudge:
                 }
             ]
             del png
-            reply = await self._complete(state, messages, n_items)
-            input_tokens, output_tokens = reply.input_tokens, reply.output_tokens
+            reply = await self._complete(state, messages, n_items)  # no answer at all: JudgeCallError
+            input_tokens, output_tokens, requests = reply.input_tokens, reply.output_tokens, reply.requests
             raw = reply.content or reply.refusal or ""
             if reply.error is not None:
                 parsed = no_answer(n_items, "failed", reply.error)
             elif reply.refusal is not None and not reply.content:
                 parsed = no_answer(n_items, "refused", f"refusal: {reply.refusal[:200]}")
             else:
-                parsed = parse_answer(reply.content, n_items, style)
+                parsed = parse_answer(reply.content, checklist, style)
                 if parsed.status in ("failed", "partial"):
                     messages.append({"role": "assistant", "content": reply.content or ""})
                     messages.append({"role": "user", "content": render_repair(n_items, style)})
-                    repair = await self._complete(state, messages, n_items)
+                    try:
+                        repair = await self._complete(state, messages, n_items)
+                    except JudgeCallError as error:
+                        # the first answer was paid for and is kept; a systematic error stops the next call
+                        repair = _Reply(error=f"repair call failed: {error}", requests=error.requests)
                     input_tokens += repair.input_tokens
                     output_tokens += repair.output_tokens
+                    requests += repair.requests
                     if repair.error is None:
                         raw += REPAIR_SEPARATOR + (repair.content or repair.refusal or "")
-                    parsed = after_repair(parsed, repair.content if repair.error is None else None, n_items, style)
+                    parsed = after_repair(parsed, repair.content if repair.error is None else None, checklist, style)
             latency = time.perf_counter() - started
-        return answer_verdict(parsed, checklist, self.cfg, raw, latency, input_tokens, output_tokens)
+        verdict = answer_verdict(parsed, checklist, self.cfg, raw, latency, input_tokens, output_tokens)
+        verdict.requests = requests
+        return verdict
 
 
 def better_answer(first: ParsedAnswer, second: ParsedAnswer) -> ParsedAnswer:
@@ -346,9 +450,10 @@ def better_answer(first: ParsedAnswer, second: ParsedAnswer) -> ParsedAnswer:
     return second if known(second) >= known(first) else first
 
 
-def after_repair(parsed: ParsedAnswer, repair_text: str | None, n_items: int, style: str) -> ParsedAnswer:
+def after_repair(parsed: ParsedAnswer, repair_text: str | None, n_items: int | Checklist, style: str) -> ParsedAnswer:
     """The answer once the one repair message was tried: the better of both (`repair_text` None: the repair
-    call failed), with an error that says a repair was tried when it is still unreadable."""
+    call failed), with an error that says a repair was tried when it is still unreadable. Give the checklist
+    for `n_items` so lines naming aspects are read (`parse_answer`)."""
     if repair_text is not None:
         parsed = better_answer(parsed, parse_answer(repair_text, n_items, style))
     if parsed.status == "failed":

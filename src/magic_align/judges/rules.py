@@ -23,6 +23,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from magic_align.checklists.schema import Checklist, ChecklistSet
+from magic_align.config import ConfigError
 from magic_align.judges.base import Verdict
 
 
@@ -56,9 +57,11 @@ def register_domain(domain: RulesDomain) -> None:
 def get_domain(name: str) -> RulesDomain:
     if name not in _DOMAINS and name == "demo":
         import magic_align.judges.rules_demo  # noqa: F401  (registers the built-in demo domain)
+    if name not in _DOMAINS and name == "tiny":
+        import magic_align.judges.rules_tiny  # noqa: F401  (registers the tiny preset's plumbing checks)
     if name not in _DOMAINS:
-        known = sorted(set(_DOMAINS) | {"demo"})
-        raise ValueError(
+        known = sorted(set(_DOMAINS) | {"demo", "tiny"})
+        raise ConfigError(
             f"the rules judge has no measurement rules for checklist set {name!r}; known domains: {known}. "
             "Use judge.checklist = 'demo', or register a domain with magic_align.judges.rules.register_domain"
         )
@@ -130,7 +133,7 @@ def make_rules_judge(cfg: Any, checklists: ChecklistSet) -> RulesJudge:
     judge = RulesJudge(get_domain(checklists.id))
     problems = [f"{c.condition}: {missing}" for c in checklists.conditions if (missing := judge.missing_rules(c))]
     if problems:
-        raise ValueError(
+        raise ConfigError(
             f"the rules domain {judge.domain.name!r} has no rule for these checklist items: " + "; ".join(problems)
         )
     return judge

@@ -1,5 +1,6 @@
 """The expert review page (`magic review`): dermatologists confirm or correct the judge's verdicts.
 
 `app.create_app(config, token=None, reviewer=None, judge_id=None)` builds the FastAPI app;
-`app.run_review(config, host, port, reviewer)` serves it with uvicorn. See docs/review.md.
+`app.run_review(config, host, port, reviewer, judge_id, require_token)` binds the port, then serves it with
+uvicorn. See docs/review.md.
 """

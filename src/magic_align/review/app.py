@@ -10,16 +10,21 @@ without saving. Routes:
     GET  /gallery/{condition}   every image of a condition, with per-item agreement judge vs reviewers
     GET  /image/{sample_id}     the PNG of a sample the ledger knows (by id; no paths from the request)
     GET|POST /login, POST /logout
+    GET  /static/...            the page's stylesheet and script (behind the token login, where there is one)
 
 Reviews are appended to the ledger (`Ledger.add_review`) with the reviewer's name and the time; the judges'
-verdicts are only read. Security rules are in `security.py`.
+verdicts are only read. Security rules are in `security.py`; `run_review` binds the port before it prints
+the address.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
 import hashlib
 import logging
 import math
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -46,12 +51,16 @@ from magic_align.review.queue import (
 )
 from magic_align.review.security import (
     CSRF_FIELD,
+    MAX_FORM_BYTES,
     MAX_NOTE_CHARS,
     SECURITY_HEADERS,
     SESSION_COOKIE,
+    BodyLimit,
     InputError,
+    Login,
     Session,
     SessionSigner,
+    SessionStore,
     check_note,
     check_reviewer,
     check_sample_id,
@@ -69,11 +78,20 @@ logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(str(resources.files("magic_align") / "review"))
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
-MAX_FORM_BYTES = 64 * 1024
+# The style of the pages shown before the token login, inlined (and allowed by its hash in the page's CSP)
+# because nothing under /static/ answers before that login.
+PUBLIC_STYLE = (PACKAGE_DIR / "templates" / "_public.css").read_text(encoding="utf-8")
+PUBLIC_STYLE_CSP = SECURITY_HEADERS["Content-Security-Policy"].replace(
+    "style-src 'self'", f"style-src 'sha256-{base64.b64encode(hashlib.sha256(PUBLIC_STYLE.encode()).digest()).decode()}'"
+)
 
 
 class ReviewError(MagicError, RuntimeError):
     """The review page cannot start (no ledger, no samples); the message says what to run first."""
+
+
+class ReviewPortError(ReviewError):
+    """The address or port cannot be listened on (taken, not this machine's, not permitted)."""
 
 
 class _LoginNeeded(Exception):
@@ -138,11 +156,13 @@ def create_app(
 ) -> FastAPI:
     """The review app for the run of `config`.
 
-    token: when set, a session must log in with it first (`run_review` sets one for non-loopback hosts).
+    token: when set, a session must log in with it first, and nothing but the login page answers before
+        (`run_review` sets one for non-loopback hosts and with `require_token`).
     reviewer: the name reviews are stored under; None asks each session for a name at login.
     judge_id: the judge the reviews are compared with (default: see `choose_primary_judge`).
     allowed_hosts: accepted Host headers (DNS-rebinding guard for loopback); None accepts any.
-    secret: the session signing key (default: random per app, so restarting logs everybody out).
+    secret: the cookie signing key (default: random per app). Logins live in this app's memory
+        (`SessionStore`), so a restart logs everybody out whatever the key.
     """
     paths = RunPaths(config.run_dir)
     if not paths.ledger.exists():
@@ -152,6 +172,7 @@ def create_app(
     fixed_reviewer = check_reviewer(reviewer) if reviewer is not None else None
     judging = choose_primary_judge(config, ledger, checklists, judge_id)
     signer = SessionSigner(secret)
+    logins = SessionStore(signer.max_age_s)
     settings = config.review
     root = paths.root.resolve()
 
@@ -159,6 +180,7 @@ def create_app(
     templates = Jinja2Templates(directory=str(PACKAGE_DIR / "templates"))
     templates.env.globals.update(answer=_answer, when=_when, isnan=math.isnan, max_note=MAX_NOTE_CHARS)
     app.mount("/static", StaticFiles(directory=str(PACKAGE_DIR / "static")), name="static")
+    app.add_middleware(BodyLimit, max_bytes=MAX_FORM_BYTES)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
@@ -168,13 +190,14 @@ def create_app(
         session = signer.loads(request.cookies.get(SESSION_COOKIE))
         issued = session is None
         if session is None:
-            session = Session.fresh(authenticated=token is None)
+            session = Session.fresh()
         request.state.session = session
+        # the cookie only names the session; whether it is logged in is the server's record (gone after logout)
+        request.state.login = logins.get(session.sid)
         request.state.new_session = None
-        length = request.headers.get("content-length", "0")
-        if request.method == "POST" and (not length.isdigit() or int(length) > MAX_FORM_BYTES):
-            # a review form is a few kilobytes; refuse big bodies before anybody parses them
-            response = error_page(request, 413, f"the form is larger than {MAX_FORM_BYTES // 1024} KiB; a review needs far less")
+        path = request.scope["path"]
+        if (path == "/static" or path.startswith("/static/")) and not passed_token(request):
+            response = error_page(request, 401, "log in first: the page's files are served to logged-in sessions only")
         else:
             response = await call_next(request)
         replacement = request.state.new_session
@@ -191,15 +214,31 @@ def create_app(
             response.headers.setdefault(name, value)
         return response
 
+    def passed_token(request: Request) -> bool:
+        """True when no token is needed or this session logged in with it."""
+        return token is None or request.state.login is not None
+
+    def logged_in_name(request: Request) -> str | None:
+        login: Login | None = request.state.login
+        if not passed_token(request):
+            return None
+        return fixed_reviewer or (login.reviewer if login is not None else None)
+
     def render(request: Request, name: str, context: dict, status: int = 200) -> Response:
         session: Session = request.state.session
+        assets = passed_token(request)
         base = {
             "csrf_field": CSRF_FIELD,
             "csrf_token": (request.state.new_session or session).csrf,
-            "reviewer": fixed_reviewer or session.reviewer if session.authenticated else None,
+            "reviewer": logged_in_name(request),
             "run_name": config.name,
+            "assets": assets,
+            "public_style": PUBLIC_STYLE,
         }
-        return templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
+        response = templates.TemplateResponse(request, name, {**base, **context}, status_code=status)
+        if not assets:
+            response.headers["Content-Security-Policy"] = PUBLIC_STYLE_CSP
+        return response
 
     def error_page(request: Request, status: int, message: str) -> Response:
         titles = {400: "Bad request", 401: "Login needed", 403: "Refused", 404: "Not found", 409: "Conflict", 413: "Too large"}
@@ -228,9 +267,8 @@ def create_app(
         return error_page(request, 500, f"internal error ({type(error).__name__}); the terminal running `magic review` has the details")
 
     def current_reviewer(request: Request) -> str:
-        session: Session = request.state.session
-        name = fixed_reviewer or session.reviewer
-        if not session.authenticated or not name:
+        name = logged_in_name(request)
+        if not name:
             raise _LoginNeeded()
         return name
 
@@ -302,17 +340,15 @@ def create_app(
     # ------------------------------------------------------------------------------------ login
     @app.get("/login")
     def login_page(request: Request) -> Response:
-        session: Session = request.state.session
-        if session.authenticated and (fixed_reviewer or session.reviewer):
+        if logged_in_name(request):
             return RedirectResponse("/", status_code=303)
-        return render(request, "login.html", {"need_token": not session.authenticated, "need_name": fixed_reviewer is None, "error": None})
+        return render(request, "login.html", {"need_token": not passed_token(request), "need_name": fixed_reviewer is None, "error": None})
 
     @app.post("/login")
     async def login(request: Request) -> Response:
         form = await read_form(request)
         check_csrf(request, form)
-        session: Session = request.state.session
-        need_token = not session.authenticated
+        need_token = not passed_token(request)
         context = {"need_token": need_token, "need_name": fixed_reviewer is None}
         if need_token:
             given = form.get("token")
@@ -325,14 +361,18 @@ def create_app(
             except InputError as error:
                 return render(request, "login.html", {**context, "error": str(error)}, 400)
         # a fresh session id and CSRF token at login: a session planted earlier gains nothing
-        request.state.new_session = Session.fresh(authenticated=True, reviewer=name)
+        logins.close(request.state.session.sid)
+        fresh = Session.fresh()
+        logins.open(fresh.sid, None if fixed_reviewer else name)
+        request.state.new_session = fresh
         return RedirectResponse("/", status_code=303)
 
     @app.post("/logout")
     async def logout(request: Request) -> Response:
         form = await read_form(request)
         check_csrf(request, form)
-        request.state.new_session = Session.fresh(authenticated=token is None)
+        logins.close(request.state.session.sid)  # every copy of this session's cookie is logged out with it
+        request.state.new_session = Session.fresh()
         return RedirectResponse("/login", status_code=303)
 
     # ------------------------------------------------------------------------------------ pages
@@ -520,27 +560,72 @@ def create_app(
     return app
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free one), or a `ReviewPortError` naming the address and
+    why it cannot be had. Bound before anything is announced, so a printed address is one that answers."""
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise ReviewPortError(f"cannot listen on {shown}: {error.strerror or error}; check --host") from None
+    try:
+        # a stopped `magic review` leaves connections in TIME_WAIT; they must not block a restart (a port another
+        # server listens on still fails below)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(128)
+    except OSError as error:
+        listener.close()
+        reasons = {
+            errno.EADDRINUSE: "the port is already in use (another `magic review`?); choose another with --port",
+            errno.EACCES: "not permitted (ports below 1024 need privileges); choose another with --port",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's; check --host",
+        }
+        raise ReviewPortError(f"cannot listen on {shown}: {reasons.get(error.errno, error.strerror or str(error))}") from None
+    return listener
+
+
+def _serve(app: FastAPI, listener: socket.socket) -> None:
+    """Serve `app` on the already listening socket until interrupted."""
+    import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listener])
+
+
 def run_review(
     config: RunConfig,
     host: str | None = None,
     port: int | None = None,
     reviewer: str | None = None,
     judge_id: str | None = None,
+    require_token: bool | None = None,
     announce=print,
 ) -> None:
-    """`magic review`: serve the review page until interrupted. Loopback needs no token; any other host
-    gets a fresh random token, announced here, that each browser session must enter once."""
-    import uvicorn
-
+    """`magic review`: serve the review page until interrupted. Loopback needs no token unless
+    `require_token` (default `review.require_token`); any other host always gets one. The token is fresh and
+    random, announced here, and each browser session must enter it once. The port is bound before anything is
+    announced: a taken port is a `ReviewPortError`, and port 0 picks a free one (the announced address says
+    which)."""
     host = host or config.review.host
-    port = port or config.review.port
+    port = config.review.port if port is None else port
+    if require_token is None:
+        require_token = config.review.require_token
     loopback = is_loopback(host)
-    token = None if loopback else new_token()
+    token = new_token() if require_token or not loopback else None
     allowed_hosts = LOOPBACK_NAMES + [host.strip("[]")] if loopback else None  # e.g. 127.0.0.2 as bound
     app = create_app(config, token=token, reviewer=reviewer, judge_id=judge_id, allowed_hosts=allowed_hosts)
-    shown_host = f"[{host}]" if ":" in host else host
-    announce(f"review page for run {config.name}: http://{shown_host}:{port}/")
-    if token is not None:
-        announce(f"listening on {host} (not loopback): log in at http://{shown_host}:{port}/login with the token")
-        announce(f"token: {token}")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    listener = bind_listener(host, port)
+    try:
+        port = listener.getsockname()[1]
+        shown_host = f"[{host.strip('[]')}]" if ":" in host else host
+        announce(f"review page for run {config.name}: http://{shown_host}:{port}/")
+        if token is not None:
+            why = "token required (--require-token)" if loopback else f"listening on {host} (not loopback)"
+            announce(f"{why}: log in at http://{shown_host}:{port}/login with the token")
+            announce(f"token: {token}")
+        _serve(app, listener)
+    finally:
+        listener.close()

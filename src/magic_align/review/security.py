@@ -1,15 +1,19 @@
 """What keeps the review page safe to run: who may use it, which requests are genuine, which input is valid.
 
-- **Loopback by default.** `magic review` binds 127.0.0.1. Bound to any other address, the page asks for a
-  random token (`new_token`, printed at start) before anything else; the token is exchanged once for a
-  session cookie.
-- **Session cookie.** Signed (itsdangerous, a secret drawn when the app starts, so a restart logs everybody
-  out), HttpOnly, SameSite=Strict, expiring after `SESSION_MAX_AGE_S`. It carries a random session id, the
-  session's CSRF token, whether the session is logged in and the reviewer's name; it holds no other data.
-  A login issues a fresh session (new id, new CSRF token), so a session planted before the login is useless.
+- **Loopback by default.** `magic review` binds 127.0.0.1. Bound to any other address, or with
+  `--require-token` (`review.require_token`) on loopback too, the page asks for a random token (`new_token`,
+  printed at start) before anything else, its static files included; the token is exchanged once for a
+  session.
+- **Sessions live on the server.** The cookie is signed (itsdangerous, a secret drawn when the app starts),
+  HttpOnly, SameSite=Strict, and carries only a random session id and the session's CSRF token. Who is logged
+  in, under which name and until when is kept in the app's `SessionStore`; logging out deletes the entry, so a
+  copied cookie is worthless afterwards, and a restart logs everybody out. A login issues a fresh session (new
+  id, new CSRF token), so a session planted before the login is useless.
 - **CSRF.** Every POST, login included, carries the session's CSRF token in a hidden field and is refused
   (403) without it or with another one. This holds on loopback too: any web page the reviewer visits could
   otherwise post to 127.0.0.1.
+- **Body size.** A request body may bring at most `MAX_FORM_BYTES`, counted as it arrives (`BodyLimit`), so
+  chunked bodies and lying `Content-Length` headers are refused (413) like honest big ones.
 - **Input.** Sample ids, condition names, item values, notes and reviewer names are checked here against
   explicit rules (`InputError` says what was expected); images are found by sample id in the ledger, never by
   a path from the request.
@@ -21,13 +25,19 @@ import hmac
 import ipaddress
 import re
 import secrets
+import threading
+import time
 from dataclasses import asdict, dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from magic_align.errors import MagicError
 
 SESSION_COOKIE = "magic_review_session"
 SESSION_MAX_AGE_S = 12 * 3600
+MAX_SESSIONS = 1000
+MAX_FORM_BYTES = 64 * 1024  # a review form is a few kilobytes
 CSRF_FIELD = "csrf_token"
 MAX_NOTE_CHARS = 2000
 MAX_REVIEWER_CHARS = 64
@@ -80,16 +90,17 @@ def same_secret(given: str | None, expected: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- session
-@dataclass
+@dataclass(frozen=True)
 class Session:
+    """What the cookie carries: a random session id and that session's CSRF token, nothing else. Whether the
+    session is logged in is never read from the cookie, only from the server's `SessionStore`."""
+
     sid: str
     csrf: str
-    authenticated: bool = False
-    reviewer: str | None = None
 
     @classmethod
-    def fresh(cls, authenticated: bool, reviewer: str | None = None) -> "Session":
-        return cls(secrets.token_urlsafe(16), secrets.token_urlsafe(32), authenticated, reviewer)
+    def fresh(cls) -> "Session":
+        return cls(secrets.token_urlsafe(16), secrets.token_urlsafe(32))
 
 
 class SessionSigner:
@@ -109,13 +120,67 @@ class SessionSigner:
             data = self._serializer.loads(value, max_age=self.max_age_s)
         except BadSignature:  # SignatureExpired is a BadSignature too
             return None
-        try:
-            session = Session(**data)
-        except TypeError:
+        if not isinstance(data, dict) or set(data) != {"sid", "csrf"}:
             return None
-        if not isinstance(session.sid, str) or not isinstance(session.csrf, str):
+        if not isinstance(data["sid"], str) or not isinstance(data["csrf"], str):
             return None
-        return session
+        return Session(data["sid"], data["csrf"])
+
+
+@dataclass(frozen=True)
+class Login:
+    """A logged-in session as the server knows it: the reviewer's name (None when the app fixes the name) and
+    when the login ends (in the store's clock)."""
+
+    reviewer: str | None
+    expires_at: float
+
+
+class SessionStore:
+    """The logged-in sessions, by session id, in memory. A session id missing here is not logged in, whatever
+    its cookie says: logout (`close`) and expiry therefore end a session for every copy of its cookie.
+
+    At most `max_sessions` logins are kept; beyond that the oldest is dropped (its reviewer logs in again), so
+    repeated logins cannot grow the server's memory without bound."""
+
+    def __init__(self, max_age_s: int = SESSION_MAX_AGE_S, max_sessions: int = MAX_SESSIONS, clock=time.monotonic):
+        self.max_age_s = max_age_s
+        self.max_sessions = max_sessions
+        self._clock = clock
+        self._logins: dict[str, Login] = {}  # insertion order = login order, for dropping the oldest
+        self._lock = threading.Lock()
+
+    def open(self, sid: str, reviewer: str | None) -> Login:
+        login = Login(reviewer, self._clock() + self.max_age_s)
+        with self._lock:
+            self._drop_expired()
+            self._logins.pop(sid, None)
+            while len(self._logins) >= self.max_sessions:
+                del self._logins[next(iter(self._logins))]
+            self._logins[sid] = login
+        return login
+
+    def get(self, sid: str) -> Login | None:
+        with self._lock:
+            login = self._logins.get(sid)
+            if login is not None and login.expires_at <= self._clock():
+                del self._logins[sid]
+                return None
+            return login
+
+    def close(self, sid: str) -> None:
+        with self._lock:
+            self._logins.pop(sid, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._drop_expired()
+            return len(self._logins)
+
+    def _drop_expired(self) -> None:
+        now = self._clock()
+        for sid in [sid for sid, login in self._logins.items() if login.expires_at <= now]:
+            del self._logins[sid]
 
 
 def csrf_ok(session: Session | None, given: str | None) -> bool:
@@ -165,3 +230,43 @@ def parse_checked_items(values: list[str], n_items: int) -> list[int]:
             raise InputError(f"item {number} was sent twice")
         items[number - 1] = 1
     return items
+
+
+# ------------------------------------------------------------------------------------------- body size
+class BodyLimit:
+    """ASGI middleware: a request body may bring at most `max_bytes`, counted on the bytes actually received.
+
+    A chunked body declares no length and a declared `Content-Length` is only a claim, so the header alone
+    proves nothing. The app's read that would go past the limit (or its first read, when the declared length
+    is already too large) raises HTTP 413 instead of returning data: the form is never parsed and the rest of
+    the body is never read."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large_claim = declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            if too_large_claim:
+                raise self._too_large()
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _too_large(self) -> StarletteHTTPException:
+        return StarletteHTTPException(
+            413, f"the form is larger than {self.max_bytes // 1024} KiB; a review needs far less"
+        )

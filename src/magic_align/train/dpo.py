@@ -13,7 +13,9 @@ The reference of the loss is, by default (`dpo.reference = "initial"`), the mode
   are recomputed once per sample with the DPO adapter disabled (and cached);
 - `dpo.reference = "sampling"` uses the stored log-probs in every round (the reference is then the policy
   that sampled the round: the online variant that worked best in the demo prototype);
-- `dpo.recompute_reference = true` always recomputes them (trajectories sampled by some other policy).
+- `dpo.recompute_reference = true` always recomputes them (trajectories sampled by some other policy);
+- under `dpo.mixed_precision = "bf16"` (or fp16) they are recomputed too, once per sample under the same autocast
+  as the policy, so the first step's log-ratio is 0 (the stored ones carry the sampler's precision).
 
 Each pair's two trajectories are scored in batched UNet passes (`steps_per_forward` denoising steps of both
 samples per pass; each row carries its own timestep: `trajectory_likelihood.trajectory_log_probs`), the log-prob
@@ -50,6 +52,7 @@ from magic_align.train.loop import (
     make_accelerator,
     optimizer_step,
     step_seed,
+    training_progress,
 )
 from magic_align.train.trajectory_likelihood import (
     TrajectorySettings,
@@ -165,9 +168,13 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
 
     examples, ties = informative_pairs(Ledger(paths.ledger), paths, round_index)
     if not examples:
+        if not ties:
+            raise TrainingError(f"round {round_index} has no pairs in {paths.ledger}; run `magic pairs` first")
         raise TrainingError(
-            f"round {round_index} has no informative pair ({ties} ties: both win or both lose) in {paths.ledger}; "
-            "run `magic pairs` first, or sample more / at a higher strength"
+            f"round {round_index} has no informative pair: all {ties} pairs tied (both samples won or both lost), so "
+            "DPO has nothing to learn from; to get pairs whose samples differ, sample more units or more samples per "
+            "unit (sample.num_sources, sample.samples_per_unit), sample at a higher strength (sample.strength), or "
+            "use a rule with a smaller margin (pairs.rule = \"margin\"); `magic pairs` shows the score of each pair"
         )
     store = TrajectoryStore(paths.trajectories(round_index))
     first_id = examples[0].sample_ids[0]
@@ -179,6 +186,17 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     # Stored log-probs are the initial model's only if the initial model sampled (no aligned LoRA stacked).
     sampled_by_initial = round_index == 0 and not header.get("policy_lora")
     recompute = settings.recompute_reference or (settings.reference == "initial" and not sampled_by_initial)
+    if settings.objective == "trajectory" and settings.mixed_precision != "no" and not recompute:
+        # The policy's log-probs come out of the UNet under bf16/fp16 autocast, the stored ones from the sampler's
+        # precision: compared as they are, the first step's log-ratio would be the rounding gap, not 0. The
+        # reference is recomputed once per sample under the same autocast, where it equals the starting policy.
+        if settings.reference == "sampling" and not sampled_by_initial:
+            raise TrainingError(
+                f"dpo.mixed_precision = {settings.mixed_precision!r} with dpo.reference = 'sampling' in round "
+                f"{round_index}: the sampling policy's stored log-probs were computed in another precision and that "
+                "policy cannot be rerun here; set dpo.mixed_precision = 'no' or dpo.reference = 'initial'"
+            )
+        recompute = True
     # the denoising objective runs the initial model itself, so the stored log-probs need not match it
     if settings.objective == "trajectory" and not recompute:
         if sampling.reduction != settings.log_prob_reduction:
@@ -302,7 +320,9 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         return denoising_dpo_loss(*gathered, settings.denoising_beta)
 
     unet.train()
-    for step in range(session.start_step, settings.iterations):
+    progress = training_progress(accelerator, f"dpo round {round_index}", total=settings.iterations,
+                                 start=session.start_step, checkpoints=checkpoints)
+    for step in progress.steps(range(session.start_step, settings.iterations)):
         if settings.balance == "condition":
             chosen = balanced_batch_indices(groups, settings.pairs_per_step, step, settings.seed)[rank::world]
         else:
@@ -318,6 +338,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         # The last step is checkpointed too, so rerunning a finished round trains nothing again.
         if done % settings.checkpoint_every == 0 or done == settings.iterations:
             checkpoints.save(done, {"round": round_index, "pairs": len(examples), "ties_skipped": ties})
+        progress.advance(loss=float(loss_value))
     logger.close()
 
     output = round_output(paths, round_index)

@@ -6,6 +6,12 @@
    hook writes into the token-embedding output at the new tokens' positions, so the rows of every other token
    receive no gradient and no optimizer update (weight decay included) and stay bit-identical.
    The learning rate is scaled by batch x accumulation when `ti_scale_lr` (as the paper's scripts do).
+   `ti_schedule = "per_token"` (the paper, whose authors ran textual inversion once per condition) gives every
+   token its own budget: the tokens are trained one after the other, each for `ti_steps_per_token` optimizer
+   steps on batches of its own condition's images only, and the optimizer state is cleared between tokens. With
+   AdamW, no weight decay and a cleared state, a row whose gradient is zero does not move, so this is exactly N
+   separate runs (in one process, one checkpoint stream). `"joint"` trains all tokens together for `ti_steps`
+   steps on batches mixing every condition (about N times fewer updates per token; the tiny and demo presets).
 2. **UNet LoRA.** Rank/alpha on to_q, to_k, to_v, to_out.0 of every attention; AdamW, LR schedule (cosine by
    default), gradient clipping; text encoder (with the learned tokens) and VAE frozen; captions = the prompt
    template with the condition's token; centre crop + random horizontal flip; epsilon-prediction MSE with DDPM
@@ -224,6 +230,39 @@ def load_batch(
     return torch.stack(tensors), conditions
 
 
+@dataclass(frozen=True)
+class TokenPhase:
+    """A stretch of textual-inversion steps: the images it draws batches from and how many steps it runs."""
+
+    condition: str | None  # the one token it trains (None: the joint schedule, every token)
+    images: tuple[int, ...]  # indices into the training images
+    steps: int
+
+
+def ti_phases(images: Sequence[TrainingImage], conditions: Sequence[str], ft) -> list[TokenPhase]:
+    """The textual-inversion schedule (`finetune.ti_schedule`): one phase per condition with training images, in
+    checklist order (`per_token`), or one phase over every image (`joint`)."""
+    if ft.ti_schedule == "joint":
+        return [TokenPhase(None, tuple(range(len(images))), ft.ti_steps)]
+    return [TokenPhase(condition, members, ft.ti_steps_per_token) for condition in conditions
+            if (members := tuple(i for i, item in enumerate(images) if item.condition == condition))]
+
+
+def phase_at(phases: Sequence[TokenPhase], step: int) -> tuple[int, int]:
+    """(phase index, step within that phase) of global textual-inversion step `step`."""
+    for index, phase in enumerate(phases):
+        if step < phase.steps:
+            return index, step
+        step -= phase.steps
+    raise ValueError(f"step {step} is past the textual-inversion schedule")
+
+
+def forget_optimizer_state(optimizer) -> None:
+    """Start a token's phase with a fresh AdamW state, as its own run would: with zero moments, the rows of the
+    other tokens (zero gradient, no weight decay) get a zero update, and the bias correction restarts."""
+    getattr(optimizer, "optimizer", optimizer).state.clear()  # accelerate wraps the torch optimizer
+
+
 class TokenTextEncoder(nn.Module):
     """The frozen text encoder with the trainable token rows spliced in: the module phase 1 trains (and the one
     accelerate wraps, so DDP sees a forward pass and averages the rows' gradients)."""
@@ -289,6 +328,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
         make_optimizer,
         optimizer_step,
         start_training,
+        training_progress,
         weight_dtype,
     )
 
@@ -347,13 +387,23 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     trainable_rows = [accelerator.unwrap_model(encoder).token_rows.rows]
     ti_log = MetricsLogger(paths.logs / "finetune" / "ti", ft.log_with, enabled=accelerator.is_main_process,
                            resume_step=ti_start if ti_start else None)
-    for step in range(ti_start, ft.ti_steps):
+    phases = ti_phases(images, checklists.condition_names, ft)
+    ti_total = sum(phase.steps for phase in phases)
+    ti_progress = training_progress(accelerator, "finetune textual inversion", total=ti_total, start=ti_start,
+                                    checkpoints=ti_checkpoints)
+    for step in ti_progress.steps(range(ti_start, ti_total)):
+        phase_index, local = phase_at(phases, step)
+        phase = phases[phase_index]
+        if local == 0 and phase.condition is not None:
+            forget_optimizer_state(ti_optimizer)
+        # the joint schedule keeps its original draws (and so its checkpoints); a token's phase has its own stream
+        stream = "ti" if phase.condition is None else f"ti:{phase.condition}"
         loss_total = 0.0
         for micro in range(ft.ti_grad_accum):
-            draw = (step * ft.ti_grad_accum + micro) * world + rank
-            generator = torch.Generator().manual_seed(step_seed(ft.seed, "ti", step, micro * world + rank))
-            indices = batch_indices(len(images), ft.ti_batch_size, draw, phase_epoch_seed(ft.seed, "ti"))
-            pixels, conditions = load_batch(images, indices, size, config, generator)
+            draw = (local * ft.ti_grad_accum + micro) * world + rank
+            generator = torch.Generator().manual_seed(step_seed(ft.seed, stream, local, micro * world + rank))
+            picks = batch_indices(len(phase.images), ft.ti_batch_size, draw, phase_epoch_seed(ft.seed, stream))
+            pixels, conditions = load_batch(images, [phase.images[i] for i in picks], size, config, generator)
             choices = torch.randint(len(templates), (len(conditions),), generator=generator)
             captions = [templates[int(i)].format(token_of[c]) for i, c in zip(choices, conditions)]
             sync = accelerator.no_sync(encoder) if micro < ft.ti_grad_accum - 1 else nullcontext()
@@ -365,9 +415,11 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
                 accelerator.backward(loss)
             loss_total += float(accelerator.reduce(loss.detach(), "mean"))
         grad_norm = optimizer_step(accelerator, ti_optimizer, None, trainable_rows, grad_clip=None)
-        ti_log.log(step + 1, {"loss": loss_total, "grad_norm": grad_norm, "lr": ti_lr})
-        if _checkpoint(ti_checkpoints, step + 1, ft.ti_steps, ft.checkpoint_every, spend_step(), fingerprint):
+        ti_log.log(step + 1, {"loss": loss_total, "grad_norm": grad_norm, "lr": ti_lr, "token": phase_index})
+        ti_progress.advance(loss=loss_total)
+        if _checkpoint(ti_checkpoints, step + 1, ti_total, ft.checkpoint_every, spend_step(), fingerprint):
             ti_log.close()
+            ti_progress.finish()
             return paths.model
     ti_log.close()
     if stop_after is not None and steps_done[0] >= stop_after and ft.lora_steps > 0:
@@ -403,7 +455,9 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
             for condition, token in token_of.items()
         }
     unet.train()
-    for step in range(lora_start, ft.lora_steps):
+    lora_progress = training_progress(accelerator, "finetune lora", total=ft.lora_steps, start=lora_start,
+                                      checkpoints=lora_checkpoints)
+    for step in lora_progress.steps(range(lora_start, ft.lora_steps)):
         generator = torch.Generator().manual_seed(step_seed(ft.seed, "lora", step, rank))
         indices = batch_indices(len(images), ft.lora_batch_size, step * world + rank, phase_epoch_seed(ft.seed, "lora"))
         pixels, conditions = load_batch(images, indices, size, config, generator)
@@ -415,10 +469,12 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
             accelerator.backward(loss)
         learning_rate = lora_schedule.get_last_lr()[0]
         grad_norm = optimizer_step(accelerator, lora_optimizer, lora_schedule, lora_parameters, ft.grad_clip)
-        lora_log.log(step + 1, {"loss": float(accelerator.reduce(loss.detach(), "mean")), "grad_norm": grad_norm,
-                                "lr": learning_rate})
+        loss_value = float(accelerator.reduce(loss.detach(), "mean"))
+        lora_log.log(step + 1, {"loss": loss_value, "grad_norm": grad_norm, "lr": learning_rate})
+        lora_progress.advance(loss=loss_value)
         if _checkpoint(lora_checkpoints, step + 1, ft.lora_steps, ft.checkpoint_every, spend_step(), fingerprint):
             lora_log.close()
+            lora_progress.finish()
             return paths.model
     lora_log.close()
     unet = accelerator.unwrap_model(unet).eval()
@@ -463,7 +519,8 @@ def _write_model_json(config: RunConfig, paths: RunPaths, checklists, tokens_dir
         "prompt_template": config.model.prompt_template,
         "textual_inversion": {
             "init_word": ft.ti_init_word,
-            "steps": ft.ti_steps,
+            "schedule": ft.ti_schedule,
+            "steps": ft.ti_steps_per_token if ft.ti_schedule == "per_token" else ft.ti_steps,
             "lr": scaled_lr(ft.ti_lr, ft.ti_batch_size, ft.ti_grad_accum, ft.ti_scale_lr),
             "batch_size": ft.ti_batch_size,
             "grad_accum": ft.ti_grad_accum,

@@ -15,7 +15,9 @@ the same everywhere:
   logged after the checkpoint, so the curves have no duplicated steps;
 - `step_seed` and `batch_indices`: the seeded, resumable draws (which items a batch holds, the noise of a
   step) that make a resumed run see exactly the batches an uninterrupted one would;
-- `start_training`: the common start of a trainer (optimizer, schedule, `prepare`, resume, logger).
+- `start_training`: the common start of a trainer (optimizer, schedule, `prepare`, resume, logger);
+- `training_progress`: the progress of a training loop (`magic_align.progress`), whose Ctrl-C line names the
+  step reached and the checkpoint a rerun resumes from.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from magic_align.errors import MagicError
+from magic_align.progress import StageProgress
 
 CHECKPOINT_PREFIX = "step-"
 TRAINING_STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
@@ -57,6 +60,13 @@ def make_accelerator(
     `mixed_precision` is "no", "fp16" or "bf16"; on a CPU without bf16 support use "no". `cpu=None` lets
     accelerate decide (it honours `accelerate launch --cpu`).
     """
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state and refuses a second precision in it; one process may run stages
+    # with different `mixed_precision` settings (`magic run`, the tests), so a change starts a fresh state (the
+    # distributed setup, accelerate's PartialState, is kept)
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
     kwargs = {"mixed_precision": mixed_precision, "gradient_accumulation_steps": gradient_accumulation_steps}
     if cpu is not None:
         kwargs["cpu"] = cpu
@@ -483,3 +493,20 @@ def start_training(
     )
     return TrainingSession(prepared, accelerator.unwrap_model(prepared), parameters, optimizer, schedule,
                            checkpoints, logger, start, resumed)
+
+
+def training_progress(
+    accelerator: Accelerator, description: str, *, total: int, start: int, checkpoints: Checkpoints
+) -> StageProgress:
+    """The progress of a training loop of `total` optimizer steps resumed at `start` (shown by the main process):
+    `for step in progress.steps(range(start, total))`, then `progress.advance(loss=...)` after each step.
+
+    After Ctrl-C it says which checkpoint a rerun resumes from, looked up at that moment."""
+
+    def resume() -> str:
+        saved = checkpoints.all()
+        if saved:
+            return f"its checkpoint at step {saved[-1][0]} is kept: rerun the same command to resume from it"
+        return "no checkpoint was written yet: a rerun starts this phase again from step 0"
+
+    return StageProgress(description, total, completed=start, resume=resume, enabled=accelerator.is_main_process)

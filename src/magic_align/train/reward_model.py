@@ -9,7 +9,7 @@ Labels (docs/training.md, "Reward model"):
 
 - a judged synthetic image gets the fraction of checklist items met for its *target* condition
   (`feedback.sample_rewards`: the configured judge, or the latest expert review with `pairs.prefer_human`;
-  unknown items count as not met, as in the pair rule);
+  a verdict with an undecided item gives no label, as it gives no pair);
 - a real training image gets 1 for its own condition;
 - optionally (`rft.reward_real_negative_label`, default 0) a real image also gets that label for one other
   condition drawn at random, so the head has to look at the condition and not only at "is this a real lesion".
@@ -25,7 +25,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -86,8 +86,9 @@ def fit_reward_head(
     hidden: int = 256,
     weight_decay: float = 1e-4,
     seed: int = 0,
+    on_epoch: Callable[[float], None] | None = None,
 ) -> RewardFit:
-    """Fit a `RewardHead` with MSE on (features, condition, label in [0, 1])."""
+    """Fit a `RewardHead` with MSE on (features, condition, label in [0, 1]); `on_epoch(mse)` after each epoch."""
     if not (len(features) == len(condition) == len(labels)):
         raise RewardModelError(
             f"features ({len(features)}), conditions ({len(condition)}) and labels ({len(labels)}) differ in length"
@@ -115,6 +116,8 @@ def fit_reward_head(
             optimizer.step()
             total += loss.item() * len(index)
         losses.append(total / len(features))
+        if on_epoch is not None:
+            on_epoch(losses[-1])
     with torch.no_grad():
         final = nn.functional.mse_loss(head(features, condition), labels).item()
     return RewardFit(head=head, losses=losses, final_mse=final)

@@ -49,6 +49,7 @@ OUTPUT = "rft"
 ADAPTER_NAME = "rft"
 REWARD_DIR = "reward"
 SUMMARY_FILE = "rft.json"
+REWARD_RESUME = "the reward model is saved only once fitted: a rerun fits it again, then trains the policy"
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -154,16 +155,21 @@ def synthetic_labels(
         ledger.close()
 
 
-def image_features(backbone, images: Sequence[LabelledImage], max_pixels: int, batch_size: int = 32) -> torch.Tensor:
+def image_features(backbone, images: Sequence[LabelledImage], max_pixels: int, batch_size: int = 32,
+                   show_progress: bool = False) -> torch.Tensor:
     """Frozen features [N, D] of the images, read from disk a batch at a time (never all in memory). An image that
     appears under several labels (a real image and its negative) goes through the backbone once."""
     from magic_align.data.images import load_image
+    from magic_align.progress import StageProgress
 
     unique = list(dict.fromkeys((item.path, item.row) for item in images))
     chunks = []
-    for start in range(0, len(unique), batch_size):
+    progress = StageProgress("rft reward-model features", len(unique), unit="image", enabled=show_progress,
+                             resume=REWARD_RESUME)
+    for start in progress.steps(range(0, len(unique), batch_size)):
         batch = [load_image(path, max_pixels, row=row) for path, row in unique[start : start + batch_size]]
         chunks.append(backbone.features(batch))
+        progress.advance(len(batch))
     if not chunks:
         return torch.zeros((0, backbone.dim))
     features = torch.cat(chunks)
@@ -182,13 +188,15 @@ def reward_fingerprint(config: RunConfig, labelled: Sequence[LabelledImage]) -> 
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
 
-def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None, device):
+def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None, device,
+                     show_progress: bool = True):
     """Fit (or reuse, when the same labels and settings already gave one) the reward model in aligned/rft/reward/.
 
     Returns (model, summary, features of the synthetic images it was fitted on, by path): scoring the round's
     trajectories then reuses them instead of running the backbone on the same images twice."""
     from magic_align.checklists.schema import load_checklists
     from magic_align.evaluate.backbones import load_backbone
+    from magic_align.progress import StageProgress
     from magic_align.train.finetune import training_images
     from magic_align.train.reward_model import META_FILE, RewardModel, fit_reward_head, load_reward_model
 
@@ -210,19 +218,22 @@ def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge
     if summary.get("fingerprint") == fingerprint:
         return load_reward_model(folder, device), summary, {}
     backbone = load_backbone(rft.reward_backbone, device)
-    features = image_features(backbone, labelled, config.data.max_image_pixels)
+    features = image_features(backbone, labelled, config.data.max_image_pixels, show_progress=show_progress)
     index = {name: i for i, name in enumerate(conditions)}
-    fit = fit_reward_head(
+    with StageProgress("rft reward model", rft.reward_epochs, unit="epoch", enabled=show_progress,
+                       resume=REWARD_RESUME) as epochs:
+        fit = fit_reward_head(
         features,
-        torch.tensor([index[item.condition] for item in labelled]),
-        torch.tensor([item.label for item in labelled]),
-        len(conditions),
-        epochs=rft.reward_epochs,
-        lr=rft.reward_lr,
-        batch_size=rft.reward_batch_size,
-        hidden=rft.reward_hidden,
-        seed=rft.seed,
-    )
+            torch.tensor([index[item.condition] for item in labelled]),
+            torch.tensor([item.label for item in labelled]),
+            len(conditions),
+            epochs=rft.reward_epochs,
+            lr=rft.reward_lr,
+            batch_size=rft.reward_batch_size,
+            hidden=rft.reward_hidden,
+            seed=rft.seed,
+            on_epoch=lambda mse: epochs.advance(mse=mse),
+        )
     model = RewardModel(backbone, fit.head, conditions, rft.reward_backbone)
     kinds = {kind: sum(1 for item in labelled if item.kind == kind) for kind in ("synthetic", "real", "real-negative")}
     summary = {"fingerprint": fingerprint, "images": kinds, "final_mse": fit.final_mse, "epoch_mse": fit.losses}
@@ -298,7 +309,14 @@ def run_rft(
     from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
     from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
     from magic_align.train.finetune import denoising_loss, encode_images, load_batch, training_images
-    from magic_align.train.loop import batch_indices, make_accelerator, optimizer_step, phase_epoch_seed, step_seed
+    from magic_align.train.loop import (
+        batch_indices,
+        make_accelerator,
+        optimizer_step,
+        phase_epoch_seed,
+        step_seed,
+        training_progress,
+    )
     from magic_align.train.trajectory_likelihood import (
         TrajectorySettings,
         check_trajectory_settings,
@@ -323,7 +341,8 @@ def run_rft(
     output = paths.aligned / OUTPUT
 
     # ---- 1. reward model, and the weight of every stored trajectory
-    reward_model, reward_summary, known_features = fit_reward_model(config, paths, round_index, judge_id, device)
+    reward_model, reward_summary, known_features = fit_reward_model(config, paths, round_index, judge_id, device,
+                                                                    show_progress=accelerator.is_main_process)
     if accelerator.is_main_process:
         reward_model.save(output / REWARD_DIR, reward_summary)
     try:
@@ -380,7 +399,9 @@ def run_rft(
         units_per_step = max(world, rft.batch_size // max(len(unit) for unit in units))
 
     unet.train()
-    for step in range(session.start_step, rft.steps):
+    progress = training_progress(accelerator, f"rft round {round_index}", total=rft.steps, start=session.start_step,
+                                 checkpoints=checkpoints)
+    for step in progress.steps(range(session.start_step, rft.steps)):
         groups = None
         if by_unit:
             picked = batch_indices(len(units), units_per_step, step, phase_epoch_seed(rft.seed, "rft-units"))[rank::world]
@@ -458,6 +479,7 @@ def run_rft(
         })
         if done % rft.checkpoint_every == 0 or done == rft.steps:
             checkpoints.save(done, {"round": round_index, "trajectories": len(trajectories)})
+        progress.advance(loss=trajectory_term + rft.beta_real * real_value)
     logger.close()
 
     accelerator.wait_for_everyone()

@@ -465,11 +465,19 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
 
 
+# Settings that existed once and were removed: "section.key" -> why, and what to use instead. A configuration that
+# still sets one gets this reason instead of "unknown key", so an old run's config.toml says what changed.
+REMOVED_KEYS: dict[str, str] = {}
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     """One line for one problem ('invalid configuration in tiny: key = value: why'), one line each for several."""
     lines = []
     for problem in error.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        if problem["type"] == "extra_forbidden" and key in REMOVED_KEYS:
+            lines.append(f"{key}: this setting was removed ({REMOVED_KEYS[key]}); delete it from the configuration")
+            continue
         if problem["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key (check the spelling; `magic config show` lists every key)")
             continue

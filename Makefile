@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # CPU-safe pins checked together on the 2-core machine; torch comes from the CPU wheel on disk.
-PINS := torch==2.13.0 diffusers==0.42.1 transformers==5.24.0 peft==0.21.2 accelerate==1.15.0 safetensors==0.8.0
+PINS := torch==2.13.0 diffusers==0.42.1 transformers==5.24.0 peft==0.21.2 accelerate==1.15.0 safetensors==0.8.0 tenacity==9.2.1
 
 .PHONY: setup test demo bench browser clean
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from PIL import Image
 
 from magic_align.checklists.schema import load_checklists
-from magic_align.data.procedural import CONDITIONS, generate_dataset, render_arrays
+from magic_align.demo.procedural import CONDITIONS, generate_dataset, render_arrays
 from magic_align.judges.rules import make_rules_judge
 
-TARGET_DRAW_MS = 2.5  # demo-notes.md: ~2.5 ms an image at 64 px with numpy
+TARGET_DRAW_MS = 2.5  # what the demo's CPU prototype drew a 64 px image in, with numpy
 PER_CLASS = 50
 
 

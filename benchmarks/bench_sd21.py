@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-PAPER_TRAIN_IMAGES = 3100  # Fitzpatrick17k, 20 largest conditions, 50/50 split (method.md section 2)
+PAPER_TRAIN_IMAGES = 3100  # Fitzpatrick17k, 20 largest conditions, 50/50 split (docs/reproducing-the-paper.md section 1)
 PAPER_CONDITIONS = 20
 
 
@@ -140,7 +140,7 @@ def _lora_unet(pipe, rank: int, adapter_name: str):
 def measure_rft_step(pipe, config, size: Size, device: torch.device) -> dict:
     """One reward-weighted optimizer step on random stored trajectories, as train/rft.py takes it."""
     from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
-    from magic_align.train.finetune import denoising_loss
+    from magic_align.train.diffusion_losses import denoising_loss
     from magic_align.train.rft import reward_weighted_nll
     from magic_align.train.trajectory_likelihood import step_chunks, trajectory_log_probs
 
@@ -200,7 +200,7 @@ def measure_lora_step(pipe, config, size: Size, device: torch.device) -> dict:
     from diffusers import DDPMScheduler
 
     from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
-    from magic_align.train.finetune import denoising_loss, encode_images
+    from magic_align.train.diffusion_losses import denoising_loss, encode_images
 
     ft = config.finetune
     batch = size.real_batch or ft.lora_batch_size

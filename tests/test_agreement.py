@@ -44,6 +44,30 @@ def test_kappa_degenerate_all_same_is_undefined():
     assert percent_agreement([1, 1, 1], [1, 1, 1]) == 1.0
 
 
+def test_kappa_with_one_constant_grader_is_zero_not_undefined():
+    assert cohen_kappa([1, 1], [0, 0]) == 0.0  # p_o = 0, p_e = 1 * 0 + 0 * 1 = 0
+    assert cohen_kappa([1, 1, 1, 1], [1, 0, 1, 0]) == 0.0  # p_o = p_e = 1/2
+
+
+def test_kappa_matches_torchmetrics():
+    """torchmetrics (float32) as an independent check of the float64 formula; they agree where kappa is defined
+    and both call the both-constant-and-equal case undefined."""
+    import numpy as np
+    import torch
+    from torchmetrics.functional.classification import binary_cohen_kappa
+
+    rng = np.random.default_rng(0)
+    cases = [(np.ones(5, int), np.ones(5, int)), (np.ones(4, int), np.zeros(4, int))]
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        first = rng.integers(0, 2, n)
+        cases.append((first, np.where(rng.random(n) < rng.random(), first, 1 - first)))
+    for first, second in cases:
+        ours = cohen_kappa(first, second)
+        theirs = float(binary_cohen_kappa(torch.from_numpy(first), torch.from_numpy(second)))
+        assert (math.isnan(ours) and math.isnan(theirs)) or ours == pytest.approx(theirs, abs=1e-6), (first, second)
+
+
 def test_rates_hand_values():
     assert percent_agreement(A, B) == pytest.approx(0.8)
     assert true_positive_rate(A, B) == pytest.approx(5 / 6)  # reference positives at 6 places, judge says 1 at 5
@@ -59,6 +83,14 @@ def test_item_agreement_bootstrap_interval_contains_value():
     assert row.kappa.low <= row.kappa.value <= row.kappa.high
     assert row.kappa.low < row.kappa.high
     assert row.agreement.value == pytest.approx(0.8)
+
+
+def test_item_agreement_interval_leaves_undefined_resamples_out():
+    # The reference always says 1: resamples without the judge's one 0 have no defined kappa, the others have
+    # kappa 0 (p_o = p_e = the judge's rate of 1s); the interval is over those.
+    row = item_agreement("color", [1] * 9 + [0], [1] * 10, resamples=200, seed=0)
+    assert (row.kappa.value, row.kappa.low, row.kappa.high) == (0.0, 0.0, 0.0)
+    assert math.isnan(row.tnr.value) and math.isnan(row.tnr.low)  # the reference never says 0
 
 
 def _put(ledger, sample, judge_id, items, checklist):

@@ -1,4 +1,5 @@
-"""The paired alignment comparison's statistics: per-source means and the cluster bootstrap."""
+"""The paired alignment comparison's statistics (per-source means, the cluster bootstrap) and how the compared
+models are named (with the objective each was trained with)."""
 
 import numpy as np
 import pytest
@@ -28,3 +29,47 @@ def test_several_images_of_one_source_do_not_count_as_independent_evidence():
     assert (difference["low"], difference["high"]) == pytest.approx((single["low"], single["high"]))
     naive_width = naive["differences"]["magic-dpo - i2i"]["high"] - naive["differences"]["magic-dpo - i2i"]["low"]
     assert naive_width < 0.85 * (single["high"] - single["low"])  # what counting units as independent would claim
+
+
+# ------------------------------------------------------------------------------------------ objective labels
+def test_objective_labels():
+    from magic_align.evaluate.labels import TrainedObjective
+
+    assert TrainedObjective("dpo", "trajectory").label == "MAGIC-DPO (trajectory, as in the paper)"
+    assert TrainedObjective("dpo", "denoising").label == "MAGIC-DPO (Diffusion-DPO objective)"
+    assert TrainedObjective("rft", "trajectory", "none").label == "MAGIC-RFT (reward-weighted trajectory, as in the paper)"
+    assert TrainedObjective("rft", "trajectory", "unit").label == "MAGIC-RFT (reward-weighted trajectory, unit baseline)"
+    assert TrainedObjective("rft", "denoising", "unit").label == "MAGIC-RFT (reward-weighted denoising, unit baseline)"
+    assert TrainedObjective("rft", "denoising", "none").label == "MAGIC-RFT (reward-weighted denoising)"
+    assert TrainedObjective("dpo", None).label == "MAGIC-DPO"  # known nowhere: the plain name
+
+
+def test_the_objective_comes_from_the_summary_then_config_toml(tmp_path):
+    import json
+
+    from magic_align.evaluate.labels import SettingLabels, trained_objective
+    from magic_align.run import RunPaths
+
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir()
+    assert trained_objective(paths, "dpo").objective is None  # neither exists
+    paths.config.write_text('[dpo]\nobjective = "trajectory"\n[rft]\nobjective = "denoising"\nbaseline = "unit"\n')
+    assert trained_objective(paths, "dpo").source == "config.toml"
+    (paths.aligned / "dpo").mkdir(parents=True)
+    (paths.aligned / "dpo" / "dpo.json").write_text("{not json")  # unreadable: the next source
+    assert trained_objective(paths, "dpo").objective == "trajectory"
+    (paths.aligned / "dpo" / "dpo.json").write_text(json.dumps({"objective": "denoising"}))
+    found = trained_objective(paths, "dpo")
+    assert (found.objective, found.source) == ("denoising", "aligned/dpo/dpo.json")
+
+    labels = SettingLabels.of_run(paths)
+    assert labels("magic-dpo") == labels("dpo") == "MAGIC-DPO (Diffusion-DPO objective)"
+    assert labels("magic-rft") == "MAGIC-RFT (reward-weighted denoising, unit baseline)"
+    assert labels("i2i") == "I2I, before alignment"
+    assert labels.relabel("magic-dpo+unlabeled", "+ MAGIC-DPO + unlabeled sources") == \
+        "+ MAGIC-DPO (Diffusion-DPO objective) + unlabeled sources"
+    assert labels.relabel("magic-dpo", "+ MAGIC-DPO (Diffusion-DPO objective)") == "+ MAGIC-DPO (Diffusion-DPO objective)"
+    # what `magic compare` records per model in eval/alignment.json
+    assert labels.describe("magic-dpo") == {"label": "MAGIC-DPO (Diffusion-DPO objective)", "objective": {
+        "method": "dpo", "objective": "denoising", "source": "aligned/dpo/dpo.json"}}
+    assert labels.describe("i2i") == {"label": "I2I, before alignment"}

@@ -8,7 +8,7 @@ import yaml
 from magic_align.checklists.schema import BUILTIN_DIR, ChecklistError, builtin_checklists, load_checklists
 from magic_align.data.records import REGIONS, normalise_region
 
-# The 20 largest Fitzpatrick17k classes (method.md section 2), spelled as the dataset's labels.
+# The 20 largest Fitzpatrick17k classes (docs/reproducing-the-paper.md section 1), spelled as the dataset's labels.
 PAPER_CONDITIONS = {
     "psoriasis", "squamous cell carcinoma", "lichen planus", "basal cell carcinoma", "allergic contact dermatitis",
     "lupus erythematosus", "sarcoidosis", "folliculitis", "scabies", "melanoma", "erythema multiforme",
@@ -164,7 +164,7 @@ def test_token_with_spaces_is_named(tmp_path):
 def test_duplicate_tokens_and_unknown_sets_are_errors(tmp_path):
     with pytest.raises(ChecklistError, match=r"each token must appear once; repeated: \['<acne>'\]"):
         load_checklists(_write(tmp_path, GOOD, token="<acne>"))
-    with pytest.raises(ChecklistError, match="no built-in checklist set 'fitzpatrick21'"):
+    with pytest.raises(ChecklistError, match="no checklist set named 'fitzpatrick21'"):
         load_checklists("fitzpatrick21")
     (tmp_path / "bad.yaml").write_text("id: x\nconditions: [\n")
     with pytest.raises(ChecklistError, match="bad.yaml is not valid YAML"):

@@ -93,3 +93,10 @@ def test_unknown_settings_of_evaluate_and_compare(tmp_path):
 def test_data_check_on_a_missing_image_folder(tmp_path):
     assert_one_line_error(run("data", "check", "tiny", "--set", "data.kind=folder", "--set",
                               f"data.images='{tmp_path / 'nope'}'"), "image folder", "does not exist")
+
+
+def test_sample_with_a_missing_policy_lora(tmp_path):
+    # refused before anything else, so also when every unit of the round is already sampled
+    assert_one_line_error(run("sample", "tiny", "--lora", str(tmp_path / "nowhere"), "--set", f"runs_dir='{tmp_path}'"),
+                          "policy LoRA", "nowhere does not exist")
+    assert not (tmp_path / "tiny").exists()

@@ -1,8 +1,12 @@
+import re
 from pathlib import Path
 
 import pytest
+from test_cli_errors import assert_one_line_error, run
 
-from magic_align.config import ConfigError, load_config
+from magic_align.config import REMOVED_KEYS, ConfigError, RunConfig, Section, load_config
+
+CONFIGURATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def test_paper_preset_has_the_papers_hyperparameters():
@@ -33,8 +37,8 @@ def test_bad_value_names_key_value_and_rule():
 
 
 def test_bad_choice_lists_what_is_allowed():
-    with pytest.raises(ConfigError, match="'hub', 'local', 'tiny', 'demo'"):
-        load_config("tiny", ["model.source=nowhere"])
+    with pytest.raises(ConfigError, match="review.queue = 'nowhere': .*'stratified', 'disagreements' or 'uncertain'"):
+        load_config("tiny", ["review.queue=nowhere"])
 
 
 def test_file_can_start_from_a_preset(tmp_path: Path):
@@ -56,3 +60,65 @@ def test_missing_file_and_bad_toml_are_explained(tmp_path: Path):
 def test_override_without_equals_is_explained():
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config("tiny", ["sample.strength"])
+
+
+def _is_a_key(key: str) -> bool:
+    node: type = RunConfig
+    for part in key.split("."):
+        if not (isinstance(node, type) and issubclass(node, Section)) or part not in node.model_fields:
+            return False
+        node = node.model_fields[part].annotation
+    return True
+
+
+def test_removed_keys_are_no_longer_keys():
+    assert REMOVED_KEYS, "nothing to test"
+    assert [key for key in REMOVED_KEYS if _is_a_key(key)] == []
+    assert _is_a_key("sample.strength") and not _is_a_key("sample.strenght")  # the check itself can tell
+
+
+@pytest.mark.parametrize("key", sorted(REMOVED_KEYS))
+def test_a_removed_key_is_named_with_its_reason(key):
+    with pytest.raises(ConfigError) as error:
+        load_config("tiny", [f"{key}=1"])
+    message = str(error.value)
+    assert message.splitlines() == [message]
+    assert f"{key}: this setting was removed ({REMOVED_KEYS[key]})" in message
+
+
+def test_an_old_config_file_with_a_removed_key_fails_in_one_line_on_the_command_line(tmp_path: Path):
+    key = sorted(REMOVED_KEYS)[0]
+    section, name = key.rsplit(".", 1)
+    path = tmp_path / "old.toml"
+    path.write_text(f'preset = "tiny"\n[{section}]\n{name} = "x"\n')
+    assert_one_line_error(run("config", "show", str(path)), f"old.toml: {key}: this setting was removed",
+                          REMOVED_KEYS[key])
+
+
+def _documented_keys() -> dict[str, set[str]]:
+    """The keys of each table in docs/configuration.md: section ("" for the top level) -> keys."""
+    tables: dict[str, set[str]] = {}
+    section = None
+    for line in CONFIGURATION_DOC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            heading = re.fullmatch(r"## `\[([a-z_]+)\]`", line)
+            section = heading.group(1) if heading else ("" if line == "## Top level" else None)
+        elif section is not None and (row := re.match(r"\| `([a-z_0-9]+)` \|", line)):
+            tables.setdefault(section, set()).add(row.group(1))
+    return tables
+
+
+def test_every_setting_is_documented_and_every_documented_key_exists():
+    expected: dict[str, set[str]] = {"": set()}
+    for name, field in RunConfig.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            expected[name] = set(field.annotation.model_fields)
+        else:
+            expected[""].add(name)
+    documented = _documented_keys()
+    for section in sorted(set(expected) | set(documented)):
+        where = f"[{section}]" if section else "the top level"
+        missing = sorted(expected.get(section, set()) - documented.get(section, set()))
+        stale = sorted(documented.get(section, set()) - expected.get(section, set()))
+        assert not missing, f"docs/configuration.md does not document {where}: {missing}"
+        assert not stale, f"docs/configuration.md documents keys of {where} that do not exist: {stale}"

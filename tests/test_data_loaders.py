@@ -1,7 +1,5 @@
 """Dataset loaders: tiny CSVs and folders built in a temporary directory, including every bad-input case."""
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -169,32 +167,6 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no images"):
         load_records(DataConfig(kind="folder", images=tmp_path / "empty"))
-
-
-# ------------------------------------------------------------------------------------------ procedural
-def test_procedural_is_generated_once_and_read_with_the_fitzpatrick_loader(tmp_path, monkeypatch):
-    calls = []
-
-    def generate_dataset(out_dir, per_class, seed):
-        calls.append((per_class, seed))
-        _image(Path(out_dir) / "images" / "p1.png")
-        csv_path = Path(out_dir) / "procedural.csv"
-        csv_path.write_text("md5hash,fitzpatrick_scale,label\np1,2,ring\n")
-        return csv_path
-
-    module = types.ModuleType("magic_align.data.procedural")
-    module.generate_dataset = generate_dataset
-    monkeypatch.setitem(sys.modules, "magic_align.data.procedural", module)
-    paths = RunPaths(tmp_path / "run")
-    config = DataConfig(kind="procedural", procedural_per_class=3)
-    first = load_records(config, paths)
-    second = load_records(config, paths)
-    assert calls == [(3, 0)]
-    assert first == second and first[0].path == paths.data / "procedural" / "images" / "p1.png"
-    load_records(DataConfig(kind="procedural", procedural_per_class=4), paths)  # changed setting: regenerated
-    assert calls == [(3, 0), (4, 0)]
-    with pytest.raises(DataError, match="needs a run directory"):
-        load_records(config, None)
 
 
 # ------------------------------------------------------------------------------------------ fields

@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from magic_align.data.procedural import CONDITIONS
-from magic_align.diffusion.demo_model import (
+from magic_align.demo.model import (
     VOCABULARY_WORDS,
     DemoModelRecipe,
     build_tokenizer,
@@ -22,6 +21,7 @@ from magic_align.diffusion.demo_model import (
     packaged_demo_model_dir,
     train_demo_model,
 )
+from magic_align.demo.procedural import CONDITIONS
 
 ASSET_LIMIT_BYTES = 15 * 1024 * 1024
 
@@ -70,7 +70,7 @@ def test_captions_are_generic():
 
 
 def test_unlabeled_lesions_are_described_by_their_looks_never_their_names():
-    from magic_align.diffusion.demo_model import LESION_LOOKS, VOCABULARY_WORDS
+    from magic_align.demo.model import LESION_LOOKS, VOCABULARY_WORDS
 
     assert set(LESION_LOOKS) == set(CONDITIONS)
     rng = np.random.default_rng(0)
@@ -141,3 +141,18 @@ def test_rebuild_trains_a_loadable_pipeline(tmp_path):
     after = load_file(str(again / "vae" / "diffusion_pytorch_model.safetensors"))
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert StableDiffusionPipeline.from_pretrained(str(again)).vae.config.scaling_factor == pipe.vae.config.scaling_factor
+
+
+def test_the_demo_preset_loads_the_packaged_model_through_its_model_source():
+    from diffusers import StableDiffusionPipeline
+
+    from magic_align.config import load_config
+    from magic_align.diffusion.loading import load_pipeline
+
+    pipe = load_pipeline(load_config("demo").model)
+    packaged = StableDiffusionPipeline.from_pretrained(str(packaged_demo_model_dir()), dtype=torch.float32)
+    assert packaged_demo_model_dir().parent.name == "demo"  # shipped inside the demo plug-in
+    for name in ("unet", "vae", "text_encoder"):
+        loaded, reference = getattr(pipe, name).state_dict(), getattr(packaged, name).state_dict()
+        assert loaded.keys() == reference.keys()
+        assert all(torch.equal(loaded[key], reference[key]) for key in loaded)

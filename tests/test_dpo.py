@@ -2,6 +2,7 @@
 ties, resume, two processes, and the saved LoRA in plain diffusers."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_pre
 from magic_align.diffusion.loading import load_pipeline
 from magic_align.train.dpo import pair_epoch_seed
 from magic_align.train.dpo_loss import dpo_loss
-from magic_align.train.loop import batch_indices
+from magic_align.train.session import batch_indices
 from magic_align.train.trajectory_likelihood import prepare_policy_unet, step_chunks, trajectory_log_probs
 
 STEPS, STRENGTH, GUIDANCE, ETA = 10, 0.5, 3.0, 1.0
@@ -161,7 +162,7 @@ from pathlib import Path  # noqa: E402
 
 from magic_align.config import load_config  # noqa: E402
 from magic_align.train import dpo as dpo_module  # noqa: E402
-from magic_align.train.loop import TrainingError, read_metrics  # noqa: E402
+from magic_align.train.session import TrainingError, read_metrics  # noqa: E402
 
 UNITS = 4  # 4 units x 2 samples: 3 informative pairs and 1 tie
 
@@ -245,6 +246,8 @@ def test_run_dpo_writes_a_lora_plain_diffusers_loads_and_that_changes_outputs(pr
     output = straight_run
     assert output == prepared_run / "straight" / "aligned" / "dpo"
     assert (output / "round-0" / "pytorch_lora_weights.safetensors").is_file()
+    for folder in (output, output / "round-0"):  # the results name the objective that made them
+        assert json.loads((folder / "dpo.json").read_text())["objective"] == "trajectory"
     rows = read_metrics(prepared_run / "straight" / "logs" / "dpo" / "round-0" / "metrics.csv")
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert {"loss", "implicit_accuracy", "clamped_share", "mean_log_ratio", "grad_norm", "lr"} <= set(rows[0])
@@ -283,11 +286,34 @@ def test_an_interrupted_run_resumes_to_the_same_lora(prepared_run, straight_run,
     assert [row["loss"] for row in rows] == pytest.approx([row["loss"] for row in reference], abs=1e-6)
 
 
+def test_the_stored_log_probs_are_the_reference_only_when_the_preliminary_model_sampled_in_fp32():
+    settings = load_config("tiny").dpo
+    bf16 = load_config("tiny", ["dpo.mixed_precision='bf16'"]).dpo
+    assert dpo_module.stored_log_probs_are_reference(settings, 0, {})
+    assert not dpo_module.stored_log_probs_are_reference(settings, 1, {})  # sampled by the round-0 policy
+    assert not dpo_module.stored_log_probs_are_reference(settings, 0, {"policy_lora": "x"})
+    assert not dpo_module.stored_log_probs_are_reference(bf16, 0, {})  # recomputed under the same autocast
+
+
+def test_stored_log_probs_of_another_reduction_or_model_are_refused():
+    from magic_align.train.trajectory_likelihood import TrajectorySettings
+
+    settings = load_config("tiny").dpo
+    sampling = TrajectorySettings(steps=4, eta=1.0, guidance=3.0, negative_prompt="", reduction="mean")
+    dpo_module.check_stored_reference(settings, sampling, {"model_hash": "a"}, "a", 0)
+    dpo_module.check_stored_reference(settings, sampling, {}, "a", 0)  # an old header without a hash
+    with pytest.raises(TrainingError, match="reduction 'sum'"):
+        dpo_module.check_stored_reference(settings, TrajectorySettings(4, 1.0, 3.0, "", "sum"), {}, "a", 0)
+    with pytest.raises(TrainingError, match="sample the round again"):
+        dpo_module.check_stored_reference(settings, sampling, {"model_hash": "a"}, "b", 0)
+
+
 @pytest.mark.slow
-def test_recomputed_reference_equals_the_stored_one_in_round_zero(prepared_run, straight_run, tiny_model_dir):
+def test_recomputed_reference_equals_the_stored_one_in_round_zero(prepared_run, straight_run, tiny_model_dir,
+                                                                   monkeypatch):
     copy_run(prepared_run, "recomputed")
-    recomputed = dpo_module.run_dpo(load_config(
-        "tiny", run_overrides(prepared_run, "recomputed", tiny_model_dir, "dpo.recompute_reference=true")))
+    monkeypatch.setattr(dpo_module, "stored_log_probs_are_reference", lambda settings, round_index, header: False)
+    recomputed = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "recomputed", tiny_model_dir)))
     a, b = lora_tensors(straight_run), lora_tensors(recomputed)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
@@ -331,7 +357,7 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared_run, straig
 
 # ------------------------------------------------------------------------------------ the shared loop
 def test_metrics_logger_drops_rows_after_the_resumed_step_and_widens_for_new_columns(tmp_path):
-    from magic_align.train.loop import MetricsLogger
+    from magic_align.train.session import MetricsLogger
 
     logger = MetricsLogger(tmp_path, ["csv"])
     for step in (1, 2, 3):
@@ -352,7 +378,7 @@ def test_metrics_logger_drops_rows_after_the_resumed_step_and_widens_for_new_col
 def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
     import builtins
 
-    from magic_align.train.loop import make_optimizer
+    from magic_align.train.session import make_optimizer
 
     real_import = builtins.__import__
 
@@ -388,27 +414,8 @@ def test_rounds_sample_judge_pair_and_continue_from_the_previous_lora(tmp_path, 
     ]
 
 
-def test_condition_balanced_batches_weigh_every_condition_the_same():
-    from collections import Counter
-
-    from magic_align.train.loop import balanced_batch_indices
-
-    groups = [list(range(0, 50)), list(range(50, 53)), list(range(53, 73))]  # 50, 3 and 20 informative pairs
-    owner = {item: g for g, group in enumerate(groups) for item in group}
-    batches = [balanced_batch_indices(groups, 6, draw, seed=0) for draw in range(20)]
-    assert all(len(batch) == 6 for batch in batches)
-    counts = Counter(owner[item] for batch in batches for item in batch)
-    assert counts == {0: 40, 1: 40, 2: 40}  # 120 slots, a third each, whatever the group sizes
-    small = [item for batch in batches for item in batch if owner[item] == 1]
-    assert sorted(Counter(small).values()) == [13, 13, 14]  # each of the 3 items once per pass over its group
-    # a pure function of its arguments: a resumed run draws the same batch
-    assert balanced_batch_indices(groups, 6, 7, seed=0) == batches[7]
-    assert balanced_batch_indices(groups, 6, 7, seed=1) != batches[7]
-    assert balanced_batch_indices([[], [4, 5]], 3, 0, seed=0) and set(balanced_batch_indices([[], [4, 5]], 4, 0, 0)) == {4, 5}
-
-
 def test_lora_targets_choose_the_adapted_projections(tiny_model_dir):
-    from magic_align.train.loop import TrainingError
+    from magic_align.train.session import TrainingError
 
     unet = prepare_policy_unet(tiny_pipe(tiny_model_dir), rank=4, alpha=4, adapter_name="dpo",
                                targets=["attn2.to_k", "attn2.to_v"])
@@ -464,6 +471,7 @@ def test_denoising_objective_learns_to_prefer_the_winners(prepared_run, denoisin
     from diffusers import StableDiffusionPipeline
 
     assert denoising_run == prepared_run / "denoising" / "aligned" / "dpo"
+    assert json.loads((denoising_run / "dpo.json").read_text())["objective"] == "denoising"
     rows = read_metrics(prepared_run / "denoising" / "logs" / "dpo" / "round-0" / "metrics.csv")
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy starts as the reference
@@ -489,13 +497,6 @@ def test_denoising_objective_resumes_to_the_same_lora(prepared_run, denoising_ru
     expected, got = lora_tensors(denoising_run), lora_tensors(resumed)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-
-
-def test_denoising_objective_refuses_the_sampling_reference():
-    from magic_align.config import ConfigError
-
-    with pytest.raises(ConfigError, match='reference = "initial"'):
-        load_config("tiny", ["dpo.objective='denoising'", "dpo.reference='sampling'"])
 
 
 @pytest.mark.slow

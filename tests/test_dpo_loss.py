@@ -14,7 +14,7 @@ def test_preference_signs_follow_the_outcomes_and_ties_are_zero():
     assert preference_signs(1, 0) == (1, -1)
     assert preference_signs(0, 1) == (-1, 1)
     assert preference_signs(1, 1) == (0, 0)  # both win
-    assert preference_signs(0, 0) == (0, 0)  # both lose: never push both down (demo-notes)
+    assert preference_signs(0, 0) == (0, 0)  # both lose: never push both down (docs/method.md section 11.2)
     with pytest.raises(ValueError, match="outcome_a"):
         preference_signs(2, 0)
 
@@ -45,7 +45,7 @@ def test_loss_equals_a_hand_computation_with_clamp():
 def test_loss_without_clamp_and_with_preference_on_the_second_sample():
     lp = torch.tensor([[[0.3], [-0.2]]])
     ref = torch.tensor([[[0.0], [0.0]]])
-    loss, stats = dpo_loss(lp, ref, torch.tensor([[-1, 1]]), beta=2.0, clip=None)
+    loss, stats = dpo_loss(lp, ref, torch.tensor([[-1, 1]]), beta=2.0, clip=0)
     assert loss.item() == pytest.approx(-log_sigmoid(2.0 * (-0.3 + -0.2)), abs=1e-6)
     assert stats.clamped_share == 0.0
     assert stats.implicit_accuracy == 0.0
@@ -69,7 +69,7 @@ def test_ties_give_zero_gradient_and_log2():
     lp = torch.randn(3, 2, 5, generator=generator, requires_grad=True)
     ref = torch.randn(3, 2, 5, generator=generator)
     h = torch.zeros(3, 2, dtype=torch.long)
-    loss, stats = dpo_loss(lp, ref, h, beta=5.0, clip=None)
+    loss, stats = dpo_loss(lp, ref, h, beta=5.0, clip=0)
     loss.backward()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert torch.count_nonzero(lp.grad) == 0
@@ -105,9 +105,9 @@ def test_clamp_in_log_space_survives_huge_gaps_and_rejects_bad_clip():
 
 def test_shape_errors_name_the_argument():
     with pytest.raises(ValueError, match="log_prob_ref"):
-        dpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), torch.zeros(1, 2), 1.0, None)
+        dpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), torch.zeros(1, 2), 1.0, 0)
     with pytest.raises(ValueError, match="preference"):
-        dpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 2), 1.0, None)
+        dpo_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.zeros(2, 2), 1.0, 0)
 
 
 # ------------------------------------------------------------------------------ Diffusion-DPO (denoising)

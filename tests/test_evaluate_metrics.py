@@ -78,3 +78,11 @@ def test_mean_over_seeds():
     assert summary["std"] == pytest.approx(0.2)
     assert 0.2 <= summary["low"] <= 0.4 <= summary["high"] <= 0.6
     assert mean_over_seeds([0.3])["std"] == 0.0
+
+
+def test_mean_over_two_seeds_by_hand():
+    # Resampled means of two seeds are 0.2, 0.4 or 0.6 (chances 1/4, 1/2, 1/4): of 1000 resamples well over 25 are
+    # each extreme, so the 95 % interval spans both seeds' values.
+    summary = mean_over_seeds([0.2, 0.6], resamples=1000, seed=3)
+    assert (summary["value"], summary["low"], summary["high"]) == (pytest.approx(0.4), 0.2, 0.6)
+    assert summary["std"] == pytest.approx(0.4 / 2**0.5) and summary["seeds"] == 2

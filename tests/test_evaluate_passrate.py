@@ -80,3 +80,40 @@ def test_judge_images_uses_the_ledger_cache(tmp_path):
     n_items = len(checklists[condition].items)
     assert pass_rate_summary([condition] * 3, first, resamples=0)["pass_share"]["value"] == pytest.approx(2 / 3)
     assert first[1] == checklists[condition].apply_requires([1] * n_items)
+
+
+class DarkFailsJudge(CountingJudge):
+    """Answers bright images; a dark image's call gets no answer (a JudgeCallError, as a dropped connection)."""
+
+    async def judge(self, image, checklist):
+        from magic_align.judges.base import JudgeCallError
+
+        if np.asarray(image).mean() < 128:
+            self.calls += 1
+            raise JudgeCallError("no answer from the test judge", cause="connection error")
+        return await super().judge(image, checklist)
+
+
+def test_a_call_without_an_answer_fails_only_after_the_others_are_stored(tmp_path):
+    from magic_align.checklists.schema import ChecklistSet
+    from magic_align.judges.base import JudgeCallError
+    from magic_align.ledger import Ledger
+
+    items = [{"id": f"i{k}", "aspect": "colour", "text": f"criterion {k}"} for k in range(5)]
+    checklists = ChecklistSet.model_validate({"id": "t", "conditions": [
+        {"condition": "bright", "display_name": "Bright", "token": "<bright>", "items": items}]})
+    condition = checklists.conditions[0].condition
+    paths = []
+    for index, value in enumerate((30, 220, 240, 250)):
+        path = tmp_path / f"s{index}.png"
+        Image.new("RGB", (16, 16), (value,) * 3).save(path)
+        paths.append(path)
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    failing = DarkFailsJudge()
+    with pytest.raises(JudgeCallError):
+        judge_images(failing, ledger, paths, [condition] * 4, checklists, concurrency=1)
+    # The three answered images were stored although the first job failed; the rerun asks only the failed one.
+    rerun = CountingJudge()
+    verdicts = judge_images(rerun, ledger, paths, [condition] * 4, checklists)
+    assert rerun.calls == 1
+    assert verdicts[1:] == [[1] * 5] * 3 and verdicts[0] == [0] * 5

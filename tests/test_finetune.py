@@ -23,7 +23,7 @@ from magic_align.train.finetune import (
     run_finetune,
     scaled_lr,
 )
-from magic_align.train.loop import batch_indices, phase_epoch_seed, step_seed
+from magic_align.train.session import batch_indices, phase_epoch_seed, step_seed
 
 CONDITIONS = {"melanoma": "<mel>", "vitiligo": "<vit>"}
 
@@ -122,7 +122,7 @@ def test_only_the_new_token_rows_learn(tiny_model_dir):
     """AdamW with weight decay through the spliced rows: the new rows move, every other row is bit-identical."""
     from magic_align.diffusion.loading import load_pipeline
     from magic_align.diffusion.tokens import add_tokens
-    from magic_align.train.loop import make_optimizer
+    from magic_align.train.session import make_optimizer
 
     pipe = load_pipeline(ModelConfig(source="local", pretrained=str(tiny_model_dir)))
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
@@ -169,7 +169,7 @@ def fixed_batch_loss(pipe, images_root: Path, tokens: dict[str, str], prompt_tem
     from diffusers import DDPMScheduler
 
     from magic_align.diffusion.sampler import tokenize_prompts
-    from magic_align.train.finetune import encode_images
+    from magic_align.train.diffusion_losses import encode_images
 
     pixels, captions = [], []
     for condition, token in tokens.items():
@@ -203,7 +203,7 @@ def test_finetune_learns_and_loads_in_plain_diffusers(finetune_config, tiny_mode
         assert hashlib.sha256((model_dir / relative).read_bytes()).hexdigest() == digest
 
     # the training loss is logged per step; TI and LoRA curves fall (the LoRA one compared on fixed batches below)
-    from magic_align.train.loop import read_metrics
+    from magic_align.train.session import read_metrics
 
     assert len(read_metrics(config.run_dir / "logs" / "finetune" / "ti" / "metrics.csv")) == 12
     assert len(read_metrics(config.run_dir / "logs" / "finetune" / "lora" / "metrics.csv")) == 25
@@ -250,10 +250,24 @@ def test_resume_equals_uninterrupted(finetune_config):
         for key in a:
             assert torch.equal(a[key], b[key]), f"{relative}:{key} differs after resume"
     # the logged curve has one row per step, without the rows of the interrupted run after its checkpoint
-    from magic_align.train.loop import read_metrics
+    from magic_align.train.session import read_metrics
 
     rows = read_metrics(interrupted.run_dir / "logs" / "finetune" / "lora" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_lora_weight_decay_comes_from_the_config(finetune_config):
+    """The LoRA phase's AdamW takes finetune.lora_weight_decay (the token rows none); a changed decay changes the
+    settings fingerprint, so an old checkpoint is not continued with another decay."""
+    from magic_align.train.finetune import settings_fingerprint
+
+    config = finetune_config("decay", **{"finetune.lora_weight_decay": 0.25})
+    run_finetune(config, stop_after=4)  # 3 textual-inversion steps, then 1 LoRA step: both phases checkpointed
+    checkpoints = config.run_dir / "checkpoints" / "finetune"
+    for phase, decay in (("ti", 0.0), ("lora", 0.25)):
+        state = torch.load(next((checkpoints / phase).glob("step-*")) / "optimizer.bin", weights_only=False)
+        assert [group["weight_decay"] for group in state["param_groups"]] == [decay], phase
+    assert settings_fingerprint(config) != settings_fingerprint(finetune_config("decay"))
 
 
 def test_changed_settings_refuse_the_old_checkpoint(finetune_config):
@@ -269,7 +283,7 @@ def test_denoising_loss_shares_noise_and_timestep_within_a_group_and_keeps_the_r
 
     from diffusers import DDPMScheduler
 
-    from magic_align.train.finetune import denoising_loss
+    from magic_align.train.diffusion_losses import denoising_loss
 
     seen = {}
 
@@ -333,7 +347,7 @@ def test_a_fresh_optimizer_state_keeps_the_finished_token_fixed():
 
 
 def test_per_token_run_trains_every_token_for_its_own_steps(finetune_config):
-    from magic_align.train.loop import read_metrics
+    from magic_align.train.session import read_metrics
 
     config = finetune_config("per-token", **{"finetune.ti_schedule": "per_token", "finetune.ti_steps_per_token": 2,
                                              "finetune.lora_steps": 0})

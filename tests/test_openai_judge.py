@@ -505,7 +505,7 @@ async def test_server_can_answer_like_the_rules_judge():
     import numpy as np
 
     from magic_align.checklists.schema import load_checklists
-    from magic_align.data.procedural import CONDITIONS, render, to_pil
+    from magic_align.demo.procedural import CONDITIONS, render, to_pil
     from magic_align.judges.rules import make_rules_judge
 
     checklists = load_checklists("demo")

@@ -76,7 +76,7 @@ def test_judge_stage_over_http_stores_what_the_rules_judge_measures(tmp_path, mo
     """The openai path end to end on the demo domain: a loopback server whose answers come from the rules judge."""
     from magic_align.checklists.schema import load_checklists
     from magic_align.data.images import encode_png, sha256_file
-    from magic_align.data.procedural import CONDITIONS, render, to_pil
+    from magic_align.demo.procedural import CONDITIONS, render, to_pil
     from magic_align.judge import run_judge
     from magic_align.judges.rules import make_rules_judge
     from magic_align.ledger import SampleRow

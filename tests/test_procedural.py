@@ -11,8 +11,12 @@ import pytest
 from PIL import Image
 
 from magic_align.checklists.schema import load_checklists
+from magic_align.config import DataConfig, load_config
+from magic_align.data import load_records
 from magic_align.data.fitzpatrick import load_fitzpatrick
-from magic_align.data.procedural import (
+from magic_align.data.records import DataError
+from magic_align.demo import procedural
+from magic_align.demo.procedural import (
     CONDITIONS,
     CSV_COLUMNS,
     REGION_OF,
@@ -24,6 +28,7 @@ from magic_align.data.procedural import (
     render_arrays,
 )
 from magic_align.judges.rules import make_rules_judge
+from magic_align.run import RunPaths
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -122,3 +127,41 @@ def test_cli_writes_the_dataset(tmp_path):
     assert len(read_rows(tmp_path / "procedural.csv")) == 2 * len(CONDITIONS)
     assert len(read_rows(tmp_path / "condition_free.csv")) == 2
     assert len(list((tmp_path / "images").glob("*.png"))) == 2 * len(CONDITIONS) + 2
+
+
+# ------------------------------------------------------------------------------------------ data kind
+def test_procedural_is_generated_once_and_read_with_the_fitzpatrick_loader(tmp_path, monkeypatch):
+    calls = []
+
+    def generate_dataset(out_dir, per_class, seed):
+        calls.append((per_class, seed))
+        image_path = Path(out_dir) / "images" / "p1.png"
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 80, 80)).save(image_path)
+        csv_path = Path(out_dir) / "procedural.csv"
+        csv_path.write_text("md5hash,fitzpatrick_scale,label\np1,2,ring\n")
+        return csv_path
+
+    monkeypatch.setattr(procedural, "generate_dataset", generate_dataset)
+    paths = RunPaths(tmp_path / "run")
+    config = DataConfig(kind="procedural", procedural_per_class=3)
+    first = load_records(config, paths)
+    second = load_records(config, paths)
+    assert calls == [(3, 0)]
+    assert first == second and first[0].path == paths.data / "procedural" / "images" / "p1.png"
+    load_records(DataConfig(kind="procedural", procedural_per_class=4), paths)  # changed setting: regenerated
+    assert calls == [(3, 0), (4, 0)]
+    with pytest.raises(DataError, match="needs a run directory"):
+        load_records(config, None)
+
+
+@pytest.mark.parametrize("preset", ["demo", "tiny"])
+def test_the_presets_read_the_generated_dataset_through_the_registered_kind(tmp_path, preset):
+    config = load_config(preset, [f"runs_dir='{tmp_path}'", "data.procedural_per_class=2", "data.procedural_seed=4"])
+    records = load_records(config.data, RunPaths(tmp_path / preset))
+    direct = generate_dataset(tmp_path / "direct", per_class=2, seed=4)
+    expected = load_fitzpatrick(direct, direct.parent / "images")
+    assert [(r.id, r.label, r.skin_type, r.region) for r in records] == [
+        (r.id, r.label, r.skin_type, r.region) for r in expected
+    ]
+    assert all(Path(r.path).read_bytes() == Path(e.path).read_bytes() for r, e in zip(records, expected))

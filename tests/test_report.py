@@ -22,6 +22,8 @@ from magic_align.evaluate.report import (
 )
 from report_run import ALPHA, EXPECTED, SECOND_JUDGE, build_report_run, expected_image_count
 
+PAPER_DPO = "MAGIC-DPO (trajectory, as in the paper)"
+
 
 # ------------------------------------------------------------------------------------------ page parsing
 class _Tables(HTMLParser):
@@ -176,7 +178,7 @@ def test_report_numbers(full_report):
     assert (dpo[4], dpo[5]) == (EXPECTED["fid_dpo"], EXPECTED["kid_dpo"])
 
     synthetic = table_after(parsed, "Synthetic sets: manifest")
-    assert synthetic[0][1:] == ["I2I, before alignment", "MAGIC-DPO"]
+    assert synthetic[0][1:] == ["I2I, before alignment", PAPER_DPO]  # the tiny preset's objective (config.toml)
     assert row_starting(synthetic, "all conditions")[2].startswith(EXPECTED["passrate_dpo_share"])
 
     alignment = table_after(parsed, "Paired differences")
@@ -278,7 +280,7 @@ def test_grids_fall_back_to_the_synthetic_manifests(tmp_path):
             writer.writerows(rows)
     context = collect_report(config, max_units_per_condition=2)
     grids = context.sections["grids"]
-    assert grids["columns"] == ["I2I, before alignment", "MAGIC-DPO"]
+    assert grids["columns"] == ["I2I, before alignment", PAPER_DPO]
     (block,) = grids["conditions"]
     assert len(block["rows"]) == 2  # capped per condition
     assert [cell["score"] for cell in block["rows"][0]["cells"]] == [None, 4.0]
@@ -335,3 +337,39 @@ def test_cli_report(tmp_path):
     assert result.exit_code == 0, result.output
     assert "index.html" in result.output
     assert "data:image/png;base64," in (paths.report / "index.html").read_text()
+
+
+# ------------------------------------------------------------------------------------------ objectives
+def test_results_are_labelled_by_the_objective_the_models_were_trained_with(tmp_path):
+    config, paths = build_report_run(tmp_path, logs=False)
+    # the trainers' summaries name the objective; they win over the run's config.toml (the paper's objectives)
+    (paths.aligned / "dpo").mkdir(parents=True)
+    (paths.aligned / "dpo" / "dpo.json").write_text(json.dumps({"round": 0, "objective": "denoising"}))
+    (paths.aligned / "rft").mkdir(parents=True)
+    (paths.aligned / "rft" / "rft.json").write_text(json.dumps({"objective": "denoising", "baseline": "unit"}))
+    dpo, rft = "MAGIC-DPO (Diffusion-DPO objective)", "MAGIC-RFT (reward-weighted denoising, unit baseline)"
+    parsed = parse(run_report(config).read_text(encoding="utf-8"))
+
+    classifier = table_after(parsed, "small-cnn")
+    assert row_starting(classifier, "+ " + dpo)[4] == EXPECTED["accuracy_dpo"]  # "+ MAGIC-DPO" in metrics.json
+    assert row_starting(table_after(parsed, "FID and KID"), dpo)
+    assert table_after(parsed, "Synthetic sets: manifest")[0][1:] == ["I2I, before alignment", dpo]
+    settings = table_after(parsed, "Alignment comparison")
+    assert row_starting(settings, dpo)[0].endswith(" dpo") and row_starting(settings, rft)[0].endswith(" rft")
+    differences = table_after(parsed, "Paired differences")
+    assert row_starting(differences, "dpo - i2i")[0] == f"dpo - i2i {dpo} vs I2I, before alignment"
+    # no table names an aligned model without its objective
+    cells = [cell for table in parsed.tables for row in table["rows"] for cell in row if "MAGIC-" in cell]
+    assert cells and all(dpo in cell or rft in cell for cell in cells), cells
+
+
+def test_the_label_magic_compare_recorded_is_kept(tmp_path):
+    config, paths = build_report_run(tmp_path, logs=False, evaluate=False)
+    alignment = json.loads((paths.eval / "alignment.json").read_text())
+    alignment["settings"]["dpo"]["label"] = "MAGIC-DPO (Diffusion-DPO objective)"
+    (paths.eval / "alignment.json").write_text(json.dumps(alignment))
+    context = collect_report(config)
+    labels = {row["name"]: row["label"] for row in context.sections["alignment"]["settings"]}
+    assert labels["dpo"] == "MAGIC-DPO (Diffusion-DPO objective)"  # recorded, though config.toml says trajectory
+    assert labels["rft"] == "MAGIC-RFT (reward-weighted trajectory, as in the paper)"  # not recorded: config.toml
+    assert context.sections["grids"]["columns"][1] == "MAGIC-DPO (Diffusion-DPO objective)"

@@ -170,7 +170,7 @@ def build_demo_run(root: Path):
 
     from magic_align.checklists.schema import load_checklists
     from magic_align.config import load_config
-    from magic_align.data.procedural import png_bytes, render, to_pil
+    from magic_align.demo.procedural import png_bytes, render, to_pil
     from magic_align.judges import make_judge
     from magic_align.judges.base import Verdict
     from magic_align.ledger import Ledger, SampleRow

@@ -199,7 +199,7 @@ def rft_run(tiny_model_dir, two_condition_data, tmp_path):
 def test_run_rft_writes_a_lora_that_loads_in_plain_diffusers(rft_run, tiny_model_dir):
     from diffusers import StableDiffusionPipeline
 
-    from magic_align.train.loop import read_metrics
+    from magic_align.train.session import read_metrics
     from magic_align.train.rft import run_rft
 
     config, _ = rft_run
@@ -207,6 +207,7 @@ def test_run_rft_writes_a_lora_that_loads_in_plain_diffusers(rft_run, tiny_model
     assert output == config.run_dir / "aligned" / "rft"
     summary = json.loads((output / "rft.json").read_text())
     assert summary["trajectories"] == 4 and 0 <= summary["reward_min"] <= summary["reward_max"] <= 1
+    assert (summary["objective"], summary["baseline"]) == ("trajectory", "none")
     assert summary["reward_model"]["images"] == {"synthetic": 4, "real": 4, "real-negative": 4}
     assert (output / "reward" / "reward_head.safetensors").is_file()
     rows = read_metrics(config.run_dir / "logs" / "rft" / "round-0" / "metrics.csv")
@@ -238,7 +239,7 @@ def test_run_rft_writes_a_lora_that_loads_in_plain_diffusers(rft_run, tiny_model
 
 
 def test_run_rft_without_verdicts_says_what_to_run(tiny_model_dir, two_condition_data, tmp_path):
-    from magic_align.train.loop import TrainingError
+    from magic_align.train.session import TrainingError
     from magic_align.train.rft import run_rft
 
     checklist, images, _ = two_condition_data
@@ -254,7 +255,7 @@ def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch, c
     from safetensors.torch import load_file
 
     from magic_align import progress
-    from magic_align.train import loop
+    from magic_align.train import rft as rft_module
     from magic_align.train.rft import run_rft
 
     config, make = rft_run
@@ -262,8 +263,8 @@ def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch, c
         shutil.copytree(config.run_dir, config.run_dir.parent / name)
     straight = run_rft(make("straight"), judge_id="test:judge")
 
-    real_step = loop.optimizer_step
-    monkeypatch.setattr(loop, "optimizer_step", killed_at_step(real_step, 3))  # after the step-2 checkpoint
+    real_step = rft_module.optimizer_step
+    monkeypatch.setattr(rft_module, "optimizer_step", killed_at_step(real_step, 3))  # after the step-2 checkpoint
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         run_rft(make("resumed"), judge_id="test:judge")
@@ -273,7 +274,7 @@ def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch, c
     assert "rft round 0 step 1/" in reported and " loss " in reported
     stopped = progress.interrupted()
     assert stopped.startswith("rft round 0 stopped after step 2 of ") and "checkpoint at step 2 is kept" in stopped
-    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    monkeypatch.setattr(rft_module, "optimizer_step", real_step)
     assert not (config.run_dir.parent / "resumed" / "aligned" / "rft" / "pytorch_lora_weights.safetensors").exists()
     resumed = run_rft(make("resumed"), judge_id="test:judge")
     expected = load_file(str(straight / "pytorch_lora_weights.safetensors"))
@@ -284,8 +285,9 @@ def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch, c
 
 
 def test_the_rft_policy_starts_as_the_preliminary_model(rft_run):
-    """Pitfall 1: the trainable LoRA goes on top of the preliminary one. At step 0 the policy scores the stored
-    trajectories exactly as the sampling policy (tokens + preliminary LoRA) did; dropping the LoRA would not."""
+    """The trainable LoRA goes on top of the preliminary one (the authors' code dropped it: docs/method.md
+    section 11.1). At step 0 the policy scores the stored trajectories exactly as the sampling policy (tokens +
+    preliminary LoRA) did; dropping the LoRA would not."""
     from magic_align.diffusion.loading import load_pipeline, load_run_policy
     from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
     from magic_align.diffusion.tokens import load_tokens
@@ -320,7 +322,7 @@ def test_the_denoising_objective_weighs_final_latents_by_reward(rft_run, monkeyp
     from safetensors.torch import load_file
 
     import magic_align.train.rft as rft_module
-    from magic_align.train.loop import read_metrics
+    from magic_align.train.session import read_metrics
 
     config, _ = rft_run
     config = config.model_copy(deep=True)
@@ -416,7 +418,6 @@ def test_unit_baseline_makes_each_units_weights_sum_to_zero(rft_run):
 
 
 def test_unit_baseline_trains_whole_units_on_shared_draws(rft_run, monkeypatch):
-    import magic_align.train.finetune as finetune_module
     import magic_align.train.rft as rft_module
 
     config, _ = rft_run
@@ -426,13 +427,13 @@ def test_unit_baseline_trains_whole_units_on_shared_draws(rft_run, monkeypatch):
     config.rft.beta_real = 0.0
     config.rft.batch_size = 4
     calls = []
-    real_loss = finetune_module.denoising_loss  # run_rft imports it when it starts
+    real_loss = rft_module.denoising_loss
 
     def recording(*args, **kwargs):
         calls.append((kwargs.get("groups"), kwargs["weights"] if "weights" in kwargs else args[5]))
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(finetune_module, "denoising_loss", recording)
+    monkeypatch.setattr(rft_module, "denoising_loss", recording)
     rft_module.run_rft(config, judge_id="test:judge")
     assert calls
     for groups, weights in calls:  # units of 2 samples: every group twice, and each unit's weights sum to zero

@@ -10,11 +10,11 @@ from PIL import Image
 
 from magic_align.checklists.schema import ChecklistSet, load_checklists
 from magic_align.config import JudgeConfig
-from magic_align.data.procedural import CONDITIONS, render, render_arrays
+from magic_align.demo.procedural import CONDITIONS, render, render_arrays
+from magic_align.demo.rules import ROUGHNESS_MAX, edge_distance, luma, roughness, solidity
 from magic_align.judges import make_judge
 from magic_align.judges.base import Judge
 from magic_align.judges.rules import RulesJudge, get_domain, make_rules_judge, validity_table
-from magic_align.judges.rules_demo import ROUGHNESS_MAX, edge_distance, luma, roughness, solidity
 
 
 @pytest.fixture(scope="module")

@@ -254,7 +254,7 @@ def test_sd21_sampling_stores_the_i2i_timesteps_of_the_paper(sd21_run):
 @pytest.mark.parametrize("objective", ["trajectory", "denoising"])
 def test_sd21_dpo_starts_at_the_reference_and_its_lora_loads_in_plain_diffusers(sd21_run, objective):
     from magic_align.train.dpo import run_dpo
-    from magic_align.train.loop import read_metrics
+    from magic_align.train.session import read_metrics
 
     architecture, runs, _ = sd21_run
     name = f"dpo-{objective}"

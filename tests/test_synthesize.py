@@ -50,12 +50,6 @@ def test_synthesize_writes_resized_images_with_provenance_and_resumes(tmp_path):
     assert np.abs(np.asarray(Image.open(lost), dtype=np.int16) - before).max() <= 2
 
 
-def test_judge_flag_is_refused_clearly(tmp_path):
-    config = load_config("tiny", [f"runs_dir='{tmp_path}'", "synthesize.judge=true"])
-    with pytest.raises(SynthesizeError, match="synthesize.judge"):
-        run_synthesize(config, lora=None, progress=False)
-
-
 def test_stale_set_is_replaced_by_evaluate_and_refused_by_plain_synthesize(tmp_path):
     import torch
 

@@ -332,7 +332,7 @@ def data_procedural_command(
     """Draw the procedural demo dataset (six conditions, Fitzpatrick types 1-6, body-region cues)."""
     import time
 
-    from magic_align.data.procedural import generate_condition_free, generate_dataset
+    from magic_align.demo.procedural import generate_condition_free, generate_dataset
 
     started = time.perf_counter()
     csv_path = generate_dataset(out, per_class, seed, size=size)
@@ -351,7 +351,7 @@ def data_demo_model_command(
     codec_from: Annotated[Optional[Path], typer.Option("--codec-from", help="Reuse the autoencoder of an earlier build (a model folder) instead of training it.")] = None,
 ) -> None:
     """Train the demo base model from scratch on condition-free procedural skin (several minutes on CPU)."""
-    from magic_align.diffusion.demo_model import DemoModelRecipe, train_demo_model
+    from magic_align.demo.model import DemoModelRecipe, train_demo_model
 
     if codec_from is not None and not (codec_from / "vae" / "config.json").is_file():
         raise typer.BadParameter(f"{codec_from} has no vae/config.json (expected a demo model folder)", param_hint="--codec-from")

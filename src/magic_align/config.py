@@ -1,6 +1,6 @@
 """Typed configuration for every stage, loaded from TOML, with presets and `--set key=value` overrides.
 
-One pydantic model per stage. Defaults are the paper's values (method.md section 3) unless a field says
+One pydantic model per stage. Defaults are the paper's values (docs/method.md section 10) unless a field says
 otherwise; the `paper` preset spells them out, `tiny` and `demo` shrink them for CPU machines.
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from magic_align.diffusion.lora import LORA_TARGETS
+from magic_align import plugins
 from magic_align.errors import MagicError
 
 
@@ -34,11 +35,11 @@ class Section(BaseModel):
 
 # ----------------------------------------------------------------------------------------------- model
 class ModelConfig(Section):
-    # hub: a Hugging Face id (+ revision); local: a diffusers folder; tiny: random-init tiny SD for tests;
-    # demo: the built-in demo base model (trained on first use and cached); architecture: a random-init Stable
-    # Diffusion 2.1 named by `pretrained` (sd21-base, sd21-768-v, sd21-base-reduced, sd21-768-v-reduced), for tests
-    # and GPU checks without a download.
-    source: Literal["hub", "local", "tiny", "demo", "architecture"] = "hub"
+    # A registered model source (diffusion/loading.py): hub: a Hugging Face id (+ revision); local: a diffusers
+    # folder; tiny: random-init tiny SD for tests; architecture: a random-init Stable Diffusion 2.1 named by
+    # `pretrained` (sd21-base, sd21-768-v, sd21-base-reduced, sd21-768-v-reduced), for tests and GPU checks without
+    # a download; plug-ins add their own (the demo's `demo`: its base model). Checked when the model is loaded.
+    source: str = "hub"
     # Stability AI withdrew stabilityai/stable-diffusion-2-1-base from the hub (November 2025); the community
     # mirror carries the same weights. The revision pins one commit of it (docs/reproducing-the-paper.md); it
     # applies only to the mirror: another hub id left without a revision loads that repository's main branch.
@@ -70,7 +71,9 @@ class ModelConfig(Section):
 
 # ------------------------------------------------------------------------------------------------ data
 class DataConfig(Section):
-    kind: Literal["fitzpatrick17k", "scin", "pad-ufes-20", "folder", "procedural"] = "fitzpatrick17k"
+    # A registered data kind (data/__init__.py): fitzpatrick17k, scin, pad-ufes-20, folder; plug-ins add their own
+    # (the demo's `procedural`). Checked when the records are read.
+    kind: str = "fitzpatrick17k"
     csv: Path | None = None
     images: Path | None = None
     num_classes: int = Field(20, ge=2)  # the N largest classes
@@ -163,7 +166,6 @@ class PairsConfig(Section):
     item_weights: list[float] | None = None
     prefer_human: bool = False
     min_kappa: float | None = Field(None, ge=-1, le=1)
-    reward: Literal["count", "fraction"] = "fraction"
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -188,6 +190,7 @@ class FinetuneConfig(Section):
     lora_steps: int = Field(3000, ge=0)
     lora_lr: float = Field(5e-6, gt=0)
     lora_batch_size: int = Field(4, ge=1)
+    lora_weight_decay: float = Field(1e-2, ge=0)  # AdamW's; the textual-inversion rows get none
     lr_scheduler: str = "cosine"
     grad_clip: float = Field(1.0, gt=0)
     center_crop: bool = True
@@ -200,7 +203,7 @@ class FinetuneConfig(Section):
 class DPOConfig(Section):
     seed: int = 0
     # what the preference acts on: "trajectory" = the log-likelihood ratios of the stored denoising transitions
-    # (MAGIC-DPO, method.md section 4; beta, clip, reference, guidance and log_prob_reduction belong to it);
+    # (MAGIC-DPO as in the paper; beta, clip, log_prob_reduction and steps_per_forward belong to it);
     # "denoising" = Diffusion-DPO (Wallace et al. 2024): each pair's final latents re-noised to one random
     # timestep within the range the sampler visited, the policy's noise-prediction errors against those of the
     # initial model (the DPO adapter off), scaled by denoising_beta. Four UNet rows per pair instead of 2T.
@@ -209,7 +212,7 @@ class DPOConfig(Section):
     # Diffusion-DPO's beta multiplies per-element mean squared errors, so it lives on another scale (the paper
     # used 2000-5000 for Stable Diffusion 1.5)
     denoising_beta: float = Field(2500.0, gt=0)
-    clip: float | None = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 (TOML) or None disables it
+    clip: float = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 disables it
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     lora_rank: int = Field(32, ge=1)
     lora_alpha: float = Field(32, gt=0)
@@ -221,33 +224,13 @@ class DPOConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
     pairs_per_step: int = Field(8, ge=1)
     iterations: int = Field(128, ge=1)
-    # how pairs are drawn: "none" = every informative pair once per pass (the paper); "condition" = every
-    # target condition weighs the same in each batch, so conditions with few informative pairs are not
-    # drowned by the ones with many (the shared LoRA otherwise drifts towards the majority's look)
-    balance: Literal["none", "condition"] = "none"
     lr_scheduler: str = "constant"
     use_8bit_adam: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     lr_warmup_steps: int = Field(0, ge=0)
-    # The reference of the loss. "initial": the model DPO starts from (preliminary model), which in round 0 are
-    # the log-probs stored at sampling time (no second UNet) and in later rounds are recomputed with the DPO
-    # adapter disabled. "sampling": always the stored log-probs, i.e. the policy that sampled each round.
-    reference: Literal["initial", "sampling"] = "initial"
-    recompute_reference: bool = False  # force recomputation (trajectories sampled by another policy)
-    guidance: float | None = None  # None: the guidance the trajectories were sampled with (their header)
     steps_per_forward: int | None = Field(None, ge=1)  # (sample, step) rows per UNet pass; None: a whole pair
     checkpoint_every: int = Field(32, ge=1)
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
-
-    @model_validator(mode="after")
-    def _reference_fits_objective(self) -> "DPOConfig":
-        if self.objective == "denoising" and self.reference == "sampling":
-            raise ValueError(
-                'reference = "sampling" needs the log-probs stored with the trajectories, which only the '
-                '"trajectory" objective uses; the "denoising" objective compares with the initial model (the DPO '
-                'adapter off): set reference = "initial" or objective = "trajectory"'
-            )
-        return self
 
 
 class RFTConfig(Section):
@@ -266,7 +249,7 @@ class RFTConfig(Section):
     # same target), so the weights of a unit sum to zero and the look its samples share (the source's) cancels
     baseline: Literal["none", "unit"] = "none"
     # what the reward weighs: "trajectory" = the log-likelihood of every stored denoising transition (with
-    # guidance, T steps per sample: method.md section 3); "denoising" = the diffusion (epsilon) loss on each
+    # guidance, T steps per sample: docs/method.md section 8); "denoising" = the diffusion (epsilon) loss on each
     # sample's final latent, a bound on its likelihood (one UNet row per sample: T x 2 times cheaper)
     objective: Literal["trajectory", "denoising"] = "trajectory"
     beta_real: float = Field(0.1, ge=0)  # beta_r: weight of the denoising loss on real images
@@ -296,7 +279,6 @@ class SynthesizeConfig(Section):
     seed: int = 0
     batch_size: int = Field(8, ge=1)
     extra_sources: Path | None = None  # a folder of unlabeled images (MAGIC-A)
-    judge: bool = False
 
 
 class EvaluateConfig(Section):
@@ -405,11 +387,19 @@ class RunConfig(Section):
         return self.runs_dir / self.name
 
 
-PRESETS = ("paper", "tiny", "demo")
+# The paper's preset ships here; others come from plug-ins (the demo's `demo` and `tiny`, a user's own).
+plugins.presets.register("paper", Path(str(resources.files("magic_align") / "presets" / "paper.toml")))
+
+
+def preset_names() -> list[str]:
+    return plugins.presets.names()
 
 
 def preset_path(name: str) -> Path:
-    return Path(str(resources.files("magic_align") / "presets" / f"{name}.toml"))
+    path = plugins.presets.find(name)
+    if path is None:
+        raise ConfigError(f"{name!r} is not a preset; expected one of {preset_names()}")
+    return Path(path)
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -450,13 +440,13 @@ def _read_toml(path: Path) -> dict:
     if path.is_dir():
         if (path / "config.toml").is_file():
             raise ConfigError(f"{path} is a run directory; pass its config: {path / 'config.toml'} or the preset name "
-                              f"({', '.join(PRESETS)})")
-        raise ConfigError(f"{path} is a folder; expected a TOML config file or a preset name ({', '.join(PRESETS)})")
+                              f"({', '.join(preset_names())})")
+        raise ConfigError(f"{path} is a folder; expected a TOML config file or a preset name ({', '.join(preset_names())})")
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist (or name a preset: {', '.join(PRESETS)})") from None
+        raise ConfigError(f"config file {path} does not exist (or name a preset: {', '.join(preset_names())})") from None
     except PermissionError:
         raise ConfigError(f"config file {path} cannot be read (permission denied)") from None
     except UnicodeDecodeError as error:
@@ -467,7 +457,20 @@ def _read_toml(path: Path) -> dict:
 
 # Settings that existed once and were removed: "section.key" -> why, and what to use instead. A configuration that
 # still sets one gets this reason instead of "unknown key", so an old run's config.toml says what changed.
-REMOVED_KEYS: dict[str, str] = {}
+REMOVED_KEYS: dict[str, str] = {
+    "pairs.reward": "RFT's reward is always the fraction of a checklist's items met, in [0, 1]: the reward model "
+                    "learns fractions, so 'count' only changed the mean shown by `magic pairs`",
+    "synthesize.judge": "synthesis never judged its images, true only made it refuse to run; grade synthetic sets "
+                        "with evaluate.judge_synthetic = true",
+    "dpo.reference": "the reference is always the model DPO starts from (the preliminary model); the online "
+                     "variant 'sampling' was used by no preset and did no better in the demo's trials",
+    "dpo.recompute_reference": "DPO recomputes the reference log-probs by itself whenever the stored ones are not "
+                               "the initial model's (later rounds, bf16 or fp16 training)",
+    "dpo.balance": "pairs are drawn as the paper draws them, every informative pair once per pass; the "
+                   "condition-balanced draw was used by no preset and did no better in the demo's trials",
+    "dpo.guidance": "DPO trains with the guidance the trajectories were sampled with (sample.guidance), which "
+                    "the stored log-probs require",
+}
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
@@ -495,14 +498,14 @@ def load_config(source: str | Path = "paper", overrides: list[str] | None = None
     A TOML file may start from a preset with a top-level `preset = "tiny"` key.
     """
     source_text = str(source)
-    if source_text in PRESETS:
+    if plugins.presets.find(source_text) is not None:
         data = _read_toml(preset_path(source_text))
     else:
         data = _read_toml(Path(source_text))
         base = data.pop("preset", None)
         if base is not None:
-            if base not in PRESETS:
-                raise ConfigError(f"{source_text}: preset = {base!r} is not a preset; expected one of {PRESETS}")
+            if plugins.presets.find(base) is None:
+                raise ConfigError(f"{source_text}: preset = {base!r} is not a preset; expected one of {preset_names()}")
             data = _deep_merge(_read_toml(preset_path(base)), data)
     for text in overrides or []:
         path, value = _parse_override(text)

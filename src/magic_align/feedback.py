@@ -2,7 +2,7 @@
 
 Pair rules are pure functions from two scores (or two item lists) to two outcomes, 1 = win and 0 = lose:
 
-- `paper_pair_rule` (method.md section 3), with S the number of items met out of n = 5:
+- `paper_pair_rule` (docs/method.md section 4), with S the number of items met out of n = 5:
   max(S_a, S_b) <= 2: both lose [0, 0]; min(S_a, S_b) = 5 or S_a = S_b > 2: both win [1, 1];
   otherwise the higher sum wins. For checklists of another length the thresholds scale: "<= 2" is
   "<= 40 % of the items" and "5" is "every item".
@@ -62,7 +62,7 @@ class FeedbackError(MagicError, ValueError):
 
 # ---------------------------------------------------------------------------------------------- rules
 def paper_pair_rule(score_a: float, score_b: float, n_items: int = 5) -> Outcome:
-    """The paper's rule on two item counts (method.md section 3); see the module docstring."""
+    """The paper's rule on two item counts (docs/method.md section 4); see the module docstring."""
     low = 0.4 * n_items  # 2 of 5
     high, lowest = max(score_a, score_b), min(score_a, score_b)
     if high <= low:
@@ -103,13 +103,9 @@ def items_met(items: Sequence[int | None]) -> int:
     return sum(1 for value in items if value == 1)
 
 
-def reward(items: Sequence[int | None], mode: str = "fraction") -> float:
-    """RFT reward of one image: the number of items met (`count`) or their fraction (`fraction`, in [0, 1])."""
-    if mode == "count":
-        return float(items_met(items))
-    if mode == "fraction":
-        return items_met(items) / len(items) if len(items) else 0.0
-    raise FeedbackError(f"pairs.reward = {mode!r}; expected 'count' or 'fraction'")
+def reward(items: Sequence[int | None]) -> float:
+    """RFT reward of one image: the fraction of its checklist's items met, in [0, 1]."""
+    return items_met(items) / len(items) if len(items) else 0.0
 
 
 def score_pair(items_a: list[int | None], items_b: list[int | None], config: PairsConfig) -> tuple[float, float, Outcome]:
@@ -355,7 +351,7 @@ def run_pairs(config: RunConfig, round_index: int = 0, judge_id: str | None = No
         summary.from_human += int(row.source == "human")
     grades = {**judged, **(reviewed if (human_only or config.pairs.prefer_human) else {})}
     if grades:
-        summary.mean_reward = sum(reward(g.items, config.pairs.reward) for g in grades.values()) / len(grades)
+        summary.mean_reward = sum(reward(g.items) for g in grades.values()) / len(grades)
     settings = hashlib.sha256((config.pairs.model_dump_json() + judge_id).encode()).hexdigest()[:12]
     detail = f"{summary.pairs} pairs, {summary.one_wins} with a winner"
     if summary.undecided:
@@ -371,7 +367,7 @@ def _open_ledger(paths: RunPaths) -> Ledger:
 
 
 def sample_rewards(config: RunConfig, round_index: int = 0, judge_id: str | None = None) -> dict[str, float]:
-    """RFT rewards per sample id of a round (`pairs.reward`: count or fraction of items met), from the
+    """RFT rewards per sample id of a round (the fraction of items met), from the
     judge's verdicts, or from the latest review where `pairs.prefer_human` is set and one exists. Samples
     without a usable grade (no verdict, a failed one, or one with an undecided item) are left out."""
     from magic_align.judge import judge_identity
@@ -386,7 +382,7 @@ def sample_rewards(config: RunConfig, round_index: int = 0, judge_id: str | None
         use_reviews=human_only or config.pairs.prefer_human, use_verdicts=not human_only,
     )
     grades = {**judged, **reviewed} if (human_only or config.pairs.prefer_human) else judged
-    return {sample_id: reward(grade.items, config.pairs.reward) for sample_id, grade in grades.items()}
+    return {sample_id: reward(grade.items) for sample_id, grade in grades.items()}
 
 
 def undecided_counts(ledger: Ledger, checklists: ChecklistSet, judge_id: str, prompt_version: str | None) -> dict[int, int]:

@@ -322,7 +322,10 @@ def run_judge(
     checklists = load_checklists(config.judge.checklist)
 
     if config.judge.backend == "human" and judge is None:
-        return _human_summary(ledger, samples, checklists, round_index)
+        summary = _human_summary(ledger, samples, checklists, round_index)
+        if summary.remaining:  # the stage is done only when every sample has its review
+            raise JudgeStageError(summary.stopped, summary)
+        return summary
 
     if judge is None:
         from magic_align.judges import make_judge
@@ -402,6 +405,23 @@ def _config_hash(config: RunConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+@dataclass
+class _PoolState:
+    """What the judging workers share while they grade (one event loop, so no lock is needed)."""
+
+    reserved: float = 0.0  # money reserved by the calls in flight
+    largest: float = 0.0  # the largest cost of one answer so far: what the next call reserves
+    error: BaseException | None = None  # what stops the stage (systematic or unexpected); the first one is kept
+    # failed-call errors already recorded: a judge raises its systematic error again, without a request, for
+    # every later call, and that repeat is not another attempt
+    seen: list[BaseException] = field(default_factory=list)
+    in_a_row: int = 0  # calls without an answer since the last answer
+
+    def stop(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+
 async def _grade_then_close(pending: list[_Work], judge: Judge, *args) -> None:
     """Grade, then release the judge's connections (OpenAIJudge, EnsembleJudge have `aclose`) inside the
     same event loop that opened them, even when grading stopped on an error."""
@@ -430,10 +450,7 @@ async def _grade(
     # Only HTTP judges are priced; local ones (hf, rules) cost nothing unless their verdicts say otherwise.
     paid = sends_images(config.judge)
     one_call = _estimate_one_call(pending, judge, config, paths) if paid else None
-    # error: what stops the stage (systematic or unexpected); seen: failed-call errors already recorded (a
-    # judge raises its systematic error again, without a request, for every later call); in_a_row: calls
-    # without an answer since the last answer
-    state = {"reserved": 0.0, "largest": 0.0, "error": None, "seen": [], "in_a_row": 0}
+    state = _PoolState()
     queue: asyncio.Queue[_Work] = asyncio.Queue()
     for unit in pending:
         queue.put_nowait(unit)
@@ -445,17 +462,17 @@ async def _grade(
     )
 
     def reservation() -> float:
-        return max(state["largest"], one_call or 0.0)
+        return max(state.largest, one_call or 0.0)
 
     async def failed_call(unit: _Work, error: Exception) -> bool:
         """Record a call that got no answer as an attempt (never a verdict); True when the stage must stop."""
-        if any(error is seen for seen in state["seen"]):
+        if any(error is seen for seen in state.seen):
             return True  # the systematic error once more, for a call that sent nothing
-        state["seen"].append(error)
+        state.seen.append(error)
         call_error = error if isinstance(error, JudgeCallError) else None
         systematic = call_error is None or call_error.systematic  # an unexpected exception stops too
-        if systematic and state["error"] is None:
-            state["error"] = error
+        if systematic:
+            state.stop(error)
         cause = call_error.cause if call_error is not None else type(error).__name__
         requests = call_error.requests if call_error is not None else 1
         summary.requests += requests
@@ -467,14 +484,14 @@ async def _grade(
         )
         if systematic:
             return True
-        state["in_a_row"] += 1
-        if state["in_a_row"] >= STOP_AFTER_FAILED_CALLS and not summary.stopped:
-            summary.stopped = f"{state['in_a_row']} calls in a row got no answer, the last: {error}"
+        state.in_a_row += 1
+        if state.in_a_row >= STOP_AFTER_FAILED_CALLS and not summary.stopped:
+            summary.stopped = f"{state.in_a_row} calls in a row got no answer, the last: {error}"
         return bool(summary.stopped)
 
     async def worker() -> None:
         while True:
-            if state["error"] is not None or summary.stopped:
+            if state.error is not None or summary.stopped:
                 return
             try:
                 unit = queue.get_nowait()
@@ -482,15 +499,15 @@ async def _grade(
                 return
             reserve = reservation()
             if budget is not None:
-                committed = spent_before + summary.cost_usd + state["reserved"]
+                committed = spent_before + summary.cost_usd + state.reserved
                 if committed + reserve > budget + 1e-12:
                     summary.stopped = (
                         f"budget reached: ${spent_before + summary.cost_usd:.4f} spent by {judge.id}, "
-                        f"${state['reserved']:.4f} in flight, the next call would pass judge.budget_usd = "
+                        f"${state.reserved:.4f} in flight, the next call would pass judge.budget_usd = "
                         f"${budget:.2f}; answered images are kept, raise the budget and rerun to continue"
                     )
                     return
-            state["reserved"] += reserve
+            state.reserved += reserve
             try:
                 image_path = paths.root / unit.sample.image_path
                 try:
@@ -516,21 +533,20 @@ async def _grade(
                     unit.checklist.condition, unit.replace,
                 )
             except Exception as error:  # e.g. a lost disk: stop asking, keep what others are finishing
-                if state["error"] is None:
-                    state["error"] = error
+                state.stop(error)
                 return
             finally:
-                state["reserved"] -= reserve
+                state.reserved -= reserve
             _count(summary, verdict)
             summary.retried += int(unit.replace)
-            state["in_a_row"] = 0
-            state["largest"] = max(state["largest"], verdict.cost_usd)
+            state.in_a_row = 0
+            state.largest = max(state.largest, verdict.cost_usd)
             progress.advance(cost=f"${summary.cost_usd:.4f}")
 
     with progress:
         await asyncio.gather(*(worker() for _ in range(min(config.judge.concurrency, max(1, len(pending))))))
     summary.remaining = len(pending) - summary.asked
-    error = state["error"]
+    error = state.error
     if error is not None:
         reason = str(error) if isinstance(error, JudgeCallError) else f"judge {judge.id} raised {type(error).__name__}: {error}"
         raise JudgeStageError(incomplete_line(summary, reason), summary) from error

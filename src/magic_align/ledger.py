@@ -218,6 +218,24 @@ class StageStatus:
     updated_at: float
 
 
+@dataclass
+class JudgeUsage:
+    """One judge's calls over the whole ledger: answer statuses, tokens, money, mean latency, first and last."""
+
+    judge_id: str
+    calls: int
+    ok: int
+    partial: int
+    failed: int
+    refused: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    latency_s: float
+    first: float
+    last: float
+
+
 # ---------------------------------------------------------------------------------------------- schema
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -358,6 +376,10 @@ def _review_from_row(row: sqlite3.Row) -> StoredReview:
         note=row["note"],
         created_at=row["created_at"],
     )
+
+
+def _stage_from_row(row: sqlite3.Row) -> StageStatus:
+    return StageStatus(row["stage"], row["config_hash"], row["status"], row["detail"], row["updated_at"])
 
 
 def _where(*filters: tuple[str, object]) -> tuple[str, list]:
@@ -630,6 +652,17 @@ class Ledger:
     def judge_ids(self) -> list[str]:
         return [row[0] for row in self._read("SELECT DISTINCT judge_id FROM verdicts ORDER BY judge_id")]
 
+    def judge_usage(self) -> list[JudgeUsage]:
+        """Per judge (ordered by id): calls, answer statuses, tokens, cost and latency over every verdict."""
+        rows = self._read(
+            "SELECT judge_id, COUNT(*) AS calls, SUM(parse_status = 'ok') AS ok, SUM(parse_status = 'partial') AS partial, "
+            "SUM(parse_status = 'failed') AS failed, SUM(parse_status = 'refused') AS refused, "
+            "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, SUM(cost_usd) AS cost_usd, "
+            "AVG(latency_s) AS latency_s, MIN(created_at) AS first, MAX(created_at) AS last "
+            "FROM verdicts GROUP BY judge_id ORDER BY judge_id"
+        )
+        return [JudgeUsage(**dict(row)) for row in rows]
+
     def spent_usd(self, judge_id: str | None = None) -> float:
         if judge_id is None:
             rows = self._read("SELECT COALESCE(SUM(cost_usd), 0) FROM verdicts")
@@ -758,7 +791,8 @@ class Ledger:
 
     def stage(self, stage: str) -> StageStatus | None:
         rows = self._read("SELECT * FROM stages WHERE stage = ?", (stage,))
-        if not rows:
-            return None
-        row = rows[0]
-        return StageStatus(row["stage"], row["config_hash"], row["status"], row["detail"], row["updated_at"])
+        return _stage_from_row(rows[0]) if rows else None
+
+    def stages(self) -> list[StageStatus]:
+        """Every recorded stage, the oldest update first."""
+        return [_stage_from_row(row) for row in self._read("SELECT * FROM stages ORDER BY updated_at")]

@@ -1,4 +1,4 @@
-"""The run directory: the only interface between stages (ARCHITECTURE.md).
+"""The run directory: the only interface between stages (docs/architecture.md).
 
 Every stage takes a `RunPaths` and reads what earlier stages wrote; nothing else is passed between them.
 Files are written to a temporary name and renamed, so a killed stage never leaves half an artifact.

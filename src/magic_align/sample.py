@@ -146,6 +146,9 @@ def run_sample(
     from magic_align.diffusion.loading import load_run_policy
     from magic_align.ledger import Ledger, SampleRow
 
+    if policy_lora is not None and not Path(policy_lora).exists():  # checked before anything, also on a finished round
+        raise FileNotFoundError(f"policy LoRA {policy_lora} does not exist; expected a LoRA folder or file such as "
+                                "runs/<name>/aligned/dpo")
     started = time.perf_counter()
     paths = prepare_run(config)
     process_index, process_count, device = process_state()

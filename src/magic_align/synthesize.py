@@ -117,11 +117,6 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
     from magic_align.progress import StageProgress
     from magic_align.sample import process_state
 
-    if config.synthesize.judge:
-        raise SynthesizeError(
-            "synthesize.judge = true is not supported by this version: the manifest's verdict columns stay empty; "
-            "grade synthetic images with the evaluate stage's checklist pass rate"
-        )
     paths = prepare_run(config)
     out_dir = Path(out_dir) if out_dir is not None else paths.synthetic
     images_dir = out_dir / "images"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from magic_align import plugins
 from magic_align.errors import MagicError
 
 
@@ -127,19 +128,24 @@ class ChecklistSet(BaseModel):
 
 
 BUILTIN_DIR = Path(str(resources.files("magic_align") / "checklists"))
+# The dermatology sets ship here; plug-ins register theirs (the demo's `demo` and `tiny`) by name.
+for _path in sorted(BUILTIN_DIR.glob("*.yaml")):
+    plugins.checklist_sets.register(_path.stem, _path)
 
 
 def builtin_checklists() -> list[str]:
-    return sorted(path.stem for path in BUILTIN_DIR.glob("*.yaml"))
+    """The names `load_checklists` accepts: the sets shipped here and those of plug-ins."""
+    return plugins.checklist_sets.names()
 
 
 def load_checklists(name_or_path: str | Path) -> ChecklistSet:
-    """Load a built-in checklist set by id (e.g. 'fitzpatrick20') or a YAML file by path."""
+    """Load a registered checklist set by name (e.g. 'fitzpatrick20') or a YAML file by path."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = BUILTIN_DIR / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise ChecklistError(f"no built-in checklist set {str(name_or_path)!r}; built-in: {builtin_checklists()}")
+        registered = plugins.checklist_sets.find(str(name_or_path))
+        if registered is None:
+            raise ChecklistError(f"no checklist set named {str(name_or_path)!r}; known: {builtin_checklists()}")
+        path = Path(registered)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -1,31 +1,41 @@
-"""Datasets as records: `load_records(config.data, run_paths)` reads whichever dataset the config names.
+"""Datasets as records: `load_records(config.data, run_paths)` reads whichever dataset `data.kind` names.
 
-Kinds: fitzpatrick17k (CSV + `<md5hash>.jpg` folder), scin and pad-ufes-20 (their CSVs), folder (one folder
-per class, or a flat folder of unlabeled images) and procedural (the demo domain, generated into
-`run/data/procedural/` on first use and read with the Fitzpatrick loader). See docs/data.md.
+Each kind is a `DataKind` in the `data_kinds` registry (`magic_align.plugins`). Built in: fitzpatrick17k
+(CSV + `<md5hash>.jpg` folder), scin and pad-ufes-20 (their CSVs) and folder (one folder per class, or a flat
+folder of unlabeled images). Plug-ins add their own (the demo's `procedural` draws its dataset into
+`run/data/procedural/`). See docs/data.md and docs/extending.md.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magic_align.data.records import DataError, LoadProblems, Record, match_labels
+from magic_align import plugins
+from magic_align.data.records import DataError, LoadProblems, Record, match_labels, safe_id
 
 if TYPE_CHECKING:
     from magic_align.config import DataConfig
     from magic_align.run import RunPaths
 
-__all__ = ["DataError", "LoadProblems", "Record", "load_records", "procedural_csv"]
+__all__ = ["DataError", "DataKind", "LoadProblems", "Record", "load_records", "require_settings"]
 
-_NEEDS = {
-    "fitzpatrick17k": "data.csv (the Fitzpatrick17k CSV) and data.images (the folder of <md5hash>.jpg files)",
-    "scin": "data.csv (columns case_id, image_path, label); data.images is the folder image_path is relative to",
-    "pad-ufes-20": "data.csv (the PAD-UFES-20 metadata.csv) and data.images (the folder holding the images)",
-    "folder": "data.images (one sub-folder per class, or a flat folder of unlabeled images)",
-}
+# The columns of a published split file that name an image, and the record id they give (data/split.py).
+SplitKey = tuple[tuple[str, ...], Callable[[dict[str, str]], str]]
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """How one dataset layout becomes records.
+
+    `load(data_cfg, run_paths, problems)` returns the records (`run_paths` is None outside a run; rows it
+    skips go to `problems`). `split_key(header)`, when the kind reads published split files (`data.split_dir`),
+    gives the columns of a split file with that header which name an image, and the record id they give."""
+
+    load: Callable[["DataConfig", "RunPaths | None", LoadProblems], list[Record]]
+    split_key: Callable[[set[str]], SplitKey] | None = None
 
 
 def load_records(data_cfg: "DataConfig", paths: "RunPaths | None" = None, *,
@@ -35,66 +45,80 @@ def load_records(data_cfg: "DataConfig", paths: "RunPaths | None" = None, *,
     `conditions` (the checklist's condition names), when given, renames labels that differ from them only in
     case, underscores or hyphens. Rows that had to be skipped are added to `problems` (when given).
     """
-    from magic_align.data.fitzpatrick import load_fitzpatrick
-    from magic_align.data.folder import load_folder
-    from magic_align.data.padufes import load_padufes
-    from magic_align.data.scin import load_scin
-
     problems = problems if problems is not None else LoadProblems()
-    kind = data_cfg.kind
-    if kind == "procedural":
-        csv_path = procedural_csv(data_cfg, paths)
-        images = data_cfg.images or (csv_path.parent / "images" if (csv_path.parent / "images").is_dir() else csv_path.parent)
-        records = load_fitzpatrick(csv_path, Path(images), problems)
-    elif kind == "folder":
-        _require(data_cfg, kind, images=True)
-        records = load_folder(Path(data_cfg.images), problems)
-    elif kind == "fitzpatrick17k":
-        _require(data_cfg, kind, csv=True, images=True)
-        records = load_fitzpatrick(Path(data_cfg.csv), Path(data_cfg.images), problems)
-    elif kind == "scin":
-        _require(data_cfg, kind, csv=True)
-        records = load_scin(Path(data_cfg.csv), Path(data_cfg.images) if data_cfg.images else None, problems)
-    elif kind == "pad-ufes-20":
-        _require(data_cfg, kind, csv=True, images=True)
-        records = load_padufes(Path(data_cfg.csv), Path(data_cfg.images), problems)
-    else:  # the config's Literal rules this out; kept for a config built by hand
-        raise DataError(f"data.kind = {kind!r} is not one of fitzpatrick17k, scin, pad-ufes-20, folder, procedural")
+    records = data_kind(data_cfg.kind).load(data_cfg, paths, problems)
     if not records:
-        raise DataError(f"the {kind} dataset has no usable rows ({len(problems)} skipped); see `magic data check`")
+        raise DataError(f"the {data_cfg.kind} dataset has no usable rows ({len(problems)} skipped); "
+                        "see `magic data check`")
     if conditions is not None:
         records = match_labels(records, conditions)
     return records
 
 
-def _require(data_cfg: "DataConfig", kind: str, csv: bool = False, images: bool = False) -> None:
+def data_kind(name: str) -> DataKind:
+    kind = plugins.data_kinds.find(name)
+    if kind is None:
+        raise DataError(f"data.kind = {name!r} is not a known data kind; expected one of {plugins.data_kinds.names()}")
+    return kind
+
+
+def require_settings(data_cfg: "DataConfig", needs: str, csv: bool = False, images: bool = False) -> None:
+    """Refuse a configuration that leaves `data.csv` / `data.images` unset when the kind needs them."""
     missing = [name for name, needed, value in (("data.csv", csv, data_cfg.csv), ("data.images", images, data_cfg.images))
                if needed and value is None]
     if missing:
-        raise DataError(f"data.kind = {kind!r} needs {' and '.join(missing)} to be set: {_NEEDS[kind]}")
+        raise DataError(f"data.kind = {data_cfg.kind!r} needs {' and '.join(missing)} to be set: {needs}")
 
 
-def procedural_csv(data_cfg: "DataConfig", paths: "RunPaths | None") -> Path:
-    """The demo domain's CSV: `data.csv` when set, else generated into run/data/procedural/ once.
+# ----------------------------------------------------------------------------------------- built-in kinds
+def _fitzpatrick(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
+    from magic_align.data.fitzpatrick import load_fitzpatrick
 
-    A stamp file records what was generated (images per class and seed); a changed setting regenerates.
-    """
-    if data_cfg.csv is not None:
-        return Path(data_cfg.csv)
-    if paths is None:
-        raise DataError("data.kind = 'procedural' needs a run directory to generate the demo images into "
-                        "(or data.csv pointing at an already generated procedural CSV)")
-    out_dir = paths.data / "procedural"
-    stamp_path = out_dir / "generated.json"
-    wanted = {"per_class": data_cfg.procedural_per_class, "seed": data_cfg.procedural_seed}
-    if stamp_path.is_file():
-        stamp = json.loads(stamp_path.read_text())
-        csv_path = out_dir / stamp.get("csv", "")
-        if {k: stamp.get(k) for k in wanted} == wanted and csv_path.is_file():
-            return csv_path
-    from magic_align.data.procedural import generate_dataset  # written separately; heavy imports stay lazy
-    from magic_align.run import atomic_write_text
+    require_settings(data_cfg, "data.csv (the Fitzpatrick17k CSV) and data.images (the folder of <md5hash>.jpg files)",
+                     csv=True, images=True)
+    return load_fitzpatrick(Path(data_cfg.csv), Path(data_cfg.images), problems)
 
-    csv_path = Path(generate_dataset(out_dir, data_cfg.procedural_per_class, data_cfg.procedural_seed))
-    atomic_write_text(stamp_path, json.dumps({**wanted, "csv": csv_path.name}))
-    return csv_path
+
+def _scin(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
+    from magic_align.data.scin import load_scin
+
+    require_settings(data_cfg, "data.csv (columns case_id, image_path, label); data.images is the folder "
+                     "image_path is relative to", csv=True)
+    return load_scin(Path(data_cfg.csv), Path(data_cfg.images) if data_cfg.images else None, problems)
+
+
+def _padufes(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
+    from magic_align.data.padufes import load_padufes
+
+    require_settings(data_cfg, "data.csv (the PAD-UFES-20 metadata.csv) and data.images (the folder holding the "
+                     "images)", csv=True, images=True)
+    return load_padufes(Path(data_cfg.csv), Path(data_cfg.images), problems)
+
+
+def _folder(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
+    from magic_align.data.folder import load_folder
+
+    require_settings(data_cfg, "data.images (one sub-folder per class, or a flat folder of unlabeled images)",
+                     images=True)
+    return load_folder(Path(data_cfg.images), problems)
+
+
+def md5hash_split_key(header: set[str]) -> SplitKey:
+    """Split files in the Fitzpatrick17k layout: the `md5hash` column names the image."""
+    return ("md5hash",), lambda row: safe_id(row["md5hash"])
+
+
+def _padufes_split_key(header: set[str]) -> SplitKey:
+    if "img_id" in header:  # the dataset's own metadata.csv spelling
+        return ("img_id",), lambda row: safe_id(Path(row["img_id"]).stem)
+    return ("image_path",), lambda row: safe_id(Path(row["image_path"]).stem)
+
+
+def _scin_split_key(header: set[str]) -> SplitKey:
+    return ("case_id", "image_path"), lambda row: safe_id(f"{row['case_id']}-{Path(row['image_path']).stem}")
+
+
+plugins.data_kinds.register("fitzpatrick17k", DataKind(_fitzpatrick, md5hash_split_key))
+plugins.data_kinds.register("scin", DataKind(_scin, _scin_split_key))
+plugins.data_kinds.register("pad-ufes-20", DataKind(_padufes, _padufes_split_key))
+plugins.data_kinds.register("folder", DataKind(_folder))

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from magic_align.data.records import DataError, Record, match_labels, normalise_label, read_csv_rows, safe_id
+from magic_align import plugins
+from magic_align.data import data_kind
+from magic_align.data.records import DataError, Record, match_labels, normalise_label, read_csv_rows
 from magic_align.run import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
@@ -154,29 +156,18 @@ def _check_both_sides(train: list[Record], test: list[Record], classes: list[str
 
 # ------------------------------------------------------------------------------- published split files
 PUBLISHED_SPLIT_FILES = ("train.csv", "test.csv")
-# The columns that name an image in each dataset's CSV, turned into the id its loader gives the record.
-SPLIT_KEYS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, str]], str]]] = {
-    "fitzpatrick17k": (("md5hash",), lambda row: safe_id(row["md5hash"])),
-    "procedural": (("md5hash",), lambda row: safe_id(row["md5hash"])),
-    "scin": (("case_id", "image_path"), lambda row: safe_id(f"{row['case_id']}-{Path(row['image_path']).stem}")),
-    "pad-ufes-20": (("image_path",), lambda row: safe_id(Path(row["image_path"]).stem)),
-}
-
-
-def _split_key(kind: str, header_has_img_id: bool):
-    if kind == "pad-ufes-20" and header_has_img_id:  # the dataset's metadata.csv spelling
-        return ("img_id",), lambda row: safe_id(Path(row["img_id"]).stem)
-    return SPLIT_KEYS[kind]
 
 
 def read_split_file(path: Path, kind: str, by_id: dict[str, Record], conditions: Collection[str]) -> list[Record]:
     """The dataset's records named by the rows of one published split file, in file order."""
-    if kind not in SPLIT_KEYS:
-        raise DataError(f"data.split_dir: published split files are read for {', '.join(sorted(SPLIT_KEYS))}, "
+    split_key = data_kind(kind).split_key  # the columns that name an image, turned into its record id
+    if split_key is None:
+        readers = [name for name in plugins.data_kinds.names() if data_kind(name).split_key is not None]
+        raise DataError(f"data.split_dir: published split files are read for {', '.join(readers)}, "
                         f"not data.kind = {kind!r}; leave data.split_dir unset to draw the split")
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:  # read_csv_rows names bad bytes
         header = {name.strip() for name in (csv.DictReader(handle).fieldnames or [])}
-    columns, key_of = _split_key(kind, "img_id" in header)
+    columns, key_of = split_key(header)
     chosen: list[Record] = []
     seen: dict[str, int] = {}
     for row, fields in read_csv_rows(path, columns, f"{kind} split", ("label",)):

@@ -1,4 +1,4 @@
-"""The DDIM step with its log-probability (method.md section 4): the one implementation the sampler and the
+"""The DDIM step with its log-probability (docs/method.md section 5): the one implementation the sampler and the
 trainers share.
 
 A DDIM step with eta > 0 is a Gaussian transition x_{t'} ~ N(mu, sigma^2) with

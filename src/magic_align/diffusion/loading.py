@@ -1,9 +1,13 @@
-"""Loading Stable Diffusion pipelines: from the hub, a local diffusers folder, a built-in tiny model, the demo model,
-or a random-init Stable Diffusion 2.1 architecture (`diffusion/architectures.py`).
+"""Loading Stable Diffusion pipelines from the model source `model.source` names.
+
+A model source is a `ModelSource` in the `model_sources` registry (`magic_align.plugins`). Built in: `hub` (a
+Hugging Face id and revision), `local` (a diffusers folder), `tiny` (a random-init tiny model for tests) and
+`architecture` (a random-init Stable Diffusion 2.1, `diffusion/architectures.py`); plug-ins add their own (the
+demo's `demo`: its packaged base model). docs/extending.md shows how to write one.
 
 Every pipeline comes back with a `DDIMScheduler` built from the model's own scheduler configuration, because the
-sampler and the trainers compute DDIM log-probabilities (method.md section 4) and must use the same schedule that
-sampled the images (pitfall 5 of the authors' code: their inference used another scheduler).
+sampler and the trainers compute DDIM log-probabilities (docs/method.md section 5) and must use the same schedule
+that sampled the images (the authors' inference used another scheduler: docs/method.md section 11.1).
 
 `load_run_policy` adds what the run trained on top of the base model: textual-inversion tokens (`run/model/tokens/`),
 the preliminary LoRA (`run/model/lora/`) and optionally an aligned LoRA. `model_hash` names that combination in
@@ -16,11 +20,14 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from magic_align import plugins
 from magic_align.config import SD21_BASE_MIRROR, ModelConfig
 from magic_align.errors import MagicError
 
@@ -49,37 +56,36 @@ class ModelLoadError(MagicError, RuntimeError):
     """A model could not be loaded; the message says what to download or which setting to change."""
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What a `model.source` name stands for.
+
+    `load(model_cfg, dtype)` builds or reads the Stable Diffusion pipeline (`load_pipeline` then gives it a DDIM
+    scheduler from its own scheduler config, moves it, casts it to `dtype` and freezes it). `identity(model_cfg)`
+    returns the bytes `model_hash` names the base model by: cheap to compute, and different whenever the weights
+    are (an id and revision, a seed, or `folder_identity` of a folder)."""
+
+    load: Callable[[ModelConfig, torch.dtype], "StableDiffusionPipeline"]
+    identity: Callable[[ModelConfig], bytes]
+
+
+def model_source(name: str) -> ModelSource:
+    source = plugins.model_sources.find(name)
+    if source is None:
+        raise ModelLoadError(f"model.source = {name!r} is not a known model source; expected one of "
+                             f"{plugins.model_sources.names()}")
+    return source
+
+
 # ------------------------------------------------------------------------------------------- entry point
 def load_pipeline(
     model_cfg: ModelConfig,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    local_files_only: bool | None = None,
 ) -> "StableDiffusionPipeline":
-    """The base Stable Diffusion pipeline named by `model_cfg`, with a DDIM scheduler, in eval mode.
-
-    `local_files_only` (hub source only): None follows the `HF_HUB_OFFLINE` environment variable.
-    """
+    """The base Stable Diffusion pipeline named by `model_cfg`, with a DDIM scheduler, in eval mode."""
     dtype = dtype if dtype is not None else DTYPES[model_cfg.dtype]
-    if model_cfg.source == "tiny":
-        pipe = build_tiny_pipeline(model_cfg.seed, resolution=model_cfg.resolution)
-    elif model_cfg.source == "local":
-        pipe = _load_local(Path(model_cfg.pretrained), dtype)
-    elif model_cfg.source == "hub":
-        pipe = _load_hub(model_cfg.pretrained, model_cfg.revision, local_files_only)
-    elif model_cfg.source == "demo":
-        # Written by the demo module; imported here only when asked for, so the rest works without it.
-        from magic_align.diffusion.demo_model import demo_model_dir
-
-        pipe = _load_local(Path(demo_model_dir(model_cfg)), dtype)
-    elif model_cfg.source == "architecture":
-        from magic_align.diffusion.architectures import build_architecture_pipeline
-
-        pipe = build_architecture_pipeline(model_cfg.pretrained, seed=model_cfg.seed, resolution=model_cfg.resolution)
-    else:  # the config's Literal already rules this out; kept for callers building ModelConfig by hand
-        raise ModelLoadError(
-            f"model.source = {model_cfg.source!r}: expected one of hub, local, tiny, demo, architecture"
-        )
+    pipe = model_source(model_cfg.source).load(model_cfg, dtype)
     pipe.scheduler = ddim_scheduler_from(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device or "cpu")
@@ -103,7 +109,8 @@ def ddim_scheduler_from(scheduler_config) -> "DDIMScheduler":  # noqa: F821
     return DDIMScheduler.from_config(dict(scheduler_config))
 
 
-def _load_local(folder: Path, dtype: torch.dtype = torch.float32) -> "StableDiffusionPipeline":
+def load_local_folder(folder: Path, dtype: torch.dtype = torch.float32) -> "StableDiffusionPipeline":
+    """A pipeline saved by `save_pretrained` in `folder`, read without network access."""
     from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
 
     StableDiffusionPipeline = stable_diffusion_pipeline_class()
@@ -129,13 +136,13 @@ def _load_local(folder: Path, dtype: torch.dtype = torch.float32) -> "StableDiff
         raise ModelLoadError(f"could not load the diffusers model in {folder}: {error}") from None
 
 
-def _load_hub(model_id: str, revision: str | None, local_files_only: bool | None) -> "StableDiffusionPipeline":
+def _load_hub(model_id: str, revision: str | None) -> "StableDiffusionPipeline":
+    """From the local cache or the hub; only the cache when the `HF_HUB_OFFLINE` environment variable is set."""
     from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
 
     StableDiffusionPipeline = stable_diffusion_pipeline_class()
 
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+    local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
     try:
         return StableDiffusionPipeline.from_pretrained(
             model_id,
@@ -334,27 +341,13 @@ def load_run_policy(
 
 
 def model_hash(model_cfg: ModelConfig, files: list[Path] | tuple[Path, ...] = ()) -> str:
-    """A short hash of the base model's identity and the tensors of the added weight files (tokens, LoRAs).
+    """A short hash of the base model's identity (its source's `identity`) and the tensors of the added weight files (tokens, LoRAs).
 
     Hub models are named by id and revision, tiny ones and built-in architectures by name, seed and resolution; a
     local folder by its configs and the names and sizes of its weight files (hashing gigabytes on every run would
     cost minutes).
     """
-    digest = hashlib.sha256()
-    if model_cfg.source == "hub":
-        digest.update(f"hub:{model_cfg.pretrained}@{model_cfg.revision or 'main'}".encode())
-    elif model_cfg.source == "tiny":
-        digest.update(f"tiny:{model_cfg.seed}:{model_cfg.resolution}".encode())
-    elif model_cfg.source == "architecture":
-        digest.update(f"architecture:{model_cfg.pretrained}:{model_cfg.seed}:{model_cfg.resolution}".encode())
-    elif model_cfg.source == "demo":
-        digest.update(b"demo:")
-        from magic_align.diffusion.demo_model import demo_model_dir
-
-        _hash_folder(digest, Path(demo_model_dir(model_cfg)))
-    else:
-        digest.update(b"local:")
-        _hash_folder(digest, Path(model_cfg.pretrained))
+    digest = hashlib.sha256(model_source(model_cfg.source).identity(model_cfg))
     for path in files:
         digest.update(Path(path).name.encode())
         digest.update(weights_digest(path))
@@ -387,12 +380,33 @@ def weights_digest(path: Path | str) -> bytes:
     return digest.digest()
 
 
-def _hash_folder(digest, folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
+def folder_identity(folder: Path) -> bytes:
+    """A model folder named by its config and vocabulary files (path and content) and its other files (path and
+    size), in path order."""
+    parts = []
+    for path in sorted(Path(folder).rglob("*")):
         if not path.is_file():
             continue
         relative = path.relative_to(folder).as_posix()
         if path.suffix in {".json", ".txt"}:
-            digest.update(relative.encode() + path.read_bytes())
+            parts.append(relative.encode() + path.read_bytes())
         else:
-            digest.update(f"{relative}:{path.stat().st_size}".encode())
+            parts.append(f"{relative}:{path.stat().st_size}".encode())
+    return b"".join(parts)
+
+
+# --------------------------------------------------------------------------------------- built-in sources
+plugins.model_sources.register("hub", ModelSource(
+    load=lambda cfg, dtype: _load_hub(cfg.pretrained, cfg.revision),
+    identity=lambda cfg: f"hub:{cfg.pretrained}@{cfg.revision or 'main'}".encode(),
+))
+plugins.model_sources.register("local", ModelSource(
+    load=lambda cfg, dtype: load_local_folder(Path(cfg.pretrained), dtype),
+    identity=lambda cfg: b"local:" + folder_identity(Path(cfg.pretrained)),
+))
+plugins.model_sources.register("tiny", ModelSource(
+    load=lambda cfg, dtype: build_tiny_pipeline(cfg.seed, resolution=cfg.resolution),
+    identity=lambda cfg: f"tiny:{cfg.seed}:{cfg.resolution}".encode(),
+))
+# by reference: diffusion/architectures.py builds on this module (its tokenizer, the errors)
+plugins.model_sources.register("architecture", "magic_align.diffusion.architectures:ARCHITECTURE_SOURCE")

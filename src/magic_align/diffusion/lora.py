@@ -2,8 +2,8 @@
 
 `save_lora` writes `pytorch_lora_weights.safetensors` (keys `unet.<module>.lora_A.weight` ..., the layout
 `StableDiffusionPipeline.save_lora_weights` produces) with the rank and alpha in the file's metadata, so plain
-diffusers `pipe.load_lora_weights(folder)` loads it with the right scale (pitfall 5 of the authors' code: their
-aligned LoRA was saved in a format the loader silently ignored).
+diffusers `pipe.load_lora_weights(folder)` loads it with the right scale (the authors' aligned LoRA was saved in a
+format their loader silently ignored: docs/method.md section 11.1).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The trajectory sampler: batched image-to-image (and text-to-image) DDIM sampling that keeps what training needs.
 
 For each request (source image, prompt, seed) it returns the decoded image and, when asked, the trajectory: the
-latents actually visited, each with the timestep it was made at (pitfall 2 of the authors' code paired latents with
-the wrong timesteps), and the log-prob of every step under the sampling policy (pitfall 4: they recomputed these with
-a second UNet in memory). Every sample drawn is returned; nothing is drawn to be thrown away (pitfall 3).
+latents actually visited, each with the timestep it was made at (the authors' code paired latents with the wrong
+timesteps), and the log-prob of every step under the sampling policy (they recomputed these with a second UNet in
+memory). Every sample drawn is returned; nothing is drawn to be thrown away. Why: docs/method.md section 11.1.
 
 Randomness is per sample: each request has its own `torch.Generator(seed)`, used in the same order as diffusers'
 `StableDiffusionImg2ImgPipeline` with a list of generators (VAE posterior sample, initial noise, then one draw per

@@ -20,6 +20,7 @@ import numpy as np
 from rich.console import Console
 
 from magic_align.config import RunConfig
+from magic_align.evaluate.labels import SettingLabels
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.stats import bootstrap, mean_difference
 from magic_align.errors import MagicError
@@ -85,7 +86,7 @@ def run_alignment_comparison(
     """Synthesize from held-out sources with each available model, grade, and write `eval/alignment.json`."""
     from magic_align.checklists.schema import load_checklists
     from magic_align.data.split import run_split
-    from magic_align.evaluate.passrate import judge_images
+    from magic_align.evaluate.passrate import answered, judge_images
     from magic_align.evaluate.stage import setting_model
     from magic_align.judges import make_judge
     from magic_align.ledger import Ledger
@@ -132,20 +133,29 @@ def run_alignment_comparison(
             )
         scores[name] = {}
         images[name] = {}
+        unreadable = 0
         for row, items in zip(rows, verdicts):
             unit = row["synthetic_id"]
+            if not answered(items):  # an answer the judge gave but nobody could read is no score, not 0 items
+                unreadable += 1
+                continue
             scores[name][unit] = sum(1 for value in items if value == 1)
             images[name][unit] = row["path"]
             targets[unit] = (row["source_id"], row["target_label"])
+        if unreadable:
+            notes.append(f"{name}: {unreadable} of {len(rows)} answers could not be read and are left out "
+                         "(they stay stored as failed answers; they are not scored as 0 items met)")
 
     source_of = {unit: source_id for unit, (source_id, _) in targets.items()}
     summary = paired_summary(scores, ALIGNMENT_SETTINGS[0], evaluate.bootstrap, config.seed, source_of)
     source_paths = {record.id: record.path for record in sources}
+    labels = SettingLabels.of_run(paths)  # each aligned model named with the objective it was trained with
     result = {
         "judge": judge.id,
         "sources": len(sources),
         "settings": {
-            name: {"mean_items": summary["settings"][name], "images": sorted(images[name].values())} for name in scores
+            name: {**labels.describe(name), "mean_items": summary["settings"][name], "images": sorted(images[name].values())}
+            for name in scores
         },
         "differences": summary["differences"],
         "units": [
@@ -163,7 +173,7 @@ def run_alignment_comparison(
     output = paths.eval / "alignment.json"
     atomic_write_text(output, json.dumps(result, indent=2))
     for name, estimate in summary["settings"].items():
-        console.print(f"  {name}: mean items met {estimate['value']:.2f} [{estimate['low']:.2f}, {estimate['high']:.2f}]")
+        console.print(f"  {labels(name)}: mean items met {estimate['value']:.2f} [{estimate['low']:.2f}, {estimate['high']:.2f}]")
     for name, estimate in summary["differences"].items():
         console.print(f"  {name}: {estimate['value']:+.2f} [{estimate['low']:+.2f}, {estimate['high']:+.2f}]")
     for note in notes:

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from magic_align.evaluate.backbones import Backbone, BackboneError, load_backbone, normalize, to_uint8_tensor
-from magic_align.stats import Estimate
+from magic_align.stats import Estimate, percentile_interval
 
 INCEPTION_SIZE = 299
 
@@ -133,15 +133,6 @@ class DistanceResult:
                 "features": self.features, "n_real": self.n_real, "n_fake": self.n_fake}
 
 
-def _interval(draws: list[float], value: float, confidence: float) -> Estimate:
-    draws = [d for d in draws if np.isfinite(d)]
-    if not draws:
-        return Estimate(value, float("nan"), float("nan"))
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(draws, [tail, 100 - tail])
-    return Estimate(value, float(low), float(high))
-
-
 def extract_features(images: Sequence[Image.Image], module: nn.Module, batch_size: int = 32) -> torch.Tensor:
     """[len(images), D] float64 features of `images` through the extractor, in batches, on the CPU."""
     size = getattr(module, "input_size", INCEPTION_SIZE)
@@ -176,6 +167,8 @@ def image_distances(
     fid_value = fid_from_features(real, fake)
     kid_value, kid_std = kid_from_features(real, fake, kid_subsets, seed)
 
+    # Written out rather than through scipy.stats.bootstrap: the two sets are drawn alternately from one
+    # generator and each resample's KID has its own subset seed, which scipy's batched draws cannot reproduce.
     rng = np.random.default_rng(seed)
     fid_draws, kid_draws = [], []
     for index in range(resamples):
@@ -184,8 +177,8 @@ def image_distances(
         fid_draws.append(fid_from_features(real_draw, fake_draw))
         kid_draws.append(kid_from_features(real_draw, fake_draw, max(1, kid_subsets // 10), seed + index + 1)[0])
     return DistanceResult(
-        fid=_interval(fid_draws, fid_value, confidence),
-        kid=_interval(kid_draws, kid_value, confidence),
+        fid=percentile_interval(fid_value, [d for d in fid_draws if np.isfinite(d)], confidence),
+        kid=percentile_interval(kid_value, [d for d in kid_draws if np.isfinite(d)], confidence),
         kid_std=kid_std,
         features=name,
         n_real=len(real),

@@ -106,7 +106,13 @@ async def _judge_all(judge, ledger, jobs: list[tuple[Path, str, object]], concur
                            condition=checklist.condition)
         return checklist.apply_requires(list(verdict.items))
 
-    return list(await asyncio.gather(*(one(*job) for job in jobs)))
+    # Every call runs to its end before a failure is raised, so the answers that did arrive are stored (and paid
+    # for once) rather than cancelled with the rest.
+    results = await asyncio.gather(*(one(*job) for job in jobs), return_exceptions=True)
+    failures = [result for result in results if isinstance(result, BaseException)]
+    if failures:
+        raise failures[0]
+    return list(results)
 
 
 def judge_images(judge, ledger, paths: Sequence[Path], conditions: Sequence[str], checklists,

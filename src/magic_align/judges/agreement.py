@@ -38,7 +38,11 @@ def percent_agreement(first: Sequence[int], second: Sequence[int]) -> float:
 
 def cohen_kappa(first: Sequence[int], second: Sequence[int]) -> float:
     """Cohen's kappa for binary answers: (p_o - p_e) / (1 - p_e), with p_e from each grader's own rate of 1s.
-    NaN when undefined (no answers, or both graders constant and equal so that p_e = 1)."""
+    NaN when undefined (no answers, or both graders constant and equal so that p_e = 1).
+
+    Written out rather than torchmetrics' `binary_cohen_kappa` (the tests check the two agree): that one computes
+    in float32, off by up to about 1e-7, enough to move a value at the `pairs.min_kappa` gate or at a rounding
+    boundary of the report, and costs several times more per call in a 1000-resample bootstrap."""
     a, b = np.asarray(first, float), np.asarray(second, float)
     if len(a) == 0:
         return float("nan")

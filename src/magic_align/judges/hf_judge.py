@@ -1,7 +1,7 @@
 """A judge that runs a local Hugging Face vision-language model through transformers.
 
-Documented models: MedGemma-4B (`google/medgemma-4b-it`, close to GPT-4o as the paper's judge, method.md
-section 6) and Qwen2.5-VL (`Qwen/Qwen2.5-VL-3B-Instruct`); any model that loads with `AutoProcessor` and
+Documented models: MedGemma-4B (`google/medgemma-4b-it`, close to GPT-4o as the paper's judge: docs/method.md
+section 10) and Qwen2.5-VL (`Qwen/Qwen2.5-VL-3B-Instruct`); any model that loads with `AutoProcessor` and
 `AutoModelForImageTextToText` and has a chat template with image support should work. `judge.model` is the
 hub id or a local folder.
 

@@ -1,7 +1,7 @@
 """A judge behind any OpenAI-compatible chat-completions endpoint with image input.
 
 GPT-4o by default; vLLM, Ollama, llama.cpp server and LM Studio through `judge.base_url`. The HTTP layer is
-httpx, written out here so retries are exactly what we want:
+httpx; tenacity runs the attempts, with the policy decided here (what is retried, how long to wait):
 
 - at most `judge.concurrency` images in flight (one semaphore slot per image, repair included);
 - `requests_per_minute` and `tokens_per_minute` limits: leaky buckets (aiolimiter), the token bucket charged
@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import httpx
 from aiolimiter import AsyncLimiter
 from PIL import Image
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from magic_align.checklists.schema import Checklist
 from magic_align.config import JudgeConfig
@@ -176,6 +177,24 @@ class _Reply:
 
 
 @dataclass
+class _Call:
+    """One chat completion across its attempts: the request body (adapted in place) and the requests made."""
+
+    body: dict
+    estimate: int  # tokens charged to the token bucket per request
+    requests: int = 0
+
+
+class _NoAnswer(Exception):
+    """An attempt that got no answer (timeout, dropped connection, 429/5xx, malformed body): worth a retry."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass
 class _LoopState:
     """Everything bound to one event loop (httpx client, semaphore, limiters)."""
 
@@ -286,50 +305,68 @@ class OpenAIJudge:
         if self._use_response_format:
             body["response_format"] = response_format(style)
         estimate = estimate_request_tokens(messages, self.cfg.image_size) + body[self._max_tokens_key]
+        call = _Call(body=body, estimate=estimate)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.cfg.max_retries + 1),
+            wait=self._retry_wait,
+            retry=retry_if_exception_type(_NoAnswer),  # systematic failures and answers are never retried
+            sleep=self._sleep,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            return await retrying(self._attempt, state, call)
+        except _NoAnswer as failure:
+            raise JudgeCallError(
+                f"no answer from {self.base_url} after {self.cfg.max_retries + 1} attempt(s): {failure.reason}",
+                cause=failure.reason,
+                requests=call.requests,
+            ) from None
+
+    async def _attempt(self, state: _LoopState, call: _Call) -> _Reply:
+        """One attempt: the reply, a rejected request as `_Reply.error`, or `_NoAnswer` (worth retrying). A
+        request the judge adapts to the server's rejection is sent again within the same attempt."""
         url = f"{self.base_url}/chat/completions"
-        reason = "no attempt made"
-        attempt = requests = 0
-        while attempt <= self.cfg.max_retries:
+        while True:
             if state.requests is not None:
                 await state.requests.acquire()
             if state.tokens is not None:
-                await state.tokens.acquire(min(estimate, self.cfg.tokens_per_minute))
-            retry_after: float | None = None
-            requests += 1
+                await state.tokens.acquire(min(call.estimate, self.cfg.tokens_per_minute))
+            call.requests += 1
             try:
-                response = await state.client.post(url, json=body, headers=self._headers())
+                response = await state.client.post(url, json=call.body, headers=self._headers())
             except httpx.TimeoutException:
-                reason = f"timed out after {self.cfg.timeout_s:g} s"
+                raise _NoAnswer(f"timed out after {self.cfg.timeout_s:g} s") from None
             except httpx.TransportError as error:
-                reason = f"connection error ({type(error).__name__})"
-            else:
-                status = response.status_code
-                if status == 200:
-                    reply = self._read_reply(response)
-                    if reply is not None:
-                        reply.requests = requests
-                        return reply
-                    reason = "malformed response body (not a chat completion)"
-                elif status == 400 and self._adapt_to_rejection(body, response.text):
-                    continue  # the request changed shape; not a failure of the call, so no retry is used up
-                elif (kind := systematic_failure(status, response.text, response.headers.get("retry-after"))) is not None:
-                    if self._fatal is None:
-                        self._fatal = self._endpoint_error(kind, status, response.text, requests)
-                    raise self._fatal
-                elif status in RETRYABLE_STATUS:
-                    reason = f"HTTP {status}"
-                    retry_after = parse_retry_after(response.headers.get("retry-after"))
-                else:
-                    return _Reply(error=f"HTTP {status}: {self._scrub(response.text)}", requests=requests)
-            if attempt == self.cfg.max_retries:
-                break
-            delay = retry_delay(attempt, retry_after, self.cfg.retry_base_s, self.cfg.retry_max_s, self._rng)
-            logger.info("%s: %s; retry %d/%d in %.2f s", self.id, reason, attempt + 1, self.cfg.max_retries, delay)
-            await self._sleep(delay)
-            attempt += 1
-        raise JudgeCallError(
-            f"no answer from {self.base_url} after {attempt + 1} attempt(s): {reason}", cause=reason, requests=requests
-        )
+                raise _NoAnswer(f"connection error ({type(error).__name__})") from None
+            status = response.status_code
+            if status == 200:
+                reply = self._read_reply(response)
+                if reply is None:
+                    raise _NoAnswer("malformed response body (not a chat completion)")
+                reply.requests = call.requests
+                return reply
+            if status == 400 and self._adapt_to_rejection(call.body, response.text):
+                continue  # the request changed shape; not a failure of the call, so no retry is used up
+            retry_after = response.headers.get("retry-after")
+            if (kind := systematic_failure(status, response.text, retry_after)) is not None:
+                if self._fatal is None:
+                    self._fatal = self._endpoint_error(kind, status, response.text, call.requests)
+                raise self._fatal
+            if status in RETRYABLE_STATUS:
+                raise _NoAnswer(f"HTTP {status}", parse_retry_after(retry_after))
+            return _Reply(error=f"HTTP {status}: {self._scrub(response.text)}", requests=call.requests)
+
+    def _retry_wait(self, retry_state: RetryCallState) -> float:
+        if retry_state.attempt_number > self.cfg.max_retries:
+            return 0.0  # tenacity asks before it stops: no retry follows, so no jitter is drawn
+        failure = retry_state.outcome.exception()
+        return retry_delay(retry_state.attempt_number - 1, failure.retry_after, self.cfg.retry_base_s,
+                           self.cfg.retry_max_s, self._rng)
+
+    def _log_retry(self, retry_state: RetryCallState) -> None:
+        logger.info("%s: %s; retry %d/%d in %.2f s", self.id, retry_state.outcome.exception().reason,
+                    retry_state.attempt_number, self.cfg.max_retries, retry_state.upcoming_sleep)
 
     def _endpoint_error(self, kind: str, status: int, text: str, requests: int) -> JudgeEndpointError:
         """The one line that says which setting to check (see `systematic_failure` for the kinds)."""

@@ -1,6 +1,6 @@
 """What may leave the machine, and in what form.
 
-Three rules (issue 3, item 4; ARCHITECTURE.md "Private by default"):
+Three rules (private by default: docs/method.md section 11.3, docs/judges.md "Privacy"):
 
 1. Every image sent to an HTTP judge is downscaled and re-encoded as a PNG built from its pixels alone, so no
    EXIF, ICC profile, text chunk or file name travels with it.

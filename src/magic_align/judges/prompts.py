@@ -2,7 +2,7 @@
 
 Two styles:
 
-- `paper`: the paper's prompt (method.md section 3): grade the image against the numbered checklist of the
+- `paper`: the paper's prompt (docs/method.md section 3): grade the image against the numbered checklist of the
   target condition and answer with one list of 0/1 values, e.g. `[1, 0, 1, 0, 0]`; an image that shows no
   valid lesion gets all zeros.
 - `structured`: one JSON object per item with a verdict and a one-sentence reason. Servers that support

@@ -1,14 +1,15 @@
 """The `rules` judge: grades checklist items by measuring pixels, for domains whose look is known exactly.
 
-A *domain* (e.g. the built-in procedural demo, `judges/rules_demo.py`) registers three things:
+A *domain* (e.g. the built-in demo's, `demo/rules.py`) is a `RulesDomain` in the `rules_domains` registry
+(`magic_align.plugins`, docs/extending.md), holding three things:
 
 - `analyse(image) -> analysis`: everything measured once per image (skin tone, lesion masks, components...);
 - `gate(analysis) -> ItemResult`: an image-quality gate; when it fails, every item fails. A pixel judge can be
-  fooled by noise textures (demo-notes.md), so a domain must say what a plausible image looks like;
+  fooled by noise textures (docs/method.md section 11.2), so a domain must say what a plausible image looks like;
 - `items[(condition, item_id)](analysis) -> ItemResult`: one rule per checklist item, each returning pass / fail
   and a rationale with the measured value ("ring contrast 0.31 >= 0.20").
 
-The judge picks the domain by the checklist set's id (`demo` -> the demo domain). It is deterministic and
+The judge picks the domain registered under the checklist set's id (`demo` -> the demo domain). It is deterministic and
 needs no prompt, so `prompt_version` is "none" and its id carries the domain version: a change of any rule
 must bump the version, which makes new ledger keys.
 """
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from magic_align import plugins
 from magic_align.checklists.schema import Checklist, ChecklistSet
 from magic_align.config import ConfigError
 from magic_align.judges.base import Verdict
@@ -46,26 +48,23 @@ class RulesDomain:
     describe: Callable[[Any], dict] = lambda analysis: {}  # measurements worth keeping in `Verdict.raw`
 
 
-_DOMAINS: dict[str, RulesDomain] = {}
-
-
 def register_domain(domain: RulesDomain) -> None:
-    """Make a domain available to `make_rules_judge` under its name (the checklist set id it grades)."""
-    _DOMAINS[domain.name] = domain
+    """Make a domain available to `make_rules_judge` under its name (the checklist set id it grades).
+
+    The same as `magic_align.plugins.rules_domains.register(domain.name, domain)`; a plug-in may also register
+    a "module:attribute" reference there, so that the domain's module is imported only when a run uses it."""
+    plugins.rules_domains.register(domain.name, domain)
 
 
 def get_domain(name: str) -> RulesDomain:
-    if name not in _DOMAINS and name == "demo":
-        import magic_align.judges.rules_demo  # noqa: F401  (registers the built-in demo domain)
-    if name not in _DOMAINS and name == "tiny":
-        import magic_align.judges.rules_tiny  # noqa: F401  (registers the tiny preset's plumbing checks)
-    if name not in _DOMAINS:
-        known = sorted(set(_DOMAINS) | {"demo", "tiny"})
+    domain = plugins.rules_domains.find(name)
+    if domain is None:
         raise ConfigError(
-            f"the rules judge has no measurement rules for checklist set {name!r}; known domains: {known}. "
-            "Use judge.checklist = 'demo', or register a domain with magic_align.judges.rules.register_domain"
+            f"the rules judge has no measurement rules for checklist set {name!r}; known domains: "
+            f"{plugins.rules_domains.names()}. Use a checklist set with a rules domain, or register one "
+            "(docs/extending.md)"
         )
-    return _DOMAINS[name]
+    return domain
 
 
 class RulesJudge:

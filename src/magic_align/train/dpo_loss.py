@@ -1,4 +1,4 @@
-"""The MAGIC-DPO loss (method.md section 4) as pure functions on log-probability tensors.
+"""The MAGIC-DPO loss (docs/method.md sections 6 and 7) as pure functions on log-probability tensors.
 
 Per pair and per denoising step, with the log-probs of the stored next latent under the policy (lp) and
 under the reference (lp_ref):
@@ -8,7 +8,7 @@ under the reference (lp_ref):
 
 averaged over steps and pairs. h = (+1, -1) when sample 0 is preferred, (-1, +1) when sample 1 is, and
 (0, 0) when the pair carries no preference. A clamped ratio has zero gradient (the clamp is a trust region,
-as in the authors' code); `clip = None` disables it.
+as in the authors' code); `clip = 0` disables it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def preference_signs(outcome_a: int, outcome_b: int) -> tuple[int, int]:
 
     One wins, one loses: (+1, -1) or (-1, +1). Both win or both lose: (0, 0), i.e. no gradient. Both-lose
     pairs must not push both samples down: in the demo prototype that drove the policy to one texture that
-    fooled the judge (demo-notes.md); the authors' code gives them no gradient as well.
+    fooled the judge (docs/method.md section 11.2); the authors' code gives them no gradient as well.
     """
     for name, value in (("outcome_a", outcome_a), ("outcome_b", outcome_b)):
         if value not in (0, 1):
@@ -53,10 +53,11 @@ class DPOStats:
         }
 
 
-def clamped_log_ratio(log_prob_policy: torch.Tensor, log_prob_ref: torch.Tensor, clip: float | None) -> torch.Tensor:
-    """log clamp(exp(lp - lp_ref), 1 - clip, 1 + clip), computed in log space (no overflow for big gaps)."""
+def clamped_log_ratio(log_prob_policy: torch.Tensor, log_prob_ref: torch.Tensor, clip: float) -> torch.Tensor:
+    """log clamp(exp(lp - lp_ref), 1 - clip, 1 + clip), computed in log space (no overflow for big gaps); the
+    plain log-ratio when clip = 0."""
     log_ratio = log_prob_policy - log_prob_ref
-    if clip is None:
+    if clip == 0:
         return log_ratio
     if not 0 < clip < 1:
         raise ValueError(f"clip = {clip}: expected 0 < clip < 1 (the ratio is clamped to [1 - clip, 1 + clip])")
@@ -68,7 +69,7 @@ def dpo_loss(
     log_prob_ref: torch.Tensor,
     preference: torch.Tensor,
     beta: float,
-    clip: float | None,
+    clip: float,
 ) -> tuple[torch.Tensor, DPOStats]:
     """The per-step DPO loss averaged over pairs and steps.
 
@@ -92,7 +93,7 @@ def dpo_loss(
 
 
 @torch.no_grad()
-def _stats(lp: torch.Tensor, lp_ref: torch.Tensor, h: torch.Tensor, clip: float | None) -> DPOStats:
+def _stats(lp: torch.Tensor, lp_ref: torch.Tensor, h: torch.Tensor, clip: float) -> DPOStats:
     informative = (h != 0).any(dim=1)  # [B]
     count = int(informative.sum())
     if count == 0:
@@ -101,7 +102,7 @@ def _stats(lp: torch.Tensor, lp_ref: torch.Tensor, h: torch.Tensor, clip: float 
     raw = (lp - lp_ref.to(lp.dtype)).float()[informative]  # [b, 2, T], unclamped
     signs = h[informative].to(raw.dtype).unsqueeze(-1)
     accuracy = ((signs * raw).sum(dim=1) > 0).float().mean()
-    if clip is None:
+    if clip == 0:
         clamped = torch.zeros(())
     else:
         ratio = raw.exp()

@@ -1,4 +1,4 @@
-"""Preliminary fine-tuning (method.md section 3): textual inversion, then a UNet LoRA. Entry: `run_finetune`.
+"""Preliminary fine-tuning (docs/method.md section 1): textual inversion, then a UNet LoRA. Entry: `run_finetune`.
 
 1. **Textual inversion.** One new token per condition of the checklist set (`checklist.token`), initialised from
    the embedding of `finetune.ti_init_word`. Captions are object-style templates ("a photo of a {}", ...) plus the
@@ -22,7 +22,7 @@ loads), `lora/` (diffusers LoRA for `pipe.load_lora_weights`), `model.json` (bas
 steps, losses). Checkpoints go to `run/checkpoints/finetune/`; a rerun resumes from the latest one and ends with
 exactly the weights an uninterrupted run gives, because every random draw of a step (batch, caption, noise,
 timestep, flip) comes from a generator seeded by (seed, phase, step) rather than from a running RNG state
-(`loop.step_seed`, `loop.batch_indices`).
+(`session.step_seed`, `session.batch_indices`).
 """
 
 from __future__ import annotations
@@ -39,10 +39,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from magic_align.config import RunConfig
+from magic_align.config import FinetuneConfig, RunConfig
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
-from magic_align.train.loop import batch_indices, phase_epoch_seed, step_seed
 from magic_align.errors import MagicError
+from magic_align.train.diffusion_losses import denoising_loss, encode_images
+from magic_align.train.session import (
+    batch_indices,
+    make_accelerator,
+    optimizer_step,
+    phase_epoch_seed,
+    start_training,
+    step_seed,
+    training_progress,
+    weight_dtype,
+)
 
 # Object-style captions for textual inversion, written for this project; "{}" is the condition's token.
 OBJECT_TEMPLATES = (
@@ -61,9 +71,6 @@ OBJECT_TEMPLATES = (
     "a picture of a {}",
     "a dermatology photo of a {}",
 )
-
-KEEP_CHECKPOINTS = 2
-
 
 class FinetuneError(MagicError, RuntimeError):
     """The fine-tuning stage cannot run as configured; the message says what to change."""
@@ -98,63 +105,6 @@ def image_to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return tensor.flip(-1) if flip else tensor
-
-
-def noise_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """What the UNet must predict: the noise (epsilon models) or the velocity (v-prediction models)."""
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise FinetuneError(f"the model's prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
-
-
-def denoising_loss(
-    unet: nn.Module,
-    noise_scheduler,
-    latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    generator: torch.Generator,
-    weights: torch.Tensor | None = None,
-    max_timestep: int | None = None,
-    groups: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """The standard diffusion loss: noise the latents to random DDPM timesteps (0 to `max_timestep`, all of them by
-    default), MSE between the UNet's output and the target, averaged per sample and then over the batch (weighted by
-    `weights` when given). Rows with the same entry in `groups` share their noise and timestep, so a contrast
-    between them is not buried in the spread of the draws."""
-    count = latents.shape[0]
-    rows = torch.arange(count) if groups is None else torch.unique(torch.as_tensor(groups), return_inverse=True)[1]
-    draws = int(rows.max()) + 1
-    noise = torch.randn((draws, *latents.shape[1:]), generator=generator, dtype=torch.float32)
-    noise = noise[rows].to(latents.device, latents.dtype)
-    high = noise_scheduler.config.num_train_timesteps if max_timestep is None else max_timestep + 1
-    timesteps = torch.randint(0, high, (draws,), generator=generator)[rows].to(latents.device)
-    noisy, target = noised_with_target(noise_scheduler, latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=encoder_hidden_states).sample
-    per_sample = prediction_error(prediction, target)
-    if weights is None:
-        return per_sample.mean()
-    return (per_sample * weights.to(per_sample)).mean()
-
-
-def noised_with_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-    """(the latents noised to `timesteps`, what the UNet must predict for them)."""
-    return noise_scheduler.add_noise(latents, noise, timesteps), noise_target(noise_scheduler, latents, noise, timesteps)
-
-
-def prediction_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The mean squared error of each sample's prediction, in fp32: [N]."""
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
-
-
-def encode_images(vae, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Images in [-1, 1] -> scaled VAE latents, sampled from the posterior with `generator`."""
-    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    noise = torch.randn(posterior.mean.shape, generator=generator, dtype=torch.float32).to(posterior.mean)
-    latents = posterior.mean + posterior.std * noise
-    return latents * vae.config.scaling_factor
 
 
 # ---------------------------------------------------------------------------------- textual inversion
@@ -281,11 +231,15 @@ class TokenTextEncoder(nn.Module):
 def settings_fingerprint(config: RunConfig) -> str:
     """What a checkpoint depends on: model, data, checklist set and fine-tuning settings (not checkpoint_every,
     not the loggers). A checkpoint written under other settings is refused rather than silently continued."""
+    unchanging = {"checkpoint_every", "log_with"}
+    if config.finetune.lora_weight_decay == FinetuneConfig.model_fields["lora_weight_decay"].default:
+        # a setting added after the first runs: at its default it leaves their fingerprint (and checkpoints) valid
+        unchanging.add("lora_weight_decay")
     settings = {
         "model": config.model.model_dump(mode="json"),
         "data": config.data.model_dump(mode="json"),
         "checklist": config.judge.checklist,
-        "finetune": config.finetune.model_dump(mode="json", exclude={"checkpoint_every", "log_with"}),
+        "finetune": config.finetune.model_dump(mode="json", exclude=unchanging),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -321,17 +275,6 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     from magic_align.checklists.schema import load_checklists
     from magic_align.diffusion.loading import load_pipeline
     from magic_align.diffusion.sampler import tokenize_prompts
-    from magic_align.train.loop import (
-        Checkpoints,
-        MetricsLogger,
-        make_accelerator,
-        make_optimizer,
-        optimizer_step,
-        start_training,
-        training_progress,
-        weight_dtype,
-    )
-
     if stop_after is not None and stop_after < 1:
         raise FinetuneError(f"stop_after = {stop_after}: expected at least 1 optimizer step (or None for no limit)")
     ft = config.finetune
@@ -380,22 +323,22 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     encoder = TokenTextEncoder(text_encoder, token_rows)
     ti_lr = scaled_lr(ft.ti_lr, ft.ti_batch_size, ft.ti_grad_accum, ft.ti_scale_lr)
     # No weight decay: the rows are word embeddings, and decay would pull them towards zero, not towards "skin".
-    ti_optimizer = make_optimizer(encoder.parameters(), lr=ti_lr, weight_decay=0.0)
-    encoder, ti_optimizer = accelerator.prepare(encoder, ti_optimizer)
-    ti_checkpoints = Checkpoints(accelerator, paths.checkpoints("finetune") / "ti")
-    ti_start = _check_resumed(ti_checkpoints.resume(), fingerprint, ti_checkpoints.directory)
-    trainable_rows = [accelerator.unwrap_model(encoder).token_rows.rows]
-    ti_log = MetricsLogger(paths.logs / "finetune" / "ti", ft.log_with, enabled=accelerator.is_main_process,
-                           resume_step=ti_start if ti_start else None)
     phases = ti_phases(images, checklists.condition_names, ft)
     ti_total = sum(phase.steps for phase in phases)
+    ti_checkpoint_dir = paths.checkpoints("finetune") / "ti"
+    ti = start_training(  # a constant learning rate: no schedule
+        accelerator, encoder, lr=ti_lr, weight_decay=0.0, use_8bit=False, lr_scheduler=None, total_steps=ti_total,
+        checkpoint_dir=ti_checkpoint_dir, log_dir=paths.logs / "finetune" / "ti", log_with=ft.log_with,
+        check_resumed=lambda state: _check_resumed(state, fingerprint, ti_checkpoint_dir),
+    )
+    encoder, ti_start = ti.model, ti.start_step
     ti_progress = training_progress(accelerator, "finetune textual inversion", total=ti_total, start=ti_start,
-                                    checkpoints=ti_checkpoints)
+                                    checkpoints=ti.checkpoints)
     for step in ti_progress.steps(range(ti_start, ti_total)):
         phase_index, local = phase_at(phases, step)
         phase = phases[phase_index]
         if local == 0 and phase.condition is not None:
-            forget_optimizer_state(ti_optimizer)
+            forget_optimizer_state(ti.optimizer)
         # the joint schedule keeps its original draws (and so its checkpoints); a token's phase has its own stream
         stream = "ti" if phase.condition is None else f"ti:{phase.condition}"
         loss_total = 0.0
@@ -414,14 +357,14 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
                 loss = denoising_loss(unet, noise_scheduler, latents, hidden, generator) / ft.ti_grad_accum
                 accelerator.backward(loss)
             loss_total += float(accelerator.reduce(loss.detach(), "mean"))
-        grad_norm = optimizer_step(accelerator, ti_optimizer, None, trainable_rows, grad_clip=None)
-        ti_log.log(step + 1, {"loss": loss_total, "grad_norm": grad_norm, "lr": ti_lr, "token": phase_index})
+        grad_norm = optimizer_step(accelerator, ti.optimizer, None, ti.parameters, grad_clip=None)
+        ti.logger.log(step + 1, {"loss": loss_total, "grad_norm": grad_norm, "lr": ti_lr, "token": phase_index})
         ti_progress.advance(loss=loss_total)
-        if _checkpoint(ti_checkpoints, step + 1, ti_total, ft.checkpoint_every, spend_step(), fingerprint):
-            ti_log.close()
+        if _checkpoint(ti.checkpoints, step + 1, ti_total, ft.checkpoint_every, spend_step(), fingerprint):
+            ti.close()
             ti_progress.finish()
             return paths.model
-    ti_log.close()
+    ti.close()  # the LoRA phase trains other weights on the same accelerator
     if stop_after is not None and steps_done[0] >= stop_after and ft.lora_steps > 0:
         return paths.model  # the budget ended exactly with textual inversion; phase 2 starts on the next call
     token_rows.detach_hook()
@@ -438,17 +381,14 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
         lora_parameters = attach_lora(unet, ft.lora_rank, ft.lora_alpha, targets=LORA_TARGETS)
     for parameter in lora_parameters:  # trainable weights stay fp32 under mixed precision
         parameter.data = parameter.data.float()
-    accelerator = make_accelerator(mixed_precision=ft.mixed_precision, seed=ft.seed)
     lora_checkpoint_dir = paths.checkpoints("finetune") / "lora"
-    session = start_training(
-        accelerator, unet, lr=ft.lora_lr, weight_decay=1e-2, use_8bit=False, lr_scheduler=ft.lr_scheduler,
-        total_steps=max(ft.lora_steps, 1), checkpoint_dir=lora_checkpoint_dir,
+    lora = start_training(
+        accelerator, unet, lr=ft.lora_lr, weight_decay=ft.lora_weight_decay, use_8bit=False,
+        lr_scheduler=ft.lr_scheduler, total_steps=max(ft.lora_steps, 1), checkpoint_dir=lora_checkpoint_dir,
         log_dir=paths.logs / "finetune" / "lora", log_with=ft.log_with,
         check_resumed=lambda state: _check_resumed(state, fingerprint, lora_checkpoint_dir),
     )
-    unet, lora_parameters, lora_optimizer = session.model, session.parameters, session.optimizer
-    lora_schedule, lora_checkpoints, lora_log = session.lr_scheduler, session.checkpoints, session.logger
-    lora_start = session.start_step
+    unet, lora_start = lora.model, lora.start_step
     with torch.no_grad():  # the text encoder is frozen now: one embedding per condition caption, computed once
         caption_states = {
             condition: text_encoder(tokenize_prompts(tokenizer, [config.model.prompt_template.format(token=token)]).to(device))[0]
@@ -456,7 +396,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
         }
     unet.train()
     lora_progress = training_progress(accelerator, "finetune lora", total=ft.lora_steps, start=lora_start,
-                                      checkpoints=lora_checkpoints)
+                                      checkpoints=lora.checkpoints)
     for step in lora_progress.steps(range(lora_start, ft.lora_steps)):
         generator = torch.Generator().manual_seed(step_seed(ft.seed, "lora", step, rank))
         indices = batch_indices(len(images), ft.lora_batch_size, step * world + rank, phase_epoch_seed(ft.seed, "lora"))
@@ -467,16 +407,16 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
             hidden = torch.cat([caption_states[c] for c in conditions])
             loss = denoising_loss(unet, noise_scheduler, latents, hidden, generator)
             accelerator.backward(loss)
-        learning_rate = lora_schedule.get_last_lr()[0]
-        grad_norm = optimizer_step(accelerator, lora_optimizer, lora_schedule, lora_parameters, ft.grad_clip)
+        learning_rate = lora.lr_scheduler.get_last_lr()[0]
+        grad_norm = optimizer_step(accelerator, lora.optimizer, lora.lr_scheduler, lora.parameters, ft.grad_clip)
         loss_value = float(accelerator.reduce(loss.detach(), "mean"))
-        lora_log.log(step + 1, {"loss": loss_value, "grad_norm": grad_norm, "lr": learning_rate})
+        lora.logger.log(step + 1, {"loss": loss_value, "grad_norm": grad_norm, "lr": learning_rate})
         lora_progress.advance(loss=loss_value)
-        if _checkpoint(lora_checkpoints, step + 1, ft.lora_steps, ft.checkpoint_every, spend_step(), fingerprint):
-            lora_log.close()
+        if _checkpoint(lora.checkpoints, step + 1, ft.lora_steps, ft.checkpoint_every, spend_step(), fingerprint):
+            lora.close()
             lora_progress.finish()
             return paths.model
-    lora_log.close()
+    lora.close()
     unet = accelerator.unwrap_model(unet).eval()
     if accelerator.is_main_process:
         lora_dir = paths.model / "lora"
@@ -493,7 +433,7 @@ def lora_targets() -> tuple[str, ...]:
 
 
 def _final_loss(path: Path) -> float | None:
-    from magic_align.train.loop import read_metrics
+    from magic_align.train.session import read_metrics
 
     if not path.exists():
         return None

@@ -1,4 +1,4 @@
-"""MAGIC-RFT (method.md section 3): a reward model, then reward-weighted likelihood on the stored trajectories.
+"""MAGIC-RFT (docs/method.md section 8): a reward model, then reward-weighted likelihood on the stored trajectories.
 
 1. **Reward model** R(x, c) in [0, 1] (`reward_model.py`): a head on frozen image features, conditioned on the
    condition, fitted with MSE on
@@ -7,25 +7,24 @@
    - every real training image: label 1 for its own condition, and `rft.reward_real_negative_label` (default 0)
      for one other condition drawn at random (None: no negatives; see docs/training.md for the trade-off).
 2. **Reward-weighted likelihood.** Every stored trajectory of round k (judged or not: the reward model scores
-   them all) gets the weight w = R(final image, target condition) ** `reward_power`. With
-   `rft.objective = "trajectory"` (the default) the policy maximises
+   them all) gets the weight w = R(final image, target condition) ** `reward_power` (minus its unit's mean with
+   `rft.baseline = "unit"`). `rft.objective` chooses the step function, once, before the loop:
 
-       J = mean_i w_i * mean_t log p_theta(x_{t'} | x_t, c_i)  -  beta_r * L_denoise(real images)
+   - `trajectory_rft_step` ("trajectory", the paper's wording):  -mean_i w_i * mean_t log p_theta(x_{t'} | x_t, c_i)
+     over the stored transitions, with guidance, all T steps of a trajectory in one batched UNet pass
+     (`trajectory_likelihood.trajectory_log_probs`, shared with DPO), each latent at the timestep it was made at;
+   - `denoising_rft_step` ("denoising"): the likelihood of a sample bounded by the diffusion loss on its final
+     latent (reward-weighted epsilon MSE with its target caption, one UNet row per sample instead of 2 T),
+     re-noised to timesteps up to the highest one the sampler visited (I2I never starts higher).
 
-   i.e. the loss is  -mean_i w_i mean_t log p  +  beta_r * (epsilon MSE on a batch of real training images with
-   their own condition's caption). The log-prob of each stored transition comes from the shared
-   `ddim_step_with_log_prob` with guidance, all T steps of a trajectory in one batched UNet pass
-   (`trajectory_likelihood.trajectory_log_probs`, shared with DPO), each latent with the timestep it was made at.
-   With `rft.objective = "denoising"` the likelihood of a sample is instead bounded by the diffusion loss on its
-   final latent (reward-weighted epsilon MSE with its target caption, one UNet row per sample instead of
-   2 T), re-noised to timesteps up to the highest one the sampler visited (I2I never starts higher): the same
-   reward-weighted maximum likelihood, trained like the beta_r term on real images.
+   Both add beta_r times the denoising loss on a batch of real training images with their own condition's
+   caption (`real_image_loss`).
 
-The policy is the preliminary model with its LoRA fused in (never dropped: pitfall 1) plus a fresh trainable
-LoRA (adapter "rft"), built as for DPO (`trajectory_likelihood.prepare_policy_unet`). Outputs in `aligned/rft/`: the LoRA
+The policy is the preliminary model with its LoRA fused in (never dropped) plus a fresh trainable LoRA (adapter
+"rft"), built as for DPO (`trajectory_likelihood.prepare_policy_unet`). Outputs in `aligned/rft/`: the LoRA
 (`pytorch_lora_weights.safetensors`, diffusers format; stack it on the run's tokens and preliminary LoRA, as
-`load_run_policy(..., extra_lora=...)` does), `reward/` (the reward model) and `rft.json` (a summary).
-Checkpoints in `checkpoints/rft/round-<k>/`; a rerun resumes exactly where it stopped.
+`load_run_policy(..., extra_lora=...)` does), `reward/` (the reward model) and `rft.json` (a summary naming the
+"objective" and "baseline"). Checkpoints in `checkpoints/rft/round-<k>/`; a rerun resumes exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -41,9 +40,22 @@ from typing import Sequence
 
 import torch
 
-from magic_align.config import RunConfig
+from magic_align.config import RFTConfig, RunConfig
+from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
-from magic_align.train.loop import TrainingError
+from magic_align.train.diffusion_losses import denoising_loss, encode_images
+from magic_align.train.finetune import TrainingImage, load_batch, training_images
+from magic_align.train.session import (
+    TrainingError,
+    batch_indices,
+    make_accelerator,
+    optimizer_step,
+    phase_epoch_seed,
+    step_seed,
+    training_progress,
+)
+from magic_align.train.trajectory_likelihood import (PolicyTraining, TrajectorySettings, check_trajectory_settings,
+                                                     start_policy_training, step_chunks)
 
 OUTPUT = "rft"
 ADAPTER_NAME = "rft"
@@ -131,13 +143,11 @@ def synthetic_labels(
     config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None = None
 ) -> list[LabelledImage]:
     """Judged synthetic images of rounds 0 .. round_index with their reward as a fraction of items met."""
-    from magic_align.checklists.schema import load_checklists
     from magic_align.feedback import sample_rewards
     from magic_align.ledger import Ledger
 
     if not paths.ledger.exists():
         return []
-    checklists = load_checklists(config.judge.checklist)
     ledger = Ledger(paths.ledger)
     try:
         labelled = []
@@ -146,10 +156,8 @@ def synthetic_labels(
             for sample in ledger.samples(index):
                 if sample.sample_id not in rewards:
                     continue
-                value = rewards[sample.sample_id]
-                if config.pairs.reward == "count":  # the reward model works on fractions in [0, 1]
-                    value /= len(checklists[sample.target_label].items)
-                labelled.append(LabelledImage(paths.root / sample.image_path, sample.target_label, value, "synthetic"))
+                labelled.append(LabelledImage(paths.root / sample.image_path, sample.target_label,
+                                              rewards[sample.sample_id], "synthetic"))
         return labelled
     finally:
         ledger.close()
@@ -197,7 +205,6 @@ def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge
     from magic_align.checklists.schema import load_checklists
     from magic_align.evaluate.backbones import load_backbone
     from magic_align.progress import StageProgress
-    from magic_align.train.finetune import training_images
     from magic_align.train.reward_model import META_FILE, RewardModel, fit_reward_head, load_reward_model
 
     rft = config.rft
@@ -295,6 +302,165 @@ def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, rew
     ]
 
 
+def weigh_round(config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None, accelerator):
+    """Fit (or reuse) the reward model, save it, and weigh every stored trajectory of the round by it.
+
+    Returns (the round's TrajectoryStore, the weighted trajectories, their sampling settings, the reward model's
+    summary)."""
+    from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
+
+    if not paths.ledger.exists():
+        raise TrainingError(f"{paths.ledger} does not exist; run `magic sample` and `magic judge` first")
+    reward_model, reward_summary, known_features = fit_reward_model(
+        config, paths, round_index, judge_id, accelerator.device, show_progress=accelerator.is_main_process)
+    folder = paths.aligned / OUTPUT / REWARD_DIR
+    if accelerator.is_main_process:
+        reward_model.save(folder, reward_summary)
+    try:
+        store = TrajectoryStore(paths.trajectories(round_index))
+    except TrajectoryError as error:
+        raise TrainingError(str(error)) from None
+    trajectories = score_trajectories(config, paths, round_index, reward_model, store, known_features)
+    if any(math.isnan(t.weight) for t in trajectories):
+        raise TrainingError(f"the reward model gave NaN rewards; see its training summary in {folder}")
+    first = trajectories[0].sample_id
+    return store, trajectories, TrajectorySettings.from_header(store.header(first), first), reward_summary
+
+
+# ----------------------------------------------------------------------------------- the step functions
+@dataclass
+class RealImages:
+    """The beta_r term's data: the train split, the embedded caption of each condition, the image size."""
+
+    images: list[TrainingImage]
+    caption_states: dict[str, torch.Tensor]
+    size: int
+
+
+@dataclass
+class WeightedTraining:
+    """What an RFT step reads: the policy being trained, the round's weighted trajectories, the real images."""
+
+    accelerator: object
+    training: PolicyTraining
+    pipe: object  # its text encoder embeds prompts, its VAE encodes the real images
+    store: object  # the round's TrajectoryStore
+    trajectories: list[WeightedTrajectory]
+    sampling: TrajectorySettings
+    settings: RFTConfig
+    config: RunConfig
+    real: RealImages | None  # None: no real-image term (beta_real = 0 or real_batch_size = 0)
+    noise_scheduler: object = None  # DDPM noising of the denoising objective and the real-image term
+    units: list[list[int]] | None = None  # whole units per step: the denoising objective with the unit baseline
+
+    @property
+    def per_process(self) -> int:
+        return self.settings.batch_size // self.accelerator.num_processes
+
+
+def choose_batch(run: WeightedTraining, step: int) -> tuple[list[int], list[int] | None]:
+    """This process's trajectories of step `step`, and the unit of each when whole units share their draws.
+
+    With the unit baseline, the denoising form trains on whole units whose samples share noise and timestep:
+    their weights sum to zero, and only on a shared draw does that contrast what sets the samples apart."""
+    rank, world, seed = run.accelerator.process_index, run.accelerator.num_processes, run.settings.seed
+    if run.units is None:
+        return batch_indices(len(run.trajectories), run.settings.batch_size, step, phase_epoch_seed(seed, "rft"))[rank::world], None
+    units_per_step = max(world, run.settings.batch_size // max(len(unit) for unit in run.units))
+    picked = batch_indices(len(run.units), units_per_step, step, phase_epoch_seed(seed, "rft-units"))[rank::world]
+    return [index for unit in picked for index in run.units[unit]], [unit for unit in picked for _ in run.units[unit]]
+
+
+def trajectory_rft_step(run: WeightedTraining, chosen: list[int], groups, step: int) -> torch.Tensor:
+    """-mean_i w_i mean_t log p of the chosen trajectories, backpropagated; returns this process's mean term."""
+    accelerator, training, device = run.accelerator, run.training, run.accelerator.device
+    weighted_terms = []
+    for position, index in enumerate(chosen):
+        item = run.trajectories[index]
+        batch = run.store.get([item.sample_id])
+        check_trajectory_settings(batch.headers[0], item.sample_id, run.sampling)
+        latents, timesteps = batch.latents.to(device), batch.timesteps[0]
+        with torch.no_grad():
+            cond = embed_prompt_ids(run.pipe.text_encoder, batch.prompt_ids)
+        weight = torch.tensor([item.weight], device=device)
+        length = timesteps.shape[0]
+        for steps in step_chunks(length, run.settings.steps_per_forward):
+            # Only the step's last backward all-reduces the gradients under DDP (the real-image term's, if any).
+            last = position == len(chosen) - 1 and steps[-1] == length - 1 and run.real is None
+            with nullcontext() if last else accelerator.no_sync(training.session.model):
+                with accelerator.autocast():
+                    log_probs = training.log_probs(latents, timesteps, cond, step_indices=steps)  # [1, S]
+                    term = reward_weighted_nll(log_probs, weight)
+                # mean over the steps of a trajectory and the trajectories of the global batch
+                accelerator.backward(term * (len(steps) / length) / run.per_process)
+            weighted_terms.append(term.detach().float() * len(steps) / length)
+    return torch.stack(weighted_terms).sum() / run.per_process
+
+
+def denoising_rft_step(run: WeightedTraining, chosen: list[int], groups, step: int) -> torch.Tensor:
+    """Reward-weighted diffusion loss on the chosen samples' final latents, backpropagated; returns its value."""
+    accelerator, device = run.accelerator, run.accelerator.device
+    items = [run.trajectories[index] for index in chosen]
+    batch = run.store.get([item.sample_id for item in items])
+    for header, item in zip(batch.headers, items):
+        check_trajectory_settings(header, item.sample_id, run.sampling)
+    weight = torch.tensor([item.weight for item in items], device=device)
+    generator = torch.Generator().manual_seed(step_seed(run.settings.seed, "rft-final", step, accelerator.process_index))
+    with nullcontext() if run.real is None else accelerator.no_sync(run.training.session.model):
+        with accelerator.autocast():
+            with torch.no_grad():
+                cond = embed_prompt_ids(run.pipe.text_encoder, batch.prompt_ids.to(device))
+            # re-noised only as far as the sampler started (I2I: about strength x 1000), where the aligned model
+            # will be used
+            top = int(batch.timesteps.max())
+            term = denoising_loss(run.training.session.model, run.noise_scheduler, batch.latents[:, -1].to(device),
+                                  cond, generator, weight, max_timestep=top, groups=groups)
+        accelerator.backward(term)
+    return term.detach().float()  # already the mean over this process's batch
+
+
+RFT_STEPS = {"trajectory": trajectory_rft_step, "denoising": denoising_rft_step}
+
+
+def real_image_loss(run: WeightedTraining, step: int) -> torch.Tensor:
+    """beta_r x the denoising loss on this step's real training images (own-condition captions), backpropagated;
+    returns the loss before beta_r."""
+    accelerator, device, real, settings = run.accelerator, run.accelerator.device, run.real, run.settings
+    generator = torch.Generator().manual_seed(step_seed(settings.seed, "rft-real", step, accelerator.process_index))
+    indices = batch_indices(len(real.images), settings.real_batch_size, step, phase_epoch_seed(settings.seed, "rft-real"))
+    pixels, conditions = load_batch(real.images, indices[accelerator.process_index::accelerator.num_processes],
+                                    real.size, run.config, generator)
+    with accelerator.autocast():
+        with torch.no_grad():
+            real_latents = encode_images(run.pipe.vae, pixels.to(device), generator)
+        hidden = torch.cat([real.caption_states[c] for c in conditions])
+        loss = denoising_loss(run.training.session.model, run.noise_scheduler, real_latents, hidden, generator)
+        accelerator.backward(settings.beta_real * loss)
+    return loss
+
+
+def real_images(config: RunConfig, paths: RunPaths, pipe) -> RealImages | None:
+    """The beta_r term's real images with their conditions' embedded captions (None when the term is off)."""
+    from magic_align.checklists.schema import load_checklists
+
+    rft = config.rft
+    if not (rft.beta_real > 0 and rft.real_batch_size > 0):
+        return None
+    images = training_images(config, paths)
+    if not images:
+        raise TrainingError("the train split is empty, but rft.beta_real > 0 needs real training images: check the "
+                            "data section, or set rft.beta_real = 0")
+    token_of = {c.condition: c.token for c in load_checklists(config.judge.checklist).conditions}
+    with torch.no_grad():
+        caption_states = {
+            condition: embed_prompt_ids(pipe.text_encoder, tokenize_prompts(
+                pipe.tokenizer, [config.model.prompt_template.format(token=token)]))
+            for condition, token in token_of.items()
+        }
+    return RealImages(images, caption_states, config.finetune.resolution or config.model.resolution)
+
+
+# ------------------------------------------------------------------------------------------ entry point
 def run_rft(
     config: RunConfig, round_index: int = 0, judge_id: str | None = None, init_lora: Path | None = None
 ) -> Path:
@@ -303,30 +469,12 @@ def run_rft(
     `judge_id` names the judge whose verdicts label the reward model (default: the configured judge);
     `init_lora` continues an earlier aligned LoRA instead of starting a fresh one.
     """
-    from magic_align.checklists.schema import load_checklists
     from magic_align.diffusion.loading import load_run_policy
     from magic_align.diffusion.lora import save_lora
-    from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
-    from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
-    from magic_align.train.finetune import denoising_loss, encode_images, load_batch, training_images
-    from magic_align.train.loop import (
-        batch_indices,
-        make_accelerator,
-        optimizer_step,
-        phase_epoch_seed,
-        step_seed,
-        training_progress,
-    )
-    from magic_align.train.trajectory_likelihood import (
-        TrajectorySettings,
-        check_trajectory_settings,
-        start_policy_training,
-        step_chunks,
-    )
 
     rft = config.rft
     accelerator = make_accelerator(mixed_precision=rft.mixed_precision, seed=rft.seed)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    world = accelerator.num_processes
     if rft.batch_size % world or rft.real_batch_size % world:
         raise TrainingError(
             f"rft.batch_size = {rft.batch_size} and rft.real_batch_size = {rft.real_batch_size} must be multiples of "
@@ -336,171 +484,82 @@ def run_rft(
         prepare_run(config)
     accelerator.wait_for_everyone()
     paths = RunPaths(config.run_dir)
-    if not paths.ledger.exists():
-        raise TrainingError(f"{paths.ledger} does not exist; run `magic sample` and `magic judge` first")
-    output = paths.aligned / OUTPUT
+    store, trajectories, sampling, reward_summary = weigh_round(config, paths, round_index, judge_id, accelerator)
 
-    # ---- 1. reward model, and the weight of every stored trajectory
-    reward_model, reward_summary, known_features = fit_reward_model(config, paths, round_index, judge_id, device,
-                                                                    show_progress=accelerator.is_main_process)
-    if accelerator.is_main_process:
-        reward_model.save(output / REWARD_DIR, reward_summary)
-    try:
-        store = TrajectoryStore(paths.trajectories(round_index))
-    except TrajectoryError as error:
-        raise TrainingError(str(error)) from None
-    trajectories = score_trajectories(config, paths, round_index, reward_model, store, known_features)
-    del reward_model  # the backbone is not needed any more
-    if any(math.isnan(t.weight) for t in trajectories):
-        raise TrainingError(f"the reward model gave NaN rewards; see its training summary in {output / REWARD_DIR}")
-    first = store.header(trajectories[0].sample_id)
-    sampling = TrajectorySettings.from_header(first, trajectories[0].sample_id)
-    guidance = sampling.guidance if rft.guidance is None else rft.guidance
-
-    # ---- 2. the policy: preliminary model (LoRA fused) + trainable LoRA
-    pipe = load_run_policy(config, paths, device=device, dtype=torch.float32)
+    pipe = load_run_policy(config, paths, device=accelerator.device, dtype=torch.float32)
     training = start_policy_training(
         accelerator, pipe, config, paths, sampling, stage="rft", adapter_name=ADAPTER_NAME, round_index=round_index,
-        total_steps=rft.steps, guidance=guidance, init_lora=init_lora,
+        total_steps=rft.steps, guidance=rft.guidance, init_lora=init_lora,
     )
     if training.frozen_dtype != torch.float32:  # the VAE only encodes the real images of the beta_r term
         pipe.vae.to(training.frozen_dtype)
-    session = training.session
-    unet, unwrapped, parameters = session.model, session.unwrapped, session.parameters
-    optimizer, lr_scheduler, checkpoints, logger = session.optimizer, session.lr_scheduler, session.checkpoints, session.logger
-
-    # real images for the beta_r term: the train split, captioned with their own condition's token
-    use_real = rft.beta_real > 0 and rft.real_batch_size > 0
-    real_images = training_images(config, paths) if use_real else []
-    if use_real and not real_images:
-        raise TrainingError("the train split is empty, but rft.beta_real > 0 needs real training images: check the "
-                            "data section, or set rft.beta_real = 0")
-    token_of = {c.condition: c.token for c in load_checklists(config.judge.checklist).conditions}
-    on_final_latents = rft.objective == "denoising"
-    if use_real or on_final_latents:
+    run = WeightedTraining(accelerator, training, pipe, store, trajectories, sampling, rft, config,
+                           real_images(config, paths, pipe))
+    if run.real is not None or rft.objective == "denoising":
         from diffusers import DDPMScheduler
 
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if use_real:
-        with torch.no_grad():
-            caption_states = {
-                condition: embed_prompt_ids(pipe.text_encoder, tokenize_prompts(
-                    pipe.tokenizer, [config.model.prompt_template.format(token=token)]))
-                for condition, token in token_of.items()
-            }
-    size = config.finetune.resolution or config.model.resolution
-    per_process = rft.batch_size // world
+        run.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if rft.baseline == "unit" and rft.objective == "denoising":
+        run.units = unit_members([item.unit_id for item in trajectories])
+    train_step = RFT_STEPS[rft.objective]
 
-    # With the unit baseline, the denoising form trains on whole units whose samples share noise and timestep:
-    # their weights sum to zero, and only on a shared draw does that contrast what sets the samples apart.
-    by_unit = rft.baseline == "unit" and on_final_latents
-    if by_unit:
-        units = unit_members([item.unit_id for item in trajectories])
-        units_per_step = max(world, rft.batch_size // max(len(unit) for unit in units))
-
-    unet.train()
+    session = training.session
+    session.model.train()
     progress = training_progress(accelerator, f"rft round {round_index}", total=rft.steps, start=session.start_step,
-                                 checkpoints=checkpoints)
+                                 checkpoints=session.checkpoints)
     for step in progress.steps(range(session.start_step, rft.steps)):
-        groups = None
-        if by_unit:
-            picked = batch_indices(len(units), units_per_step, step, phase_epoch_seed(rft.seed, "rft-units"))[rank::world]
-            chosen = [index for unit in picked for index in units[unit]]
-            groups = [unit for unit in picked for _ in units[unit]]
-        else:
-            chosen = batch_indices(len(trajectories), rft.batch_size, step, phase_epoch_seed(rft.seed, "rft"))[rank::world]
-        weights = []
-        real_term = torch.zeros(())
-        if on_final_latents:
-            items = [trajectories[index] for index in chosen]
-            batch = store.get([item.sample_id for item in items])
-            for header, item in zip(batch.headers, items):
-                check_trajectory_settings(header, item.sample_id, sampling)
-            weight = torch.tensor([item.weight for item in items], device=device)
-            generator = torch.Generator().manual_seed(step_seed(rft.seed, "rft-final", step, rank))
-            with nullcontext() if not use_real else accelerator.no_sync(unet):
-                with accelerator.autocast():
-                    with torch.no_grad():
-                        cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids.to(device))
-                    # re-noised only as far as the sampler started (I2I: about strength x 1000), where the
-                    # aligned model will be used
-                    top = int(batch.timesteps.max())
-                    term = denoising_loss(unet, noise_scheduler, batch.latents[:, -1].to(device), cond, generator,
-                                          weight, max_timestep=top, groups=groups)
-                accelerator.backward(term)
-            trajectory_term = term.detach().float()  # already the mean over this process's batch
-            weights.extend(item.weight for item in items)
-        else:
-            weighted_terms = []
-            for position, index in enumerate(chosen):
-                item = trajectories[index]
-                batch = store.get([item.sample_id])
-                check_trajectory_settings(batch.headers[0], item.sample_id, sampling)
-                latents, timesteps = batch.latents.to(device), batch.timesteps[0]
-                with torch.no_grad():
-                    cond = embed_prompt_ids(pipe.text_encoder, batch.prompt_ids)
-                weight = torch.tensor([item.weight], device=device)
-                length = timesteps.shape[0]
-                for steps in step_chunks(length, rft.steps_per_forward):
-                    last = position == len(chosen) - 1 and steps[-1] == length - 1 and not use_real
-                    with nullcontext() if last else accelerator.no_sync(unet):
-                        with accelerator.autocast():
-                            log_probs = training.log_probs(latents, timesteps, cond, step_indices=steps)  # [1, S]
-                            term = reward_weighted_nll(log_probs, weight)
-                        # mean over the steps of a trajectory and the trajectories of the global batch
-                        accelerator.backward(term * (len(steps) / length) / per_process)
-                    weighted_terms.append(term.detach().float() * len(steps) / length)
-                weights.append(item.weight)
-            trajectory_term = torch.stack(weighted_terms).sum() / per_process
-        if use_real:
-            generator = torch.Generator().manual_seed(step_seed(rft.seed, "rft-real", step, rank))
-            indices = batch_indices(
-                len(real_images), rft.real_batch_size, step, phase_epoch_seed(rft.seed, "rft-real")
-            )[rank::world]
-            pixels, conditions = load_batch(real_images, indices, size, config, generator)
-            with accelerator.autocast():
-                with torch.no_grad():
-                    real_latents = encode_images(pipe.vae, pixels.to(device), generator)
-                hidden = torch.cat([caption_states[c] for c in conditions])
-                real_term = denoising_loss(unet, noise_scheduler, real_latents, hidden, generator)
-                accelerator.backward(rft.beta_real * real_term)
-        learning_rate = lr_scheduler.get_last_lr()[0]
-        grad_norm = optimizer_step(accelerator, optimizer, lr_scheduler, parameters, rft.grad_clip)
-        trajectory_term = float(accelerator.reduce(trajectory_term.to(device), "mean"))
-        real_value = float(accelerator.reduce(real_term.detach().float().to(device), "mean"))
+        chosen, groups = choose_batch(run, step)
+        trajectory_term = train_step(run, chosen, groups, step)
+        real_term = torch.zeros(()) if run.real is None else real_image_loss(run, step)
+        learning_rate = session.lr_scheduler.get_last_lr()[0]
+        grad_norm = optimizer_step(accelerator, session.optimizer, session.lr_scheduler, session.parameters,
+                                   rft.grad_clip)
+        weighted_nll = float(accelerator.reduce(trajectory_term.to(accelerator.device), "mean"))
+        real_value = float(accelerator.reduce(real_term.detach().float().to(accelerator.device), "mean"))
+        mean_weight = sum(trajectories[index].weight for index in chosen) / len(chosen)
         done = step + 1
-        logger.log(done, {
-            "loss": trajectory_term + rft.beta_real * real_value,
-            "weighted_nll": trajectory_term,
+        session.logger.log(done, {
+            "loss": weighted_nll + rft.beta_real * real_value,
+            "weighted_nll": weighted_nll,
             "real_denoising": real_value,
-            "mean_weight": float(accelerator.reduce(torch.tensor(sum(weights) / len(weights), device=device), "mean")),
+            "mean_weight": float(accelerator.reduce(torch.tensor(mean_weight, device=accelerator.device), "mean")),
             "grad_norm": grad_norm,
             "lr": learning_rate,
         })
         if done % rft.checkpoint_every == 0 or done == rft.steps:
-            checkpoints.save(done, {"round": round_index, "trajectories": len(trajectories)})
-        progress.advance(loss=trajectory_term + rft.beta_real * real_value)
-    logger.close()
+            session.checkpoints.save(done, {"round": round_index, "trajectories": len(trajectories)})
+        progress.advance(loss=weighted_nll + rft.beta_real * real_value)
+    session.logger.close()
 
+    output = paths.aligned / OUTPUT
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora(unwrapped, output, adapter_name=ADAPTER_NAME)
-        rewards = [t.reward for t in trajectories]
-        summary = {
-            "round": round_index,
-            "steps": rft.steps,
-            "trajectories": len(trajectories),
-            "reward_mean": sum(rewards) / len(rewards),
-            "reward_min": min(rewards),
-            "reward_max": max(rewards),
-            "weight_mean": sum(t.weight for t in trajectories) / len(trajectories),
-            "reward_power": rft.reward_power,
-            "beta_real": rft.beta_real,
-            "guidance": guidance,
-            "reward_model": reward_summary,
-            "weights": {t.sample_id: round(t.weight, 6) for t in trajectories},
-        }
-        atomic_write_text(output / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        save_lora(session.unwrapped, output, adapter_name=ADAPTER_NAME)
+        write_summary(output / SUMMARY_FILE, config, round_index, trajectories, reward_summary, training.guidance)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return output
+
+
+def write_summary(path: Path, config: RunConfig, round_index: int, trajectories: Sequence[WeightedTrajectory],
+                  reward_summary: dict, guidance: float) -> None:
+    """`rft.json`: the objective and baseline the LoRA was trained with, the rewards and weights of the round."""
+    rft = config.rft
+    rewards = [t.reward for t in trajectories]
+    summary = {
+        "round": round_index,
+        "objective": rft.objective,
+        "baseline": rft.baseline,
+        "steps": rft.steps,
+        "trajectories": len(trajectories),
+        "reward_mean": sum(rewards) / len(rewards),
+        "reward_min": min(rewards),
+        "reward_max": max(rewards),
+        "weight_mean": sum(t.weight for t in trajectories) / len(trajectories),
+        "reward_power": rft.reward_power,
+        "beta_real": rft.beta_real,
+        "guidance": guidance,
+        "reward_model": reward_summary,
+        "weights": {t.sample_id: round(t.weight, 6) for t in trajectories},
+    }
+    atomic_write_text(path, json.dumps(summary, indent=2) + "\n")

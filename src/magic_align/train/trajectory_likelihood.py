@@ -1,13 +1,14 @@
 """What both trainers on stored trajectories (`dpo`, `rft`) share: the policy and the likelihood of a trajectory.
 
-- `prepare_policy_unet`: the preliminary model (its LoRA fused into the UNet weights, never dropped: pitfall 1
-  of the authors' code) plus one trainable LoRA under the trainer's own adapter name ("dpo", "rft");
+- `prepare_policy_unet`: the preliminary model (its LoRA fused into the UNet weights, never dropped: docs/method.md
+  section 11.1) plus one trainable LoRA under the trainer's own adapter name ("dpo", "rft");
 - `TrajectorySettings`: what a round's trajectories were sampled with (their shard header), which every
   trajectory trained on together must share (`check_trajectory_settings`);
 - `trajectory_log_probs`: log p(x_{t'} | x_t, c) of the stored transitions under a model, all chosen steps of
-  N trajectories in one batched UNet pass, each row at the timestep its latent was made at (pitfall 2);
+  N trajectories in one batched UNet pass, each row at the timestep its latent was made at (docs/method.md
+  section 2);
   `step_chunks` splits a trajectory's steps into passes of `steps_per_forward`;
-- `start_policy_training`: the common start of both trainers (policy, mixed precision, `loop.start_training`,
+- `start_policy_training`: the common start of both trainers (policy, mixed precision, `session.start_training`,
   the sampling schedule and negative prompt), returning a `PolicyTraining` whose `log_probs` scores trajectories.
 """
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
-from magic_align.train.loop import (
+from magic_align.train.session import (
     ModelWithDtype,
     TrainingError,
     TrainingSession,
@@ -48,7 +49,7 @@ def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = 
 
     unet = pipe.unet
     if getattr(unet, "peft_config", None):
-        # Fusing then unloading keeps the preliminary LoRA in the weights for good (pitfall 1) and leaves
+        # Fusing then unloading keeps the preliminary LoRA in the weights for good (docs/method.md 11.1) and leaves
         # the trainer's adapter as the only one, so "adapter disabled" means exactly "the preliminary model".
         merge_lora(pipe)
     unet.requires_grad_(False)
@@ -131,7 +132,7 @@ def trajectory_log_probs(
 
     latents [N, T+1, C, h, w]; timesteps [T]; cond_embeds [N, L, D]; uncond_embeds [1 or N, L, D] (or None
     without guidance). Returns [N, S] for the S chosen steps (all T by default). Each batch row carries the
-    timestep its latent was made at (pitfall 2 of the authors' code). `scheduler` must have had
+    timestep its latent was made at (docs/method.md section 2). `scheduler` must have had
     `set_timesteps(steps)` with the sampling step count (it fixes t').
     """
     count, length = latents.shape[0], timesteps.shape[0]
@@ -194,15 +195,16 @@ def start_policy_training(
     adapter_name: str,
     round_index: int,
     total_steps: int,
-    guidance: float,
+    guidance: float | None = None,
     warmup_steps: int = 0,
     init_lora: Path | None = None,
 ) -> PolicyTraining:
     """The common start of a trainer on stored trajectories (`stage` "dpo" or "rft", whose config section gives
     lora_rank, lora_alpha, lr, weight_decay, use_8bit_adam, lr_scheduler, log_with and log_prob_reduction):
     the policy UNet (`prepare_policy_unet`), frozen weights and text encoder in the mixed-precision dtype,
-    `loop.start_training` with checkpoints in `checkpoints/<stage>/round-<k>/` and logs in
-    `logs/<stage>/round-<k>/`, the scheduler set to the sampling steps, and the negative prompt's embedding."""
+    `session.start_training` with checkpoints in `checkpoints/<stage>/round-<k>/` and logs in
+    `logs/<stage>/round-<k>/`, the scheduler set to the sampling steps, and the negative prompt's embedding.
+    `guidance` None: the guidance the trajectories were sampled with."""
     from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
 
     section = getattr(config, stage)
@@ -220,6 +222,7 @@ def start_policy_training(
     )
     scheduler = pipe.scheduler
     scheduler.set_timesteps(sampling.steps, device=accelerator.device)
+    guidance = sampling.guidance if guidance is None else guidance
     negative = None
     if guidance > 1:
         with torch.no_grad():

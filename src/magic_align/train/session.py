@@ -1,4 +1,5 @@
-"""Pieces every trainer shares: accelerator, optimizer, LR schedule, checkpoints with exact resume, metrics.
+"""A training session: what every trainer sets up around its loop (accelerator, optimizer, LR schedule,
+checkpoints with exact resume, metrics, progress).
 
 The trainers (`finetune`, `dpo`, `rft`) own their loops; this module gives them the parts that must behave
 the same everywhere:
@@ -15,7 +16,9 @@ the same everywhere:
   logged after the checkpoint, so the curves have no duplicated steps;
 - `step_seed` and `batch_indices`: the seeded, resumable draws (which items a batch holds, the noise of a
   step) that make a resumed run see exactly the batches an uninterrupted one would;
-- `start_training`: the common start of a trainer (optimizer, schedule, `prepare`, resume, logger);
+- `start_training`: the common start of a trainer (optimizer, schedule, `prepare`, resume, logger), and
+  `TrainingSession.close` its end (a later phase of the same stage then trains other weights on the same
+  accelerator, as fine-tuning's textual inversion and LoRA phases do);
 - `training_progress`: the progress of a training loop (`magic_align.progress`), whose Ctrl-C line names the
   step reached and the checkpoint a rerun resumes from.
 """
@@ -116,27 +119,6 @@ def batch_indices(num_items: int, batch_size: int, draw: int, epoch_seed: Callab
     return chosen
 
 
-def balanced_batch_indices(groups: Sequence[Sequence[int]], batch_size: int, draw: int, seed: int) -> list[int]:
-    """The `draw`-th batch when every group (e.g. the pairs of one condition) must weigh the same: slot p of the
-    stream of slots takes group `order[p % G]` of the cycle p // G (a seeded permutation of the G groups per
-    cycle), and within that group the cycle-th item of its own stream of permutations (`batch_indices`).
-
-    A small group's items are seen more often than a large group's, so a condition with few informative pairs
-    is not drowned by one with many. A pure function of its arguments, like `batch_indices` (exact resume)."""
-    groups = [list(group) for group in groups if len(group)]
-    if not groups:
-        raise TrainingError("no items to draw a batch from")
-    chosen = []
-    for position in range(draw * batch_size, (draw + 1) * batch_size):
-        cycle, slot = divmod(position, len(groups))
-        order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 1_000_003 + cycle)).tolist()
-        group_index = order[slot]
-        group = groups[group_index]
-        within = batch_indices(len(group), 1, cycle, lambda epoch: (seed * 7_919 + group_index) * 1_000_003 + epoch)[0]
-        chosen.append(group[within])
-    return chosen
-
-
 # --------------------------------------------------------------------------------- optimizer and schedule
 def make_optimizer(
     parameters: Iterable[torch.nn.Parameter],
@@ -225,8 +207,13 @@ class Checkpoints:
         self.accelerator = accelerator
         self.directory = Path(directory)
         self.keep = keep
-        accelerator.register_save_state_pre_hook(self._save_trainable)
-        accelerator.register_load_state_pre_hook(self._load_trainable)
+        self._hooks = (accelerator.register_save_state_pre_hook(self._save_trainable),
+                       accelerator.register_load_state_pre_hook(self._load_trainable))
+
+    def close(self) -> None:
+        """Stop saving and loading through this accelerator (its next phase registers its own `Checkpoints`)."""
+        for hook in self._hooks:
+            hook.remove()
 
     # accelerate calls these with the prepared (maybe DDP-wrapped) models.
     def _save_trainable(self, models: list, weights: list, output_dir: str) -> None:
@@ -444,15 +431,23 @@ class TrainingSession:
     """What `start_training` prepared: the model to call, its optimizer and schedule, checkpoints, metrics,
     and the optimizer step to start from (0, or the step of the checkpoint it resumed)."""
 
+    accelerator: Accelerator
     model: object  # the prepared model (DDP-wrapped under several processes)
     unwrapped: torch.nn.Module
     parameters: list
     optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None
     checkpoints: Checkpoints
     logger: MetricsLogger
     start_step: int
     resumed: dict | None
+
+    def close(self) -> None:
+        """End the session: close the logger and release the model, optimizer and checkpoint hooks from the
+        accelerator, so another phase can train other weights on it (accelerate's `free_memory`)."""
+        self.logger.close()
+        self.checkpoints.close()
+        self.accelerator.free_memory()
 
 
 def start_training(
@@ -462,7 +457,7 @@ def start_training(
     lr: float,
     weight_decay: float,
     use_8bit: bool,
-    lr_scheduler: str,
+    lr_scheduler: str | None,
     total_steps: int,
     warmup_steps: int = 0,
     checkpoint_dir: Path,
@@ -472,16 +467,20 @@ def start_training(
     log_config: Mapping | None = None,
     check_resumed: Callable[[dict], None] | None = None,
 ) -> TrainingSession:
-    """The common start of a trainer: AdamW over the trainable parameters, the LR schedule, `prepare`,
-    checkpoints (resuming the latest one) and the metrics logger (trimmed to the resumed step).
+    """The common start of a trainer: AdamW over the trainable parameters, the LR schedule (None: a constant
+    learning rate, no schedule), `prepare`, checkpoints (resuming the latest one) and the metrics logger (trimmed
+    to the resumed step).
 
     `check_resumed(state)` may refuse a resumed checkpoint (raise) before the logger touches the old metrics.
     """
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = make_optimizer(parameters, lr=lr, weight_decay=weight_decay, use_8bit=use_8bit)
-    schedule = make_lr_scheduler(lr_scheduler, optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
+    schedule = None
+    if lr_scheduler is not None:
+        schedule = make_lr_scheduler(lr_scheduler, optimizer, total_steps=total_steps, warmup_steps=warmup_steps)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(schedule)
+    if schedule is not None:
+        accelerator.register_for_checkpointing(schedule)
     checkpoints = Checkpoints(accelerator, checkpoint_dir)
     resumed = checkpoints.resume()
     if resumed is not None and check_resumed is not None:
@@ -491,7 +490,7 @@ def start_training(
         log_dir, log_with, enabled=accelerator.is_main_process, resume_step=start if resumed else None,
         run_name=run_name, config=log_config,
     )
-    return TrainingSession(prepared, accelerator.unwrap_model(prepared), parameters, optimizer, schedule,
+    return TrainingSession(accelerator, prepared, accelerator.unwrap_model(prepared), parameters, optimizer, schedule,
                            checkpoints, logger, start, resumed)
 
 

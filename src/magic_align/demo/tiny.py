@@ -1,4 +1,4 @@
-"""Pixel rules for the tiny preset's checklists (`checklists/tiny.yaml`): plumbing checks, not dermatology.
+"""Pixel rules for the tiny preset's checklists (`demo/tiny.yaml`): plumbing checks, not dermatology.
 
 The tiny preset samples with a random-init model whose images are noise. The demo rules refuse noise at their
 quality gate, so every tiny sample scored 0 of 5, every pair tied and DPO had nothing to learn. These items
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from magic_align.judges.rules import ItemResult, RulesDomain, register_domain
+from magic_align.demo.procedural import CONDITIONS
+from magic_align.judges.rules import ItemResult, RulesDomain
 
 VERSION = "v1"
 
@@ -68,11 +69,10 @@ RULES = {
     "diagonal_lighter": lambda h: _greater("lightness", h.diagonal, h.anti_diagonal, ("diagonal", "anti-diagonal")),
     "warm_top": lambda h: _greater("red - blue", h.warmth_top, h.warmth_bottom, ("top", "bottom")),
 }
-CONDITIONS = ("melanoma", "nevus", "acne", "erythema-multiforme", "psoriasis", "vitiligo")
 
+# registered as the rules domain "tiny" by `magic_align.demo.register`
 TINY_DOMAIN = RulesDomain(
     name="tiny", version=VERSION, analyse=analyse, gate=gate,
     items={(condition, item): rule for condition in CONDITIONS for item, rule in RULES.items()},
     describe=lambda halves: {key: round(value, 2) for key, value in halves.__dict__.items()},
 )
-register_domain(TINY_DOMAIN)

@@ -2,21 +2,21 @@
 
 It is a real Stable Diffusion pipeline in diffusers format (AutoencoderKL + UNet2DConditionModel +
 CLIPTextModel + CLIPTokenizer + DDIMScheduler), only tiny, trained from scratch on CPU on condition-free
-procedural images (healthy skin and low-contrast generic lesions, `data.procedural.generate_condition_free`)
+procedural images (healthy skin and low-contrast generic lesions, `demo.procedural.generate_condition_free`)
 with generic captions ("a photo of skin", "a photo of a skin lesion"), and on unlabeled lesions captioned by
 how they look ("a photo of a small round dark spot on skin"), as Stable Diffusion knows colours and shapes.
 The names of the six demo conditions never appear, so finetune has to learn their tokens and LoRA, and
 DPO / RFT align them.
 
-Recipe (demo-notes.md): VAE (16, 32, 64) channels, 4x downsampling (64 px -> 4 x 16 x 16), trained on
-32 px random crops with MSE + 0.5 L1 + a tiny KL; latent scale = 1 / std; UNet (32, 64, 128) with
-cross-attention only at the two lowest resolutions; a 2-layer CLIP text encoder of width 64 on a small
+Recipe (what the demo's CPU prototype found to work): VAE (16, 32, 64) channels, 4x downsampling
+(64 px -> 4 x 16 x 16), trained on 32 px random crops with MSE + 0.5 L1 + a tiny KL; latent scale = 1 / std;
+UNet (32, 64, 128) with cross-attention only at the two lowest resolutions; a 2-layer CLIP text encoder of width 64 on a small
 word-level vocabulary built here; UNet and text encoder trained jointly with AdamW, warm-up + cosine and EMA,
 10 % empty captions so classifier-free guidance works.
 
-The trained model ships in `magic_align/assets/demo-base/` (fp16 safetensors, < 15 MB). `demo_model_dir()`
+The trained model ships in `magic_align/demo/demo-base/` (fp16 safetensors, < 15 MB). `demo_model_dir()`
 returns it; if it is missing, the model is trained once into `~/.cache/magic-align/demo-base`.
-Rebuild: `magic data demo-model --out DIR`.
+Rebuild: `magic data demo-model --out DIR`. `DEMO_MODEL_SOURCE` is the model source `demo` (`model.source`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from magic_align.data.procedural import CONDITIONS, condition_free_labels, render_arrays
+from magic_align.checklists.schema import load_checklists
+from magic_align.demo.procedural import CONDITIONS, condition_free_labels, render_arrays
+from magic_align.diffusion.loading import ModelSource, folder_identity, load_local_folder, sd21_ddim_scheduler
+from magic_align.judges.rules import make_rules_judge, validity_table
 
 MAX_TOKENS = 16
 HIDDEN = 64
@@ -179,8 +182,6 @@ def build_components(vocab_size: int, bos: int, eos: int, seed: int = 0) -> dict
     """Randomly initialised VAE, UNet, text encoder and the DDIM scheduler of the demo model."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from magic_align.diffusion.loading import sd21_ddim_scheduler
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -514,7 +515,7 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
 
 # ------------------------------------------------------------------------------------------- location
 def packaged_demo_model_dir() -> Path:
-    return Path(str(resources.files("magic_align") / "assets" / "demo-base"))
+    return Path(str(resources.files("magic_align.demo") / "demo-base"))
 
 
 def cache_demo_model_dir() -> Path:
@@ -544,13 +545,9 @@ def demo_model_dir(model_cfg: object | None = None, log: Callable[[str], None] =
 @torch.no_grad()
 def reconstruction_validity_table(folder: Path, per_condition: int = 50, seed: int = 2000):
     """The rules judge's validity table on the demo model's autoencoder reconstructions of fresh condition
-    images: what the latent space can carry at best (demo-notes.md: design every item to survive it)."""
+    images: what the latent space can carry at best (docs/method.md section 11.2: design every item to survive it)."""
     from diffusers import AutoencoderKL
     from PIL import Image
-
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.data.procedural import CONDITIONS
-    from magic_align.judges.rules import make_rules_judge, validity_table
 
     vae = AutoencoderKL.from_pretrained(str(Path(folder) / "vae"), dtype=torch.float32).eval()
     checklists = load_checklists("demo")
@@ -562,3 +559,10 @@ def reconstruction_validity_table(folder: Path, per_condition: int = 50, seed: i
         pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         images[condition] = [Image.fromarray(p) for p in pixels]
     return validity_table(make_rules_judge(None, checklists), checklists, images)
+
+
+# registered as the model source "demo" by `magic_align.demo.register`
+DEMO_MODEL_SOURCE = ModelSource(
+    load=lambda model_cfg, dtype: load_local_folder(demo_model_dir(model_cfg), dtype),
+    identity=lambda model_cfg: b"demo:" + folder_identity(demo_model_dir(model_cfg)),
+)

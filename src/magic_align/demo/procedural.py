@@ -2,11 +2,12 @@
 
 Offline there is no skin dataset, so the demo draws one: skin at Fitzpatrick types 1-6 with texture and
 lighting variation, six conditions whose look follows the five items of their checklist
-(`checklists/demo.yaml`), and a body-region cue. The `rules` judge (`judges/rules.py`) measures the same
-items from pixels.
+(`demo/demo.yaml`), and a body-region cue. The `rules` judge (`demo/rules.py`) measures the same
+items from pixels. `data.kind = "procedural"` (the `PROCEDURAL` data kind at the end) draws the dataset into
+`run/data/procedural/` on first use and reads it with the Fitzpatrick loader.
 
-Design choices, all made so that a 4x-downsampling VAE at 64 px keeps every item visible (demo-notes.md:
-thin rings and tiny papules faded):
+Design choices, all made so that a 4x-downsampling VAE at 64 px keeps every item visible (docs/method.md
+section 11.2: in the CPU prototype thin rings and tiny papules faded):
 
 - Every structure is at least ~4 px wide at 64 px; papules are ~6 px across with gaps of >= 4 px.
 - Lesion colours are defined relative to the skin tone, so contrast survives on dark skin.
@@ -24,13 +25,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from magic_align.run import atomic_path, atomic_write_bytes
+from magic_align.data import DataKind, md5hash_split_key
+from magic_align.data.fitzpatrick import load_fitzpatrick
+from magic_align.data.records import DataError, LoadProblems, Record
+from magic_align.run import atomic_path, atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from magic_align.config import DataConfig
+    from magic_align.run import RunPaths
 
 CONDITIONS = ("melanoma", "nevus", "acne", "erythema-multiforme", "psoriasis", "vitiligo")
 REGION_OF = {
@@ -482,3 +492,37 @@ def render_arrays(labels: list[str], seed: int, size: int = 64, stream: int = _S
 def condition_free_labels(count: int, seed: int, lesion_fraction: float = 0.6) -> list[str]:
     chooser = np.random.default_rng([seed, _STREAM_FREE])
     return [str(label) for label in np.where(chooser.uniform(0, 1, count) < lesion_fraction, "generic-lesion", "healthy")]
+
+
+# ------------------------------------------------------------------------------------------ data kind
+def procedural_csv(data_cfg: "DataConfig", paths: "RunPaths | None") -> Path:
+    """The demo domain's CSV: `data.csv` when set, else generated into run/data/procedural/ once.
+
+    A stamp file records what was generated (images per class and seed); a changed setting regenerates.
+    """
+    if data_cfg.csv is not None:
+        return Path(data_cfg.csv)
+    if paths is None:
+        raise DataError("data.kind = 'procedural' needs a run directory to generate the demo images into "
+                        "(or data.csv pointing at an already generated procedural CSV)")
+    out_dir = paths.data / "procedural"
+    stamp_path = out_dir / "generated.json"
+    wanted = {"per_class": data_cfg.procedural_per_class, "seed": data_cfg.procedural_seed}
+    if stamp_path.is_file():
+        stamp = json.loads(stamp_path.read_text())
+        csv_path = out_dir / stamp.get("csv", "")
+        if {k: stamp.get(k) for k in wanted} == wanted and csv_path.is_file():
+            return csv_path
+    csv_path = Path(generate_dataset(out_dir, data_cfg.procedural_per_class, data_cfg.procedural_seed))
+    atomic_write_text(stamp_path, json.dumps({**wanted, "csv": csv_path.name}))
+    return csv_path
+
+
+def load_procedural(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
+    """The demo dataset as records: generated on first use, read with the Fitzpatrick loader."""
+    csv_path = procedural_csv(data_cfg, paths)
+    images = data_cfg.images or (csv_path.parent / "images" if (csv_path.parent / "images").is_dir() else csv_path.parent)
+    return load_fitzpatrick(csv_path, Path(images), problems)
+
+
+PROCEDURAL = DataKind(load_procedural, md5hash_split_key)

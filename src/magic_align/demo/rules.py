@@ -1,4 +1,4 @@
-"""Pixel rules for the procedural demo domain (`checklists/demo.yaml`, `data/procedural.py`).
+"""Pixel rules for the procedural demo domain (`demo/demo.yaml`, `demo/procedural.py`).
 
 Every image is brought to 64 x 64 and measured once:
 
@@ -25,12 +25,14 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from magic_align.judges.rules import ItemResult, RulesDomain, register_domain
+from magic_align.checklists.schema import load_checklists
+from magic_align.demo.procedural import CONDITIONS, render_arrays
+from magic_align.judges.rules import ItemResult, RulesDomain, RulesJudge, validity_table
 
 VERSION = "v1"
 SIZE = 64
 
-# geometry (64 px units), matching data/procedural.py: bands <= 8.5 px, lesions >= 11.5 px from the edge
+# geometry (64 px units), matching demo/procedural.py: bands <= 8.5 px, lesions >= 11.5 px from the edge
 FRAME = (9, 11)  # distance-to-edge range of the skin-tone frame
 LESION_AREA_INSET = 9  # lesions are looked for inside the bands
 
@@ -586,17 +588,13 @@ ITEMS = {
     ("vitiligo", "extent"): vitiligo_extent,
 }
 
+# registered as the rules domain "demo" by `magic_align.demo.register`
 DEMO_DOMAIN = RulesDomain(name="demo", version=VERSION, analyse=analyse, gate=gate, items=ITEMS, describe=describe)
-register_domain(DEMO_DOMAIN)
 
 
 def demo_validity_table(per_condition: int = 200, seed: int = 1000):
     """The validity table of docs/demo.md: `per_condition` freshly drawn images per condition, each judged
-    under every demo checklist. Run `python -m magic_align.judges.rules_demo 200`."""
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.data.procedural import CONDITIONS, render_arrays
-    from magic_align.judges.rules import RulesJudge, validity_table
-
+    under every demo checklist. Run `python -m magic_align.demo.rules 200`."""
     checklists = load_checklists("demo")
     images = {c: [Image.fromarray(a) for a in render_arrays([c] * per_condition, seed=seed)[0]] for c in CONDITIONS}
     return validity_table(RulesJudge(DEMO_DOMAIN), checklists, images)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from magic_align.evaluate.backbones import load_backbone
+from magic_align.backbones import load_backbone
 from magic_align.evaluate.classifier import Example, FeatureCache, Schedule, run_linear_probe
 
 NUM_CLASSES = 20

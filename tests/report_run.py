@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from magic_align.evaluate.validity import graded_images, validity_table
+
 # Conditions of the built-in demo checklist; items 3-5 of both require item 1 (kept at 1 below).
 ALPHA, BETA = "melanoma", "psoriasis"
 SECOND_JUDGE = "openai:gpt-4o"
@@ -86,7 +88,7 @@ def build_report_run(tmp_path: Path, *, ledger: bool = True, evaluate: bool = Tr
     """A run directory under tmp_path/runs/report with what the flags ask for; returns (config, paths)."""
     from magic_align.checklists.schema import load_checklists
     from magic_align.config import load_config
-    from magic_align.judge import judge_identity
+    from magic_align.judges import judge_identity
     from magic_align.judges.base import Verdict
     from magic_align.ledger import Ledger, PairRow, SampleRow
     from magic_align.run import prepare_run
@@ -182,10 +184,14 @@ def build_report_run(tmp_path: Path, *, ledger: bool = True, evaluate: bool = Tr
                 _png(root / relative, (30 * offset + 10 * index, 90, 40))
                 images[setting] = relative
                 scores[setting] = offset + index % 3
+            # the judge's answers and the recognition probe's verdict per image, for the validity table
+            items = {name: [1] * score + [0] * (5 - score) for name, score in scores.items()}
+            recognition = {name: {"recognised": int(score >= 2), "target_probability": 0.2 * score}
+                           for name, score in scores.items()}
             units.append({"unit": f"syn-s{index}-0", "source": source, "target": target, "source_label": BETA, "images": images,
-                          "scores": scores})
+                          "scores": scores, "items": items, "recognition": recognition})
         alignment_data = {
-            "judge": "rules:demo", "n_items": 5,
+            "set": "locked", "judge": "rules:demo", "n_items": 5,
             "settings": {name: {"mean_items": estimate(2.0 + i * 0.45, 1.8 + i * 0.45, 2.2 + i * 0.45),
                                 "images": [u["images"][name] for u in units]}
                          for i, name in enumerate(ALIGNMENT_SETTINGS)},
@@ -194,6 +200,7 @@ def build_report_run(tmp_path: Path, *, ledger: bool = True, evaluate: bool = Tr
             "units": units,
             "notes": ["rft: trained on fewer units"],
         }
+        alignment_data["validity"] = validity_table(graded_images(alignment_data), None, resamples=100, seed=0, min_r=0.3)
         (root / "eval").mkdir(parents=True, exist_ok=True)
         (root / "eval" / "alignment.json").write_text(json.dumps(alignment_data, indent=2))
 

@@ -73,3 +73,57 @@ def test_the_objective_comes_from_the_summary_then_config_toml(tmp_path):
     assert labels.describe("magic-dpo") == {"label": "MAGIC-DPO (Diffusion-DPO objective)", "objective": {
         "method": "dpo", "objective": "denoising", "source": "aligned/dpo/dpo.json"}}
     assert labels.describe("i2i") == {"label": "I2I, before alignment"}
+
+
+# ------------------------------------------------------------------------------------ the independent measure
+def test_alignment_json_holds_the_independent_measure_with_intervals(tmp_path):
+    """Hand-made outputs: the baseline's images look like a wrong condition, the aligned model's like the target.
+    Recognition rises with an interval above 0, so the judge's gain is marked confirmed."""
+    from types import SimpleNamespace
+
+    from test_recognition import CONDITIONS, draw
+
+    from magic_align.config import load_config
+    from magic_align.evaluate.alignment import independent_measures
+    from magic_align.run import prepare_run
+
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'", "evaluate.backbones=['efficientnet-lite0']",
+                                  "evaluate.image_size=64", "evaluate.epochs=30", "evaluate.bootstrap=200"])
+    paths = prepare_run(config)
+    rng = np.random.default_rng(1)
+
+    def image(folder: str, condition: str, index: int) -> str:
+        relative = f"{folder}/{condition}-{index}.png"
+        (paths.root / folder).mkdir(parents=True, exist_ok=True)
+        draw(condition, rng).save(paths.root / relative)
+        return relative
+
+    train = [SimpleNamespace(id=f"t-{c}-{i}", path=paths.root / image("real", c, i), label=c)
+             for c in CONDITIONS for i in range(8)]
+    split = SimpleNamespace(train=train, test=train[:3])
+    images, answers, targets = {"i2i": {}, "magic-dpo": {}}, {"i2i": {}, "magic-dpo": {}}, {}
+    for index in range(12):
+        target, wrong = CONDITIONS[index % 3], CONDITIONS[(index + 1) % 3]
+        unit = f"u{index}"
+        targets[unit] = (f"s{index}", target)
+        images["i2i"][unit] = image("i2i", wrong, index)
+        images["magic-dpo"][unit] = image("dpo", target, index)
+        answers["i2i"][unit], answers["magic-dpo"][unit] = [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]
+    judge_differences = {"magic-dpo - i2i": {"value": 3.0, "low": 3.0, "high": 3.0}}
+    notes: list[str] = []
+    result = independent_measures(config, paths, split, images, answers, targets,
+                                  {unit: source for unit, (source, _) in targets.items()},
+                                  {c: [f"{c}-{k}" for k in range(5)] for c in CONDITIONS}, notes, judge_differences)
+    assert notes == []
+    settings = result["independent"]["settings"]
+    assert settings["i2i"]["recognised"]["value"] == 0.0 and settings["magic-dpo"]["recognised"]["value"] == 1.0
+    difference = result["independent"]["differences"]["magic-dpo - i2i"]["recognised"]
+    assert set(difference) >= {"value", "low", "high"} and difference["low"] > 0
+    assert judge_differences["magic-dpo - i2i"]["independent"] == "confirmed"
+    assert result["recognition"]["magic-dpo"]["u0"]["recognised"] == 1
+    assert result["independent"]["real_test"]["accuracy"]["value"] == 1.0
+    kid = result["artefacts"]["settings"]
+    assert kid["magic-dpo"]["kid"] < kid["i2i"]["kid"]  # images of the target are closer to its real images
+    validity = result["validity"]
+    assert validity["n"] == 24 and validity["r"]["value"] == pytest.approx(1.0) and validity["low"] is False
+    assert {row["condition"] for row in validity["per_condition"]} == set(CONDITIONS)

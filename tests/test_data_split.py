@@ -86,9 +86,13 @@ def test_split_csv_round_trip(tmp_path):
     split = build_split(records, 2, 0.5, seed=0, few_shot_fraction=0.5)
     path = tmp_path / "data" / "split.csv"
     write_split(split, path, {"seed": 0})
-    assert path.read_text().splitlines()[0] == "id,label,group,split,few_shot"
-    assert json.loads(path.with_suffix(".json").read_text())["counts"] == {"a": [3, 3], "b": [2, 2]}
+    assert path.read_text().splitlines()[0] == "id,label,group,split,few_shot,role"
+    summary = json.loads(path.with_suffix(".json").read_text())
+    assert summary["counts"] == {"a": [3, 3], "b": [2, 2]}
+    assert summary["roles"] == {"train": 5, "tuning": 3, "locked": 2}  # a: round(1.5) = 2 tuning, 1 locked; b: 1, 1
     again = read_split(path, records)
+    assert [r.id for r in again.tuning] == [r.id for r in split.tuning]
+    assert [r.id for r in again.locked] == [r.id for r in split.locked]
     assert [r.id for r in again.train] == [r.id for r in split.train]
     assert [r.id for r in again.test] == [r.id for r in split.test]
     assert {r.id for r in again.few_shot} == {r.id for r in split.few_shot}
@@ -148,6 +152,7 @@ def test_data_cli_split_and_check(tmp_path):
     result = runner.invoke(app, ["data", "split", "tiny", *sets])
     assert result.exit_code == 0, result.output
     assert "2 classes: train 4, test 5" in result.output
+    assert "roles: train 4, tuning 3 (for choosing settings), locked 2" in result.output  # acne 3: 2 + 1; psoriasis 2: 1 + 1
     assert (tmp_path / "runs" / "tiny" / "data" / "split.csv").is_file()
     result = runner.invoke(app, ["data", "check", "tiny", *sets])
     assert result.exit_code == 1  # one broken image
@@ -190,8 +195,8 @@ def published(tmp_path):
     rows = [_fitz_row(f"{label[:3]}{i:029d}", label) for label, n in labels.items() for i in range(n)]
     images = tmp_path / "images"
     images.mkdir()
-    for row in rows:
-        Image.new("RGB", (8, 8), (len(row[0]) * 5, 80, 120)).save(images / f"{row[0]}.jpg")
+    for index, row in enumerate(rows):  # distinct images: identical files may not sit in two roles
+        Image.new("RGB", (8, 8), (index * 9, 80, 120)).save(images / f"{row[0]}.jpg")
     _write_csv(tmp_path / "fitzpatrick17k.csv", rows)
     chosen = [row for row in rows if row[3] != "keloid"]
     train, test = chosen[0::2], chosen[1::2]

@@ -395,15 +395,11 @@ def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
 
 
 def test_rounds_sample_judge_pair_and_continue_from_the_previous_lora(tmp_path, monkeypatch):
-    import magic_align.feedback
-    import magic_align.judge
-    import magic_align.sample
-
     config = load_config("tiny", [f"runs_dir='{tmp_path}'", "rounds=3"])
     calls = []
-    monkeypatch.setattr(magic_align.sample, "run_sample", lambda c, round_index, policy_lora: calls.append(("sample", round_index, policy_lora)))
-    monkeypatch.setattr(magic_align.judge, "run_judge", lambda c, round_index, console=None: calls.append(("judge", round_index)))
-    monkeypatch.setattr(magic_align.feedback, "run_pairs", lambda c, round_index: calls.append(("pairs", round_index)))
+    monkeypatch.setattr(dpo_module, "run_sample", lambda c, round_index, policy_lora: calls.append(("sample", round_index, policy_lora)))
+    monkeypatch.setattr(dpo_module, "run_judge", lambda c, round_index, console=None: calls.append(("judge", round_index)))
+    monkeypatch.setattr(dpo_module, "run_pairs", lambda c, round_index: calls.append(("pairs", round_index)))
     monkeypatch.setattr(dpo_module, "run_dpo", lambda c, round_index, init_lora: calls.append(("dpo", round_index, init_lora)))
     dpo_module.run_rounds(config)
     aligned = tmp_path / "tiny" / "aligned" / "dpo"

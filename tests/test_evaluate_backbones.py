@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from magic_align.evaluate.backbones import BackboneError, load_backbone, normalize, resize_and_crop
+from magic_align.backbones import BackboneError, load_backbone, normalize, resize_and_crop
 
 
 def _image(width, height, seed=0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from magic_align.evaluate.backbones import load_backbone
+from magic_align.backbones import load_backbone
 from magic_align.evaluate.classifier import (
     Example,
     FeatureCache,
@@ -188,3 +188,20 @@ def test_paper_classifier_is_a_linear_head_on_a_frozen_backbone_with_the_paper_s
     before = {name: value.clone() for name, value in tuned.model.state_dict().items()}
     run_finetune(lambda: tuned, train, [], test, 3, small, [0], _loader)
     assert any(not torch.equal(before[name], value) for name, value in tuned.model.state_dict().items())
+
+
+def test_a_feature_constant_on_real_training_images_decides_nothing():
+    # Two informative features and one that is constant (0) on every real training image; a synthetic image
+    # or a test image with a large value there must not be pulled towards any class by it.
+    rng = np.random.default_rng(0)
+    labels = torch.from_numpy(rng.integers(0, 2, 40))
+    informative = torch.from_numpy(rng.normal(size=(40, 2)).astype(np.float32)) + labels[:, None].float() * 4
+    features = torch.cat([informative, torch.zeros(40, 1)], dim=1)
+    features[30:, 2] = 50.0  # rows 30.. are synthetic: the dead feature varies only there
+    schedule = Schedule(epochs=20, lr=0.05, step_size=50, batch_size=8, rho=0.25)
+    probes = train_linear_probes(features, labels, 30, 2, schedule, [0])
+    test = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1e4], [4.0, 4.0, 0.0], [4.0, 4.0, -1e4]])
+    logits = probes(test)[0]
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[2], logits[3])
+    assert logits[0].argmax() == 0 and logits[2].argmax() == 1

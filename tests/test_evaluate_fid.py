@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from magic_align.evaluate.backbones import BackboneError
+from magic_align.backbones import BackboneError
 from magic_align.evaluate.fid import image_distances, kid_subset_size, load_feature_module
 
 

@@ -149,6 +149,7 @@ def test_cli_evaluate(toy_run, monkeypatch):
 
 
 def test_missing_sets_are_synthesized_with_the_right_model(toy_run, monkeypatch):
+    import magic_align.evaluate.stage as stage
     import magic_align.synthesize as synthesize
     from magic_align.evaluate.stage import ensure_synthetic
     from magic_align.run import prepare_run
@@ -168,7 +169,7 @@ def test_missing_sets_are_synthesized_with_the_right_model(toy_run, monkeypatch)
             summary.written = 1
         return summary
 
-    monkeypatch.setattr(synthesize, "synthesize", fake_synthesize)
+    monkeypatch.setattr(stage, "synthesize", fake_synthesize)  # the name the evaluate stage calls
     manifest, how = ensure_synthetic(config, paths, "magic-dpo")
     assert manifest is None and "aligned/dpo" in how and "magic train dpo" in how and not calls
     manifest, how = ensure_synthetic(config, paths, "t2i")
@@ -185,7 +186,7 @@ def test_missing_sets_are_synthesized_with_the_right_model(toy_run, monkeypatch)
 
 
 def test_a_setting_that_raises_is_a_failure_not_a_skip(toy_run, monkeypatch):
-    import magic_align.synthesize as synthesize
+    import magic_align.evaluate.stage as stage
     from magic_align.data.split import run_split
     from magic_align.evaluate.stage import EvaluateIncomplete, run_evaluate
     from magic_align.run import prepare_run
@@ -199,7 +200,7 @@ def test_a_setting_that_raises_is_a_failure_not_a_skip(toy_run, monkeypatch):
     def broken_synthesis(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(synthesize, "synthesize", broken_synthesis)
+    monkeypatch.setattr(stage, "synthesize", broken_synthesis)
     with pytest.raises(EvaluateIncomplete, match="magic-dpo: RuntimeError: CUDA out of memory") as raised:
         run_evaluate(config, ["i2i", "magic-dpo", "magic-rft"])
     assert raised.value.failures == ["magic-dpo: RuntimeError: CUDA out of memory"]

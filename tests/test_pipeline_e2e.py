@@ -60,6 +60,9 @@ def test_magic_run_tiny_runs_every_stage_and_a_rerun_skips_them(tmp_path):
                                                        if info["status"] == "ok"}
     alignment = json.loads((config.run_dir / "eval" / "alignment.json").read_text())
     assert set(alignment["settings"]) == {"i2i", "magic-dpo", "magic-rft"}
+    assert alignment["set"] == "locked"  # the run's stated figures come from the locked set
+    locked = config.run_dir / "data" / "procedural-locked"
+    assert all((config.run_dir / unit["source"]).resolve().is_relative_to(locked.resolve()) for unit in alignment["units"])
     assert "magic-dpo - i2i" in alignment["differences"]
     assert "MAGIC-DPO" in (config.run_dir / "report" / "index.html").read_text()
     updated = {name: ledger.stage(f"run:{name}").updated_at for name in names}

@@ -373,3 +373,72 @@ def test_the_label_magic_compare_recorded_is_kept(tmp_path):
     assert labels["dpo"] == "MAGIC-DPO (Diffusion-DPO objective)"  # recorded, though config.toml says trajectory
     assert labels["rft"] == "MAGIC-RFT (reward-weighted trajectory, as in the paper)"  # not recorded: config.toml
     assert context.sections["grids"]["columns"][1] == "MAGIC-DPO (Diffusion-DPO objective)"
+
+
+# ------------------------------------------------------------------------- independent measure and validity
+def _add_independent_measure(paths, *, valid: bool, rft_recognition: dict) -> None:
+    """eval/alignment.json as `magic compare` writes it with the recognition probe: the independent measure per
+    model and difference, the KID per condition, and a validity table from images whose items follow (`valid`)
+    or ignore recognition."""
+    from magic_align.evaluate.validity import GradedImage, validity_table
+
+    alignment = json.loads((paths.eval / "alignment.json").read_text())
+    alignment["differences"]["rft - i2i"] = {"value": 0.6, "low": 0.2, "high": 1.0, "units": 4}
+    alignment["independent"] = {
+        "grader": "linear probe on small-cnn features, trained on 48 real training images (never on verdicts)",
+        "real_test": {"n": 24, "accuracy": {"value": 0.875, "low": 0.75, "high": 1.0}},
+        "settings": {name: {"recognised": {"value": share, "low": share - 0.1, "high": share + 0.1},
+                            "target_probability": {"value": share - 0.05, "low": share - 0.1, "high": share}}
+                     for name, share in (("i2i", 0.5), ("dpo", 0.6), ("rft", 0.4))},
+        "differences": {"dpo - i2i": {"recognised": {"value": 0.1, "low": 0.02, "high": 0.18}},
+                        "rft - i2i": {"recognised": rft_recognition}},
+    }
+    alignment["artefacts"] = {"measure": "KID per target condition",
+                              "settings": {"i2i": {"kid": 0.0200}, "dpo": {"kid": 0.0250}, "rft": {"kid": 0.0150}}}
+    met = [0, 1, 2, 3, 4, 5] * 4
+    images = [GradedImage(ALPHA, (1,) * m + (0,) * (5 - m), int(m >= 3) if valid else index % 2)
+              for index, m in enumerate(met)]
+    alignment["validity"] = validity_table(images, None, resamples=100, seed=0, min_r=0.3)
+    (paths.eval / "alignment.json").write_text(json.dumps(alignment))
+
+
+def test_judge_gain_beside_the_independent_measure_and_no_warning_when_validity_is_high(tmp_path):
+    config, paths = build_report_run(tmp_path, ledger=False, logs=False)
+    _add_independent_measure(paths, valid=True, rft_recognition={"value": 0.01, "low": -0.05, "high": 0.07})
+    page = run_report(config).read_text(encoding="utf-8")
+    parsed = parse(page)
+    assert "Read this first" not in page
+    models = table_after(parsed, "Alignment comparison")
+    assert row_starting(models, "I2I")[4:7] == ["50.0 [40.0, 60.0]", "0.450 [0.400, 0.500]", "0.0200"]
+    differences = table_after(parsed, "Paired differences")
+    dpo = row_starting(differences, "dpo - i2i")
+    assert dpo[2:] == ["0.45 [0.20, 0.70]", "yes", "10.0 [2.0, 18.0]", "confirmed", "0.0050"]
+    rft = row_starting(differences, "rft - i2i")
+    assert rft[3:6] == ["yes", "1.0 [-5.0, 7.0]", "not confirmed"]
+    validity = table_after(parsed, "Judge validity on generated images")
+    overall = row_starting(validity, "all conditions")
+    assert overall[1] == "24" and float(overall[5].split(" ")[0]) > 0.8
+    assert "accuracy on real held-out images 87.5 [75.0, 100.0] %" in " ".join(page.split())
+
+
+def test_low_validity_and_a_contradicted_gain_are_warned_on_the_first_screen(tmp_path):
+    config, paths = build_report_run(tmp_path, ledger=False, logs=False)
+    _add_independent_measure(paths, valid=False, rft_recognition={"value": -0.1, "low": -0.18, "high": -0.02})
+    page = run_report(config).read_text(encoding="utf-8")
+    assert "Read this first" in page
+    warning = page.index("Read this first")
+    assert warning < page.index('class="cards"') and warning < page.index('<section id="grids">')
+    first_screen = " ".join(page[warning:page.index('class="cards"')].split())
+    assert "validity on generated images is low" in first_screen
+    assert "the share recognised as the target falls" in first_screen and "not shown as a gain" in first_screen
+    rft = row_starting(table_after(parse(page), "Paired differences"), "rft - i2i")
+    assert rft[3] == "yes, not shown as a gain" and rft[5] == "contradicted"
+
+    # the threshold is today's setting: a high r is still warned about when the run asks for more
+    from magic_align.config import load_config
+
+    _add_independent_measure(paths, valid=True, rft_recognition={"value": 0.0, "low": -0.05, "high": 0.05})
+    assert "Read this first" not in run_report(config).read_text(encoding="utf-8")
+    strict = load_config("tiny", [f"runs_dir='{tmp_path / 'runs'}'", "name='report'", "evaluate.bootstrap=100",
+                                  "judge.checklist='demo'", "evaluate.validity_min_r=0.99"])
+    assert "validity on generated images is low" in run_report(strict).read_text(encoding="utf-8")

@@ -19,13 +19,8 @@ import pytest
 import torch
 
 from magic_align.config import ConfigError, ModelConfig, load_config
-from magic_align.diffusion.architectures import (
-    ARCHITECTURES,
-    REDUCED_TEXT_LAYERS,
-    REDUCED_UNET,
-    REDUCED_VAE,
-    build_architecture_pipeline,
-)
+from magic_align.diffusion.architecture_specs import ARCHITECTURES, REDUCED_TEXT_LAYERS, REDUCED_UNET, REDUCED_VAE
+from magic_align.diffusion.architectures import build_architecture_pipeline
 from magic_align.diffusion.loading import load_pipeline
 
 BASE, V = "sd21-base-reduced", "sd21-768-v-reduced"

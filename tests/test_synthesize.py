@@ -112,7 +112,8 @@ def test_changed_sampling_settings_make_the_set_stale(tmp_path):
     assert synthesis_settings_hash(first) != synthesis_settings_hash(second)
     assert synthesis_settings_hash(first) == synthesis_settings_hash(load_config("tiny", overrides + ["sample.strength=0.3"]))
     paths = prepare_run(first)
-    assert _output_dir(first, paths, "i2i", None) != _output_dir(second, paths, "i2i", None)
+    assert _output_dir(first, paths, "i2i", None, "tuning") != _output_dir(second, paths, "i2i", None, "tuning")
+    assert _output_dir(first, paths, "i2i", None, "tuning") != _output_dir(first, paths, "i2i", None, "locked")
 
     sources = run_split(first, paths).train[:2]
     manifest = run_synthesize(first, lora=None, sources=sources, progress=False)

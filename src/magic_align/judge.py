@@ -37,6 +37,7 @@ from rich.table import Table
 from magic_align.checklists.schema import Checklist, ChecklistSet, load_checklists
 from magic_align.config import JudgeConfig, RunConfig
 from magic_align.data.images import sha256_file
+from magic_align.judges import make_judge
 from magic_align.judges.base import Judge, JudgeCallError, Verdict
 from magic_align.judges.costs import cost_usd, estimate_image_tokens, estimate_text_tokens, price_usd, sent_size
 from magic_align.judges.privacy import OPENAI_API_URL, check_endpoint, may_send, sends_images
@@ -328,8 +329,6 @@ def run_judge(
         return summary
 
     if judge is None:
-        from magic_align.judges import make_judge
-
         judge = make_judge(config.judge, checklists)
     summary = JudgeSummary(judge_id=judge.id, round=round_index, samples=len(samples), dry_run=dry_run)
     work = _collect_work(samples, checklists, config, summary)
@@ -381,23 +380,6 @@ def run_judge(
     )
     _tally(summary, work, ledger, judge.id, judge.prompt_version)
     return summary
-
-
-def judge_identity(config: RunConfig, checklists: ChecklistSet, judge_id: str | None = None) -> tuple[str, str | None]:
-    """(judge id, prompt version) whose verdicts later stages read. An explicit `judge_id` (e.g. imported
-    feedback) matches any prompt version, the newest first; otherwise the configured judge is built to ask it."""
-    if judge_id is not None:
-        return judge_id, None
-    from magic_align.judges import make_judge
-
-    try:
-        judge = make_judge(config.judge, checklists)
-    except Exception as error:
-        raise JudgeStageError(
-            f"cannot build the configured judge (judge.backend = {config.judge.backend!r}) to learn its id: "
-            f"{error}; name the judge explicitly (--judge ID)"
-        ) from error
-    return judge.id, judge.prompt_version
 
 
 def _config_hash(config: RunConfig) -> str:

@@ -83,11 +83,10 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
-from magic_align.judges.base import Verdict
 from magic_align.errors import MagicError
 
 SCHEMA_VERSION = 1
@@ -99,6 +98,36 @@ class LedgerError(MagicError, RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ rows
+# ok: every item answered; partial: some items unknown (wrong length); failed: nothing usable (items all None);
+# refused: the model declined to grade.
+ParseStatus = Literal["ok", "partial", "failed", "refused"]
+
+
+@dataclass
+class Verdict:
+    """What a judge answered about one image against one checklist (`judges.base.Judge.judge` returns it)."""
+
+    items: list[int | None]  # one of 1, 0, None (unknown) per checklist item, in checklist order
+    rationales: list[str | None] = field(default_factory=list)  # one short reason per item where the backend gives one
+    raw: str = ""  # the raw answer text, exactly as received
+    parse_status: ParseStatus = "ok"
+    latency_s: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    error: str | None = None  # why the answer failed, for failed / refused verdicts
+    requests: int = 0  # calls to the model behind this verdict (HTTP requests with retries and repair); 0: not counted
+
+    @property
+    def score(self) -> int:
+        """Items met (unknown items count as not met)."""
+        return sum(1 for value in self.items if value == 1)
+
+    @property
+    def answered(self) -> bool:
+        return self.parse_status in ("ok", "partial")
+
+
 @dataclass(frozen=True)
 class TableVersion:
     """What changes when a table changes: its row count, newest rowid and newest change time (None for

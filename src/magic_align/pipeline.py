@@ -17,9 +17,16 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
+from magic_align import feedback, judge, sample, synthesize
+from magic_align.checklists.schema import load_checklists
 from magic_align.config import RunConfig
+from magic_align.evaluate import alignment, report, stage as evaluate_stage
+from magic_align.judge import estimate_call_tokens
+from magic_align.judges.costs import price_usd
+from magic_align.judges.privacy import sends_images
 from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, prepare_run
+from magic_align.train import dpo, finetune, rft
 
 
 @dataclass
@@ -48,10 +55,6 @@ def stage_hash(config: RunConfig, sections: tuple[str, ...], upstream: str) -> s
 
 def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
     """The stages of a run in order, each bound to its entry function (imported lazily: a dry run loads no model)."""
-    from magic_align import feedback, judge, sample, synthesize
-    from magic_align.evaluate import alignment, report, stage as evaluate_stage
-    from magic_align.train import dpo, finetune, rft
-
     paths = RunPaths(config.run_dir)
     base = ("model", "data", "judge.checklist")
     stages = [
@@ -96,9 +99,10 @@ def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
         Stage(
             "compare",
             ("evaluate.alignment_units", "evaluate.alignment_per_source", "evaluate.held_out_judge"),
-            lambda: alignment.run_alignment_comparison(config, console=console),
-            f"{config.evaluate.alignment_units} held-out sources x {config.evaluate.alignment_per_source} through each "
-            "model, judged (eval/alignment.json)",
+            # the run's stated figures: graded on the locked set, never on the tuning set that settings were chosen on
+            lambda: alignment.run_alignment_comparison(config, console=console, set_name="locked"),
+            f"{config.evaluate.alignment_units} held-out locked-set sources x {config.evaluate.alignment_per_source} "
+            "through each model, judged (eval/alignment.json)",
         ),
         Stage(
             "synthesize",
@@ -154,11 +158,6 @@ class JudgeEstimate:
 def judge_estimate(config: RunConfig) -> JudgeEstimate:
     """Judge calls of a whole run (every round's samples, plus the held-out comparison of the unaligned and each
     aligned model) and their cost, from the configuration alone."""
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.judge import estimate_call_tokens
-    from magic_align.judges.costs import price_usd
-    from magic_align.judges.privacy import sends_images
-
     checklists = load_checklists(config.judge.checklist)
     # the largest checklist of the set, on an image of the model's resolution
     per_call_in, per_call_out = max(
@@ -175,8 +174,6 @@ def judge_estimate(config: RunConfig) -> JudgeEstimate:
 
 def dry_run_plan(config: RunConfig) -> Table:
     """The plan as a table: stages, counts, estimated judge calls, tokens and cost. Loads no model or data."""
-    from magic_align.checklists.schema import load_checklists
-
     checklists = load_checklists(config.judge.checklist)
     estimate = judge_estimate(config)
     per_call_in, per_call_out = estimate.per_call_input_tokens, estimate.per_call_output_tokens
@@ -205,7 +202,7 @@ def dry_run_plan(config: RunConfig) -> Table:
     if "rft" in config.align:
         table.add_row("rft", f"reward model + {config.rft.steps} reward-weighted steps")
     models = 1 + len(config.align)
-    table.add_row("compare", f"{config.evaluate.alignment_units} held-out sources x {config.evaluate.alignment_per_source} "
+    table.add_row("compare", f"{config.evaluate.alignment_units} locked-set sources x {config.evaluate.alignment_per_source} "
                   f"images x {models} models, judged")
     table.add_row("synthesize", f"{config.synthesize.per_image} per training image at {config.synthesize.size} px")
     table.add_row("evaluate", f"{', '.join(config.evaluate.backbones)}; {config.evaluate.seeds} seeds; rho {config.evaluate.rho}")

@@ -23,6 +23,7 @@ import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from magic_align.errors import MagicError
 
@@ -131,8 +132,6 @@ class StageProgress:
         if not self.enabled or self.total == 0:
             return self
         if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
             self._bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,

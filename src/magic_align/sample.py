@@ -25,11 +25,18 @@ from pathlib import Path
 
 import torch
 
+from magic_align.checklists.schema import load_checklists
 from magic_align.config import RunConfig
-from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, sample_batch
+from magic_align.data.images import BadImageError, encode_png, load_image, sha256_file
+from magic_align.data.split import run_split
+from magic_align.data.targets import choose_target
+from magic_align.diffusion.loading import load_run_policy
+from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, process_state, sample_batch
 from magic_align.diffusion.trajectories import TrajectoryStore, next_shard_number, shard_name, write_shard
+from magic_align.ledger import Ledger, SampleRow
 from magic_align.progress import StageProgress
 from magic_align.run import atomic_write_bytes, prepare_run
+from magic_align.synthesize import _extra_sources
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +78,6 @@ def sampling_sources(config: RunConfig, split) -> list:
     """The images alignment samples from: the few-shot subset when `data.few_shot_fraction` is set (the rest of the
     train split is then not labelled data the run may use), else the whole train split; plus the unlabeled images
     of `synthesize.extra_sources` (MAGIC-A), whose targets may be any condition."""
-    from magic_align.synthesize import _extra_sources
-
     labelled = split.few_shot if config.data.few_shot_fraction else split.train
     return list(labelled) + _extra_sources(config)
 
@@ -80,8 +85,6 @@ def sampling_sources(config: RunConfig, split) -> list:
 def plan_units(config: RunConfig, train, classes: list[str], checklists, round_index: int) -> list[Unit]:
     """The round's units, the same for the same seed: sources drawn without replacement (cycling through a
     shuffled train split when more units than images are asked), targets by `choose_target`."""
-    from magic_align.data.targets import choose_target
-
     if not train:
         raise ValueError("the train split is empty: nothing to sample from")
     sample_cfg = config.sample
@@ -108,21 +111,8 @@ def plan_units(config: RunConfig, train, classes: list[str], checklists, round_i
     return units
 
 
-def process_state():
-    """(process index, process count, device) under `accelerate launch`, or (0, 1, best device) alone."""
-    try:
-        from accelerate import PartialState
-
-        state = PartialState()
-        return state.process_index, state.num_processes, state.device
-    except Exception:  # noqa: BLE001 - accelerate missing or misconfigured: run as one process
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _recover_from_shards(ledger, store: TrajectoryStore, done: set[str]) -> int:
     """Register samples that a shard holds but the ledger lacks (written just before a crash)."""
-    from magic_align.ledger import SampleRow
-
     rows = []
     for shard_path, header in store.headers.items():
         for row_index, record in enumerate(header.get("samples", [])):
@@ -140,12 +130,6 @@ def run_sample(
     progress: bool = True,
 ) -> SampleSummary:
     """Sample round `round_index` (resumable); `policy_lora` stacks an aligned LoRA on the run's model (later rounds)."""
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.data.images import BadImageError, encode_png, load_image, sha256_file
-    from magic_align.data.split import run_split
-    from magic_align.diffusion.loading import load_run_policy
-    from magic_align.ledger import Ledger, SampleRow
-
     if policy_lora is not None and not Path(policy_lora).exists():  # checked before anything, also on a finished round
         raise FileNotFoundError(f"policy LoRA {policy_lora} does not exist; expected a LoRA folder or file such as "
                                 "runs/<name>/aligned/dpo")

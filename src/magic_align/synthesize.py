@@ -19,14 +19,21 @@ import io
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
 
+from magic_align.checklists.schema import load_checklists
 from magic_align.config import RunConfig
-from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, sample_batch
+from magic_align.data.folder import load_folder
+from magic_align.data.images import BadImageError, encode_png, load_image
+from magic_align.data.split import run_split
+from magic_align.data.targets import choose_target
+from magic_align.diffusion.loading import load_run_policy, model_hash, policy_files
+from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, process_state, sample_batch
+from magic_align.progress import StageProgress
 from magic_align.run import atomic_write_bytes, atomic_write_text, prepare_run
 from magic_align.errors import MagicError
 
@@ -109,14 +116,6 @@ def run_synthesize(
 def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None, sources: list | None = None,
                progress: bool = True, replace_stale: bool = False) -> SynthesizeSummary:
     """`run_synthesize` returning counts as well (the CLI prints them)."""
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.data.images import BadImageError, encode_png, load_image
-    from magic_align.data.split import run_split
-    from magic_align.data.targets import choose_target
-    from magic_align.diffusion.loading import load_run_policy, model_hash, policy_files
-    from magic_align.progress import StageProgress
-    from magic_align.sample import process_state
-
     paths = prepare_run(config)
     out_dir = Path(out_dir) if out_dir is not None else paths.synthetic
     images_dir = out_dir / "images"
@@ -230,10 +229,6 @@ def _extra_sources(config: RunConfig) -> list:
     """Unlabeled images of `synthesize.extra_sources` (MAGIC-A): any condition may be their target."""
     if config.synthesize.extra_sources is None:
         return []
-    from dataclasses import replace
-
-    from magic_align.data.folder import load_folder
-
     records = load_folder(Path(config.synthesize.extra_sources))
     # ids prefixed so an extra image can never collide with a training image's synthetic id
     return [replace(record, id=f"extra-{record.id}", label=None) for record in records]

@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magic_align import plugins
+from magic_align.data.fitzpatrick import load_fitzpatrick
+from magic_align.data.folder import load_folder
+from magic_align.data.padufes import load_padufes
 from magic_align.data.records import DataError, LoadProblems, Record, match_labels, safe_id
+from magic_align.data.scin import load_scin
 
 if TYPE_CHECKING:
     from magic_align.config import DataConfig
@@ -32,10 +36,14 @@ class DataKind:
 
     `load(data_cfg, run_paths, problems)` returns the records (`run_paths` is None outside a run; rows it
     skips go to `problems`). `split_key(header)`, when the kind reads published split files (`data.split_dir`),
-    gives the columns of a split file with that header which name an image, and the record id they give."""
+    gives the columns of a split file with that header which name an image, and the record id they give.
+    `locked_set(data_cfg, run_paths, problems)`, when given, returns a locked validation set of the kind's own,
+    drawn apart from the dataset (the demo: another procedural seed); the whole test split is then the tuning set
+    (data/split.py, docs/evaluate.md)."""
 
     load: Callable[["DataConfig", "RunPaths | None", LoadProblems], list[Record]]
     split_key: Callable[[set[str]], SplitKey] | None = None
+    locked_set: Callable[["DataConfig", "RunPaths | None", LoadProblems], list[Record]] | None = None
 
 
 def load_records(data_cfg: "DataConfig", paths: "RunPaths | None" = None, *,
@@ -72,32 +80,24 @@ def require_settings(data_cfg: "DataConfig", needs: str, csv: bool = False, imag
 
 # ----------------------------------------------------------------------------------------- built-in kinds
 def _fitzpatrick(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
-    from magic_align.data.fitzpatrick import load_fitzpatrick
-
     require_settings(data_cfg, "data.csv (the Fitzpatrick17k CSV) and data.images (the folder of <md5hash>.jpg files)",
                      csv=True, images=True)
     return load_fitzpatrick(Path(data_cfg.csv), Path(data_cfg.images), problems)
 
 
 def _scin(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
-    from magic_align.data.scin import load_scin
-
     require_settings(data_cfg, "data.csv (columns case_id, image_path, label); data.images is the folder "
                      "image_path is relative to", csv=True)
     return load_scin(Path(data_cfg.csv), Path(data_cfg.images) if data_cfg.images else None, problems)
 
 
 def _padufes(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
-    from magic_align.data.padufes import load_padufes
-
     require_settings(data_cfg, "data.csv (the PAD-UFES-20 metadata.csv) and data.images (the folder holding the "
                      "images)", csv=True, images=True)
     return load_padufes(Path(data_cfg.csv), Path(data_cfg.images), problems)
 
 
 def _folder(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
-    from magic_align.data.folder import load_folder
-
     require_settings(data_cfg, "data.images (one sub-folder per class, or a flat folder of unlabeled images)",
                      images=True)
     return load_folder(Path(data_cfg.images), problems)

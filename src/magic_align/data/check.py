@@ -14,6 +14,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from magic_align.checklists.schema import load_checklists
+from magic_align.data import load_records
 from magic_align.data.images import BadImageError, open_checked
 from magic_align.data.records import LoadProblems, Record, where_row
 
@@ -138,9 +140,6 @@ def run_data_check(config: "RunConfig", paths: "RunPaths | None",
                    progress: Callable[[int], None] | None = None,
                    on_total: Callable[[int], None] | None = None) -> DataCheckReport:
     """Everything `magic data check` reports: rows dropped while reading, bad images, labels without a checklist."""
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.data import load_records
-
     checklists = load_checklists(config.judge.checklist)
     problems = LoadProblems()
     records = load_records(config.data, paths, conditions=checklists.condition_names, problems=problems)

@@ -14,26 +14,44 @@ dataset's image key (`SPLIT_KEYS`); a row naming an image the dataset lacks, a l
 dataset's, or an image on both sides is an error naming the file and row. The classes are then the split's
 labels, and `data.num_classes` must equal their number.
 
-The split is written once to `run/data/split.csv` (id, label, group, split, few_shot) with the settings it
-was made with in `run/data/split.json`; every later stage reads it back (`run_split`), so all stages and
-reruns see the same images.
+Data roles. Every image has one role, so no figure is graded on an image that shaped it:
+
+- `train`: the training split (finetuning, sampling for preference pairs, the classifiers' real images);
+- `tuning`: part of the test split, for choosing settings (`magic compare`, the default set);
+- `locked`: the rest of the test split, graded only for the figures a report states (`magic compare
+  --set-name locked`, the pipeline's comparison).
+
+The test split is divided once, seeded (`data.split_seed`) and group-aware like the split itself, with
+`data.locked_fraction` of every class locked (`divide_test`). A data kind may bring its own locked set instead
+(`DataKind.locked_set`: the demo draws one from another procedural seed); the whole test split is then the
+tuning set. `check_roles` refuses a split in which two roles share an image, by id or by file content.
+
+The split is written once to `run/data/split.csv` (id, label, group, split, few_shot, role) with the settings
+it was made with in `run/data/split.json`; every later stage reads it back (`run_split`), so all stages and
+reruns see the same images. A split.csv written before roles existed (no `role` column) keeps its train and
+test sides; its test side is divided on first read, as above, and the file is rewritten with the column.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import json
 import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magic_align import plugins
-from magic_align.data import data_kind
-from magic_align.data.records import DataError, Record, match_labels, normalise_label, read_csv_rows
+from magic_align.checklists.schema import load_checklists
+from magic_align.data import data_kind, load_records
+from magic_align.data.check import check_images
+from magic_align.data.images import sha256_file
+from magic_align.data.records import DataError, LoadProblems, Record, match_labels, normalise_label, read_csv_rows
 from magic_align.run import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
@@ -42,7 +60,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SPLIT_COLUMNS = ("id", "label", "group", "split", "few_shot")
+SPLIT_COLUMNS = ("id", "label", "group", "split", "few_shot")  # required; `role` is added (older files lack it)
+ROLES = ("train", "tuning", "locked")
+# settings that older split.json files lack; missing, they count as the current value (the file is then upgraded)
+LATER_SETTINGS = ("locked_fraction", "locked_set")
+
+
+class RolesError(DataError):
+    """Two data roles share an image; the message names both."""
 
 
 @dataclass
@@ -52,6 +77,14 @@ class Split:
     classes: list[str]  # largest first; classes[i] is class index i for a classifier
     few_shot: list[Record] = field(default_factory=list)  # a stratified subset of train (empty if not asked)
     skipped_classes: list[str] = field(default_factory=list)  # larger labels left out for having no checklist
+    tuning: list[Record] = field(default_factory=list)  # part of test: for choosing settings
+    locked: list[Record] = field(default_factory=list)  # the rest of test, or a data kind's own set: stated figures
+
+    def role(self, name: str) -> list[Record]:
+        """The records of one role: train, tuning or locked."""
+        if name not in ROLES:
+            raise DataError(f"unknown data role {name!r}; expected one of {', '.join(ROLES)}")
+        return {"train": self.train, "tuning": self.tuning, "locked": self.locked}[name]
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """class -> (train images, test images)."""
@@ -129,10 +162,22 @@ def few_shot_subset(train: list[Record], fraction: float, rng: random.Random) ->
     return [r for r in train if r.id in chosen]
 
 
+def divide_test(test: list[Record], locked_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(tuning, locked): `locked_fraction` of every class locked, whole groups together, seeded.
+
+    Its own random stream, so the train/test sides and the few-shot subset of a seed are those drawn before roles
+    existed; sorted by id first, so the input order does not matter."""
+    ordered = sorted(test, key=lambda r: r.id)
+    tuning_ids = assign_groups(ordered, 1 - locked_fraction, random.Random(f"locked-set:{seed}"))
+    return [r for r in test if r.id in tuning_ids], [r for r in test if r.id not in tuning_ids]
+
+
 def build_split(records: list[Record], num_classes: int, train_fraction: float, seed: int,
-                few_shot_fraction: float | None = None, eligible: Collection[str] | None = None) -> Split:
-    """Split the records of the N largest classes (among `eligible` labels, when given) into train and test
-    (see the module docstring)."""
+                few_shot_fraction: float | None = None, eligible: Collection[str] | None = None,
+                locked_fraction: float | None = 0.5) -> Split:
+    """Split the records of the N largest classes (among `eligible` labels, when given) into train and test,
+    and the test side into tuning and locked (see the module docstring; `locked_fraction=None`: all tuning, for
+    a data kind that brings its own locked set)."""
     classes, skipped = largest_classes(records, num_classes, eligible)
     wanted = set(classes)
     kept = sorted((r for r in records if r.label in wanted), key=lambda r: r.id)
@@ -142,7 +187,54 @@ def build_split(records: list[Record], num_classes: int, train_fraction: float, 
     test = [r for r in kept if r.id not in train_ids]
     _check_both_sides(train, test, classes)
     few_shot = few_shot_subset(train, few_shot_fraction, rng) if few_shot_fraction else []
-    return Split(train=train, test=test, classes=classes, few_shot=few_shot, skipped_classes=skipped)
+    tuning, locked = divide_test(test, locked_fraction, seed) if locked_fraction else (list(test), [])
+    return Split(train=train, test=test, classes=classes, few_shot=few_shot, skipped_classes=skipped,
+                 tuning=tuning, locked=locked)
+
+
+def check_roles(split: Split, content_hash: Callable[[Path], str] | None = sha256_file) -> None:
+    """Refuse a split in which two roles share an image: the same id, or (with `content_hash`) the same file
+    content under two ids. The message names both images and their roles."""
+    seen_ids: dict[str, str] = {}
+    seen_content: dict[str, tuple[str, Record]] = {}
+    for role in ROLES:
+        for record in split.role(role):
+            other = seen_ids.setdefault(record.id, role)
+            if other != role:
+                raise RolesError(f"data roles share a source: image {record.id} ({record.path}) is both a {other} and "
+                                 f"a {role} image; every image has one role (train, tuning or locked): rebuild the "
+                                 "split with magic data split --force")
+            if content_hash is None:
+                continue
+            digest = content_hash(record.path)
+            other_role, first = seen_content.setdefault(digest, (role, record))
+            if other_role != role:
+                raise RolesError(f"data roles share a source: {role} image {record.id} ({record.path}) has the same "
+                                 f"content as {other_role} image {first.id} ({first.path}); a duplicated image must "
+                                 "not be in two roles: remove one copy from the data (or from the published split "
+                                 "files), or rebuild a drawn split with magic data split --force")
+
+
+def group_duplicates(records: list[Record], content_hash: Callable[[Path], str] = sha256_file) -> list[Record]:
+    """The records, with every set of identical files (and the groups they join) merged into one group, so the
+    split keeps copies of one image on one side and in one role."""
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent.get(name, name) != name:
+            name = parent[name]
+        return name
+
+    first_group: dict[str, str] = {}
+    for record in records:
+        group = record.group or record.id
+        other = first_group.setdefault(content_hash(record.path), group)
+        if root(other) != root(group):
+            parent[root(group)] = root(other)
+    if not parent:
+        return records
+    return [replace(r, group=root(r.group or r.id)) if root(r.group or r.id) != (r.group or r.id) else r
+            for r in records]
 
 
 def _check_both_sides(train: list[Record], test: list[Record], classes: list[str]) -> None:
@@ -227,37 +319,40 @@ def published_split(split_dir: Path, kind: str, records: list[Record], num_class
 
 
 def _file_digest(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ files
 def write_split(split: Split, csv_path: Path, settings: dict) -> None:
-    """split.csv (one row per record) and split.json (settings, classes, counts) beside it."""
+    """split.csv (one row per record, with its role) and split.json (settings, classes, counts) beside it."""
     few = {r.id for r in split.few_shot}
+    locked = {r.id for r in split.locked}
     with atomic_path(csv_path) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(SPLIT_COLUMNS)
+            writer.writerow((*SPLIT_COLUMNS, "role"))
             for side, members in (("train", split.train), ("test", split.test)):
                 for r in members:
-                    writer.writerow([r.id, r.label, r.group, side, int(r.id in few)])
+                    role = "train" if side == "train" else "locked" if r.id in locked else "tuning"
+                    writer.writerow([r.id, r.label, r.group, side, int(r.id in few), role])
     summary = {"settings": settings, "classes": split.classes,
                "counts": {name: list(pair) for name, pair in split.counts().items()},
+               "roles": {role: len(split.role(role)) for role in ROLES},
                "few_shot": len(split.few_shot), "skipped_classes": split.skipped_classes}
     atomic_write_text(csv_path.with_suffix(".json"), json.dumps(summary, indent=2))
 
 
 def read_split(csv_path: Path, records: list[Record]) -> Split:
-    """Rebuild a split from split.csv and the dataset's records (matched by id)."""
+    """Rebuild a split from split.csv and the dataset's records (matched by id). A file without the `role`
+    column (written before roles existed) gives empty tuning and locked sets; `run_split` then divides it."""
     by_id = {r.id: r for r in records}
-    train, test, few_shot = [], [], []
+    train, test, few_shot, tuning, locked = [], [], [], [], []
     with open(csv_path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in SPLIT_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise DataError(f"{csv_path} is missing column(s) {', '.join(missing)}; expected {', '.join(SPLIT_COLUMNS)}")
+        has_roles = "role" in (reader.fieldnames or [])
         for row, fields in enumerate(reader, start=1):
             record = by_id.get(fields["id"])
             if record is None:
@@ -268,18 +363,25 @@ def read_split(csv_path: Path, records: list[Record]) -> Split:
             (train if fields["split"] == "train" else test).append(record)
             if fields["few_shot"] == "1":
                 few_shot.append(record)
+            if has_roles:
+                expected = ("train",) if fields["split"] == "train" else ("tuning", "locked")
+                if fields["role"] not in expected:
+                    raise DataError(f"{csv_path} row {row}: role {fields['role']!r} on the {fields['split']} side; "
+                                    f"expected {' or '.join(expected)}")
+                {"tuning": tuning, "locked": locked}.get(fields["role"], []).append(record)
     summary_path = csv_path.with_suffix(".json")
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     classes = summary.get("classes") or [label for label, _ in Counter(r.label for r in train + test).most_common()]
     return Split(train=train, test=test, classes=classes, few_shot=few_shot,
-                 skipped_classes=summary.get("skipped_classes", []))
+                 skipped_classes=summary.get("skipped_classes", []), tuning=tuning, locked=locked)
 
 
 def split_settings(config: "RunConfig") -> dict:
     data = config.data
     settings = {"kind": data.kind, "csv": str(data.csv) if data.csv else None, "num_classes": data.num_classes,
                 "train_fraction": data.train_fraction, "seed": data.split_seed,
-                "few_shot_fraction": data.few_shot_fraction, "checklist": config.judge.checklist}
+                "few_shot_fraction": data.few_shot_fraction, "checklist": config.judge.checklist,
+                "locked_fraction": data.locked_fraction, "locked_set": data_kind(data.kind).locked_set is not None}
     if data.split_dir is not None:  # the files' contents too: a replaced file must not pass for the old one
         folder = Path(data.split_dir)
         settings["split_files"] = {name: _file_digest(folder / name) if (folder / name).is_file() else None
@@ -291,24 +393,36 @@ def split_settings(config: "RunConfig") -> dict:
 def run_split(config: "RunConfig", paths: "RunPaths", force: bool = False,
               progress: Callable[[int], None] | None = None,
               on_total: Callable[[int], None] | None = None) -> Split:
-    """The run's split: read from run/data/split.csv when it exists for the same settings, else built
-    (records loaded, images checked as data.on_bad_image says, classes checked against the checklist)."""
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.data import load_records
-    from magic_align.data.check import check_images
-
+    """The run's split with its roles: read from run/data/split.csv when it exists for the same settings, else
+    built (records loaded, images checked as data.on_bad_image says, classes checked against the checklist,
+    identical files kept in one group, roles checked apart). A data kind's own locked set is added last."""
     csv_path = paths.data / "split.csv"
     settings = split_settings(config)
+    content_hash = functools.cache(sha256_file)  # grouping identical files and checking roles read each file once
+    kind = data_kind(config.data.kind)
+    # a kind that brings its own locked set leaves the whole test split for tuning
+    locked_fraction = None if kind.locked_set is not None else config.data.locked_fraction
     checklists = load_checklists(config.judge.checklist)
     records = load_records(config.data, paths, conditions=checklists.condition_names)
     if csv_path.is_file() and not force:
         summary_path = csv_path.with_suffix(".json")
         stored = json.loads(summary_path.read_text()).get("settings") if summary_path.is_file() else None
+        if stored is not None:
+            stored = {**{k: settings[k] for k in LATER_SETTINGS}, **stored}
         if stored is not None and stored != settings:
             changed = sorted(k for k in settings if stored.get(k) != settings[k])
             raise DataError(f"{csv_path} was made with other settings ({', '.join(changed)} differ); a run keeps "
                             "one split: use a new run name, or rebuild it with magic data split --force")
-        return read_split(csv_path, records)
+        split = read_split(csv_path, records)
+        if split.test and not split.tuning and not split.locked:  # written before roles existed: divide once
+            split.tuning, split.locked = (divide_test(split.test, locked_fraction, config.data.split_seed)
+                                          if locked_fraction else (list(split.test), []))
+            check_roles(split)
+            logger.warning("%s had no role column: its test split was divided into %d tuning and %d locked images "
+                           "(data.locked_fraction, data.split_seed) and the file rewritten", csv_path,
+                           len(split.tuning), len(split.locked))
+            write_split(split, csv_path, settings)
+        return _with_own_locked_set(split, kind, config, paths)
     if config.data.split_dir is not None:
         named = published_split(config.data.split_dir, config.data.kind, records, config.data.num_classes,
                                 eligible=checklists.condition_names)
@@ -321,17 +435,30 @@ def run_split(config: "RunConfig", paths: "RunPaths", force: bool = False,
         _check_both_sides(train, test, named.classes)
         fraction = config.data.few_shot_fraction
         few_shot = few_shot_subset(train, fraction, random.Random(config.data.split_seed)) if fraction else []
-        split = Split(train=train, test=test, classes=named.classes, few_shot=few_shot)
-        write_split(split, csv_path, settings)
-        return split
-    if on_total is not None:
-        on_total(len(records))
-    good, _ = check_images(records, config.data, progress)
-    # Every class is a target the judge grades against, so only labels with a checklist are candidates.
-    split = build_split(good, config.data.num_classes, config.data.train_fraction, config.data.split_seed,
-                        config.data.few_shot_fraction, eligible=checklists.condition_names)
-    if split.skipped_classes:
-        logger.warning("classes left out of the split for having no checklist in %s: %s", checklists.id,
-                       ", ".join(split.skipped_classes))
+        tuning, locked = (divide_test(group_duplicates(test, content_hash), locked_fraction, config.data.split_seed)
+                          if locked_fraction else (list(test), []))
+        split = Split(train=train, test=test, classes=named.classes, few_shot=few_shot, tuning=tuning, locked=locked)
+    else:
+        if on_total is not None:
+            on_total(len(records))
+        good, _ = check_images(records, config.data, progress)
+        # Every class is a target the judge grades against, so only labels with a checklist are candidates.
+        split = build_split(group_duplicates(good, content_hash), config.data.num_classes, config.data.train_fraction,
+                            config.data.split_seed, config.data.few_shot_fraction, eligible=checklists.condition_names,
+                            locked_fraction=locked_fraction)
+        if split.skipped_classes:
+            logger.warning("classes left out of the split for having no checklist in %s: %s", checklists.id,
+                           ", ".join(split.skipped_classes))
+    check_roles(split, content_hash)
     write_split(split, csv_path, settings)
+    return _with_own_locked_set(split, kind, config, paths)
+
+
+def _with_own_locked_set(split: Split, kind, config: "RunConfig", paths: "RunPaths") -> Split:
+    """The split with the data kind's own locked set (its images of the split's classes), when it has one."""
+    if kind.locked_set is None:
+        return split
+    wanted = set(split.classes)
+    split.locked = [r for r in kind.locked_set(config.data, paths, LoadProblems()) if r.label in wanted]
+    check_roles(split, content_hash=None)  # by id on every read; `magic compare --set-name locked` checks content
     return split

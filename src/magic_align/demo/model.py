@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from magic_align.checklists.schema import load_checklists
 from magic_align.demo.procedural import CONDITIONS, condition_free_labels, render_arrays
@@ -547,8 +548,6 @@ def reconstruction_validity_table(folder: Path, per_condition: int = 50, seed: i
     """The rules judge's validity table on the demo model's autoencoder reconstructions of fresh condition
     images: what the latent space can carry at best (docs/method.md section 11.2: design every item to survive it)."""
     from diffusers import AutoencoderKL
-    from PIL import Image
-
     vae = AutoencoderKL.from_pretrained(str(Path(folder) / "vae"), dtype=torch.float32).eval()
     checklists = load_checklists("demo")
     images = {}

@@ -505,24 +505,48 @@ def procedural_csv(data_cfg: "DataConfig", paths: "RunPaths | None") -> Path:
     if paths is None:
         raise DataError("data.kind = 'procedural' needs a run directory to generate the demo images into "
                         "(or data.csv pointing at an already generated procedural CSV)")
-    out_dir = paths.data / "procedural"
+    return _generated_once(paths.data / "procedural", data_cfg.procedural_per_class, data_cfg.procedural_seed)
+
+
+def _generated_once(out_dir: Path, per_class: int, seed: int) -> Path:
+    """The CSV of a dataset generated into `out_dir`, drawn again only when its stamp names other settings."""
     stamp_path = out_dir / "generated.json"
-    wanted = {"per_class": data_cfg.procedural_per_class, "seed": data_cfg.procedural_seed}
+    wanted = {"per_class": per_class, "seed": seed}
     if stamp_path.is_file():
         stamp = json.loads(stamp_path.read_text())
         csv_path = out_dir / stamp.get("csv", "")
         if {k: stamp.get(k) for k in wanted} == wanted and csv_path.is_file():
             return csv_path
-    csv_path = Path(generate_dataset(out_dir, data_cfg.procedural_per_class, data_cfg.procedural_seed))
+    csv_path = Path(generate_dataset(out_dir, per_class, seed))
     atomic_write_text(stamp_path, json.dumps({**wanted, "csv": csv_path.name}))
     return csv_path
 
 
+def _read_generated(csv_path: Path, images: Path | None, problems: LoadProblems) -> list[Record]:
+    folder = images or (csv_path.parent / "images" if (csv_path.parent / "images").is_dir() else csv_path.parent)
+    return load_fitzpatrick(csv_path, Path(folder), problems)
+
+
 def load_procedural(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
     """The demo dataset as records: generated on first use, read with the Fitzpatrick loader."""
-    csv_path = procedural_csv(data_cfg, paths)
-    images = data_cfg.images or (csv_path.parent / "images" if (csv_path.parent / "images").is_dir() else csv_path.parent)
-    return load_fitzpatrick(csv_path, Path(images), problems)
+    return _read_generated(procedural_csv(data_cfg, paths), data_cfg.images, problems)
 
 
-PROCEDURAL = DataKind(load_procedural, md5hash_split_key)
+def locked_seed(data_cfg: "DataConfig") -> int:
+    """The seed of the demo's locked set: its own, never the dataset's."""
+    return data_cfg.procedural_seed + 1 if data_cfg.procedural_locked_seed is None else data_cfg.procedural_locked_seed
+
+
+def load_locked_procedural(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
+    """The demo's locked validation set: a second procedural dataset from its own seed, generated into
+    run/data/procedural-locked/, so no image of it was seen in training or in tuning (data/split.py checks)."""
+    if paths is None:
+        raise DataError("the procedural locked set needs a run directory to generate its images into")
+    per_class = data_cfg.procedural_locked_per_class
+    if per_class is None:  # as many as the test split holds per condition
+        per_class = data_cfg.procedural_per_class - round(data_cfg.train_fraction * data_cfg.procedural_per_class)
+    csv_path = _generated_once(paths.data / "procedural-locked", max(1, per_class), locked_seed(data_cfg))
+    return _read_generated(csv_path, None, problems)
+
+
+PROCEDURAL = DataKind(load_procedural, md5hash_split_key, locked_set=load_locked_procedural)

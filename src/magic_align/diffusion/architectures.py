@@ -29,23 +29,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from magic_align.diffusion.architecture_specs import (
-    ARCHITECTURES,
-    CONTEXT_LENGTH,
-    REDUCED_TEXT_LAYERS,
-    REDUCED_UNET,
-    REDUCED_VAE,
-    SD21_768_V,
-    SD21_BASE,
-    TOKENIZER_PAD,
-    Architecture,
-)
+from magic_align.diffusion.architecture_specs import ARCHITECTURES, CONTEXT_LENGTH, TOKENIZER_PAD, Architecture
 from magic_align.diffusion.loading import ModelLoadError, ModelSource, build_tiny_tokenizer
 from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
-
 
 
 def get_architecture(name: str) -> Architecture:

@@ -29,6 +29,9 @@ import torch
 
 from magic_align import plugins
 from magic_align.config import SD21_BASE_MIRROR, ModelConfig
+from magic_align.diffusion.lora import load_lora_adapters, lora_weights_file
+from magic_align.diffusion.quiet import KEEP_IN_FP32, stable_diffusion_pipeline_class, without_log_messages
+from magic_align.diffusion.tokens import load_tokens
 from magic_align.errors import MagicError
 
 if TYPE_CHECKING:  # diffusers is heavy to import; functions import it when they run
@@ -91,8 +94,6 @@ def load_pipeline(
     pipe.to(device or "cpu")
     # each module on its own: a folder saved in fp16 (the demo model) must come back whole in `dtype`, and
     # `pipe.to(dtype=...)` leaves a transformers text encoder in its saved dtype
-    from magic_align.diffusion.quiet import KEEP_IN_FP32, without_log_messages
-
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         if module.dtype != dtype:
             with without_log_messages("diffusers.models.modeling_utils", KEEP_IN_FP32):
@@ -111,8 +112,6 @@ def ddim_scheduler_from(scheduler_config) -> "DDIMScheduler":  # noqa: F821
 
 def load_local_folder(folder: Path, dtype: torch.dtype = torch.float32) -> "StableDiffusionPipeline":
     """A pipeline saved by `save_pretrained` in `folder`, read without network access."""
-    from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
-
     StableDiffusionPipeline = stable_diffusion_pipeline_class()
 
     if not (folder / "model_index.json").is_file():
@@ -138,8 +137,6 @@ def load_local_folder(folder: Path, dtype: torch.dtype = torch.float32) -> "Stab
 
 def _load_hub(model_id: str, revision: str | None) -> "StableDiffusionPipeline":
     """From the local cache or the hub; only the cache when the `HF_HUB_OFFLINE` environment variable is set."""
-    from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
-
     StableDiffusionPipeline = stable_diffusion_pipeline_class()
 
     local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
@@ -241,12 +238,9 @@ def build_tiny_pipeline(seed: int = 0, resolution: int = TINY_RESOLUTION) -> "St
     """A random-init Stable Diffusion, the same for the same seed: UNet of about 1 M parameters with
     cross-attention, a 3-level VAE (scale factor 4), a 2-layer CLIP text encoder, the SD 2.1 DDIM schedule."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
-
-    StableDiffusionPipeline = stable_diffusion_pipeline_class()
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    StableDiffusionPipeline = stable_diffusion_pipeline_class()
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -307,8 +301,6 @@ def policy_files(paths: "RunPaths", extra_lora: Path | None = None) -> list[Path
     if (preliminary / "pytorch_lora_weights.safetensors").is_file():
         files.append(preliminary / "pytorch_lora_weights.safetensors")
     if extra_lora is not None:
-        from magic_align.diffusion.lora import lora_weights_file
-
         files.append(lora_weights_file(Path(extra_lora)))
     return files
 
@@ -322,9 +314,6 @@ def load_run_policy(
 ) -> "StableDiffusionPipeline":
     """The run's sampling policy: base model + textual-inversion tokens + preliminary LoRA (when the finetune stage
     wrote them) + `extra_lora` (e.g. an aligned LoRA), stacked at weight 1. `pipe.magic_model_hash` names it."""
-    from magic_align.diffusion.lora import load_lora_adapters
-    from magic_align.diffusion.tokens import load_tokens
-
     pipe = load_pipeline(config.model, device=device, dtype=dtype)
     tokens_dir = paths.model / TOKENS_DIR
     if tokens_dir.is_dir() and any(tokens_dir.glob("*.safetensors")):

@@ -8,11 +8,15 @@ format their loader silently ignored: docs/method.md section 11.1).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+from magic_align.config import LORA_TARGETS
+from magic_align.diffusion.quiet import stable_diffusion_pipeline_class, stacking_adapters
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -34,8 +38,6 @@ def attach_lora(
 
     `init=True` (peft's default) starts with B = 0, so the model is unchanged until training moves it.
     """
-    from magic_align.diffusion.quiet import stacking_adapters
-
     with stacking_adapters():  # a trainer's adapter may go on top of the run's preliminary LoRA
         unet.add_adapter(lora_config(rank, alpha, targets, init), adapter_name=adapter_name)
     if hasattr(unet, "set_adapter"):
@@ -76,11 +78,6 @@ def save_lora(unet, folder: Path, adapter_name: str = "default") -> Path:
 
     Written into a temporary folder and moved into place, so a crash never leaves a half-written LoRA.
     """
-    import shutil
-    import tempfile
-
-    from magic_align.diffusion.quiet import stable_diffusion_pipeline_class
-
     StableDiffusionPipeline = stable_diffusion_pipeline_class()
 
     folder = Path(folder)
@@ -115,8 +112,6 @@ def lora_weights_file(path: Path) -> Path:
 def load_lora_adapters(pipe, folders: Sequence[Path], weights: Sequence[float] | None = None) -> list[str]:
     """Load LoRA folders into the pipeline as adapters `lora0`, `lora1`, ... and activate them all (stacked,
     weight 1 each unless `weights` says otherwise); returns the adapter names."""
-    from magic_align.diffusion.quiet import stacking_adapters
-
     names = []
     for index, folder in enumerate(folders):
         file = lora_weights_file(Path(folder))

@@ -18,12 +18,14 @@ recomputes log-probs from the stored latents under the same weights gets the sto
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
 from PIL import Image
 
+from magic_align.config import ConfigError
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
 from magic_align.diffusion.trajectories import LATENT_DTYPES
 
@@ -104,8 +106,6 @@ def sampling_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
     scheduler.set_timesteps(steps)
     kept = min(int(steps * strength), steps)
     if kept < 1:
-        from magic_align.config import ConfigError
-
         raise ConfigError(f"strength {strength} with {steps} steps runs no step; raise sample.strength or sample.steps")
     return scheduler.timesteps[steps - kept :].to(torch.int64)
 
@@ -234,7 +234,16 @@ def sample_batch(
 def derived_seed(*parts) -> int:
     """A 31-bit seed from a key such as (run seed, round, unit, k): the same key always gives the same sample,
     whatever ran before it, so a resumed or re-sharded run draws exactly what an uninterrupted one would."""
-    import hashlib
-
     digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def process_state():
+    """(process index, process count, device) under `accelerate launch`, or (0, 1, best device) alone."""
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.device
+    except Exception:  # noqa: BLE001 - accelerate missing or misconfigured: run as one process
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")

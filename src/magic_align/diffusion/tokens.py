@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from magic_align.diffusion.quiet import MEAN_RESIZING, without_log_messages
 from magic_align.run import atomic_path
 
 
@@ -91,8 +92,6 @@ def load_tokens(pipe, folder: Path) -> list[str]:
             to_load.append({token: embedding})
             to_load_tokens.append(token)
     if to_load:
-        from magic_align.diffusion.quiet import MEAN_RESIZING, without_log_messages
-
         # diffusers resizes the embeddings with transformers' mean-resizing default, which says so; the new rows
         # are overwritten by the loaded embeddings right after
         with without_log_messages("transformers.modeling_utils", MEAN_RESIZING):

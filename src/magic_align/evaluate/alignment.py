@@ -6,7 +6,10 @@ only. The comparison is therefore paired per unit, and the bootstrap interval of
 met resamples source images (with `evaluate.alignment_per_source` > 1 each source gives several units, with
 their own targets and seeds). Sources come from the test split, so no image the models were aligned on is graded.
 
-Written to `eval/alignment.json` (format in docs/formats.md) and shown in the report.
+Which part of it is a choice (data/split.py, docs/evaluate.md): the tuning set (the default) for choosing settings,
+written to `eval/alignment-tuning.json`; or the locked set, for the figures a report states, written to
+`eval/alignment.json`. Each file says its set ("set"), and `read_locked_alignment` refuses a file made from
+another set where a locked figure is expected (the report, `magic run`'s closing figures).
 """
 
 from __future__ import annotations
@@ -19,23 +22,67 @@ from typing import Sequence
 import numpy as np
 from rich.console import Console
 
+from magic_align.backbones import BackboneError
+from magic_align.checklists.schema import load_checklists
 from magic_align.config import RunConfig
+from magic_align.data.split import check_roles, run_split
+from magic_align.diffusion.loading import model_hash, policy_files
 from magic_align.evaluate.labels import SettingLabels
+from magic_align.evaluate.passrate import answered, judge_images
+from magic_align.evaluate.recognition import RecognitionError, artefact_measure, recognition_accuracy, run_recognizer
+from magic_align.evaluate.stage import _device, setting_model
+from magic_align.evaluate.validity import GradedImage, confirmation, validity_table
+from magic_align.judges import make_judge
+from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.stats import bootstrap, mean_difference
 from magic_align.errors import MagicError
+from magic_align.synthesize import read_manifest, run_synthesize, synthesis_settings_hash
 
 # the models compared, named as in `magic evaluate`; the first is the baseline of every difference
 ALIGNMENT_SETTINGS = ("i2i", "magic-dpo", "magic-rft")
+
+
+# the sets a comparison can grade (data roles, data/split.py) and the file each one's figures go to
+ALIGNMENT_SETS = ("tuning", "locked")
+ALIGNMENT_FILES = {"tuning": "alignment-tuning.json", "locked": "alignment.json"}
 
 
 class AlignmentError(MagicError, ValueError):
     """The comparison cannot run as asked; the message says why."""
 
 
-def held_out_sources(split, count: int, seed: int) -> list:
-    """A seeded sample of `count` test-split records (all of them when there are fewer)."""
-    records = sorted(split.test, key=lambda record: record.id)
+def alignment_path(paths: RunPaths, set_name: str) -> Path:
+    """Where the comparison on `set_name` is written: eval/alignment.json holds locked-set figures only."""
+    if set_name not in ALIGNMENT_SETS:
+        raise AlignmentError(f"unknown comparison set {set_name!r}; expected {' or '.join(ALIGNMENT_SETS)}")
+    return paths.eval / ALIGNMENT_FILES[set_name]
+
+
+def require_locked(data: dict, path: Path) -> dict:
+    """`data` (a comparison file) when it was made on the locked set; else an AlignmentError naming the file, the
+    set it was made from and the command that makes a locked one."""
+    made_on = data.get("set") if isinstance(data, dict) else None
+    if made_on != "locked":
+        found = f"the {made_on} set" if isinstance(made_on, str) else "no recorded set (made before data roles existed)"
+        raise AlignmentError(f"{path} holds figures from {found}, where locked-set figures are required; make them "
+                             "with: magic compare CONFIG --set-name locked")
+    return data
+
+
+def read_locked_alignment(path: Path) -> dict:
+    """A comparison file that must hold locked-set figures (`require_locked`)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise AlignmentError(f"{path} is not valid JSON: {error}") from None
+    return require_locked(data, Path(path))
+
+
+def held_out_sources(split, count: int, seed: int, set_name: str = "tuning") -> list:
+    """A seeded sample of `count` records of one set of the test split, tuning or locked (all of them when there
+    are fewer)."""
+    records = sorted(split.role(set_name), key=lambda record: record.id)
     random.Random(f"alignment-sources:{seed}").shuffle(records)
     return records[:count]
 
@@ -82,18 +129,13 @@ def run_alignment_comparison(
     settings: Sequence[str] | None = None,
     units: int | None = None,
     console: Console | None = None,
+    set_name: str = "tuning",
 ) -> Path:
-    """Synthesize from held-out sources with each available model, grade, and write `eval/alignment.json`."""
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.data.split import run_split
-    from magic_align.evaluate.passrate import answered, judge_images
-    from magic_align.evaluate.stage import setting_model
-    from magic_align.judges import make_judge
-    from magic_align.ledger import Ledger
-    from magic_align.synthesize import read_manifest, run_synthesize
-
+    """Synthesize from held-out sources of `set_name` (tuning or locked) with each available model, grade, and write
+    `eval/alignment-tuning.json` or (locked) `eval/alignment.json`."""
     console = console or Console(stderr=True)
     paths = prepare_run(config)
+    output = alignment_path(paths, set_name)
     evaluate = config.evaluate
     chosen = list(settings or ALIGNMENT_SETTINGS)
     unknown = [name for name in chosen if name not in ALIGNMENT_SETTINGS]
@@ -101,9 +143,11 @@ def run_alignment_comparison(
         raise AlignmentError(f"unknown setting(s) {unknown}; expected some of {', '.join(ALIGNMENT_SETTINGS)}")
     _require_models(chosen, paths)
     split = run_split(config, paths)
-    sources = held_out_sources(split, units or evaluate.alignment_units, config.seed)
+    if set_name == "locked":  # the stated figures: no locked source may be a training or tuning image, even as a copy
+        check_roles(split)
+    sources = held_out_sources(split, units or evaluate.alignment_units, config.seed, set_name)
     if not sources:
-        raise AlignmentError(f"the test split of {paths.root} has no images to use as held-out sources")
+        raise AlignmentError(f"the {set_name} set of {paths.root} has no images to use as held-out sources")
     checklists = load_checklists(config.judge.checklist)
     judge_config = evaluate.held_out_judge or config.judge
     judge = make_judge(judge_config, checklists)
@@ -112,6 +156,7 @@ def run_alignment_comparison(
 
     scores: dict[str, dict[str, int]] = {}
     images: dict[str, dict[str, str]] = {}
+    answers: dict[str, dict[str, list]] = {}  # the judge's item answers, for the validity table
     targets: dict[str, tuple[str, str]] = {}
     notes: list[str] = []
     for name in chosen:
@@ -119,8 +164,9 @@ def run_alignment_comparison(
         if not needed.exists():
             notes.append(f"{name}: no model at {needed.relative_to(paths.root)} (train it first); left out")
             continue
-        console.print(f"alignment comparison: {len(sources)} held-out sources through the {name} model")
-        manifest = run_synthesize(compare_config, lora, out_dir=_output_dir(config, paths, name, lora), sources=sources)
+        console.print(f"alignment comparison: {len(sources)} held-out {set_name}-set sources through the {name} model")
+        manifest = run_synthesize(compare_config, lora, out_dir=_output_dir(config, paths, name, lora, set_name),
+                                  sources=sources)
         rows = read_manifest(manifest)
         with Ledger(paths.ledger) as ledger:
             verdicts = judge_images(
@@ -133,6 +179,7 @@ def run_alignment_comparison(
             )
         scores[name] = {}
         images[name] = {}
+        answers[name] = {}
         unreadable = 0
         for row, items in zip(rows, verdicts):
             unit = row["synthetic_id"]
@@ -141,6 +188,7 @@ def run_alignment_comparison(
                 continue
             scores[name][unit] = sum(1 for value in items if value == 1)
             images[name][unit] = row["path"]
+            answers[name][unit] = list(items)
             targets[unit] = (row["source_id"], row["target_label"])
         if unreadable:
             notes.append(f"{name}: {unreadable} of {len(rows)} answers could not be read and are left out "
@@ -148,9 +196,14 @@ def run_alignment_comparison(
 
     source_of = {unit: source_id for unit, (source_id, _) in targets.items()}
     summary = paired_summary(scores, ALIGNMENT_SETTINGS[0], evaluate.bootstrap, config.seed, source_of)
+    item_ids = {c.condition: [item.id for item in c.items] for c in checklists.conditions}
+    independent = independent_measures(config, paths, split, images, answers, targets, source_of, item_ids, notes,
+                                         summary["differences"])
+    recognition = independent.pop("recognition", {})
     source_paths = {record.id: record.path for record in sources}
     labels = SettingLabels.of_run(paths)  # each aligned model named with the objective it was trained with
     result = {
+        "set": set_name,  # tuning: for choosing settings; locked: the figures a report states
         "judge": judge.id,
         "sources": len(sources),
         "settings": {
@@ -165,27 +218,100 @@ def run_alignment_comparison(
                 "target": target,
                 "images": {name: images[name][unit] for name in scores if unit in images[name]},
                 "scores": {name: scores[name][unit] for name in scores if unit in scores[name]},
+                "items": {name: answers[name][unit] for name in scores if unit in answers[name]},
+                "recognition": {name: recognition[name][unit] for name in recognition if unit in recognition[name]},
             }
             for unit, (source_id, target) in sorted(targets.items())
         ],
+        "item_ids": item_ids,
+        **independent,
         "notes": notes,
     }
-    output = paths.eval / "alignment.json"
     atomic_write_text(output, json.dumps(result, indent=2))
+    console.print(f"alignment comparison on the {set_name} set ({len(sources)} sources):")
     for name, estimate in summary["settings"].items():
         console.print(f"  {labels(name)}: mean items met {estimate['value']:.2f} [{estimate['low']:.2f}, {estimate['high']:.2f}]")
     for name, estimate in summary["differences"].items():
         console.print(f"  {name}: {estimate['value']:+.2f} [{estimate['low']:+.2f}, {estimate['high']:+.2f}]")
+    _print_independent(console, labels, independent)
     for note in notes:
         console.print(f"  [yellow]note[/yellow]: {note}")
     return output
 
 
+def independent_measures(config: RunConfig, paths: RunPaths, split, images: dict[str, dict[str, str]],
+                          answers: dict[str, dict[str, list]], targets: dict[str, tuple[str, str]],
+                          source_of: dict[str, str], item_ids: dict[str, list[str]], notes: list[str],
+                          judge_differences: dict) -> dict:
+    """Beside the judge: target recognition by a probe trained on real images (paired against the baseline with
+    the same cluster bootstrap), KID to real images of each target condition, and the judge's validity on these
+    images. Marks each judge difference as confirmed or not. Empty, with a note, when the probe cannot be built
+    (the judge's figures are still written)."""
+    evaluate = config.evaluate
+    try:
+        recognizer = run_recognizer(config, paths, split.train, _device(evaluate.device))
+        recognition = {}
+        for name, by_unit in images.items():
+            units = sorted(by_unit)
+            graded = recognizer.grade([paths.root / by_unit[unit] for unit in units], [targets[unit][1] for unit in units])
+            recognition[name] = {unit: {"recognised": hit, "target_probability": probability}
+                                 for unit, (hit, probability) in zip(units, graded)}
+    except (BackboneError, RecognitionError) as error:
+        notes.append(f"independent measure left out: {error}")
+        return {}
+    baseline, resamples = ALIGNMENT_SETTINGS[0], evaluate.bootstrap
+
+    def paired(field: str) -> dict:
+        values = {name: {unit: entry[field] for unit, entry in by_unit.items()} for name, by_unit in recognition.items()}
+        return paired_summary(values, baseline, resamples, config.seed, source_of)
+
+    recognised, probability = paired("recognised"), paired("target_probability")
+    for name, difference in judge_differences.items():
+        difference["independent"] = confirmation(recognised["differences"].get(name))
+    conditions = {unit: target for unit, (_, target) in targets.items()}
+    graded_images = [GradedImage(conditions[unit], tuple(items), recognition[name][unit]["recognised"])
+                     for name, by_unit in answers.items() for unit, items in sorted(by_unit.items())]
+    return {
+        "recognition": recognition,
+        "independent": {
+            "grader": f"linear probe on {recognizer.backbone} features, trained on {recognizer.n_train} real "
+                      "training images (never on verdicts)",
+            "real_test": recognition_accuracy(recognizer, split.test, resamples, config.seed),
+            "settings": {name: {"recognised": recognised["settings"][name],
+                                "target_probability": probability["settings"][name]} for name in recognition},
+            "differences": {name: {"recognised": recognised["differences"][name],
+                                   "target_probability": probability["differences"].get(name)}
+                            for name in recognised["differences"]},
+        },
+        "artefacts": {"measure": f"KID to the real training images of each target condition ({recognizer.backbone} "
+                                 "features), mean over conditions weighted by images",
+                      "settings": artefact_measure(recognizer, split.train, images, conditions, paths.root,
+                                                   evaluate.kid_subsets, config.seed)},
+        "validity": validity_table(graded_images, item_ids, resamples, config.seed, evaluate.validity_min_r),
+    }
+
+
+def _print_independent(console: Console, labels: SettingLabels, independent: dict) -> None:
+    measure = independent.get("independent")
+    if not measure:
+        return
+    for name, entry in measure["settings"].items():
+        share = entry["recognised"]
+        console.print(f"  {labels(name)}: recognised as its target {share['value']:.1%} "
+                      f"[{share['low']:.1%}, {share['high']:.1%}]")
+    for name, entry in measure["differences"].items():
+        share = entry["recognised"]
+        console.print(f"  {name}: recognised {share['value']:+.1%} [{share['low']:+.1%}, {share['high']:+.1%}]")
+    validity = independent["validity"]
+    r = validity["r"]
+    console.print(f"  judge validity on these images: r(items met, recognised) = {r['value']:.2f} "
+                  f"[{r['low']:.2f}, {r['high']:.2f}] over {validity['n']} images"
+                  + ("  [red]LOW[/red]" if validity["low"] else ""))
+
+
 def _require_models(chosen: Sequence[str], paths: RunPaths) -> None:
     """Refuse, naming the stage to run, when there is nothing to compare: no unaligned model for the baseline, or
     none of the aligned models asked for. One aligned model of two is enough (the other is noted as left out)."""
-    from magic_align.evaluate.stage import setting_model
-
     baseline = ALIGNMENT_SETTINGS[0]
     if baseline in chosen and not setting_model(baseline, paths)[0].exists():
         raise AlignmentError(f"no preliminary model in {paths.model} to compare against: run `magic finetune` first "
@@ -197,14 +323,11 @@ def _require_models(chosen: Sequence[str], paths: RunPaths) -> None:
                              "first")
 
 
-def _output_dir(config: RunConfig, paths: RunPaths, name: str, lora: Path | None) -> Path:
-    """One folder per model version and sampling settings, so a retrained model or a changed strength never mixes
-    with (or silently reuses) the images of the previous one."""
-    from magic_align.diffusion.loading import model_hash, policy_files
-    from magic_align.synthesize import synthesis_settings_hash
-
+def _output_dir(config: RunConfig, paths: RunPaths, name: str, lora: Path | None, set_name: str) -> Path:
+    """One folder per set, model version and sampling settings, so a retrained model or a changed strength never
+    mixes with (or silently reuses) the images of the previous one, nor one set's images with the other's."""
     model = model_hash(config.model, policy_files(paths, lora))
-    return paths.eval / "alignment" / f"{name}-{model}-{synthesis_settings_hash(config)}"
+    return paths.eval / "alignment" / set_name / f"{name}-{model}-{synthesis_settings_hash(config)}"
 
 
 def _relative(path: Path | None, root: Path) -> str | None:

@@ -24,9 +24,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from magic_align.evaluate.backbones import Backbone, to_uint8_tensor
+from magic_align.backbones import Backbone, to_uint8_tensor
 from magic_align.run import atomic_path
 
 ImageLoader = Callable[[Path], Image.Image]
@@ -181,8 +182,6 @@ class FeatureCache:
 
     def _load(self) -> dict[str, torch.Tensor]:
         if self._vectors is None:
-            from safetensors.torch import load_file
-
             self._vectors = {}
             for shard in sorted(self.folder.glob("*.safetensors")):
                 self._vectors.update(load_file(shard))
@@ -190,8 +189,6 @@ class FeatureCache:
 
     def features(self, examples: Sequence[Example], loader: ImageLoader, batch_size: int = 32) -> torch.Tensor:
         """[len(examples), dim] features, extracting (and storing) only those not cached yet."""
-        from safetensors.torch import save_file
-
         vectors = self._load()
         missing: dict[str, Path] = {}
         for example in examples:
@@ -252,7 +249,11 @@ def train_linear_probes(
     """Train one probe per seed on rows [0, n_real) (real) and [n_real, N) (synthetic, mixed in at share rho
     per batch)."""
     real = features[:n_real]
-    std = real.std(0).clamp_min(1e-6) if n_real > 1 else torch.ones(features.shape[1])
+    std = real.std(0) if n_real > 1 else torch.ones(features.shape[1])
+    # A feature constant over the real training images (a unit dead on this domain) carries no information
+    # about the classes; dividing its value on other images (synthetic ones, test ones) by a tiny floor would
+    # blow it up and let random weights decide. An infinite scale holds it at 0 everywhere.
+    std = std.masked_fill(std <= 1e-6, float("inf"))
     probes = LinearProbes(real.mean(0), std, num_classes, seeds)
     optimizer, scheduler = make_optimizer(schedule, probes.parameters())
     rngs = [np.random.default_rng(seed) for seed in seeds]

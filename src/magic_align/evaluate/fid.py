@@ -2,7 +2,7 @@
 
 Features: "inception" (torchmetrics' FID Inception; needs the optional torch-fidelity package and its
 weights, which it downloads on first use, so it is for connected machines), any backbone of
-`evaluate.backbones` ("efficientnet-lite0" works offline; "small-cnn" is for tests). Values from different
+`backbones.py` ("efficientnet-lite0" works offline; "small-cnn" is for tests). Values from different
 feature extractors are not comparable; the extractor is recorded next to every value.
 
 Each image set is run through the extractor once (`extract_features`); the point values and the bootstrap
@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from magic_align.evaluate.backbones import Backbone, BackboneError, load_backbone, normalize, to_uint8_tensor
+from magic_align.backbones import Backbone, BackboneError, load_backbone, normalize, to_uint8_tensor
 from magic_align.stats import Estimate, percentile_interval
 
 INCEPTION_SIZE = 299

@@ -10,12 +10,14 @@ Verdicts asked here are stored in the ledger under the usual key, so a rerun cos
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from magic_align.data.images import load_image, sha256_file
 from magic_align.stats import bootstrap
 
 PASS_SHARE = 0.6  # "at least 3 of 5": the share of a checklist's items an image must meet to pass
@@ -76,8 +78,6 @@ def pass_rate_summary(
 
 def parse_manifest_items(text: str, where: str) -> list[int | None] | None:
     """The manifest's verdict_items cell: empty (not judged) or a JSON list of 1 / 0 / null."""
-    import json
-
     text = (text or "").strip()
     if not text:
         return None
@@ -92,8 +92,6 @@ def parse_manifest_items(text: str, where: str) -> list[int | None] | None:
 
 async def _judge_all(judge, ledger, jobs: list[tuple[Path, str, object]], concurrency: int) -> list[list[int | None]]:
     """Verdicts for (image path, sha256, checklist) jobs: from the ledger when present, else asked and stored."""
-    from magic_align.data.images import load_image
-
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(path: Path, digest: str, checklist) -> list[int | None]:
@@ -118,7 +116,5 @@ async def _judge_all(judge, ledger, jobs: list[tuple[Path, str, object]], concur
 def judge_images(judge, ledger, paths: Sequence[Path], conditions: Sequence[str], checklists,
                  concurrency: int = 8) -> list[list[int | None]]:
     """Grade each image against its condition's checklist with `judge`, through the ledger's verdict cache."""
-    from magic_align.data.images import sha256_file
-
     jobs = [(Path(path), sha256_file(path), checklists[condition]) for path, condition in zip(paths, conditions)]
     return asyncio.run(_judge_all(judge, ledger, jobs, concurrency))

@@ -29,8 +29,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from magic_align.backbones import BackboneError, load_backbone
+from magic_align.checklists.schema import load_checklists
 from magic_align.config import RunConfig
-from magic_align.evaluate.backbones import BackboneError, load_backbone
+from magic_align.data.images import load_image, sha256_file
+from magic_align.data.split import run_split
 from magic_align.evaluate.classifier import (
     Example,
     FeatureCache,
@@ -40,9 +43,14 @@ from magic_align.evaluate.classifier import (
     run_linear_probe,
     select_synthetic,
 )
+from magic_align.evaluate.fid import extract_features, image_distances, load_feature_module
 from magic_align.evaluate.metrics import METRICS, classification_metrics, mean_over_seeds
+from magic_align.evaluate.passrate import judge_images, parse_manifest_items, pass_rate_summary
+from magic_align.judges import make_judge
+from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.errors import MagicError
+from magic_align.synthesize import synthesize
 
 SETTINGS = ("real", "t2i", "i2i", "magic-dpo", "magic-rft")
 LABELS = {"real": "real", "t2i": "+ T2I", "i2i": "+ I2I (unaligned)", "magic-dpo": "+ MAGIC-DPO",
@@ -112,8 +120,6 @@ def read_manifest(manifest: Path, run_dir: Path, classes: Sequence[str], hash_fi
 
 def manifest_verdicts(manifest: Path) -> tuple[list[str], list[list[int | None]]] | None:
     """(target conditions, verdict items) when every row of the manifest was judged, else None."""
-    from magic_align.evaluate.passrate import parse_manifest_items
-
     conditions, verdicts = [], []
     with open(manifest, newline="", encoding="utf-8") as handle:
         for row, fields in enumerate(csv.DictReader(handle), start=2):
@@ -148,8 +154,6 @@ def ensure_synthetic(config: RunConfig, paths: RunPaths, setting: str) -> tuple[
             return manifest, "read"
         command = "magic finetune" if lora is None else f"magic train {setting.removeprefix('magic-')}"
         return None, f"skipped: no {needed.relative_to(paths.root)}/ (make it first: {command})"
-    from magic_align.synthesize import synthesize
-
     synth_config = config
     if setting == "t2i":  # text-to-image = starting from pure noise
         synth_config = config.model_copy(deep=True)
@@ -214,9 +218,6 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
     A setting whose model is missing is skipped with a note (documented). Anything that raises (a setting's
     synthesis or manifest, a backbone, the FID features, a pass-rate judge) is a failure: the other parts still
     run and are written, then `EvaluateIncomplete` names every failure, so the stage is not recorded as done."""
-    from magic_align.data.images import load_image, sha256_file
-    from magic_align.data.split import run_split
-
     say = progress or (lambda _text: None)
     evaluate = config.evaluate
     chosen = parse_settings(settings if settings is not None else evaluate.settings)
@@ -326,6 +327,9 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
         "distances": distances,
         "pass_rate": pass_rates,
         "counts": {"train": len(train), "test": len(test), "few_shot": len(split.few_shot)},
+        # which data role each figure's real images come from (data/split.py): the classifiers are tested on the
+        # whole test split, as in the paper; FID/KID and pass rates concern images made from training sources
+        "sets": {"classifier": "test", "distances": "train", "pass_rate": "train"},
         "notes": notes,
         "failures": failures,
     }
@@ -339,8 +343,6 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
 def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Example]], loader, fail, notes,
                say) -> dict:
     """FID/KID of each synthetic set against the real training images (the images it was made from)."""
-    from magic_align.evaluate.fid import extract_features, image_distances, load_feature_module
-
     if not pools:
         return {}
     evaluate = config.evaluate
@@ -366,14 +368,10 @@ def _distances(config: RunConfig, train: list[Example], pools: dict[str, list[Ex
 
 def _pass_rates(config: RunConfig, paths: RunPaths, manifests: dict[str, Path], fail, say) -> dict:
     """{setting: {judge id: pass-rate summary}} from manifest verdicts, the run's judge and the held-out judge."""
-    from magic_align.evaluate.passrate import judge_images, pass_rate_summary
-
     if not manifests:
         return {}
     evaluate = config.evaluate
     try:
-        from magic_align.checklists.schema import load_checklists
-
         checklists = load_checklists(config.judge.checklist)
     except Exception as error:  # a missing checklist file must not cost the classifier results
         fail(f"pass rate (checklists {config.judge.checklist!r})", error)
@@ -404,9 +402,6 @@ def _pass_rates(config: RunConfig, paths: RunPaths, manifests: dict[str, Path], 
             if role == "run judge" and stored is not None:
                 continue  # the manifest already holds this judge's verdicts
             try:
-                from magic_align.judges import make_judge
-                from magic_align.ledger import Ledger
-
                 judge = make_judge(judge_config, checklists)
                 with Ledger(paths.ledger) as ledger:
                     verdicts = judge_images(judge, ledger, images, conditions, checklists, judge_config.concurrency)

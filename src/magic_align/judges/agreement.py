@@ -23,6 +23,7 @@ from rich.table import Table
 
 from magic_align.checklists.schema import Checklist, ChecklistSet, load_checklists
 from magic_align.config import RunConfig
+from magic_align.judges import judge_identity
 from magic_align.ledger import Ledger
 from magic_align.run import RunPaths
 from magic_align.stats import Estimate, bootstrap
@@ -205,8 +206,6 @@ def run_agreement(
     round_index: int | None = None,
 ) -> AgreementReport:
     """`magic agreement`: the configured judge (or `judge_id`) against human reviews or another judge."""
-    from magic_align.judge import judge_identity
-
     paths = RunPaths(config.run_dir)
     if not paths.ledger.exists():
         raise FileNotFoundError(f"{paths.ledger} does not exist; run `magic sample` and `magic judge` first")

@@ -11,40 +11,15 @@ unknown model, an exhausted quota, a local model that could not generate) is not
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
 from magic_align.checklists.schema import Checklist
 from magic_align.errors import MagicError
+from magic_align.ledger import ParseStatus, Verdict
 
-# ok: every item answered; partial: some items unknown (wrong length); failed: nothing usable (items all None);
-# refused: the model declined to grade.
-ParseStatus = Literal["ok", "partial", "failed", "refused"]
-
-
-@dataclass
-class Verdict:
-    items: list[int | None]  # one of 1, 0, None (unknown) per checklist item, in checklist order
-    rationales: list[str | None] = field(default_factory=list)  # one short reason per item where the backend gives one
-    raw: str = ""  # the raw answer text, exactly as received
-    parse_status: ParseStatus = "ok"
-    latency_s: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    error: str | None = None  # why the answer failed, for failed / refused verdicts
-    requests: int = 0  # calls to the model behind this verdict (HTTP requests with retries and repair); 0: not counted
-
-    @property
-    def score(self) -> int:
-        """Items met (unknown items count as not met)."""
-        return sum(1 for value in self.items if value == 1)
-
-    @property
-    def answered(self) -> bool:
-        return self.parse_status in ("ok", "partial")
+__all__ = ["Judge", "JudgeCallError", "ParseStatus", "Verdict"]
 
 
 class JudgeCallError(MagicError, RuntimeError):

@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from magic_align.checklists.schema import ChecklistSet
 from magic_align.config import RunConfig
 from magic_align.errors import MagicError
+from magic_align.judges import judge_identity
+from magic_align.judges.agreement import compare
 from magic_align.ledger import Ledger, SampleRow
 from magic_align.review.queue import QueueEntry, SampleView, build_queue, verdict_counts
 from magic_align.review.security import (
@@ -77,8 +79,6 @@ def choose_primary_judge(config: RunConfig, ledger: Ledger, checklists: Checklis
         return Judging(judge_id, None, f"judge {judge_id} (chosen with --judge)")
     configured: str | None = None
     if config.judge.backend != "human":
-        from magic_align.judge import judge_identity
-
         try:
             configured, prompt_version = judge_identity(config, checklists)
         except Exception as error:  # a judge that cannot be built here (e.g. remote endpoint not allowed)
@@ -234,8 +234,6 @@ class ReviewSite:
     def agreement_by_aspect(self) -> tuple[list, int]:
         if self.judging.judge_id is None:
             return [], 0
-        from magic_align.judges.agreement import compare
-
         state = tuple(self.ledger.table_versions("samples", "verdicts", "reviews").values())
         if self._cache.get("aspects", (None,))[0] != state:
             report = compare(self.ledger, self.checklists, self.judging.judge_id, self.judging.prompt_version, "human",

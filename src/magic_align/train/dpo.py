@@ -28,14 +28,20 @@ import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from magic_align.config import DPOConfig, RunConfig
-from magic_align.diffusion.lora import adapters_disabled
+from magic_align.diffusion.loading import load_run_policy
+from magic_align.diffusion.lora import adapters_disabled, save_lora
 from magic_align.diffusion.sampler import embed_prompt_ids
+from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
+from magic_align.feedback import run_pairs
+from magic_align.judge import run_judge
+from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
+from magic_align.sample import run_sample
 from magic_align.train.diffusion_losses import noised_with_target, prediction_error
 from magic_align.train.dpo_loss import denoising_dpo_loss, dpo_loss, preference_signs
 from magic_align.train.session import (
@@ -54,9 +60,6 @@ from magic_align.train.trajectory_likelihood import (
     start_policy_training,
     step_chunks,
 )
-
-if TYPE_CHECKING:
-    from magic_align.ledger import Ledger
 
 ADAPTER_NAME = "dpo"
 SUMMARY_FILE = "dpo.json"
@@ -108,8 +111,6 @@ def pair_epoch_seed(seed: int) -> Callable[[int], int]:
 def save_dpo_lora(unet, folder: Path) -> Path:
     """The DPO adapter in the diffusers LoRA format (`folder/pytorch_lora_weights.safetensors`, rank and
     alpha in its metadata), written atomically; loads with plain `load_lora_weights`."""
-    from magic_align.diffusion.lora import save_lora
-
     return save_lora(unet, Path(folder), adapter_name=ADAPTER_NAME)
 
 
@@ -120,8 +121,6 @@ def round_output(paths: RunPaths, round_index: int) -> Path:
 
 def load_pair(store, example: PairExample, expected: TrajectorySettings):
     """Both trajectories of a pair (a `TrajectoryBatch` of 2), checked to share the schedule and settings."""
-    from magic_align.diffusion.trajectories import TrajectoryError
-
     try:
         batch = store.get(list(example.sample_ids))
     except TrajectoryError as error:
@@ -137,8 +136,6 @@ def load_pair(store, example: PairExample, expected: TrajectorySettings):
 # -------------------------------------------------------------------------------------------- the round
 def training_pairs(paths: RunPaths, round_index: int) -> tuple[list[PairExample], int]:
     """The informative pairs of the round and the number of ties left out; a clear error when there are none."""
-    from magic_align.ledger import Ledger
-
     examples, ties = informative_pairs(Ledger(paths.ledger), paths, round_index)
     if examples:
         return examples, ties
@@ -154,8 +151,6 @@ def training_pairs(paths: RunPaths, round_index: int) -> tuple[list[PairExample]
 
 def round_trajectories(paths: RunPaths, round_index: int, examples: list[PairExample]):
     """The round's TrajectoryStore, the shard header of its first pair's sample, and the sampling settings."""
-    from magic_align.diffusion.trajectories import TrajectoryStore
-
     store = TrajectoryStore(paths.trajectories(round_index))
     first_id = examples[0].sample_ids[0]
     if first_id not in store:
@@ -308,8 +303,6 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     latest checkpoint in `checkpoints/dpo/round-<k>/`. `init_lora` continues an earlier DPO LoRA (the previous
     round's).
     """
-    from magic_align.diffusion.loading import load_run_policy
-
     settings = config.dpo
     accelerator = make_accelerator(mixed_precision=settings.mixed_precision, seed=settings.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -382,10 +375,6 @@ def run_rounds(config: RunConfig, console=None) -> Path:
     The reference stays the preliminary model in every round: rounds after the first recompute its log-probs
     with the DPO adapter off (the log-probs the sampler stored in round k are the round-k policy's).
     """
-    from magic_align.feedback import run_pairs
-    from magic_align.judge import run_judge
-    from magic_align.sample import run_sample
-
     paths = RunPaths(config.run_dir)
     output = paths.aligned / "dpo"
     for round_index in range(config.rounds):

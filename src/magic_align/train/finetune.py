@@ -39,7 +39,14 @@ import torch
 from PIL import Image
 from torch import nn
 
+from magic_align.checklists.schema import load_checklists
 from magic_align.config import FinetuneConfig, RunConfig
+from magic_align.data.images import load_image, sha256_file
+from magic_align.data.split import run_split
+from magic_align.diffusion.loading import load_pipeline
+from magic_align.diffusion.lora import LORA_TARGETS, attach_lora, save_lora
+from magic_align.diffusion.sampler import tokenize_prompts
+from magic_align.diffusion.tokens import add_tokens, save_tokens
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.errors import MagicError
 from magic_align.train.diffusion_losses import denoising_loss, encode_images
@@ -48,6 +55,7 @@ from magic_align.train.session import (
     make_accelerator,
     optimizer_step,
     phase_epoch_seed,
+    read_metrics,
     start_training,
     step_seed,
     training_progress,
@@ -156,8 +164,6 @@ class TrainingImage:
 def training_images(config: RunConfig, paths: RunPaths) -> list[TrainingImage]:
     """The train split of the run's dataset (its few-shot subset when `data.few_shot_fraction` is set) as
     (path, condition) pairs; the split is the run's one split (`data.split.run_split`)."""
-    from magic_align.data.split import run_split
-
     split = run_split(config, paths)
     train = split.few_shot if config.data.few_shot_fraction else split.train
     return [TrainingImage(Path(record.path), record.label, record.row or None) for record in train]
@@ -167,8 +173,6 @@ def load_batch(
     images: Sequence[TrainingImage], indices: Sequence[int], size: int, config: RunConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, list[str]]:
     """Pixels [B, 3, size, size] in [-1, 1] (centre crop, random flip) and the conditions of the chosen items."""
-    from magic_align.data.images import load_image
-
     tensors, conditions = [], []
     for index in indices:
         item = images[index]
@@ -272,9 +276,6 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     """
     from diffusers import DDPMScheduler
 
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.diffusion.loading import load_pipeline
-    from magic_align.diffusion.sampler import tokenize_prompts
     if stop_after is not None and stop_after < 1:
         raise FinetuneError(f"stop_after = {stop_after}: expected at least 1 optimizer step (or None for no limit)")
     ft = config.finetune
@@ -309,8 +310,6 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     pipe = load_pipeline(config.model, device=device, dtype=weight_dtype(accelerator))
     tokenizer, text_encoder, unet, vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-
-    from magic_align.diffusion.tokens import add_tokens, save_tokens
 
     tokens = [token_of[c] for c in checklists.condition_names]
     try:
@@ -374,8 +373,6 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
         save_tokens(tokenizer, text_encoder, tokens, tokens_dir)
 
     # ------------------------------------------------------------------ phase 2: UNet LoRA
-    from magic_align.diffusion.lora import LORA_TARGETS, attach_lora, save_lora
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ft.seed)  # the LoRA's initial A matrices, the same on every process and every rerun
         lora_parameters = attach_lora(unet, ft.lora_rank, ft.lora_alpha, targets=LORA_TARGETS)
@@ -427,14 +424,10 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
 
 
 def lora_targets() -> tuple[str, ...]:
-    from magic_align.diffusion.lora import LORA_TARGETS
-
     return LORA_TARGETS
 
 
 def _final_loss(path: Path) -> float | None:
-    from magic_align.train.session import read_metrics
-
     if not path.exists():
         return None
     rows = read_metrics(path)
@@ -442,8 +435,6 @@ def _final_loss(path: Path) -> float | None:
 
 
 def _write_model_json(config: RunConfig, paths: RunPaths, checklists, tokens_dir: Path, lora_dir: Path) -> None:
-    from magic_align.data.images import sha256_file
-
     ft = config.finetune
     files = sorted(tokens_dir.glob("*.safetensors")) + sorted(lora_dir.glob("*.safetensors"))
     info = {

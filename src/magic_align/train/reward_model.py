@@ -1,6 +1,6 @@
 """The MAGIC-RFT reward model: R(x, c) in [0, 1], how well image x shows condition c.
 
-A small head on frozen image features (`evaluate.backbones`), conditioned on the condition by FiLM: a learned
+A small head on frozen image features (`backbones.py`), conditioned on the condition by FiLM: a learned
 embedding of the condition scales and shifts the hidden layer, so the same image can score high for one
 condition and low for another. Only the head learns; the backbone features are computed once and cached, which
 makes fitting the head a matter of seconds even on a CPU.
@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from magic_align.backbones import load_backbone
 from magic_align.run import atomic_path, atomic_write_text
 from magic_align.errors import MagicError
 
@@ -155,8 +157,6 @@ class RewardModel:
         return torch.cat(scores) if scores else torch.zeros(0)
 
     def save(self, folder: Path, summary: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
         folder.mkdir(parents=True, exist_ok=True)
         state = {key: value.detach().cpu().contiguous() for key, value in self.head.state_dict().items()}
         with atomic_path(folder / HEAD_FILE) as temporary:
@@ -173,10 +173,6 @@ class RewardModel:
 
 def load_reward_model(folder: Path, device: str | torch.device = "cpu") -> RewardModel:
     """Load a reward model saved by `RewardModel.save` (the backbone is rebuilt from its name)."""
-    from safetensors.torch import load_file
-
-    from magic_align.evaluate.backbones import load_backbone
-
     meta_path = Path(folder) / META_FILE
     if not meta_path.exists():
         raise RewardModelError(f"{folder} holds no reward model ({META_FILE} is missing); run `magic train rft` first")

@@ -40,11 +40,21 @@ from typing import Sequence
 
 import torch
 
+from magic_align.backbones import load_backbone
+from magic_align.checklists.schema import load_checklists
 from magic_align.config import RFTConfig, RunConfig
+from magic_align.data.images import load_image
+from magic_align.diffusion.loading import load_run_policy
+from magic_align.diffusion.lora import save_lora
 from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
+from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
+from magic_align.feedback import sample_rewards
+from magic_align.ledger import Ledger
+from magic_align.progress import StageProgress
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.train.diffusion_losses import denoising_loss, encode_images
 from magic_align.train.finetune import TrainingImage, load_batch, training_images
+from magic_align.train.reward_model import META_FILE, RewardModel, fit_reward_head, load_reward_model
 from magic_align.train.session import (
     TrainingError,
     batch_indices,
@@ -143,9 +153,6 @@ def synthetic_labels(
     config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None = None
 ) -> list[LabelledImage]:
     """Judged synthetic images of rounds 0 .. round_index with their reward as a fraction of items met."""
-    from magic_align.feedback import sample_rewards
-    from magic_align.ledger import Ledger
-
     if not paths.ledger.exists():
         return []
     ledger = Ledger(paths.ledger)
@@ -167,9 +174,6 @@ def image_features(backbone, images: Sequence[LabelledImage], max_pixels: int, b
                    show_progress: bool = False) -> torch.Tensor:
     """Frozen features [N, D] of the images, read from disk a batch at a time (never all in memory). An image that
     appears under several labels (a real image and its negative) goes through the backbone once."""
-    from magic_align.data.images import load_image
-    from magic_align.progress import StageProgress
-
     unique = list(dict.fromkeys((item.path, item.row) for item in images))
     chunks = []
     progress = StageProgress("rft reward-model features", len(unique), unit="image", enabled=show_progress,
@@ -202,11 +206,6 @@ def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge
 
     Returns (model, summary, features of the synthetic images it was fitted on, by path): scoring the round's
     trajectories then reuses them instead of running the backbone on the same images twice."""
-    from magic_align.checklists.schema import load_checklists
-    from magic_align.evaluate.backbones import load_backbone
-    from magic_align.progress import StageProgress
-    from magic_align.train.reward_model import META_FILE, RewardModel, fit_reward_head, load_reward_model
-
     rft = config.rft
     conditions = load_checklists(config.judge.checklist).condition_names
     real = [(item.path, item.condition, item.row) for item in training_images(config, paths)]
@@ -262,9 +261,6 @@ def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, rew
                        known_features: dict[Path, torch.Tensor] | None = None) -> list[WeightedTrajectory]:
     """Every sample of the round with a stored trajectory, scored by the reward model on its final image
     (`known_features[path]`, when given, instead of running the backbone again)."""
-    from magic_align.data.images import load_image
-    from magic_align.ledger import Ledger
-
     ledger = Ledger(paths.ledger)
     try:
         samples = [s for s in ledger.samples(round_index) if s.shard is not None and s.sample_id in store]
@@ -307,8 +303,6 @@ def weigh_round(config: RunConfig, paths: RunPaths, round_index: int, judge_id: 
 
     Returns (the round's TrajectoryStore, the weighted trajectories, their sampling settings, the reward model's
     summary)."""
-    from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
-
     if not paths.ledger.exists():
         raise TrainingError(f"{paths.ledger} does not exist; run `magic sample` and `magic judge` first")
     reward_model, reward_summary, known_features = fit_reward_model(
@@ -441,8 +435,6 @@ def real_image_loss(run: WeightedTraining, step: int) -> torch.Tensor:
 
 def real_images(config: RunConfig, paths: RunPaths, pipe) -> RealImages | None:
     """The beta_r term's real images with their conditions' embedded captions (None when the term is off)."""
-    from magic_align.checklists.schema import load_checklists
-
     rft = config.rft
     if not (rft.beta_real > 0 and rft.real_batch_size > 0):
         return None
@@ -469,9 +461,6 @@ def run_rft(
     `judge_id` names the judge whose verdicts label the reward model (default: the configured judge);
     `init_lora` continues an earlier aligned LoRA instead of starting a fresh one.
     """
-    from magic_align.diffusion.loading import load_run_policy
-    from magic_align.diffusion.lora import save_lora
-
     rft = config.rft
     accelerator = make_accelerator(mixed_precision=rft.mixed_precision, seed=rft.seed)
     world = accelerator.num_processes

@@ -38,8 +38,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from magic_align.errors import MagicError
 from magic_align.progress import StageProgress
+from magic_align.run import atomic_path
 
 CHECKPOINT_PREFIX = "step-"
 TRAINING_STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
@@ -217,8 +219,6 @@ class Checkpoints:
 
     # accelerate calls these with the prepared (maybe DDP-wrapped) models.
     def _save_trainable(self, models: list, weights: list, output_dir: str) -> None:
-        from safetensors.torch import save_file
-
         if self.accelerator.is_main_process:
             for index, model in enumerate(models):
                 state = _trainable_state(self.accelerator.unwrap_model(model))
@@ -226,8 +226,6 @@ class Checkpoints:
         weights.clear()  # accelerate would otherwise write every frozen weight too
 
     def _load_trainable(self, models: list, input_dir: str) -> None:
-        from safetensors.torch import load_file
-
         for index, model in enumerate(models):
             path = Path(input_dir) / TRAINABLE_FILE.format(index=index)
             if not path.exists():
@@ -354,8 +352,6 @@ class MetricsLogger:
         self._write_csv(kept)
 
     def _write_csv(self, rows: list[dict]) -> None:
-        from magic_align.run import atomic_path
-
         with atomic_path(self.csv_path) as temporary:
             with open(temporary, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=self._columns)

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
+from magic_align.diffusion.lora import LORA_TARGETS, adapter_parameters, attach_lora, lora_weights_file, merge_lora
+from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
 from magic_align.train.session import (
     ModelWithDtype,
     TrainingError,
@@ -43,8 +45,6 @@ def prepare_policy_unet(pipe, rank: int, alpha: float, init_lora: Path | None = 
     """Fuse whatever LoRA the pipeline carries (the preliminary one) into its weights, then attach the trainable
     adapter `adapter_name` on the projections `targets` (default `lora.LORA_TARGETS`): fresh (B = 0, so the policy
     starts as the preliminary model) or from `init_lora`. Only that adapter's LoRA weights train; returns the UNet."""
-    from magic_align.diffusion.lora import LORA_TARGETS, adapter_parameters, attach_lora, lora_weights_file, merge_lora
-
     targets = tuple(targets or LORA_TARGETS)
 
     unet = pipe.unet
@@ -205,8 +205,6 @@ def start_policy_training(
     `session.start_training` with checkpoints in `checkpoints/<stage>/round-<k>/` and logs in
     `logs/<stage>/round-<k>/`, the scheduler set to the sampling steps, and the negative prompt's embedding.
     `guidance` None: the guidance the trajectories were sampled with."""
-    from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
-
     section = getattr(config, stage)
     unet = prepare_policy_unet(pipe, section.lora_rank, section.lora_alpha, init_lora, adapter_name=adapter_name,
                                targets=section.lora_targets)

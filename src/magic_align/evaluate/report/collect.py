@@ -32,7 +32,10 @@ from magic_align.evaluate.report.sections import (
     pass_rates_from_metrics,
     stage_table,
     training_curves,
+    validity_summary,
 )
+from magic_align.feedback import undecided_counts
+from magic_align.judges import judge_identity
 from magic_align.ledger import Ledger
 from magic_align.run import RunPaths
 
@@ -49,6 +52,7 @@ class ReportContext:
     missing: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     headline: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # shown on the first screen, above the headline figures
 
 
 def collect_report(config: RunConfig, max_units_per_condition: int = 4,
@@ -106,6 +110,9 @@ def collect_report(config: RunConfig, max_units_per_condition: int = 4,
             "alignment yet (synthetic/<setting>/manifest.csv)")
     section("alignment", lambda: alignment_summary(alignment, labels) if alignment is not None else None,
             "no alignment comparison yet (eval/alignment.json)")
+    section("validity", lambda: validity_summary(alignment, checklists, config.evaluate.validity_min_r)
+            if alignment is not None else None,
+            "no validity table yet: `magic compare` grades the models' outputs with the judge and the recognition probe")
     section("pass_rates", lambda: pass_rates_from_metrics(metrics.get("pass_rate") or {}, checklists, labels) if metrics else None,
             "no checklist pass rates of synthetic sets yet (magic evaluate writes them to eval/metrics.json)")
     section("classifier", lambda: classifier_tables(metrics, labels) if metrics else None,
@@ -131,8 +138,6 @@ def collect_report(config: RunConfig, max_units_per_condition: int = 4,
     configured = identity = None
     if ledger is not None and config.judge.backend != "human":
         try:
-            from magic_align.judge import judge_identity
-
             identity = judge_identity(config, checklists) if checklists is not None else None
             configured = identity[0] if identity is not None else None
         except Exception:
@@ -142,8 +147,6 @@ def collect_report(config: RunConfig, max_units_per_condition: int = 4,
             lambda: pass_rates_from_ledger(ledger, checklists, resamples, seed) if ledger else None,
             no_ledger if ledger is None else "no verdicts or reviews of sampled images yet (magic judge, magic review)")
     def pair_counts():
-        from magic_align.feedback import undecided_counts
-
         undecided = undecided_counts(ledger, checklists, *identity) if identity and checklists is not None else None
         return pair_outcome_counts(ledger.pairs(), undecided)
 
@@ -175,6 +178,7 @@ def collect_report(config: RunConfig, max_units_per_condition: int = 4,
 
     section("config", config_text, "")
     context.headline = _headline(context)
+    context.warnings = _warnings(context)
     return context
 
 
@@ -185,7 +189,16 @@ def _headline(context: ReportContext) -> list[dict]:
     if alignment and alignment["differences"]:
         first = alignment["differences"][0]
         cards.append({"label": f"items met, {first['label']}", "value": format_estimate(first["estimate"], 2),
-                      "note": "95 % bootstrap interval, paired held-out sources"})
+                      "note": "95 % bootstrap interval, paired held-out sources of the locked set"})
+        if first["independent"]:
+            cards.append({"label": f"recognised as the target, {first['label']}",
+                          "value": format_estimate(first["independent"], 3),
+                          "note": f"independent measure · judge gain {first['confirmation']}"
+                          if first["confirmation"] != "contradicted" else "independent measure falls"})
+    validity = context.sections.get("validity")
+    if validity:
+        cards.append({"label": "judge validity on generated images", "value": f"r = {format_estimate(validity['r'], 2)}",
+                      "note": f"items met vs recognition, {validity.get('n')} images" + (" · LOW" if validity["low"] else "")})
     classifier = context.sections.get("classifier") or []
     if classifier:  # the first table: the first backbone on the full training set
         table = classifier[0]
@@ -209,6 +222,26 @@ def _headline(context: ReportContext) -> list[dict]:
         cards.append({"label": "judge calls", "value": f"{calls:,}",
                       "note": f"${cost:.2f} in total" if cost >= 1 else f"${cost:.4f} in total"})
     return cards
+
+
+def _warnings(context: ReportContext) -> list[str]:
+    """What must be read before any figure: a judge that does not track the independent grader on generated
+    images, and judge gains the independent measure contradicts."""
+    found = []
+    validity = context.sections.get("validity")
+    if validity and validity["low"]:
+        r = validity.get("r") or {}
+        found.append(f"The judge's validity on generated images is low: items met and the independent recognition "
+                     f"of the target correlate at r = {format_estimate(r, 2)} over {validity.get('n')} images "
+                     f"(below {validity['min_r']:g}, or an interval reaching 0). Gains in items met may be the model "
+                     "learning the judge rather than the condition; read them beside the independent measure.")
+    alignment = context.sections.get("alignment") or {}
+    for row in alignment.get("differences", []):
+        if row["confirmation"] == "contradicted":
+            found.append(f"{row['label']}: the judge's items met change by {format_estimate(row['estimate'], 2)}, but "
+                         f"the share recognised as the target falls ({format_estimate(row['independent'], 3)}); "
+                         "this is not shown as a gain.")
+    return found
 
 
 def _leading_number(text: str) -> float:

@@ -10,8 +10,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from magic_align.checklists.schema import load_checklists
 from magic_align.config import RunConfig
+from magic_align.data import load_records
 from magic_align.errors import MagicError
+from magic_align.evaluate.alignment import AlignmentError, require_locked
 from magic_align.run import RunPaths
 
 
@@ -32,9 +35,14 @@ def _expect(condition: bool, where: str, expected: str) -> None:
 
 
 def read_alignment(path: Path) -> dict:
-    """`eval/alignment.json`, checked against the format in docs/formats.md (errors name the field)."""
+    """`eval/alignment.json`, checked against the format in docs/formats.md (errors name the field). The report
+    states its figures, so a file made from any set but the locked one is refused."""
     data = read_json(path)
     _expect(isinstance(data, dict), str(path), "a JSON object with 'settings', 'differences' and 'units'")
+    try:
+        require_locked(data, path)
+    except AlignmentError as error:
+        raise ReportError(str(error)) from None
     settings = data.get("settings", {})
     _expect(isinstance(settings, dict), f"{path}: settings", "an object {setting: {mean_items, images}}")
     for name, entry in settings.items():
@@ -112,8 +120,6 @@ def read_log_columns(path: Path) -> dict[str, list[float]]:
 
 def load_report_checklists(config: RunConfig, problems: list[str]):
     try:
-        from magic_align.checklists.schema import load_checklists
-
         return load_checklists(config.judge.checklist)
     except Exception as error:
         problems.append(f"checklists {config.judge.checklist!r} could not be loaded ({error}); "
@@ -127,8 +133,6 @@ def source_paths(config: RunConfig, paths: RunPaths, problems: list[str]) -> dic
     if not (paths.data / "split.csv").is_file():
         return {}
     try:
-        from magic_align.data import load_records
-
         return {record.id: Path(record.path) for record in load_records(config.data, paths)}
     except Exception as error:
         problems.append(f"source images for the grids could not be found ({error}); the source column is empty")

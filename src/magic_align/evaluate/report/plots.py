@@ -8,6 +8,10 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from PIL import Image
+
+from magic_align.data.images import load_image
+
 THUMBNAIL_SIDE = 192  # px; big enough to judge a lesion, small enough that 20 conditions x 4 units mail well
 THUMBNAIL_QUALITY = 85
 MAX_CURVE_METRICS = 9  # subplots per training log
@@ -35,10 +39,6 @@ def curve_metric_order(names: Iterable[str]) -> list[str]:
 
 def image_data_uri(path: Path, max_side: int = THUMBNAIL_SIDE) -> str:
     """A JPEG thumbnail of an image as a data URI (raises `BadImageError` naming the file when unreadable)."""
-    from PIL import Image
-
-    from magic_align.data.images import load_image
-
     image = load_image(path)
     image.thumbnail((max_side, max_side), Image.LANCZOS)
     buffer = io.BytesIO()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
 from magic_align.evaluate.report.collect import ReportContext
 from magic_align.evaluate.report.formatting import finite_number, format_estimate, format_general, format_number
 
@@ -11,8 +13,6 @@ TEMPLATES = Path(__file__).parent.parent / "templates"  # evaluate/templates/, s
 
 
 def render_report(context: ReportContext) -> str:
-    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
-
     environment = Environment(
         loader=FileSystemLoader(TEMPLATES),
         autoescape=select_autoescape(["html"]),

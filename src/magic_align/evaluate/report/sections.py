@@ -13,6 +13,8 @@ from typing import Any, Iterable, Mapping
 
 from magic_align.config import RunConfig
 from magic_align.evaluate.labels import AFTER_SETTINGS, BEFORE_SETTINGS, SettingLabels, setting_rank
+from magic_align.evaluate.metrics import METRICS
+from magic_align.evaluate.passrate import pass_rate_summary
 from magic_align.evaluate.report.formatting import (
     finite_number,
     format_duration,
@@ -22,6 +24,8 @@ from magic_align.evaluate.report.formatting import (
 )
 from magic_align.evaluate.report.inputs import ReportError, read_log_columns, read_manifest_rows, source_paths
 from magic_align.evaluate.report.plots import EmbeddedImages, curve_metric_order, plot_training_log
+from magic_align.evaluate.validity import confirmation, is_low
+from magic_align.judges.agreement import compare
 from magic_align.ledger import Ledger
 from magic_align.run import RunPaths
 
@@ -85,7 +89,7 @@ def grid_from_alignment(data: dict, images: EmbeddedImages, checklists, per_cond
                           "score": score if finite_number(score) else None})
         rows.append({"source": images.uri(unit.get("source"), where), "source_label": unit.get("source_label"),
                      "cells": cells})
-    return {"origin": "eval/alignment.json (held-out sources, paired)", "columns": [_compared_label(data, s, labels) for s in settings],
+    return {"origin": "eval/alignment.json (held-out sources of the locked set, paired)", "columns": [_compared_label(data, s, labels) for s in settings],
             "n_items": data.get("n_items"),
             "conditions": [{"condition": c, "name": display_name(checklists, c), "rows": rows}
                            for c, rows in sorted(conditions.items())]}
@@ -140,16 +144,59 @@ def _compared_label(data: dict, name: str, labels: SettingLabels) -> str:
 
 
 def alignment_summary(data: dict, labels: SettingLabels) -> dict:
+    """The judge's figures per model and per paired difference, each beside the independent measure (target
+    recognition) and the artefact measure (KID per target condition) where `magic compare` recorded them. A judge
+    gain counts as a gain (`gain`) only where its interval excludes 0 and the independent measure does not fall."""
+    independent = _mapping(data.get("independent"))
+    recognised = {name: _mapping(entry).get("recognised") for name, entry in _mapping(independent.get("settings")).items()}
+    probability = {name: _mapping(entry).get("target_probability")
+                   for name, entry in _mapping(independent.get("settings")).items()}
+    kid = {name: _mapping(entry).get("kid") for name, entry in _mapping(_mapping(data.get("artefacts")).get("settings")).items()}
     settings = [{"name": name, "label": _compared_label(data, name, labels), "mean_items": entry.get("mean_items"),
-                 "pass_share": entry.get("pass_share"), "n": entry.get("n", len(entry.get("images", [])) or None)}
+                 "pass_share": entry.get("pass_share"), "n": entry.get("n", len(entry.get("images", [])) or None),
+                 "recognised": recognised.get(name), "target_probability": probability.get(name), "kid": kid.get(name)}
                 for name, entry in sorted(data.get("settings", {}).items(), key=lambda kv: setting_rank(kv[0]))]
-    differences = [{"name": name, "estimate": entry, "units": entry.get("units"),
-                    "label": " vs ".join(_compared_label(data, part.strip(), labels) for part in name.split(" - ", 1)),
-                    "excludes_zero": finite_number(entry.get("low")) and finite_number(entry.get("high"))
-                    and (entry["low"] > 0 or entry["high"] < 0)}
-                   for name, entry in data.get("differences", {}).items()]
+    differences = []
+    for name, entry in data.get("differences", {}).items():
+        parts = [part.strip() for part in name.split(" - ", 1)]
+        other = _mapping(_mapping(independent.get("differences")).get(name))
+        excludes_zero = finite_number(entry.get("low")) and finite_number(entry.get("high")) \
+            and (entry["low"] > 0 or entry["high"] < 0)
+        status = confirmation(other.get("recognised")) if independent else "unmeasured"
+        kid_change = kid[parts[0]] - kid[parts[1]] if len(parts) == 2 and all(
+            finite_number(kid.get(part)) for part in parts) else None
+        differences.append({
+            "name": name, "estimate": entry, "units": entry.get("units"),
+            "label": " vs ".join(_compared_label(data, part, labels) for part in parts),
+            "excludes_zero": excludes_zero, "independent": other.get("recognised"), "confirmation": status,
+            "gain": excludes_zero and entry["low"] > 0 and status != "contradicted",
+            "blocked": excludes_zero and entry["low"] > 0 and status == "contradicted", "kid_change": kid_change,
+        })
+    grader = independent.get("grader")
+    real_test = _mapping(independent.get("real_test")).get("accuracy")
     return {"settings": settings, "differences": differences, "units": len(data.get("units", [])),
-            "judge": data.get("judge"), "notes": [str(note) for note in data.get("notes", [])]}
+            "judge": data.get("judge"), "notes": [str(note) for note in data.get("notes", [])],
+            "independent": bool(independent), "grader": grader, "grader_accuracy": real_test,
+            "artefact_measure": _mapping(data.get("artefacts")).get("measure")}
+
+
+def _mapping(value: Any) -> Mapping:
+    return value if isinstance(value, Mapping) else {}
+
+
+def validity_summary(data: dict, checklists, min_r: float) -> dict | None:
+    """The judge's validity on the compared images (eval/alignment.json `validity`), low by `min_r` (today's
+    setting, so a changed threshold applies without a new comparison)."""
+    validity = _mapping(data.get("validity"))
+    if not validity:
+        return None
+    conditions = [{**row, "name": display_name(checklists, row.get("condition", ""))}
+                  for row in validity.get("per_condition", []) if isinstance(row, Mapping)]
+    items = [{**row, "name": display_name(checklists, row.get("condition", "")),
+              "text": _item_text(checklists, row.get("condition", ""), row.get("item", ""))}
+             for row in validity.get("per_item", []) if isinstance(row, Mapping)]
+    return {**validity, "per_condition": conditions, "per_item": items, "min_r": min_r,
+            "low": is_low(validity.get("r"), min_r)}
 
 
 def pass_rates_from_metrics(pass_rate: Mapping, checklists, labels: SettingLabels) -> list[dict]:
@@ -195,8 +242,6 @@ def _item_text(checklists, condition: str, item_id: str) -> str:
 def pass_rates_from_ledger(ledger, checklists, resamples: int, seed: int) -> list[dict]:
     """Pass rates of the sampled images per round and grader (each judge, and the expert reviews): round 0
     comes from the preliminary model, later rounds from the policy after each DPO round."""
-    from magic_align.evaluate.passrate import pass_rate_summary
-
     item_ids = {c.condition: [item.id for item in c.items] for c in checklists.conditions} if checklists else None
 
     def lined_up(condition: str, items: list) -> list:
@@ -258,8 +303,6 @@ def stage_table(ledger: Ledger) -> list[dict]:
 
 def agreement_tables(ledger, checklists, configured: str | None, resamples: int, seed: int) -> list[dict]:
     """Each judge against the expert reviews (when there are reviews), and judges against each other."""
-    from magic_align.judges.agreement import compare
-
     judges = ledger.judge_ids()
     if configured in judges:  # the judge the model was trained on first
         judges = [configured] + [j for j in judges if j != configured]
@@ -284,8 +327,6 @@ def agreement_tables(ledger, checklists, configured: str | None, resamples: int,
 def classifier_tables(metrics: Mapping, labels: SettingLabels) -> list[dict]:
     """metrics.json's classifier rows grouped by (backbone, mode, group): one table each, settings as rows,
     metrics as columns (best value in bold), and accuracy per Fitzpatrick skin type where known."""
-    from magic_align.evaluate.metrics import METRICS
-
     groups: dict[tuple, list] = {}
     for index, row in enumerate(metrics.get("classifier", [])):
         if not isinstance(row, Mapping) or "setting" not in row:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
 from magic_align.errors import MagicError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -358,3 +358,16 @@ def test_per_token_run_trains_every_token_for_its_own_steps(finetune_config):
     assert (info["schedule"], info["steps"]) == ("per_token", 2)
     mel, vit = (next(iter(load_file(str(model / "tokens" / f"{name}.safetensors")).values())) for name in ("mel", "vit"))
     assert not torch.equal(mel, vit)
+
+
+def test_locked_set_settings_leave_the_fingerprint_alone():
+    """The data settings that only choose the locked set never change a training image, so they must not refuse a
+    finished run's checkpoints (a run made before data roles existed resumes at its last step)."""
+    from magic_align.config import load_config
+    from magic_align.train.finetune import settings_fingerprint
+
+    plain = load_config("tiny")
+    moved = load_config("tiny", ["data.locked_fraction=0.3", "data.procedural_locked_seed=77",
+                                 "data.procedural_locked_per_class=3"])
+    assert settings_fingerprint(moved) == settings_fingerprint(plain)
+    assert settings_fingerprint(load_config("tiny", ["data.train_fraction=0.6"])) != settings_fingerprint(plain)

@@ -351,6 +351,23 @@ CORPUS = [
         "Colour: yes\nTexture: no - not flaky",
         ok(1, 1, 0, 1, 0),
     ),
+    # ---- counts and measures are not verdicts
+    (
+        "a measure before the verdict",
+        "Location: yes\nLesion type: yes\nShape and size: 1 cm plaque, too small - no\nColour: yes\nTexture: yes",
+        ok(1, 1, 0, 1, 1),
+    ),
+    (
+        "a count before the verdict",
+        "1. Location: 1 plaque on the abdomen; not met\n2. Lesion type: met\n3. Shape: met\n4. Colour: met\n5. Texture: met",
+        ok(0, 1, 1, 1, 1),
+    ),
+    # ---- lists in explanations that are not the answer, and an answer inside a JSON string
+    ("citations in prose", "The lesions (see areas [1] and [2]) are thick plaques.\n[1, 1, 0, 0, 0]", ok(1, 1, 0, 0, 0)),
+    ("confidences beside the list", "[1, 1, 0, 0, 0]\nConfidence: [0.9, 0.8, 0.7, 0.9, 0.6]", ok(1, 1, 0, 0, 0)),
+    ("json list inside a string", '{"answer": "[1, 0, 1, 0, 0]"}', ok(1, 0, 1, 0, 0)),
+    ("json words inside a string", '{"verdict": "yes, no, yes, no, no"}', ok(1, 0, 1, 0, 0)),
+    ("json string of the wrong length", '{"answer": "[1, 0, 1, 0]"}', refused_because("wrong length 4 of 5")),
     # ---- no verdict at all
     ("refusal medical", "I'm sorry, but I can't help with medical diagnosis. Please consult a dermatologist.", REFUSAL),
     ("refusal curly apostrophe", "I’m unable to evaluate medical images.", REFUSAL),

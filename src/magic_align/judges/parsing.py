@@ -86,7 +86,8 @@ _POSITIVE_WORDS = [
     r"pass(?:es|ed)?", r"correct", r"positive", r"yep", r"confirmed",
 ]
 _POSITIVE_TERMINAL = [r"y"]
-_NUMBER = r"(?<![\w.])([01])(?:\.0+)?(?!\w|\.\d|\s*/\s*\d|\s*%|\s*(?:out\s+of|of)\s+\d)"
+# A count or measure ("1 cm plaque", "1 lesion on the forearm", "1 x 2 cm") is not a verdict.
+_NUMBER = r"(?<![\w.])([01])(?:\.0+)?(?!\w|\.\d|\s*/\s*\d|\s*%|\s*(?:out\s+of|of)\s+\d|\s+(?!points?\b|pts?\b)[a-z])"
 _POSITIVE_MARKS = "✅|✔️|✔|✓|☑️|☑|🗸|👍|🟢"
 _NEGATIVE_MARKS = "❌|❎|✖️|✖|✗|✘|✕|×|⛔|🚫|☒|👎|🔴"
 _UNDECIDED_MARKS = "⚠️|⚠|❓|❔|➖|🤷|🟡|🟠"
@@ -424,6 +425,15 @@ def _scalar_verdict(value: object) -> tuple[bool, int | None]:
     return False, None
 
 
+def _list_in_string(text: str) -> list[_Entry] | None:
+    """The verdicts of a JSON string that holds a whole list ("[1, 0, 1]", "yes, no, yes"), else None."""
+    body = text.strip()
+    bracketed = re.fullmatch(r"[\[(](.*)[\])]", body, re.DOTALL)
+    if bracketed:
+        body = bracketed.group(1)
+    return _sequence(body, 2)
+
+
 def _lower_keys(mapping: dict) -> dict:
     return {str(key).strip().lower(): value for key, value in mapping.items()}
 
@@ -450,6 +460,9 @@ def _json_statement(value: object) -> tuple[list[_Entry], str] | None:
     if isinstance(value, list):
         if not value:
             return None
+        if all(isinstance(element, (int, float)) and not isinstance(element, bool) and element not in (0, 1)
+               for element in value):
+            return None  # confidences or measures ("[0.9, 0.8]", "[2, 3] cm"), not verdicts
         if all(isinstance(element, dict) for element in value):
             entries = [_entry_from_dict(element) for element in value]
             if not any(entry is not None for entry in entries):
@@ -473,6 +486,10 @@ def _json_statement(value: object) -> tuple[list[_Entry], str] | None:
                 inner = _json_statement(lowered[key])
                 if inner:
                     return inner
+            elif isinstance(lowered.get(key), str):
+                listed = _list_in_string(lowered[key])  # {"answer": "[1, 0, 1, 0, 0]"}
+                if listed is not None:
+                    return listed, "list"
         single = _entry_from_dict(value)
         if single is not None:
             return [single], "items" if (single.position is not None or single.label is not None) else "list"
@@ -518,8 +535,9 @@ def _is_template(value: object) -> bool:
     return bool(reasons) and all(reason.strip() in ("...", "…", "") for reason in reasons)
 
 
-def _json_statements(text: str) -> tuple[list[_Statement], list[tuple[int, int]]]:
-    """Statements from every JSON value in the text, and the spans they cover (read no further)."""
+def _json_statements(text: str, n_items: int = 0) -> tuple[list[_Statement], list[tuple[int, int]]]:
+    """Statements from every JSON value in the text, and the spans they cover (read no further). A bare
+    one-value list in a longer checklist's answer is a citation ("see areas [1] and [2]"), not a verdict."""
     decoder = json.JSONDecoder()
     statements: list[_Statement] = []
     spans: list[tuple[int, int]] = []
@@ -541,6 +559,10 @@ def _json_statements(text: str) -> tuple[list[_Statement], list[tuple[int, int]]
             continue
         value, end = decoded
         found = _json_statement(value)
+        if found and n_items > 1 and isinstance(value, list) and len(value) == 1 and not isinstance(value[0], (dict, list)):
+            spans.append((index, end))
+            index = end
+            continue
         if found:
             entries, kind = found
             example = _is_template(value) or _looks_like_example(text, index)
@@ -1090,7 +1112,7 @@ def parse_answer(
 
 
 def _statements(body: str, n_items: int, labels: ItemLabels | None) -> list[_Statement]:
-    statements, spans = _json_statements(body)
+    statements, spans = _json_statements(body, n_items)
     rest = list(body)
     for start, end in spans:
         for index in range(start, end):
@@ -1135,7 +1157,7 @@ def _statements(body: str, n_items: int, labels: ItemLabels | None) -> list[_Sta
 
 
 def _only_examples(body: str, n_items: int) -> bool:
-    statements, _ = _json_statements(body)
+    statements, _ = _json_statements(body, n_items)
     return any(statement.example for statement in statements + _bracket_statements(body, n_items))
 
 

@@ -232,6 +232,10 @@ class TokenTextEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ the stage
+# data settings that choose only the locked validation set (data/split.py), never a training image
+LOCKED_SET_SETTINGS = ("locked_fraction", "procedural_locked_seed", "procedural_locked_per_class")
+
+
 def settings_fingerprint(config: RunConfig) -> str:
     """What a checkpoint depends on: model, data, checklist set and fine-tuning settings (not checkpoint_every,
     not the loggers). A checkpoint written under other settings is refused rather than silently continued."""
@@ -241,7 +245,9 @@ def settings_fingerprint(config: RunConfig) -> str:
         unchanging.add("lora_weight_decay")
     settings = {
         "model": config.model.model_dump(mode="json"),
-        "data": config.data.model_dump(mode="json"),
+        # the settings that only choose the locked set (from the test side or another seed) never change the
+        # training images; leaving them out keeps the checkpoints of runs made before data roles existed valid
+        "data": config.data.model_dump(mode="json", exclude=set(LOCKED_SET_SETTINGS)),
         "checklist": config.judge.checklist,
         "finetune": config.finetune.model_dump(mode="json", exclude=unchanging),
     }

@@ -36,6 +36,15 @@ def test_bad_value_names_key_value_and_rule():
     assert "sample.strength = 1.5" in str(error.value) and "less than or equal to 1" in str(error.value)
 
 
+@pytest.mark.parametrize("override", ["judge.retry_base_s=inf", "judge.budget_usd=nan", "dpo.beta=inf",
+                                      "pairs.item_weights=[nan, 1.0, 1.0, 1.0, 1.0]"])
+def test_inf_and_nan_are_refused(override):
+    # nan passes `ge=0` (every comparison with it is false) and inf passes `gt=0`; TOML spells both
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key) + r".* = (inf|nan): Input should be a finite number"):
+        load_config("tiny", [override])
+
+
 def test_bad_choice_lists_what_is_allowed():
     with pytest.raises(ConfigError, match="review.queue = 'nowhere': .*'stratified', 'disagreements' or 'uncertain'"):
         load_config("tiny", ["review.queue=nowhere"])

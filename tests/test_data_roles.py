@@ -123,13 +123,9 @@ def test_run_split_keeps_identical_files_in_one_role_and_records_roles(tmp_path)
         run_split(changed, paths)
 
 
-def test_an_older_split_csv_without_roles_is_divided_once_and_rewritten(tmp_path):
-    config = _folder_config(tmp_path)
-    paths = prepare_run(config)
-    split = run_split(config, paths)
-    csv_path = paths.data / "split.csv"
-    rows = list(csv.DictReader(open(csv_path, newline="")))
-    with open(csv_path, "w", newline="") as handle:  # as written before roles existed
+def _write_as_before_roles(paths, rows: list[dict]) -> None:
+    """split.csv and split.json as written before roles existed: no role column, no role settings."""
+    with open(paths.data / "split.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["id", "label", "group", "split", "few_shot"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -137,6 +133,15 @@ def test_an_older_split_csv_without_roles_is_divided_once_and_rewritten(tmp_path
     for key in ("locked_fraction", "locked_set"):
         del summary["settings"][key]
     (paths.data / "split.json").write_text(json.dumps(summary))
+
+
+def test_an_older_split_csv_without_roles_is_divided_once_and_rewritten(tmp_path):
+    config = _folder_config(tmp_path)
+    paths = prepare_run(config)
+    split = run_split(config, paths)
+    csv_path = paths.data / "split.csv"
+    rows = list(csv.DictReader(open(csv_path, newline="")))
+    _write_as_before_roles(paths, rows)
     old = read_split(csv_path, split.train + split.test)
     assert not old.tuning and not old.locked and _ids(old.test) == _ids(split.test)
     upgraded = run_split(config, paths)
@@ -230,3 +235,56 @@ def test_a_tuning_figure_is_refused_where_a_locked_one_is_required(tmp_path, mon
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
     assert "the tuning set, where locked-set figures are required" in " ".join(result.output.split())
+
+
+def test_an_older_split_csv_keeps_identical_test_files_in_one_role(tmp_path):
+    """A split.csv written before roles existed may hold two copies of one picture on its test side under two ids
+    (they were not grouped then); dividing it must keep them in one role instead of refusing the run."""
+    for seed in range(6):  # several draws: an ungrouped division separates the copies in some of them
+        _older_split_with_copies_on_the_test_side(tmp_path / str(seed), seed)
+
+
+def _older_split_with_copies_on_the_test_side(tmp_path, seed: int) -> None:
+    config = _folder_config(tmp_path, f"data.split_seed={seed}", duplicate=True)
+    paths = prepare_run(config)
+    split = run_split(config, paths)
+    csv_path = paths.data / "split.csv"
+    rows = list(csv.DictReader(open(csv_path, newline="")))
+    copies = {"acne-0.png", "acne-copy-of-0.png"}
+    ids = [row["id"] for row in rows]
+    copy_ids = [r.id for r in split.train + split.test if f"{r.label}-{r.path.name}" in copies]
+    assert len(copy_ids) == 2
+    # as written before roles existed: both copies on the test side, each its own group, every other acne image
+    # on the test side too, so an ungrouped division puts the two copies in different roles
+    for row in rows:
+        if row["id"] in copy_ids or row["label"] == "acne":
+            row["split"] = "test"
+        row["group"] = row["id"]
+    keep_train = [row for row in rows if row["label"] == "acne"][:2]
+    for row in keep_train:
+        if row["id"] not in copy_ids:
+            row["split"] = "train"
+    _write_as_before_roles(paths, rows)
+    upgraded = run_split(config, paths)
+    role_of = {r.id: role for role in ROLES for r in upgraded.role(role)}
+    assert role_of[copy_ids[0]] == role_of[copy_ids[1]] != "train"
+    assert set(ids) == set(role_of)
+
+
+def test_a_locked_comparison_refuses_an_extra_source_that_copies_a_locked_image(tmp_path, monkeypatch):
+    """`synthesize.extra_sources` (MAGIC-A) are sampled for pairs and synthesized from: a copy of a locked image
+    among them is a training source, so the locked comparison refuses to run."""
+    from magic_align.evaluate import alignment
+
+    config = _folder_config(tmp_path)
+    split = run_split(config, prepare_run(config))
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "unlabelled.png").write_bytes(Path(split.locked[0].path).read_bytes())
+    config = load_config("tiny", ["data.kind=folder", f"data.images='{tmp_path / 'images'}'", "data.num_classes=2",
+                                  "judge.checklist=fitzpatrick20", f"runs_dir='{tmp_path / 'runs'}'",
+                                  f"synthesize.extra_sources='{extra}'"])
+    monkeypatch.setattr(alignment, "_require_models", lambda chosen, paths: None)  # the roles are checked first
+    with pytest.raises(RolesError, match=f"same content as locked image {split.locked[0].id}|locked image "
+                                         f"{split.locked[0].id} .* same content as train image extra-"):
+        run_alignment_comparison(config, set_name="locked")

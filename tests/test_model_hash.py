@@ -67,3 +67,28 @@ def test_a_changed_tensor_changes_the_hash(tmp_path):
         write_safetensors(path, weights, {}, reverse=False)
         hashes[variant] = model_hash(model, [path])
     assert len(set(hashes.values())) == len(variants)
+
+
+def test_a_damaged_weight_file_is_one_clear_error(tmp_path):
+    """A file cut short (a crash while copying) or with a garbage header is refused by name, never hashed
+    from whatever bytes are there and never a MemoryError or KeyError."""
+    import pytest
+
+    from magic_align.diffusion.loading import ModelLoadError
+
+    whole = tmp_path / "whole.safetensors"
+    write_safetensors(whole, tensors(), {}, reverse=False)
+    entry = json.dumps({"x": {"dtype": "F32", "shape": [2]}}).encode()
+    damaged = {
+        "cut short": whole.read_bytes()[:-5],
+        "header past the end": struct.pack("<Q", 2**62) + b"{}",
+        "header length overflows": b"\xff" * 16,
+        "header not an object": struct.pack("<Q", 2) + b"[]",
+        "entry without offsets": struct.pack("<Q", len(entry)) + entry + bytes(8),
+    }
+    model = ModelConfig(source="tiny", resolution=64)
+    for name, data in damaged.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
+            model_hash(model, [path])

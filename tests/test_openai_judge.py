@@ -521,3 +521,13 @@ async def test_server_can_answer_like_the_rules_judge():
     expected = [rules.grade(image, checklist).items for image, checklist in cases]
     assert [verdict.items for verdict in verdicts] == expected
     assert len({tuple(items) for items in expected}) > 1  # the images really differ in what they meet
+
+
+@pytest.mark.parametrize("usage", ['"12 tokens"', '{"prompt_tokens": "abc", "completion_tokens": [3]}', "[1, 2]"])
+def test_an_odd_usage_field_never_loses_the_paid_answer(usage):
+    import httpx
+
+    body = '{"choices": [{"message": {"content": "[1, 0, 1, 0, 0]"}}], "usage": ' + usage + "}"
+    reply = OpenAIJudge._read_reply(httpx.Response(200, text=body))
+    assert reply is not None and reply.content == "[1, 0, 1, 0, 0]"
+    assert (reply.input_tokens, reply.output_tokens) == (0, 0)

@@ -99,3 +99,28 @@ def test_percentile_interval_by_hand():
         assert (interval.value, interval.low, interval.high) == (50.0, pytest.approx(5.0), pytest.approx(95.0))
     undefined = percentile_interval(1.0, [float("nan")])
     assert undefined.value == 1.0 and math.isnan(undefined.low) and math.isnan(undefined.high)
+
+
+def test_cluster_bootstrap_resamples_whole_clusters():
+    from magic_align.stats import cluster_bootstrap
+
+    # two clusters of two equal rows: a resample holds 0, 1 or 2 copies of each cluster, never half of one
+    draws_seen = cluster_bootstrap(np.mean, ["a", "a", "b", "b"], np.array([1.0, 1.0, 3.0, 3.0]), resamples=200, seed=0)
+    assert draws_seen.value == 2.0
+    assert draws_seen.low in (1.0, 2.0, 3.0) and draws_seen.high in (1.0, 2.0, 3.0)
+    assert draws_seen.low < draws_seen.high
+    with pytest.raises(ValueError):
+        cluster_bootstrap(np.mean, ["a"], np.array([1.0, 2.0]))
+
+
+def test_cluster_bootstrap_is_wider_than_a_row_bootstrap_when_rows_repeat_within_clusters():
+    from magic_align.stats import bootstrap, cluster_bootstrap
+
+    values = np.random.default_rng(3).normal(size=50)
+    rows = np.repeat(values, 10)  # every source gives 10 identical rows: 50 pieces of evidence, not 500
+    labels = np.repeat(np.arange(50), 10)
+    clustered = cluster_bootstrap(np.mean, labels, rows, resamples=500, seed=1)
+    by_row = bootstrap(np.mean, rows, resamples=500, seed=1)
+    alone = bootstrap(np.mean, values, resamples=500, seed=1)
+    assert clustered.high - clustered.low > 2 * (by_row.high - by_row.low)
+    assert clustered.high - clustered.low == pytest.approx(alone.high - alone.low, rel=0.35)

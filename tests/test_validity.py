@@ -5,6 +5,7 @@ answer is computed by hand; the low-validity rule; how an independent difference
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -118,3 +119,18 @@ def test_agreement_against_recognition_command(tmp_path):
     assert result.exit_code == 0, result.output
     assert "6 images" in result.output and "LOW" in result.output
     assert "alpha" in result.output and "a2" in result.output
+
+
+def test_validity_intervals_resample_source_images():
+    from magic_align.evaluate.validity import GradedImage, validity_table
+
+    rng = np.random.default_rng(0)
+    images = []
+    for source in range(30):  # three models' outputs of one source are alike: they move together
+        met, seen = int(rng.integers(0, 6)), int(rng.integers(0, 2))
+        images += [GradedImage("acne", tuple([1] * met + [0] * (5 - met)), seen, f"s{source}") for _ in range(3)]
+    clustered = validity_table(images, None, resamples=400, seed=0, min_r=0.3)["r"]
+    unclustered = validity_table([GradedImage(i.condition, i.items, i.recognised) for i in images], None,
+                                 resamples=400, seed=0, min_r=0.3)["r"]
+    assert clustered["value"] == pytest.approx(unclustered["value"])
+    assert clustered["high"] - clustered["low"] > 1.3 * (unclustered["high"] - unclustered["low"])

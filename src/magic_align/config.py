@@ -34,7 +34,9 @@ class ConfigError(MagicError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan pass every bound check (nan compares false) and would reach a sleep, a learning rate or a
+    # weight as silent garbage; TOML spells both, so they are refused here.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -78,6 +78,34 @@ def bootstrap(
     return percentile_interval(value, result.bootstrap_distribution, confidence)
 
 
+def cluster_bootstrap(
+    statistic: Callable[..., float],
+    clusters: Sequence,
+    *columns: Sequence | np.ndarray,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Percentile bootstrap of `statistic(*columns)` that resamples whole clusters (rows sharing a `clusters`
+    label, e.g. every image made from one source image), so rows of one cluster never count as independent
+    evidence. Resamples where the statistic is undefined (NaN) are dropped."""
+    arrays = [np.asarray(column) for column in columns]
+    labels = np.asarray(clusters)
+    if not arrays or any(len(array) != len(labels) for array in arrays):
+        raise ValueError("cluster_bootstrap needs columns as long as the cluster labels")
+    value = float(statistic(*arrays)) if len(labels) else float("nan")
+    if len(labels) == 0 or resamples == 0:
+        return Estimate(value, float("nan"), float("nan"))
+    _, cluster_of_row = np.unique(labels, return_inverse=True)
+    members = [np.flatnonzero(cluster_of_row == k) for k in range(cluster_of_row.max() + 1)]
+    rng = np.random.default_rng(seed)
+    draws = np.empty(resamples)
+    for index in range(resamples):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+        draws[index] = float(statistic(*(array[rows] for array in arrays)))
+    return percentile_interval(value, draws, confidence)
+
+
 def mean_difference(after: Sequence[float], before: Sequence[float], **kwargs) -> Estimate:
     """Paired mean difference after - before with a bootstrap interval over the pairs."""
     return bootstrap(lambda a, b: float(np.mean(a - b)), np.asarray(after, float), np.asarray(before, float), **kwargs)

@@ -192,13 +192,16 @@ def build_split(records: list[Record], num_classes: int, train_fraction: float, 
                  tuning=tuning, locked=locked)
 
 
-def check_roles(split: Split, content_hash: Callable[[Path], str] | None = sha256_file) -> None:
+def check_roles(split: Split, content_hash: Callable[[Path], str] | None = sha256_file,
+                extra_train: Collection[Record] = ()) -> None:
     """Refuse a split in which two roles share an image: the same id, or (with `content_hash`) the same file
-    content under two ids. The message names both images and their roles."""
+    content under two ids. `extra_train` are training sources from outside the split (`synthesize.extra_sources`,
+    sampled for pairs and synthesized from), checked as train images. The message names both images and their
+    roles."""
     seen_ids: dict[str, str] = {}
     seen_content: dict[str, tuple[str, Record]] = {}
     for role in ROLES:
-        for record in split.role(role):
+        for record in [*split.role(role), *(extra_train if role == "train" else ())]:
             other = seen_ids.setdefault(record.id, role)
             if other != role:
                 raise RolesError(f"data roles share a source: image {record.id} ({record.path}) is both a {other} and "
@@ -415,9 +418,11 @@ def run_split(config: "RunConfig", paths: "RunPaths", force: bool = False,
                             "one split: use a new run name, or rebuild it with magic data split --force")
         split = read_split(csv_path, records)
         if split.test and not split.tuning and not split.locked:  # written before roles existed: divide once
-            split.tuning, split.locked = (divide_test(split.test, locked_fraction, config.data.split_seed)
+            # identical files grouped first, as a new split does (older splits did not group them)
+            split.tuning, split.locked = (divide_test(group_duplicates(split.test, content_hash), locked_fraction,
+                                                      config.data.split_seed)
                                           if locked_fraction else (list(split.test), []))
-            check_roles(split)
+            check_roles(split, content_hash)
             logger.warning("%s had no role column: its test split was divided into %d tuning and %d locked images "
                            "(data.locked_fraction, data.split_seed) and the file rewritten", csv_path,
                            len(split.tuning), len(split.locked))

@@ -353,17 +353,32 @@ def weights_digest(path: Path | str) -> bytes:
     if path.suffix != ".safetensors":
         return hashlib.sha256(path.read_bytes()).digest()
     digest = hashlib.sha256()
+    size = path.stat().st_size
+
+    def unreadable(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{path} is not a readable safetensors file ({why}); retrain or remove it")
+
     with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or header_length > size - 8:
+            raise unreadable(f"its header says {header_length} bytes but the file has {size}")
         try:
-            header_length = int.from_bytes(handle.read(8), "little")
             header = json.loads(handle.read(header_length))
         except (ValueError, UnicodeDecodeError) as error:
-            raise ModelLoadError(f"{path} is not a readable safetensors file ({error}); retrain or remove it") from None
+            raise unreadable(str(error)) from None
+        if not isinstance(header, dict):
+            raise unreadable("its header is not a JSON object")
         start = 8 + header_length
         for name in sorted(key for key in header if key != "__metadata__"):
             entry = header[name]
-            begin, end = entry["data_offsets"]
-            digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+            try:
+                begin, end = (int(offset) for offset in entry["data_offsets"])
+                dtype, shape = entry["dtype"], entry["shape"]
+            except (KeyError, TypeError, ValueError):
+                raise unreadable(f"tensor {name!r} has no valid dtype, shape and data_offsets") from None
+            if not 0 <= begin <= end or start + end > size:  # cut short, e.g. by a crash while copying
+                raise unreadable(f"tensor {name!r} lies at bytes {begin}-{end}, past the end of the file")
+            digest.update(json.dumps([name, dtype, shape]).encode())
             handle.seek(start + begin)
             digest.update(hashlib.sha256(handle.read(end - begin)).digest())
     return digest.digest()

@@ -5,7 +5,8 @@ classifier trained on real images of the domain assigns it to its target conditi
 viewer sees should give recognised images more items than unrecognised ones, per condition and per item. Three
 views, each from the graded images of `eval/alignment.json` (every model's outputs, pooled):
 
-- overall: Pearson r between items met and recognition (0/1) over images, with a percentile-bootstrap interval;
+- overall: Pearson r between items met and recognition (0/1) over images, with a percentile-bootstrap interval
+  that resamples source images (every model's output of one source moves together, as in the comparison);
 - per condition: images, share recognised, mean items met among recognised and among unrecognised images, and r;
 - per item: the item's rate among recognised and among unrecognised images, and r (the point-biserial, here the
   phi coefficient of two binary answers).
@@ -27,7 +28,7 @@ from rich.table import Table
 from magic_align.config import RunConfig
 from magic_align.errors import MagicError
 from magic_align.run import RunPaths
-from magic_align.stats import Estimate, bootstrap
+from magic_align.stats import Estimate, bootstrap, cluster_bootstrap
 
 
 class ValidityError(MagicError, ValueError):
@@ -41,6 +42,7 @@ class GradedImage:
     condition: str
     items: tuple[int | None, ...]
     recognised: int
+    source: str = ""  # the source image it was made from: the bootstrap's cluster ("": the image is its own)
 
     @property
     def items_met(self) -> int:
@@ -67,9 +69,18 @@ def split_means(values: Sequence[float], recognised: Sequence[int]) -> tuple[flo
     return _mean(v[r == 1]), _mean(v[r == 0])
 
 
-def correlation(values: Sequence[float], recognised: Sequence[int], resamples: int, seed: int) -> Estimate:
-    return bootstrap(pearson_r, np.asarray(values, float), np.asarray(recognised, float), resamples=resamples,
-                     seed=seed)
+def correlation(values: Sequence[float], recognised: Sequence[int], resamples: int, seed: int,
+                clusters: Sequence[str] | None = None) -> Estimate:
+    """Pearson r with a percentile-bootstrap interval over rows, or over `clusters` (e.g. source images) when
+    given."""
+    values, recognised = np.asarray(values, float), np.asarray(recognised, float)
+    if clusters is None:
+        return bootstrap(pearson_r, values, recognised, resamples=resamples, seed=seed)
+    return cluster_bootstrap(pearson_r, clusters, values, recognised, resamples=resamples, seed=seed)
+
+
+def _clusters(images: Sequence[GradedImage]) -> list[str]:
+    return [image.source or f"image {index}" for index, image in enumerate(images)]
 
 
 def is_low(estimate: dict | Estimate | None, min_r: float) -> bool:
@@ -107,7 +118,7 @@ def validity_table(images: Sequence[GradedImage], item_ids: dict[str, list[str]]
     """The overall, per-condition and per-item views (module docstring) as plain dicts for JSON and the report."""
     met = [image.items_met for image in images]
     recognised = [image.recognised for image in images]
-    overall = correlation(met, recognised, resamples, seed)
+    overall = correlation(met, recognised, resamples, seed, _clusters(images))
     with_recognition, without = split_means(met, recognised)
     conditions = []
     items = []
@@ -118,17 +129,17 @@ def validity_table(images: Sequence[GradedImage], item_ids: dict[str, list[str]]
         high, low = split_means(mine_met, mine_recognised)
         conditions.append({"condition": condition, "n": len(mine), "recognised": _mean(mine_recognised),
                            "items_met_recognised": high, "items_met_not_recognised": low,
-                           "r": correlation(mine_met, mine_recognised, resamples, seed).as_dict()})
+                           "r": correlation(mine_met, mine_recognised, resamples, seed, _clusters(mine)).as_dict()})
         names = (item_ids or {}).get(condition) or [f"item {k + 1}" for k in range(max(len(i.items) for i in mine))]
         for position, name in enumerate(names):
-            answered = [(image.items[position], image.recognised) for image in mine
-                        if position < len(image.items) and image.items[position] is not None]
+            answered = [image for image in mine if position < len(image.items) and image.items[position] is not None]
             if not answered:
                 continue
-            answers, flags = [a for a, _ in answered], [f for _, f in answered]
+            answers, flags = [image.items[position] for image in answered], [image.recognised for image in answered]
             rate_recognised, rate_not = split_means(answers, flags)
             items.append({"condition": condition, "item": name, "n": len(answered), "rate_recognised": rate_recognised,
-                          "rate_not_recognised": rate_not, "r": correlation(answers, flags, resamples, seed).as_dict()})
+                          "rate_not_recognised": rate_not,
+                          "r": correlation(answers, flags, resamples, seed, _clusters(answered)).as_dict()})
     return {"grader": "recognition", "n": len(images), "r": overall.as_dict(), "recognised": _mean(recognised),
             "items_met_recognised": with_recognition, "items_met_not_recognised": without, "min_r": min_r,
             "low": is_low(overall, min_r), "per_condition": conditions, "per_item": items}
@@ -144,7 +155,7 @@ def graded_images(alignment: dict) -> list[GradedImage]:
             entry = recognition.get(name)
             if entry is None or answers is None:
                 continue
-            graded.append(GradedImage(unit["target"], tuple(answers), int(entry["recognised"])))
+            graded.append(GradedImage(unit["target"], tuple(answers), int(entry["recognised"]), str(unit.get("source") or "")))
     return graded
 
 

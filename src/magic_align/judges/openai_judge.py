@@ -424,12 +424,13 @@ class OpenAIJudge:
         content = message.get("content")
         if isinstance(content, list):  # some servers return content parts
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        usage = data.get("usage") or {}
+        usage = data.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
         return _Reply(
             content=content if isinstance(content, str) else None,
             refusal=message.get("refusal") if isinstance(message.get("refusal"), str) else None,
-            input_tokens=int(usage.get("prompt_tokens") or 0),
-            output_tokens=int(usage.get("completion_tokens") or 0),
+            input_tokens=_token_count(usage.get("prompt_tokens")),
+            output_tokens=_token_count(usage.get("completion_tokens")),
         )
 
     # ------------------------------------------------------------------------------------ judge
@@ -477,6 +478,15 @@ class OpenAIJudge:
         verdict = answer_verdict(parsed, checklist, self.cfg, raw, latency, input_tokens, output_tokens)
         verdict.requests = requests
         return verdict
+
+
+def _token_count(value: object) -> int:
+    """A usage count as the server gave it; an odd one ("abc", a list) counts 0 rather than losing the paid
+    answer it came with."""
+    try:
+        return max(0, int(float(value))) if value is not None and not isinstance(value, bool) else 0
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def better_answer(first: ParsedAnswer, second: ParsedAnswer) -> ParsedAnswer:

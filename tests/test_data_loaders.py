@@ -9,7 +9,6 @@ from magic_align.config import DataConfig, load_config
 from magic_align.data import load_records
 from magic_align.data.check import run_data_check
 from magic_align.data.records import DataError, LoadProblems, match_labels, normalise_region, parse_skin_type
-from magic_align.run import RunPaths
 
 FITZ_HEADER = "md5hash,fitzpatrick_scale,fitzpatrick_centaur,label,nine_partition_label,three_partition_label,qc,url,url_alphanum"
 

@@ -119,7 +119,6 @@ def _folder_config(tmp_path, *overrides):
 
 
 def test_run_split_writes_once_reuses_and_refuses_other_settings(tmp_path):
-    from magic_align.config import load_config
     from magic_align.data.split import run_split
     from magic_align.run import prepare_run
 

@@ -293,6 +293,9 @@ def test_the_stored_log_probs_are_the_reference_only_when_the_preliminary_model_
     assert not dpo_module.stored_log_probs_are_reference(settings, 1, {})  # sampled by the round-0 policy
     assert not dpo_module.stored_log_probs_are_reference(settings, 0, {"policy_lora": "x"})
     assert not dpo_module.stored_log_probs_are_reference(bf16, 0, {})  # recomputed under the same autocast
+    # sampled in half precision: the stored log-probs carry its rounding, the fp32 policy's do not
+    assert not dpo_module.stored_log_probs_are_reference(settings, 0, {"model_dtype": "float16"})
+    assert dpo_module.stored_log_probs_are_reference(settings, 0, {"model_dtype": "float32"})
 
 
 def test_stored_log_probs_of_another_reduction_or_model_are_refused():

@@ -1,7 +1,5 @@
 """Checklist pass rate against hand computations; judged verdicts go through the ledger cache."""
 
-import asyncio
-
 import numpy as np
 import pytest
 from PIL import Image

@@ -436,3 +436,35 @@ def test_a_judge_that_cannot_call_fails_before_any_call(feedback_run):
         run_judge(config, judge=judge, show_progress=False)
     assert judge.calls == 0 and ledger.stage("judge:0").status == "failed"
     assert run_judge(config, judge=KeylessJudge(), dry_run=True, show_progress=False).remaining == 4
+
+
+class RejectingJudge(CountingJudge):
+    """The server rejects every request for `rejected` images (a 4xx for one image: a failed verdict without
+    any answer text), answers the others."""
+
+    def __init__(self, rejected=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rejected = rejected  # None: every image
+
+    async def judge(self, image, checklist) -> Verdict:
+        red = image.getpixel((0, 0))[0]
+        if self.rejected is None or red in self.rejected:
+            self.calls += 1
+            return Verdict(items=[None] * len(checklist.items), raw="", parse_status="failed",
+                           error="HTTP 400: image input is not supported by this model", requests=1)
+        return await super().judge(image, checklist)
+
+
+def test_every_request_rejected_stops_the_stage_after_the_first_few(feedback_run):
+    config, ledger, samples = feedback_run(units=10, k=2, extra=["judge.concurrency=1"])
+    judge = RejectingJudge()
+    with pytest.raises(JudgeStageError, match="requests were all rejected.*image input is not supported"):
+        run_judge(config, judge=judge, show_progress=False)
+    assert judge.calls == STOP_AFTER_FAILED_CALLS  # not one rejected request per image
+
+
+def test_a_rejected_image_among_answers_is_its_own_failed_verdict(feedback_run):
+    config, ledger, samples = feedback_run(units=4, k=2, extra=["judge.concurrency=1"])
+    judge = RejectingJudge(rejected={_red(samples[index]) for index in (1, 2, 3, 4)})
+    summary = run_judge(config, judge=judge, show_progress=False)  # the first answer came before the rejections
+    assert summary.failed == 4 and summary.answered == 4 and summary.remaining == 0

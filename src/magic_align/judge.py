@@ -398,6 +398,11 @@ class _PoolState:
     # every later call, and that repeat is not another attempt
     seen: list[BaseException] = field(default_factory=list)
     in_a_row: int = 0  # calls without an answer since the last answer
+    # Requests the server rejected (a 4xx for one image: a failed verdict without any answer text). One is the
+    # image's problem; the first few all rejected before any answer is the endpoint's (e.g. a model that takes
+    # no images), so the stage stops rather than storing a failed verdict for every image.
+    rejected: int = 0
+    any_answer: bool = False
 
     def stop(self, error: BaseException) -> None:
         if self.error is None:
@@ -521,6 +526,16 @@ async def _grade(
                 state.reserved -= reserve
             _count(summary, verdict)
             summary.retried += int(unit.replace)
+            if verdict.parse_status == "failed" and not verdict.raw:
+                state.rejected += 1
+            else:
+                state.any_answer = True
+            if not state.any_answer and state.rejected >= STOP_AFTER_FAILED_CALLS and not summary.stopped:
+                summary.stopped = (
+                    f"the first {state.rejected} requests were all rejected, the last: {verdict.error}; check "
+                    "judge.model and judge.base_url (does the model take images?), then rerun with --retry-failed "
+                    "to ask the rejected images again"
+                )
             state.in_a_row = 0
             state.largest = max(state.largest, verdict.cost_usd)
             progress.advance(cost=f"${summary.cost_usd:.4f}")
@@ -532,7 +547,7 @@ async def _grade(
     if error is not None:
         reason = str(error) if isinstance(error, JudgeCallError) else f"judge {judge.id} raised {type(error).__name__}: {error}"
         raise JudgeStageError(incomplete_line(summary, reason), summary) from error
-    if summary.remaining:
+    if summary.remaining or (summary.stopped and not state.any_answer):
         failures = sum(summary.call_failures.values())
         reason = summary.stopped or (
             f"{failures} call(s) got no answer" if failures else f"{len(summary.not_readable)} image(s) could not be read"

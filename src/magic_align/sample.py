@@ -168,6 +168,7 @@ def run_sample(
         "round": round_index,
         "resolution": config.model.resolution,
         "policy_lora": str(policy_lora) if policy_lora else None,
+        "model_dtype": config.model.dtype,  # the precision the log-probs were computed in
     }
     units_per_batch = max(1, config.sample.batch_size // per_unit)
     pending: list[tuple[dict, object]] = []  # (sample record, SampleResult) not yet in a shard

@@ -161,10 +161,12 @@ def round_trajectories(paths: RunPaths, round_index: int, examples: list[PairExa
 
 def stored_log_probs_are_reference(settings: DPOConfig, round_index: int, header: dict) -> bool:
     """Whether the log-probs the sampler stored are the reference's as the trajectory objective computes them:
-    the round was sampled by the preliminary model itself (round 0, no aligned LoRA stacked) and training runs in
-    fp32. Under bf16/fp16 autocast the policy's log-probs carry the low precision and the stored ones the
-    sampler's, so the first step's log-ratio would be the rounding gap, not 0: the reference is recomputed."""
-    return round_index == 0 and not header.get("policy_lora") and settings.mixed_precision == "no"
+    the round was sampled by the preliminary model itself (round 0, no aligned LoRA stacked), sampling ran in
+    fp32 (shards from before the header recorded it did) and training runs in fp32. Under bf16/fp16 on either
+    side the two log-probs carry different rounding, so the first step's log-ratio would be the rounding gap,
+    not 0: the reference is recomputed."""
+    return (round_index == 0 and not header.get("policy_lora") and settings.mixed_precision == "no"
+            and header.get("model_dtype", "float32") == "float32")
 
 
 def check_stored_reference(settings: DPOConfig, sampling: TrajectorySettings, header: dict, model_hash: str | None,

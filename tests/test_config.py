@@ -45,6 +45,12 @@ def test_inf_and_nan_are_refused(override):
         load_config("tiny", [override])
 
 
+def test_eta_zero_is_refused_when_the_config_loads():
+    # eta = 0 makes every DDIM step deterministic: no log-prob, so the sampler would fail after loading the model
+    with pytest.raises(ConfigError, match=r"sample.eta = 0: Input should be greater than 0"):
+        load_config("tiny", ["sample.eta=0"])
+
+
 def test_bad_choice_lists_what_is_allowed():
     with pytest.raises(ConfigError, match="review.queue = 'nowhere': .*'stratified', 'disagreements' or 'uncertain'"):
         load_config("tiny", ["review.queue=nowhere"])

@@ -259,3 +259,23 @@ def test_published_split_rows_that_do_not_fit_the_dataset_are_named(published, t
     (split_dir / "test.csv").unlink()
     with pytest.raises(DataError, match="has no test.csv"):
         run_split(config("name='no-test'"), prepare_run(config("name='no-test'")))
+
+
+def test_published_split_files_from_windows_with_upper_case_digests_are_read(published):
+    # a BOM, CRLF line endings and md5hash in upper-case hex (the digest is case-insensitive) name the same images
+    from magic_align.data.split import run_split
+    from magic_align.run import prepare_run
+
+    config, split_dir, train, test = published
+    for name, rows in (("train.csv", train), ("test.csv", test)):
+        lines = [",".join(FITZ_COLUMNS), *(",".join([row[0].upper(), *row[1:]]) for row in rows)]
+        (split_dir / name).write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    run = config("name='windows'")
+    split = run_split(run, prepare_run(run))
+    assert [r.id for r in split.train] == [row[0] for row in train]
+    assert [r.id for r in split.test] == [row[0] for row in test]
+    # the same image spelled in both cases is still one image named twice
+    _write_csv(split_dir / "train.csv", [*train, [train[0][0].upper(), *train[0][1:]]])
+    run = config("name='twice'")
+    with pytest.raises(DataError, match=f"train.csv row {len(train) + 1}: the image of row 1 again"):
+        run_split(run, prepare_run(run))

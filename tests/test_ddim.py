@@ -162,3 +162,49 @@ def test_guided_noise_prediction_combines_uncond_and_cond():
     eps_c = eps_u + 2.0
     assert torch.allclose(guided, eps_u + 5.0 * (eps_c - eps_u))
     assert torch.allclose(guided_noise_prediction(unet, latents, t, cond, uncond, guidance=1.0), eps_c)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_last_step_to_alpha_one_is_deterministic_with_log_prob_zero_and_finite_gradients(prediction_type):
+    # set_alpha_to_one: t = 1 steps to a_t' = 1, so sigma = 0 whatever eta; the log-prob must not be NaN
+    scheduler = sd_scheduler(set_alpha_to_one=True, prediction_type=prediction_type)
+    latents = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(1))
+    model_out = torch.randn(2, 4, 2, 2, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    a_t = scheduler.alphas_cumprod[1].item()
+    if prediction_type == "epsilon":
+        x0 = (latents - math.sqrt(1 - a_t) * model_out) / math.sqrt(a_t)
+    else:
+        x0 = math.sqrt(a_t) * latents - math.sqrt(1 - a_t) * model_out
+    for reduction in ("mean", "sum"):
+        drawn = ddim_step_with_log_prob(scheduler, model_out, 1, latents, 1.0, variance_noise=torch.randn(2, 4, 2, 2),
+                                        reduction=reduction)
+        assert float(drawn.std) == 0.0
+        assert torch.allclose(drawn.prev_sample, x0, atol=1e-5)  # mu = sqrt(1) x0 + sqrt(1 - 1 - 0) eps
+        assert torch.equal(drawn.log_prob, torch.zeros(2))
+    # scored per row next to a step that has a density: only the degenerate row is 0
+    rows = torch.tensor([1, 291])
+    scored = ddim_step_with_log_prob(scheduler, model_out, rows, latents, 1.0, prev_latents=torch.zeros(2, 4, 2, 2))
+    assert scored.log_prob[0].item() == 0.0 and torch.isfinite(scored.log_prob[1]) and scored.log_prob[1].item() != 0.0
+    scored.log_prob.sum().backward()
+    assert torch.isfinite(model_out.grad).all()
+
+
+def test_v_prediction_log_prob_at_the_schedule_end_matches_a_hand_computation():
+    # set_alpha_to_one = False: t = 1 steps to t' = -9, which takes a_0 (final_alpha_cumprod)
+    scheduler = sd_scheduler(prediction_type="v_prediction")
+    latents = torch.tensor([[[[0.3, -1.2]]]])
+    v = torch.tensor([[[[0.5, 0.25]]]])
+    nxt = torch.tensor([[[[0.1, -0.9]]]])
+    a_t, a_p = scheduler.alphas_cumprod[1].item(), scheduler.alphas_cumprod[0].item()
+    eta = 0.5
+    sigma = eta * math.sqrt((1 - a_p) / (1 - a_t) * (1 - a_t / a_p))
+    densities = []
+    for x, vv, n in zip([0.3, -1.2], [0.5, 0.25], [0.1, -0.9]):
+        x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * vv
+        eps = math.sqrt(a_t) * vv + math.sqrt(1 - a_t) * x
+        mu = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p - sigma**2) * eps
+        densities.append(-((n - mu) ** 2) / (2 * sigma**2) - math.log(sigma) - 0.5 * math.log(2 * math.pi))
+    out = ddim_step_with_log_prob(scheduler, v, 1, latents, eta, prev_latents=nxt, reduction="sum")
+    assert out.log_prob.item() == pytest.approx(sum(densities), rel=1e-4)
+    out = ddim_step_with_log_prob(scheduler, v, 1, latents, eta, prev_latents=nxt, reduction="mean")
+    assert out.log_prob.item() == pytest.approx(sum(densities) / 2, rel=1e-4)

@@ -84,6 +84,26 @@ def test_weighted_rule():
         weighted_score([1, 0, 0, 0, 0], [1, 1])
 
 
+def test_weighted_rule_compares_float_sums_without_rounding_artefacts():
+    # 0.1 + 0.2 = 0.30000000000000004 in floats: the same weight met on both sides is a tie, not a win
+    assert weighted_rule([1, 1, 0], [0, 0, 1], [0.1, 0.2, 0.3], margin=0.0) == (0, 0)
+    assert weighted_rule([0, 0, 1], [1, 1, 0], [0.1, 0.2, 0.3], margin=0.0) == (0, 0)
+    # 0.4 + 0.3 - 0.4 = 0.29999999999999993: a lead of exactly the margin wins, as documented
+    assert weighted_rule([1, 1, 0], [1, 0, 0], [0.4, 0.3, 0.1], margin=0.3) == (1, 0)
+    assert weighted_rule([1, 0, 0], [1, 1, 0], [0.4, 0.3, 0.1], margin=0.3) == (0, 1)
+    # a real lead below the margin stays a tie
+    assert weighted_rule([1, 1, 0], [1, 0, 0], [0.4, 0.29, 0.1], margin=0.3) == (0, 0)
+
+
+def test_negative_item_weights_are_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="must be >= 0"):
+        PairsConfig(rule="weighted", item_weights=[1, -1, 1, 1, 1])
+    with pytest.raises(ValidationError, match="finite"):
+        PairsConfig(rule="weighted", item_weights=[float("nan"), 1, 1, 1, 1])
+
+
 def test_ties_and_rewards():
     assert is_tie((1, 1)) and is_tie((0, 0)) and not is_tie((1, 0))
     assert reward([1, 0, 1, None, 1]) == pytest.approx(0.6)  # an undecided item counts as not met

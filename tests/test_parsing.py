@@ -378,6 +378,390 @@ CORPUS = [
     ("all unknown", "[null, null, null, null, null]", refused_because("item 1 undecided")),
     ("score only", "Score: 3/5", refused_because("no verdicts")),
     ("format echoed only", "Answer with 1 or 0 for each criterion, for example [1, 0, 1, 0, 0].", refused_because("example")),
+    # ---- further shapes: questions answered after "?", prose that states a verdict against the list, lines
+    # listing the items met, several aspects per line, hedged negations ("not clearly visible" is undecided,
+    # "not visible" is 0), comments in JSON, answers cut off, a list given while declining; shapes that are
+    # not read (other languages, YAML nesting, one sentence per criterion on one line) fail safely
+    (
+        "correct location no",
+        "Location: Correct location? No\nLesion type: Yes\nShape/size: Yes\nColour: Yes\nTexture: Yes",
+        ok(0, 1, 1, 1, 1),
+    ),
+    ("list vs prose not met", "[1, 1, 1, 1, 1]\nLocation is not met.", refused_because("conflicting answers")),
+    (
+        "list vs parenthetical",
+        "[1,0,1,0,0] (location met, lesion type met, shape met, colour not met, texture not met)",
+        refused_because("conflicting answers"),
+    ),
+    (
+        "list + parenthetical agreeing",
+        "[1,0,1,0,0] (location met, lesion type not met, shape met, colour not met, texture not met)",
+        ok(1, 0, 1, 0, 0),
+    ),
+    (
+        "list + discussion",
+        "[1, 1, 0, 1, 1]\nThe location on the elbow is typical. The shape is hard to judge but looks small.",
+        ok(1, 1, 0, 1, 1),
+    ),
+    ("items met lines", "Items met: 1, 3\nItems not met: 2, 4, 5", ok(1, 0, 1, 0, 0)),
+    ("criteria met lines", "Criteria met: 1, 2, 4\nCriteria not met: 3, 5", ok(1, 1, 0, 1, 0)),
+    (
+        "several aspects sentences",
+        "Location: Yes. Lesion type: No. Shape/size: Yes. Colour: No. Texture: No.",
+        ok(1, 0, 1, 0, 0),
+    ),
+    (
+        "met? no style",
+        "Location - Met? No.\nLesion type - Met? Yes.\nShape/size - Met? Yes.\nColour - Met? No.\nTexture - Met? Yes.",
+        ok(0, 1, 1, 0, 1),
+    ),
+    (
+        "met? no numbered",
+        "1. Location. Met? No.\n2. Lesion type. Met? Yes.\n3. Shape/size. Met? Yes.\n4. Colour. Met? No.\n5. Texture. Met? Yes.",
+        ok(0, 1, 1, 0, 1),
+    ),
+    (
+        "not clearly visible",
+        "Location: yes\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: Not clearly visible",
+        refused_because("item 5 undecided"),
+    ),
+    (
+        "not visible",
+        "Location: yes\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: Not visible",
+        ok(1, 1, 1, 1, 0),
+    ),
+    (
+        "multilingual si",
+        "Location: sí\nLesion type: no\nShape/size: sí\nColour: sí\nTexture: no",
+        refused_because("wrong length 2 of 5"),
+    ),
+    ("german ja nein list", "[Ja, Nein, Ja, Ja, Nein]", refused_because("no verdicts")),
+    (
+        "french oui non",
+        "Localisation : oui\nType de lésion : non\nForme/taille : oui\nCouleur : oui\nTexture : non",
+        refused_because("no verdicts"),
+    ),
+    (
+        "french spaced colon english",
+        "Location : yes\nLesion type : no\nShape/size : yes\nColour : yes\nTexture : no",
+        ok(1, 0, 1, 1, 0),
+    ),
+    ("chinese colon", "Location：是\nLesion type：否", refused_because("no verdicts")),
+    (
+        "fullwidth colon english",
+        "Location：Yes\nLesion type：No\nShape/size：Yes\nColour：Yes\nTexture：No",
+        ok(1, 0, 1, 1, 0),
+    ),
+    ("emoji check list lines", "1. ✅\n2. ❌\n3. ✅\n4. ✅\n5. ❌", ok(1, 0, 1, 1, 0)),
+    ("emoji heavy check", "Location ✔️ Lesion type ✔️ Shape/size ❌ Colour ✔️ Texture ❌", ok(1, 1, 0, 1, 0)),
+    (
+        "emoji keycap",
+        "1️⃣ Location: ✅\n2️⃣ Lesion type: ✅\n3️⃣ Shape/size: ❌\n4️⃣ Colour: ✅\n5️⃣ Texture: ❌",
+        ok(1, 1, 0, 1, 0),
+    ),
+    ("yaml", "location: 1\nlesion_type: 0\nshape_and_size: 1\ncolour: 1\ntexture: 0", ok(1, 0, 1, 1, 0)),
+    (
+        "yaml nested",
+        "items:\n  - item: 1\n    verdict: 1\n  - item: 2\n    verdict: 0\n  - item: 3\n    verdict: 1\n  - item: 4\n    verdict: 1\n  - item: 5\n    verdict: 0",
+        refused_because("no verdicts"),
+    ),
+    ("yaml fence list", "```yaml\nverdicts:\n  - 1\n  - 0\n  - 1\n  - 1\n  - 0\n```", ok(1, 0, 1, 1, 0)),
+    (
+        "yaml aspects met",
+        "location:\n  met: true\nlesion_type:\n  met: false\nshape:\n  met: true\ncolour:\n  met: true\ntexture:\n  met: false",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "criterion dash partially (0)",
+        "Criterion 1 — satisfied (1)\nCriterion 2 — satisfied (1)\nCriterion 3 — partially satisfied (0)\nCriterion 4 — not satisfied (0)\nCriterion 5 — satisfied (1)",
+        ok(1, 1, 0, 0, 1),
+    ),
+    (
+        "criterion partially no number",
+        "Criterion 1 — satisfied\nCriterion 2 — satisfied\nCriterion 3 — partially satisfied\nCriterion 4 — not satisfied\nCriterion 5 — satisfied",
+        refused_because("item 3 undecided"),
+    ),
+    ("list spaces inside", "[ 1 , 0 , 1 , 1 , 0 ]", ok(1, 0, 1, 1, 0)),
+    ("list newlines inside", "[\n  1,\n  0,\n  1,\n  1,\n  0\n]", ok(1, 0, 1, 1, 0)),
+    ("list newlines words", "[\n  \"yes\",\n  \"no\",\n  \"yes\",\n  \"yes\",\n  \"no\"\n]", ok(1, 0, 1, 1, 0)),
+    (
+        "list newlines comments",
+        "[\n  1, // location\n  0, // lesion type\n  1, // shape\n  1, // colour\n  0  // texture\n]",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "json fence comments",
+        "```json\n{\n  \"items\": [1, 0, 1, 1, 0] // location, type, shape, colour, texture\n}\n```",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "json fence hash comments",
+        "```json\n[\n  1, # location\n  0, # lesion\n  1, # shape\n  1, # colour\n  0  # texture\n]\n```",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "json fence block comment",
+        "```json\n/* verdicts */\n{\"location\": 1, \"lesion_type\": 0, \"shape\": 1, \"colour\": 1, \"texture\": 0}\n```",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "json object comments",
+        "```json\n{\n  \"location\": 1, // elbow\n  \"lesion_type\": 0, // thin\n  \"shape\": 1,\n  \"colour\": 1,\n  \"texture\": 0\n}\n```",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "cut mid sentence after lines",
+        "Location: yes - on the elbow\nLesion type: yes\nShape/size: no\nColour: yes\nTexture: the scale looks dry and fla",
+        refused_because("wrong length 4 of 5"),
+    ),
+    (
+        "cut mid sentence 3 lines",
+        "1. Location: Yes\n2. Lesion type: Yes\n3. Shape/size: The plaque is",
+        refused_because("wrong length 2 of 5"),
+    ),
+    ("cut mid list", "[1, 0, 1,", refused_because("no verdicts")),
+    ("cut after list", "[1, 0, 1, 1, 0]\n\nExplanation: the location is on the elb", ok(1, 0, 1, 1, 0)),
+    ("cut mid list 4", "Final answer: [1, 0, 1, 1", refused_because("no verdicts")),
+    (
+        "refusal with list",
+        "I'm sorry, but I can't provide a medical assessment. If I had to answer, it would be [1, 0, 1, 1, 0], but please consult a dermatologist.",
+        refused_because("declined"),
+    ),
+    (
+        "refusal then list",
+        "I can't diagnose skin conditions, but based purely on visual features: [1, 1, 0, 1, 0]",
+        ok(1, 1, 0, 1, 0),
+    ),
+    ("refusal placeholder list", "I'm unable to evaluate this image. [0, 0, 0, 0, 0]", refused_because("declined")),
+    (
+        "refusal cannot assess list",
+        "As an AI I cannot assess medical images, so I'll answer [0, 0, 0, 0, 0] for all.",
+        refused_because("declined"),
+    ),
+    (
+        "yes no slash",
+        "Location: Yes/No -> Yes\nLesion type: Yes\nShape/size: No\nColour: Yes\nTexture: No",
+        ok(1, 1, 0, 1, 0),
+    ),
+    (
+        "true false aspects",
+        "Location: True\nLesion type: False\nShape/size: True\nColour: True\nTexture: False",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "correct? no everywhere",
+        "Location: correct? yes\nLesion type: correct? no\nShape/size: correct? yes\nColour: correct? yes\nTexture: correct? no",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "question then no",
+        "1. Is the location correct? No.\n2. Is the lesion type correct? Yes.\n3. Is the shape/size correct? Yes.\n4. Is the colour correct? No.\n5. Is the texture correct? Yes.",
+        ok(0, 1, 1, 0, 1),
+    ),
+    (
+        "question then no no numbers",
+        "Is the location correct? No.\nIs the lesion type correct? Yes.\nIs the shape/size correct? Yes.\nIs the colour correct? No.\nIs the texture correct? Yes.",
+        refused_because("no verdicts"),
+    ),
+    (
+        "aspect: is it met? yes",
+        "Location: Is it met? Yes\nLesion type: Is it met? No\nShape/size: Is it met? Yes\nColour: Is it met? Yes\nTexture: Is it met? No",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "not yes",
+        "Location: not yes\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        refused_because("wrong length 4 of 5"),
+    ),
+    (
+        "scores 0/1 per aspect",
+        "Location: 1/1\nLesion type: 0/1\nShape/size: 1/1\nColour: 1/1\nTexture: 0/1",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "score per line",
+        "Location (score 1)\nLesion type (score 0)\nShape/size (score 1)\nColour (score 1)\nTexture (score 0)",
+        refused_because("no verdicts"),
+    ),
+    ("items met sentence", "Items 1, 3 and 4 are met; items 2 and 5 are not.", ok(1, 0, 1, 1, 0)),
+    ("met: list only", "Met: 1, 3, 4\nNot met: 2, 5", ok(1, 0, 1, 1, 0)),
+    ("satisfied criteria bracket", "Satisfied criteria: [1, 3, 4]\nUnsatisfied criteria: [2, 5]", ok(1, 0, 1, 1, 0)),
+    ("passed failed", "Passed: location, shape/size, colour\nFailed: lesion type, texture", ok(1, 0, 1, 1, 0)),
+    (
+        "list then prose agreeing",
+        "[1, 1, 0, 1, 0]\nThe location is met. The texture is not met because the surface is smooth.",
+        ok(1, 1, 0, 1, 0),
+    ),
+    (
+        "list then prose colour conflict",
+        "[1, 1, 0, 1, 0]\nHowever, the colour does not meet the criterion.",
+        refused_because("conflicting answers"),
+    ),
+    (
+        "list then numbered explanation conflicting",
+        "[1, 1, 1, 1, 1]\n\n1. Location: not met, trunk.\n2. Lesion type: met.\n3. Shape: met.\n4. Colour: met.\n5. Texture: met.",
+        refused_because("conflicting answers"),
+    ),
+    (
+        "list then prose 'location' discussed",
+        "[0, 1, 1, 1, 1]\nLocation: the lesion is on the trunk rather than the elbow.",
+        ok(0, 1, 1, 1, 1),
+    ),
+    (
+        "list then prose aspects unmet word",
+        "[1, 1, 1, 1, 1]\nThe texture criterion is unmet.",
+        refused_because("conflicting answers"),
+    ),
+    (
+        "list then prose fails",
+        "[1, 1, 1, 1, 1]\nThe colour fails: it is brown.",
+        refused_because("conflicting answers"),
+    ),
+    (
+        "list then prose 'not' reasoning",
+        "[1, 1, 1, 1, 0]\nI checked whether the texture is met; it is not.",
+        ok(1, 1, 1, 1, 0),
+    ),
+    (
+        "bold yes bullets inline",
+        "**Location:** ✅ Yes | **Lesion type:** ❌ No | **Shape/size:** ✅ Yes | **Colour:** ✅ Yes | **Texture:** ❌ No",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "python dict list",
+        "{'location': True, 'lesion type': False, 'shape': True, 'colour': True, 'texture': False}",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "verdict words uppercase",
+        "LOCATION: YES\nLESION TYPE: NO\nSHAPE/SIZE: YES\nCOLOUR: YES\nTEXTURE: NO",
+        ok(1, 0, 1, 1, 0),
+    ),
+    ("medgemma unused", "<unused94>thought\nThe lesion is on the elbow...<unused95>[1, 0, 1, 1, 0]", ok(1, 0, 1, 1, 0)),
+    ("llava sentence list", "The answer is 1, 0, 1, 1, 0.", ok(1, 0, 1, 1, 0)),
+    ("qwen answer tag numbered", "<answer>\n1. 1\n2. 0\n3. 1\n4. 1\n5. 0\n</answer>", ok(1, 0, 1, 1, 0)),
+    (
+        "reasoning model final",
+        "Let me evaluate each criterion.\nLocation: the elbow, which matches.\nLesion type: a thick plaque, matches.\nShape: oval, fine.\nColour: brown, not pink.\nTexture: flaky.\n\n**Final answer:** [1, 1, 1, 0, 1]",
+        ok(1, 1, 1, 0, 1),
+    ),
+    (
+        "colour doesnt match prose after list",
+        "[1, 1, 1, 1, 1]\nThe colour doesn't match: the plaque is brown.",
+        refused_because("conflicting answers"),
+    ),
+    ("only location not met sentence", "All criteria are met except location.", refused_because("no verdicts")),
+    ("yes with emoji prefix", "✅ Yes\n❌ No\n✅ Yes\n✅ Yes\n❌ No", ok(1, 0, 1, 1, 0)),
+    ("one-line mixed separators", "Location=1; Lesion type=0; Shape/size=1; Colour=1; Texture=0", ok(1, 0, 1, 1, 0)),
+    ("pipes one line", "Location: 1 | Lesion type: 0 | Shape/size: 1 | Colour: 1 | Texture: 0", ok(1, 0, 1, 1, 0)),
+    (
+        "numbered with criterion text then no",
+        "1. Correct location? No\n2. Correct lesion type? Yes\n3. Correct shape/size? Yes\n4. Correct colour? Yes\n5. Correct texture? Yes",
+        ok(0, 1, 1, 1, 1),
+    ),
+    (
+        "table emoji",
+        "| Criterion | Met |\n|---|---|\n| Location | ✅ |\n| Lesion type | ❌ |\n| Shape/size | ✅ |\n| Colour | ✅ |\n| Texture | ❌ |",
+        ok(1, 0, 1, 1, 0),
+    ),
+    (
+        "table verdict then text no",
+        "| Criterion | Verdict |\n|---|---|\n| Location | No - trunk |\n| Lesion type | Yes |\n| Shape/size | Yes |\n| Colour | Yes |\n| Texture | Yes |",
+        ok(0, 1, 1, 1, 1),
+    ),
+    ("list with trailing dots", "[1, 0, 1, 1, 0].", ok(1, 0, 1, 1, 0)),
+    (
+        "cut json object",
+        "{\"location\": 1, \"lesion_type\": 0, \"shape\": 1, \"colour\"",
+        refused_because("wrong length 1 of 5"),
+    ),
+    (
+        "negated yes doesn't",
+        "Location: The image doesn't show the elbow, so no.\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        ok(0, 1, 1, 1, 1),
+    ),
+    (
+        "not really met",
+        "Location: not really\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        refused_because("wrong length 4 of 5"),
+    ),
+    (
+        "hardly",
+        "Location: hardly\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        refused_because("wrong length 4 of 5"),
+    ),
+    (
+        "likely yes",
+        "Location: likely yes\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        refused_because("wrong length 4 of 5"),
+    ),
+    (
+        "probably not",
+        "Location: probably not\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        refused_because("wrong length 4 of 5"),
+    ),
+    (
+        "mostly",
+        "Location: mostly\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        refused_because("wrong length 4 of 5"),
+    ),
+    (
+        "yes-ish",
+        "Location: yes-ish\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        refused_because("item 1 undecided"),
+    ),
+    (
+        "no not met emphatic",
+        "Location: ❌ Not met\nLesion type: ✅ Met\nShape/size: ✅ Met\nColour: ✅ Met\nTexture: ✅ Met",
+        ok(0, 1, 1, 1, 1),
+    ),
+    (
+        "mark contradicts word",
+        "Location: ✅ Not met\nLesion type: ✅ Met\nShape/size: ✅ Met\nColour: ✅ Met\nTexture: ✅ Met",
+        refused_because("item 1 undecided"),
+    ),
+    (
+        "n = 5 zeroes spaced sentences",
+        "Criterion 1: Met. Criterion 2: Not met. Criterion 3: Met. Criterion 4: Met. Criterion 5: Not met.",
+        refused_because("wrong length 1 of 5"),
+    ),
+    (
+        "aspect then newline yes",
+        "Location\nYes\nLesion type\nNo\nShape/size\nYes\nColour\nYes\nTexture\nNo",
+        refused_because("no verdicts"),
+    ),
+    ("none met except", "None of the criteria are met except the location.", refused_because("no verdicts")),
+    ("1 = yes legend", "(1 = yes, 0 = no)\n[1, 0, 1, 1, 0]", ok(1, 0, 1, 1, 0)),
+    (
+        "legend Yes=1",
+        "Legend: Yes = 1, No = 0\nLocation: 1\nLesion type: 0\nShape/size: 1\nColour: 1\nTexture: 0",
+        ok(1, 0, 1, 1, 0),
+    ),
+    ("truncated ellipsis", "[1, 0, 1, ...]", refused_because("no verdicts")),
+    ("list with question", "[1, 0, ?, 1, 0]", refused_because("item 3 undecided")),
+    ("list with dash", "[1, 0, -, 1, 0]", refused_because("no verdicts")),
+    ("thumbs", "👍 👎 👍 👍 👎", ok(1, 0, 1, 1, 0)),
+    (
+        "not clearly not",
+        "Location: not clearly met\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        refused_because("item 1 undecided"),
+    ),
+    ("is not clearly visible prose", "[1, 1, 1, 1, 1]\nThe texture is not clearly visible.", ok(1, 1, 1, 1, 1)),
+    (
+        "does not appear to be met",
+        "Location: does not appear to be met\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: yes",
+        ok(0, 1, 1, 1, 1),
+    ),
+    (
+        "cannot be confirmed",
+        "Location: yes\nLesion type: yes\nShape/size: yes\nColour: yes\nTexture: cannot be confirmed",
+        refused_because("item 5 undecided"),
+    ),
+    (
+        "json true false with reasons prose after",
+        "{\"verdicts\": [true, false, true, true, false]}\nNote: colour is borderline.",
+        ok(1, 0, 1, 1, 0),
+    ),
 ]
 
 
@@ -405,7 +789,12 @@ def test_answer_shapes(name, text, expected):
 WITHOUT_CHECKLIST = [
     case for case in CORPUS
     if case[0] not in ("aspects out of order", "json keyed by aspect, out of order", "number and aspect disagree",
-                       "four aspects")
+                       "four aspects",
+                       # prose and item lists name aspects: without the checklist they are not read
+                       "list vs prose not met", "list vs parenthetical", "passed failed", "list then prose colour conflict",
+                       "list then prose aspects unmet word", "list then prose fails", "colour doesnt match prose after list",
+                       # without aspect names these lines count in order, and fail on their length
+                       "yaml nested", "table emoji", "1 = yes legend", "legend Yes=1")
 ]
 
 

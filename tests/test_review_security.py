@@ -576,3 +576,24 @@ def test_unexpected_errors_show_a_page_without_traceback(open_app, monkeypatch):
         response = other.get("/")
     assert response.status_code == 500
     assert "internal error (RuntimeError)" in response.text and "secret internals" not in response.text
+
+
+def test_notes_and_judge_rationales_are_shown_escaped(review_run):
+    from magic_align.judges.base import Verdict
+
+    config, ledger, samples, checklists = review_run
+    sample = next(s for s in samples if s.sample_id == "r0-u000-k0")
+    checklist = checklists[sample.target_label]
+    attack = '<script>alert(1)</script><img src=x onerror=alert(2)>"\'&'
+    ledger.put_verdict(sample.image_sha256, "judge:x", checklist.version, "p1",
+                       Verdict(items=[1, 0, 1, 0, 1], rationales=[attack] * 5, raw="x"), checklist.condition)
+    with TestClient(create_app(config, reviewer="Dr A", judge_id="judge:a")) as client:
+        page = client.get("/review/r0-u000-k0")
+        version = VERSION.search(page.text).group(1)
+        saved = client.post("/review/r0-u000-k0", data={"checklist_version": version, "item": ["1"], "note": attack,
+                                                       "csrf_token": csrf_of(page.text)}, follow_redirects=False)
+        assert saved.status_code == 303 and ledger.reviews()[0].note == attack
+        shown = client.get("/review/r0-u000-k0").text
+    assert "<script>alert(1)" not in shown and "<img src=x" not in shown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in shown  # the rationale and the note, as text
+    assert 'value="&lt;script&gt;' in shown  # the note in the form field cannot close the attribute

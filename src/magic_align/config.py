@@ -115,7 +115,7 @@ class SampleConfig(Section):
     samples_per_unit: int = Field(2, ge=1)  # K; 2 is the paper's pair
     steps: int = Field(100, ge=1)
     strength: float = Field(0.3, gt=0, le=1)
-    eta: float = Field(1.0, ge=0)
+    eta: float = Field(1.0, gt=0)  # the trajectories' log-probs need a random step (eta = 0 is deterministic)
     guidance: float = Field(5.0, ge=0)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
@@ -184,6 +184,14 @@ class PairsConfig(Section):
     item_weights: list[float] | None = None
     prefer_human: bool = False
     min_kappa: float | None = Field(None, ge=-1, le=1)
+
+    @field_validator("item_weights")
+    @classmethod
+    def _weights_are_not_negative(cls, weights: list[float] | None) -> list[float] | None:
+        # a negative weight would punish a sample for meeting an item (non-finite ones the section already refuses)
+        if weights is not None and any(weight < 0 for weight in weights):
+            raise ValueError("each weight must be >= 0 (a negative weight punishes meeting an item)")
+        return weights
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -75,9 +75,14 @@ def paper_pair_rule(score_a: float, score_b: float, n_items: int = 5) -> Outcome
 
 
 def margin_rule(score_a: float, score_b: float, margin: float = 1.0) -> Outcome:
-    """The higher score wins if it leads by at least `margin` (and by something); otherwise a tie [0, 0]."""
+    """The higher score wins if it leads by at least `margin` (and by something); otherwise a tie [0, 0].
+
+    Weighted scores are float sums (0.1 + 0.2 is not 0.3), so differences within a rounding tolerance of the
+    scores count as equal: equal weights met give a tie, and a lead of exactly `margin` wins.
+    """
     difference = score_a - score_b
-    if difference == 0 or abs(difference) < margin:
+    tolerance = 1e-9 * max(1.0, abs(score_a), abs(score_b), margin)
+    if abs(difference) <= tolerance or abs(difference) < margin - tolerance:
         return 0, 0
     return (1, 0) if difference > 0 else (0, 1)
 

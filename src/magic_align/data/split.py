@@ -265,19 +265,23 @@ def read_split_file(path: Path, kind: str, by_id: dict[str, Record], conditions:
     columns, key_of = split_key(header)
     chosen: list[Record] = []
     seen: dict[str, int] = {}
+    # Image keys that differ only in letter case (an md5 digest written in upper-case hex) name the same image,
+    # as long as no two of the dataset's ids differ only in case.
+    folded = Counter(record_id.casefold() for record_id in by_id)
+    by_folded_id = {name.casefold(): record for name, record in by_id.items() if folded[name.casefold()] == 1}
     for row, fields in read_csv_rows(path, columns, f"{kind} split", ("label",)):
         empty = [name for name in columns if not fields.get(name)]
         if empty:
             raise DataError(f"{path} row {row}: empty {', '.join(empty)}; every row must name an image")
-        record_id = key_of(fields)
-        record = by_id.get(record_id)
+        key = key_of(fields)
+        record = by_id.get(key) or by_folded_id.get(key.casefold())
         if record is None:
             named = ", ".join(f"{name} {fields[name]!r}" for name in columns)
             raise DataError(f"{path} row {row}: {named} is not an image of the dataset (data.csv, after leaving out "
                             "unreadable images); the split file and the dataset must come from the same release")
-        if record_id in seen:
-            raise DataError(f"{path} row {row}: the image of row {seen[record_id]} again")
-        seen[record_id] = row
+        if record.id in seen:
+            raise DataError(f"{path} row {row}: the image of row {seen[record.id]} again")
+        seen[record.id] = row
         label = fields.get("label")
         if label:
             named = match_labels([Record("x", path, normalise_label(label))], conditions)[0].label

@@ -10,7 +10,8 @@ A DDIM step with eta > 0 is a Gaussian transition x_{t'} ~ N(mu, sigma^2) with
 so the sampler can record log p(x_{t'} | x_t, c) for the sample it draws, and a trainer can score a stored
 x_{t'} under another set of weights. The arithmetic follows `diffusers.DDIMScheduler.step` term by term, so for
 the same noise the sample is the same; t' = t - num_train_timesteps // num_inference_steps and, below 0, the
-scheduler's `final_alpha_cumprod` (1 with `set_alpha_to_one`, else a_0), as diffusers does.
+scheduler's `final_alpha_cumprod` (1 with `set_alpha_to_one`, else a_0), as diffusers does. With a_t' = 1 the
+step has sigma = 0 whatever eta: it is deterministic, and its log-prob is defined as 0 (no term in any ratio).
 
 `timestep` may be an int or a tensor with one value per batch row, so the T steps of a stored trajectory can be
 scored in one batched UNet call.
@@ -138,7 +139,14 @@ def ddim_step_with_log_prob(
         prev_sample = mean + std * variance_noise.to(device=device, dtype=torch.float32)
     else:
         prev_sample = prev_latents.to(device=device, dtype=torch.float32)
-    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    # sigma = 0 where a_t' = 1 (the last step under set_alpha_to_one): the step is deterministic and has no density.
+    # Its log-prob is 0, so it adds nothing to a likelihood ratio; the Gaussian is evaluated with a stand-in sigma
+    # there so neither the value nor the gradient through the unused branch is NaN.
+    # (no branch on the values: that would wait for the device at every step)
+    degenerate = std <= 0
+    log_prob = gaussian_log_prob(prev_sample, mean, torch.where(degenerate, torch.ones_like(std), std), reduction)
+    per_row = degenerate.reshape(-1) if degenerate.ndim else degenerate  # [B, 1, 1, 1] -> [B]; 0-d stays
+    log_prob = torch.where(per_row, torch.zeros_like(log_prob), log_prob)
     return DDIMStepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
 
 

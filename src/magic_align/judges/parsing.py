@@ -69,11 +69,15 @@ _UNDECIDED_WORDS = [
     r"(?:determined?|tell|told|assess(?:ed)?|evaluated?|judged?|say|confirm(?:ed)?|see|verif(?:y|ied)|decided?)",
     r"(?:hard|difficult|impossible)\s+to\s+(?:tell|say|determine|assess|judge)",
     r"insufficient(?:\s+(?:information|detail|evidence|resolution))?",
-    r"maybe", r"possibly", r"perhaps", r"n/a", r"null", r"nan",
+    r"maybe", r"possibly", r"perhaps", r"n/a", r"null", r"nan", r"(?:yes|no)[\s-]?ish",
+    # "not clearly visible", "not fully met": doubt about the item, not a statement that it fails
+    r"not\s+(?:clearly|fully|entirely|quite|obviously|definitely|completely|readily)\s+(?:\w+\s+)?"
+    r"(?:met|satisfied|fulfill?ed|present|seen|visible|observed|shown|evident|true|correct|consistent|apparent|"
+    r"discernible|identifiable|appreciable)",
 ]
 _UNDECIDED_TERMINAL = [r"na", r"none"]
 _NEGATIVE_WORDS = [
-    r"not\s+(?:really\s+|fully\s+|clearly\s+|quite\s+|entirely\s+|obviously\s+)?"
+    r"not\s+(?:really\s+)?"
     r"(?:met|satisfied|fulfill?ed|present|seen|visible|observed|shown|evident|true|correct|passed|matched|consistent)",
     r"(?:does|do|did)\s*(?:not|n[’']t)\s+(?:\w+\s+)?(?:meet|satisfy|fulfill?|match|pass|apply|show)",
     r"(?:is|are|was|were)\s*(?:not|n[’']t)\s+(?:\w+\s+)?(?:met|satisfied|fulfill?ed|present|seen|visible|observed|evident)",
@@ -104,6 +108,9 @@ _LEADING_PATTERNS: list[tuple[re.Pattern, int | None]] = [
     (re.compile(_OPENING + f"(?:{_alternatives(_POSITIVE_WORDS, _POSITIVE_TERMINAL)}|{_POSITIVE_MARKS})", re.I), 1),
 ]
 _LEADING_NUMBER = re.compile(_OPENING + _NUMBER)
+_LEADING_FRACTION = re.compile(_OPENING + r"([01])\s*/\s*1(?![\d.,])")  # "Location: 1/1", "0/1"
+_MARK = re.compile(f"^[\\s*_`'\"(\\[]*(?:{_POSITIVE_MARKS}|{_NEGATIVE_MARKS}|{_UNDECIDED_MARKS})\\s*$")
+_QUESTION_AFTER = re.compile(r"^[^.!\n?]{0,60}\?")
 # "Yes/No", "1 or 0": the answer format echoed, not an answer.
 _FORMAT_ECHO = re.compile(r"^\s*(?:/|or|\|)\s*(?:no|not\s+met|0|yes|1|met)\b", re.I)
 _BRACKET_AFTER = re.compile(
@@ -121,9 +128,10 @@ def _leading(text: str) -> tuple[bool, int | None, int]:
         match = pattern.match(text)
         if match and (best is None or match.end() > best[0]):
             best = (match.end(), -priority, value)
-    match = _LEADING_NUMBER.match(text)
-    if match and (best is None or match.end() > best[0]):
-        best = (match.end(), 0, int(match.group(1)))
+    for pattern in (_LEADING_NUMBER, _LEADING_FRACTION):
+        match = pattern.match(text)
+        if match and (best is None or match.end() > best[0]):
+            best = (match.end(), 0, int(match.group(1)))
     if best is None:
         return False, None, 0
     return True, best[2], best[0]
@@ -150,8 +158,14 @@ def _refined(value: int | None, rest: str) -> tuple[bool, int | None, int]:
 def _verdict_at_start(text: str) -> tuple[bool, int | None, int]:
     """(found, value, end) of a verdict that opens `text`, with what follows it taken into account."""
     found, value, end = _leading(text)
-    if not found:
-        return False, None, 0
+    if not found or _QUESTION_AFTER.match(text[end:]):
+        return False, None, 0  # "Correct location? No": the verdict word opens a question, its answer follows
+    if _MARK.match(text[:end]):
+        # a check mark followed by a verdict word is one verdict; "✅ Not met" contradicts itself
+        said, second, second_end = _leading(text[end:])
+        if said and not _MARK.match(text[end:end + second_end]) and not _QUESTION_AFTER.match(text[end + second_end:]):
+            value = value if second == value else None
+            end += second_end
     found, value, used = _refined(value, text[end:])
     return found, value, end + used
 
@@ -189,6 +203,7 @@ _STRONG = re.compile(
     r"(met|satisfied|fulfill?ed)\b|\b(un(?:met|satisfied|fulfill?ed))\b|\b(partially|partly)\s+(?:met|satisfied|fulfill?ed)\b",
     re.I,
 )
+_NEGATION_BEFORE = re.compile(r"\b(?:not|never|no\s+longer|hardly|barely)\b|n't\b(?:\s+\w+){0,4}\s*$", re.I)
 _REASONING = re.compile(r"\b(?:if|whether|check|need|let\s+me|let's|determine|should|would|might|could)\b", re.I)
 _UNDECIDED_ANYWHERE = re.compile(
     r"\b(?:unclear|uncertain|indeterminate|inconclusive|not\s+(?:sure|clear|certain|assessable)|"
@@ -209,6 +224,12 @@ def _value_in(text: str) -> tuple[bool, int | None, str | None]:
     text = _plain(text)
     if not text:
         return False, None, None
+    question, mark, answer = text.rpartition("?")
+    if mark and re.search(r"\w", question):
+        # "Correct location? No", "Met? Yes": only the answer to the question says something
+        if not answer.strip(" .,:;!*_'\"-–—"):
+            return False, None, None
+        return _value_in(answer)
     found, value, end = _verdict_at_start(text)
     if found:
         return True, value, _reason(text[end:])
@@ -223,15 +244,16 @@ def _value_in(text: str) -> tuple[bool, int | None, str | None]:
     pieces = [piece.strip(" .,:;!*_'\"") for piece in _PIECES.split(text)]
     pieces = [piece for piece in pieces if piece]
     if len(pieces) > 1:
-        found, value = token_verdict(pieces[-1])
+        found, value = token_verdict(re.sub(r"^(?:so|hence|therefore|thus|thus,|overall)\s+", "", pieces[-1], flags=re.I))
         if found:
             return True, value, _reason(text[: text.rfind(pieces[-1])])
     if not _REASONING.search(text):
         said = set()
         for match in _STRONG.finditer(text):
+            clause = re.split(r"[.,;:!]|\b(?:but|and|although|though|however|while|whereas)\b", text[: match.start()])[-1]
             if match.group(4):
                 said.add(None)
-            elif match.group(3) or match.group(1):
+            elif match.group(3) or match.group(1) or _NEGATION_BEFORE.search(clause):
                 said.add(0)
             else:
                 said.add(1)
@@ -609,7 +631,7 @@ _BRACKETED = re.compile(r"[\[(]([^\[\]()\n]{1,400})[\])]")
 def _sequence(body: str, min_length: int) -> list[_Entry] | None:
     """Entries when `body` is nothing but verdicts separated by commas, semicolons, slashes or spaces."""
     body = body.strip()
-    if not body:
+    if not body or re.search(r"\w\?", body):
         return None
     if re.search(r"[,;]", body):
         chunks = re.split(r"\s*[,;]\s*", body)
@@ -835,14 +857,20 @@ def _read_line(line: str, labels: ItemLabels | None) -> list[_Line]:
     return [_Line(_Entry(value, reason, position, label or None))]
 
 
-_SEGMENT = re.compile(r"^(?P<label>[A-Za-z][A-Za-z /&'()\-]{0,40}?)\s*(?:[:=]|\s[-–—]|[–—→])\s*(?P<value>.+)$")
+_SEGMENT = re.compile(r"^(?P<label>[A-Za-z][A-Za-z0-9 /&'()\-]{0,40}?)\s*(?:[:=]|\s[-–—]|[–—→])\s*(?P<value>.+)$")
+_SEGMENT_NUMBER = re.compile(r"^(?:criterion|item|question|q|aspect|point)\s*#?\s*(\d{1,2})$", re.I)
+_MARK_SPLIT = re.compile(f"({_POSITIVE_MARKS}|{_NEGATIVE_MARKS}|{_UNDECIDED_MARKS})")
 
 
 def _inline_labelled(text: str, labels: ItemLabels | None) -> list[_Line]:
-    """"Location: yes, Lesion type: no, Colour - 1", "Location ✔️, Shape ❌" on one line."""
-    segments = [segment.strip() for segment in re.split(r"\s*[,;|]\s*(?![^()]*\))", text) if segment.strip()]
+    """"Location: yes, Lesion type: no, Colour - 1", "Location: Yes. Lesion type: No.", "Location ✔️, Shape ❌",
+    "Location ✔️ Lesion type ❌" on one line."""
+    segments = [segment.strip() for segment in re.split(r"\s*[,;|]\s*(?![^()]*\))|(?<=[.!])\s+", text) if segment.strip()]
     if len(segments) < 2:
-        return []
+        parts = _MARK_SPLIT.split(text)
+        if len(parts) < 5 or parts[-1].strip():
+            return []
+        segments = [parts[index].strip() + " " + parts[index + 1] for index in range(0, len(parts) - 1, 2)]
     found_lines = []
     for segment in segments:
         match = _SEGMENT.match(segment)
@@ -857,7 +885,8 @@ def _inline_labelled(text: str, labels: ItemLabels | None) -> list[_Line]:
             return []
         if not found or not _usable_label(label, labels, False):
             return []
-        found_lines.append(_Line(_Entry(value, None, None, label)))
+        number = _SEGMENT_NUMBER.match(label)
+        found_lines.append(_Line(_Entry(value, None, int(number.group(1)) - 1, None) if number else _Entry(value, None, None, label)))
     return found_lines
 
 
@@ -979,9 +1008,87 @@ def _add(entry: _Entry, group: list[_Entry], statements: list[_Statement], offse
 
 _CRITERIA_SENTENCE = re.compile(
     r"\b(?:criteria|criterion|items?)\s+((?:#?\d{1,2}\s*(?:,\s*|\s+and\s+|\s*&\s*|\s*\+\s*)?)+)\s*"
-    r"(?:are|is|were|was)\s+((?:not|n't)\s+(?:\w+\s+)?)?(met|satisfied|fulfill?ed|unmet)\b",
+    r"(?:(?:are|is|were|was)\s+((?:not|n't)\s+(?:\w+\s+)?)?(met|satisfied|fulfill?ed|unmet)\b"
+    r"|(?:are|is|were|was)\s*(n't|not)(?=\s*(?:[.;!]|$))|(?:aren't|isn't|weren't|wasn't)(?=\s*(?:[.;!]|$)))",
     re.I,
 )
+
+
+_GROUPED = re.compile(
+    r"^(?P<noun>(?:items?|criteria|criterion|aspects?|features?)\s+)?(?P<verdict>not\s+met|met|unmet|not\s+satisfied|"
+    r"unsatisfied|satisfied|not\s+fulfill?ed|unfulfill?ed|fulfill?ed|passed|pass|failed|fail)"
+    r"(?P<after>\s+(?:items?|criteria|criterion|aspects?|features?))?\s*[:=]\s*(?P<list>.+)$",
+    re.I,
+)
+
+
+def _grouped_line(line: str, labels: ItemLabels | None) -> _Statement | None:
+    """"Items met: 1, 3", "Not met: 2, 4, 5", "Failed: lesion type, texture": the items a verdict applies to."""
+    match = _GROUPED.match(_plain(_BULLET.sub("", line)))
+    if not match:
+        return None
+    value = 0 if re.match(r"not|un|fail", match.group("verdict"), re.I) else 1
+    listed = match.group("list").strip(" .[](){}")
+    if re.fullmatch(r"(?:none|nil|-|–|n/a)", listed, re.I):
+        return _Statement([], "items", f"the line {line.strip()[:60]!r}")
+    entries = []
+    for piece in re.split(r"\s*[,;]\s*", listed):
+        piece = re.sub(r"^(?:and|&)\s+", "", piece.strip(), flags=re.I)
+        number = re.fullmatch(r"(?:(?:item|criterion|#)\s*)?(\d{1,2})", piece, re.I)
+        if number:
+            entries.append(_Entry(value, None, int(number.group(1)) - 1))
+            continue
+        if labels is None:
+            return None
+        parts = [piece] if labels.match(piece, names_only=True) is not None else re.split(r"\s+(?:and|&)\s+", piece)
+        for part in parts:
+            position = labels.match(part, names_only=True)
+            if position is None:
+                return None
+            entries.append(_Entry(value, None, position))
+    numbers_only = all(not re.search(r"[a-z]", piece, re.I) for piece in re.split(r"[,;]", listed))
+    if numbers_only and not (match.group("noun") or match.group("after")) and len(entries) < 2:
+        return None  # "Met: 1" is a verdict, not the items met
+    return _Statement(entries, "items", f"the line {line.strip()[:60]!r}")
+
+
+_PROSE_VERDICT = re.compile(
+    r"^(?:(?:and|but|however|so|thus|also|overall|the|its|this|while|whereas)\s+)*(?P<subject>[a-z][a-z /&'-]{1,40}?)\s+"
+    r"(?:(?:criterion|criteria|aspect|item|requirement)\s+)?(?:"
+    r"(?P<hedge>(?:is|are)\s+(?:only\s+)?(?:partially|partly)\s+(?:met|satisfied|fulfill?ed)|(?:partially|partly)\s+met)"
+    r"|(?P<negative>(?:is|are|was|were)\s*(?:not|n't)\s+(?:met|satisfied|fulfill?ed|correct)|(?:isn't|aren't)\s+(?:met|satisfied|correct)"
+    r"|(?:(?:is|are)\s+)?(?:not\s+met|unmet|unsatisfied)|fails?|failed|is\s+incorrect|is\s+wrong"
+    r"|(?:does|do)\s*(?:not|n't)\s+(?:meet|match|satisfy|fulfill?|fit|pass)|doesn't\s+(?:meet|match|satisfy|fulfill?|fit|pass))"
+    r"|(?P<positive>(?:is|are|was|were)\s+(?:met|satisfied|fulfill?ed|correct)|met|satisfied|fulfill?ed|passe[sd]))"
+    r"(?P<rest>.*)$",
+    re.I,
+)
+
+
+def _prose_statements(text: str, labels: ItemLabels | None) -> list[_Statement]:
+    """Sentences and clauses of prose that name an aspect and state its verdict ("Location is not met.",
+    "(location met, colour not met)", "However, the colour does not meet the criterion"). They stand against a
+    list that says otherwise; prose that only describes an aspect ("the colour is brownish") says nothing."""
+    if labels is None:
+        return []
+    statements = []
+    for clause in re.split(r"[.;!?\n()\[\]]|,\s+|\s[-–—:]\s|:\s", text):
+        clause = _plain(clause)
+        if not clause or _REASONING.search(clause) or re.search(r"\b(?:neither|nor|except|unless|not\s+all)\b", clause, re.I):
+            continue
+        match = _PROSE_VERDICT.match(clause)
+        if not match:
+            continue
+        subject = match.group("subject")
+        parts = [subject] if labels.match(subject, names_only=True) is not None else re.split(r"\s*(?:,|\band\b|&)\s*", subject)
+        positions = [labels.match(part, names_only=True) for part in parts]
+        if not parts or None in positions:
+            continue
+        hedge = bool(match.group("hedge") or re.match(r"\s*(?:only\s+)?(?:partially|partly|somewhat)\b", match.group("rest"), re.I))
+        value = None if hedge else 0 if match.group("negative") else 1
+        for position in positions:
+            statements.append(_Statement([_Entry(value, None, position, hedge=hedge)], "items", f"the words {clause[:60]!r}"))
+    return statements
 
 
 def _sentence_statements(text: str) -> list[_Statement]:
@@ -991,7 +1098,7 @@ def _sentence_statements(text: str) -> list[_Statement]:
         if _REASONING.search(sentence):
             continue
         for match in _CRITERIA_SENTENCE.finditer(sentence):
-            value = 0 if match.group(2) or match.group(3).lower() == "unmet" else 1
+            value = 0 if match.group(2) or not match.group(3) or match.group(3).lower() == "unmet" else 1
             for number in re.findall(r"\d{1,2}", match.group(1)):
                 statements.append(_Statement([_Entry(value, None, int(number) - 1)], "items", f"'{match.group(0)}'"))
     return statements
@@ -1041,6 +1148,8 @@ _THINK = re.compile(
 )
 _OPEN_THINK = re.compile(r"<(?:think|thinking|thought|reasoning)>|◁think▷|<unused94>|<\|begin_of_thought\|>", re.I)
 _ANSWER_TAG = re.compile(r"<(answer|final_answer|output)>(.*?)(?:</\1>|$)", re.DOTALL | re.IGNORECASE)
+# "1, // location", "0  # texture", "/* verdicts */" in JSON-like answers
+_COMMENT = re.compile(r"(?:(?<=[\d,\[\]{}\"])|(?<=true)|(?<=false)|(?<=null))[ \t]+(?://|#)[ \t][^\n]*|/\*.*?\*/", re.DOTALL)
 _FENCE = re.compile(r"```[a-zA-Z0-9_+-]*[ \t]*\n?(.*?)```", re.DOTALL)
 
 
@@ -1059,6 +1168,8 @@ def _answer_text(raw: str) -> tuple[str | None, str | None]:
     if tagged:
         text = "\n".join(body for _, body in tagged)
     text = _FENCE.sub(lambda match: "\n" + match.group(1) + "\n", text)
+    text = text.replace("\uff1a", ": ")  # full-width colon
+    text = _COMMENT.sub("", text)
     text = re.sub(r"<\|[a-z_]+\|>", "\n", text)  # stray chat-template tokens
     text = text.replace("\\n", "\n") if "\n" not in text.strip() and "\\n" in text else text
     return text, None
@@ -1069,6 +1180,16 @@ _REFUSAL = re.compile(
     r"unable to (?:help|assist|evaluate|provide|comply|analy[sz]e|assess)|not (?:able|qualified|permitted) to|"
     r"cannot (?:help|assist|provide|evaluate|analy[sz]e|assess)|can't (?:help|assist|provide|evaluate|assess)|"
     r"as an ai\b|consult (?:a|your) (?:doctor|dermatologist|healthcare|medical))",
+    re.IGNORECASE,
+)
+
+
+# A list given while declining to grade ("I can't assess medical images; [0, 0, 0, 0, 0]", "if I had to answer, ...")
+# is a placeholder or a guess, not the judge's verdict.
+_DECLINES = re.compile(
+    r"\b(?:i'?m sorry|i am sorry|i apologi[sz]e|as an ai\b|if i (?:had|were) to (?:guess|answer|choose)|placeholder|"
+    r"(?:i'?m|i am) (?:not able|unable) to (?:help|assist|evaluate|provide|comply|analy[sz]e|assess|grade)|"
+    r"i (?:cannot|can't|can not) (?:help|assist|provide|evaluate|analy[sz]e|assess|grade|comply))",
     re.IGNORECASE,
 )
 
@@ -1108,6 +1229,8 @@ def parse_answer(
             return no_answer(n_items, "refused", "the judge declined to grade the image")
         expected = "a list like [1, 0, 1]" if style == "paper" else 'a JSON object {"items": [...]}'
         return no_answer(n_items, "failed", f"no verdicts found in the answer (expected {expected})")
+    if _DECLINES.search(body.replace("’", "'")):
+        return no_answer(n_items, "failed", "the judge declined to grade the image but gave a verdict anyway; not read")
     return _decide(statements, n_items, labels, _stated_count(body, n_items))
 
 
@@ -1127,13 +1250,19 @@ def _statements(body: str, n_items: int, labels: ItemLabels | None) -> list[_Sta
     lines = []
     offset = 0
     for line in rest_text.split("\n"):
-        if line.strip():
+        grouped = _grouped_line(line, labels) if line.strip() else None
+        if grouped is not None:
+            grouped.start = offset
+            statements.append(grouped)
+        elif line.strip():
             lines.append((offset, line))
         offset += len(line) + 1
     statements += _bracket_statements(rest_text, n_items)
     statements += _line_sequences(lines, n_items)
     statements += _item_statements(lines, labels)
     statements += _sentence_statements(rest_text)
+    if statements:
+        statements += _prose_statements(rest_text, labels)
     if not statements:
         if n_items == 1:
             found, value, _ = _verdict_at_start(_plain(_ANSWER_PREFIX.sub("", rest_text.strip(), count=1)))

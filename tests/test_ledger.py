@@ -368,10 +368,13 @@ def test_judge_usage_sums_each_judge(tmp_path):
     ledger.put_verdict("a" * 64, "j2", "v1", "p1", make_verdict([1, 0], cost=0.5))
     ledger.put_verdict("b" * 64, "j2", "v1", "p1", replace(make_verdict([None, None], cost=0.25), parse_status="failed"))
     ledger.put_verdict("a" * 64, "j1", "v1", "p1", replace(make_verdict([1, None]), parse_status="partial", latency_s=1.5))
+    ledger.add_attempt("c" * 64, "j2", "v1", "p1", "connection error", requests=3)  # a call without an answer
+    ledger.add_attempt("d" * 64, "j2", "v1", "p1", "HTTP 503", requests=3)
     first, second = ledger.judge_usage()  # ordered by judge id
-    assert (first.judge_id, first.calls, first.ok, first.partial, first.failed) == ("j1", 1, 0, 1, 0)
-    assert first.latency_s == 1.5
-    assert (second.judge_id, second.calls, second.ok, second.failed, second.refused) == ("j2", 2, 1, 1, 0)
+    assert (first.judge_id, first.answers, first.ok, first.partial, first.failed) == ("j1", 1, 0, 1, 0)
+    assert first.latency_s == 1.5 and first.attempts == 0
+    assert (second.judge_id, second.answers, second.ok, second.failed, second.refused) == ("j2", 2, 1, 1, 0)
+    assert second.attempts == 2  # counted beside the answers, never as one
     assert (second.input_tokens, second.output_tokens, second.cost_usd) == (200, 20, 0.75)
     assert second.first <= second.last
 

@@ -249,10 +249,11 @@ class StageStatus:
 
 @dataclass
 class JudgeUsage:
-    """One judge's calls over the whole ledger: answer statuses, tokens, money, mean latency, first and last."""
+    """One judge over the whole ledger: stored answers (`answers`) by status, tokens, money, mean latency, first
+    and last, and the calls that got no answer (`attempts`, never verdicts)."""
 
     judge_id: str
-    calls: int
+    answers: int
     ok: int
     partial: int
     failed: int
@@ -263,6 +264,7 @@ class JudgeUsage:
     latency_s: float
     first: float
     last: float
+    attempts: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -684,10 +686,11 @@ class Ledger:
     def judge_usage(self) -> list[JudgeUsage]:
         """Per judge (ordered by id): calls, answer statuses, tokens, cost and latency over every verdict."""
         rows = self._read(
-            "SELECT judge_id, COUNT(*) AS calls, SUM(parse_status = 'ok') AS ok, SUM(parse_status = 'partial') AS partial, "
+            "SELECT judge_id, COUNT(*) AS answers, SUM(parse_status = 'ok') AS ok, SUM(parse_status = 'partial') AS partial, "
             "SUM(parse_status = 'failed') AS failed, SUM(parse_status = 'refused') AS refused, "
             "SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens, SUM(cost_usd) AS cost_usd, "
-            "AVG(latency_s) AS latency_s, MIN(created_at) AS first, MAX(created_at) AS last "
+            "AVG(latency_s) AS latency_s, MIN(created_at) AS first, MAX(created_at) AS last, "
+            "(SELECT COUNT(*) FROM attempts WHERE attempts.judge_id = verdicts.judge_id) AS attempts "
             "FROM verdicts GROUP BY judge_id ORDER BY judge_id"
         )
         return [JudgeUsage(**dict(row)) for row in rows]

@@ -218,9 +218,11 @@ def _headline(context: ReportContext) -> list[dict]:
     usage = context.sections.get("judge_usage")
     if usage:
         cost = sum(r["cost_usd"] or 0 for r in usage)
-        calls = sum(r["calls"] for r in usage)
-        cards.append({"label": "judge calls", "value": f"{calls:,}",
-                      "note": f"${cost:.2f} in total" if cost >= 1 else f"${cost:.4f} in total"})
+        answers = sum(r["answers"] for r in usage)
+        attempts = sum(r.get("attempts") or 0 for r in usage)
+        spent = f"${cost:.2f} in total" if cost >= 1 else f"${cost:.4f} in total"
+        cards.append({"label": "judge answers stored", "value": f"{answers:,}",
+                      "note": f"{spent}; {attempts:,} call(s) without an answer" if attempts else spent})
     return cards
 
 

@@ -85,7 +85,7 @@ def test_read_manifest_errors_name_the_row(tmp_path):
         read_manifest(manifest, tmp_path, ["red"], lambda p: "x")
 
 
-def test_run_evaluate_compares_settings_without_leakage(toy_run):
+def test_run_evaluate_compares_settings_without_leakage(toy_run, capsys):
     from magic_align.data.split import run_split
     from magic_align.evaluate.stage import run_evaluate
     from magic_align.run import prepare_run
@@ -99,6 +99,9 @@ def test_run_evaluate_compares_settings_without_leakage(toy_run):
 
     metrics = run_evaluate(config, ["i2i", "magic-dpo", "magic-rft"])
     eval_dir = config.run_dir / "eval"
+    # off a terminal, the classifier runs report their progress as lines, the last naming every run done
+    runs = len(metrics["classifier"])
+    assert f"evaluate classifiers run {runs}/{runs}" in capsys.readouterr().err
     assert json.loads((eval_dir / "metrics.json").read_text())["classes"] == metrics["classes"]
     with open(eval_dir / "classifier.csv", newline="") as handle:
         table = list(csv.DictReader(handle))

@@ -48,6 +48,7 @@ from magic_align.evaluate.metrics import METRICS, classification_metrics, mean_o
 from magic_align.evaluate.passrate import judge_images, parse_manifest_items, pass_rate_summary
 from magic_align.judges import make_judge
 from magic_align.ledger import Ledger
+from magic_align.progress import StageProgress
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.errors import MagicError
 from magic_align.synthesize import synthesize
@@ -294,27 +295,35 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
     schedule = Schedule.from_config(evaluate)
     seeds = [config.seed + k for k in range(evaluate.seeds)]
     rows: list[dict] = []
-    for backbone_name in evaluate.backbones:
-        def make_backbone(name: str = backbone_name):
-            return load_backbone(name, device, image_size=evaluate.image_size,
-                                 pretrained=evaluate.backbone_paths.get(name), seed=config.seed)
+    # One unit per classifier run (a backbone x setting, all seeds): hours in fine-tune mode at the paper's scale.
+    classifiers = StageProgress(
+        "evaluate classifiers", len(evaluate.backbones) * len(runs), unit="run",
+        resume="rerun the same command: cached features are reused, classifier runs start over",
+    )
+    with classifiers:
+        for backbone_name in evaluate.backbones:
+            def make_backbone(name: str = backbone_name):
+                return load_backbone(name, device, image_size=evaluate.image_size,
+                                     pretrained=evaluate.backbone_paths.get(name), seed=config.seed)
 
-        try:
-            backbone = make_backbone()
-        except BackboneError as error:
-            fail(f"backbone {backbone_name}", error)
-            continue
-        cache = FeatureCache(paths.eval / "features", backbone) if evaluate.mode == "linear_probe" else None
-        for group, setting, label, real, synthetic in runs:
-            say(f"{backbone_name} {evaluate.mode} {group} {setting}: {len(real)} real + {len(synthetic)} synthetic, "
-                f"{len(seeds)} seed(s)")
-            if cache is not None:
-                results = run_linear_probe(cache, real, synthetic, test, len(classes), schedule, seeds, loader)
-            else:
-                results = run_finetune(make_backbone, real, synthetic, test, len(classes), schedule, seeds, loader)
-            rows.append({"backbone": backbone_name, "mode": evaluate.mode, "group": group, "setting": setting,
-                         "label": label, "n_real": len(real), "n_synthetic": len(synthetic), "seeds": len(seeds),
-                         **summarise_runs(results, len(classes), evaluate.bootstrap, config.seed)})
+            try:
+                backbone = make_backbone()
+            except BackboneError as error:
+                fail(f"backbone {backbone_name}", error)
+                classifiers.advance(len(runs))
+                continue
+            cache = FeatureCache(paths.eval / "features", backbone) if evaluate.mode == "linear_probe" else None
+            for group, setting, label, real, synthetic in runs:
+                say(f"{backbone_name} {evaluate.mode} {group} {setting}: {len(real)} real + {len(synthetic)} "
+                    f"synthetic, {len(seeds)} seed(s)")
+                if cache is not None:
+                    results = run_linear_probe(cache, real, synthetic, test, len(classes), schedule, seeds, loader)
+                else:
+                    results = run_finetune(make_backbone, real, synthetic, test, len(classes), schedule, seeds, loader)
+                rows.append({"backbone": backbone_name, "mode": evaluate.mode, "group": group, "setting": setting,
+                             "label": label, "n_real": len(real), "n_synthetic": len(synthetic), "seeds": len(seeds),
+                             **summarise_runs(results, len(classes), evaluate.bootstrap, config.seed)})
+                classifiers.advance()
 
     distances = _distances(config, train, pools, loader, fail, notes, say)
     pass_rates = _pass_rates(config, paths, manifests, fail, say)

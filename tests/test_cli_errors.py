@@ -61,6 +61,20 @@ def test_review_port_out_of_range():
     assert_one_line_error(run("review", "tiny", "--port", "0"), "--port 0")
 
 
+def test_stopping_the_review_page_is_its_normal_end(monkeypatch):
+    # Ctrl-C ends a review server: one line and exit 0, not the "interrupted" exit 130 of a stage
+    import magic_align.review.app as review_app
+
+    def serve(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(review_app, "run_review", serve)
+    result = run("review", "tiny")
+    assert result.exit_code == 0, result.output
+    assert "review page stopped; every saved review is in the ledger" in result.output
+    assert "interrupted" not in result.output
+
+
 def test_a_judge_backend_that_cannot_grade_the_checklists(tmp_path):
     from magic_align.judges import make_judge
     from magic_align.checklists.schema import load_checklists

@@ -110,7 +110,6 @@ JudgeIdOpt = Annotated[
 ]
 
 
-
 @app.command("judge")
 def judge_command(
     config: ConfigArg,
@@ -185,7 +184,6 @@ def agreement_command(
 
     run_config = load(config, set_)
     if against == "recognition":
-        
         table = run_recognition_agreement(run_config)
         for part in show_table(table):
             Console().print(part)
@@ -207,7 +205,6 @@ def agreement_command(
 # ------------------------------------------------------------------------------------------------ data
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: check images and labels, build the train/test split.")
 app.add_typer(data_app, name="data")
-
 
 
 def _image_progress(description: str):
@@ -464,7 +461,6 @@ def train_rft_command(
         f"{summary['reward_mean']:.3f}, mean weight {summary['weight_mean']:.3f}"
     )
     typer.echo(f"wrote {output}")
-
 
 
 @app.command("compare")

@@ -130,6 +130,7 @@ def score_pair(items_a: list[int | None], items_b: list[int | None], config: Pai
 
 # ------------------------------------------------------------------------------------- grades per sample
 UNDECIDED = "verdict with an undecided item"
+UNDECIDED_REVIEW = "review with an undecided item"
 
 
 def decided(items: Sequence[int | None]) -> bool:
@@ -172,7 +173,7 @@ def _grades(
                 undecided_review = True
         if not use_verdicts:
             if sample.sample_id not in reviewed:
-                missing[sample.sample_id] = "review with an undecided item" if undecided_review else "no review"
+                missing[sample.sample_id] = UNDECIDED_REVIEW if undecided_review else "no review"
             continue
         verdict = ledger.find_verdict(sample.image_sha256, judge_id, checklist.version, prompt_version)
         if verdict is None:
@@ -270,7 +271,7 @@ class PairsSummary:
     @property
     def undecided(self) -> int:
         """Verdicts (or reviews) left out because an item stayed undecided."""
-        return sum(reason in (UNDECIDED, "review with an undecided item") for reason in self.missing.values())
+        return sum(reason in (UNDECIDED, UNDECIDED_REVIEW) for reason in self.missing.values())
 
     @property
     def undecided_note(self) -> str | None:

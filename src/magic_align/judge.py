@@ -337,10 +337,8 @@ def run_judge(
     pending = []
     for unit in work:
         key = (unit.sha, unit.checklist.version)
-        if key in unreadable:
-            unit.replace = True
-            pending.append(unit)
-        elif key not in answered:
+        unit.replace = key in unreadable
+        if unit.replace or key not in answered:
             pending.append(unit)
     summary.images = len(work)
     summary.cached = len(work) - len(pending)

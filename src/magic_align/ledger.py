@@ -729,15 +729,7 @@ class Ledger:
         """Recorded failed calls, oldest first, optionally of one judge and one image."""
         where, parameters = _where(("judge_id = ?", judge_id), ("image_sha256 = ?", image_sha256))
         rows = self._read(f"SELECT * FROM attempts {where} ORDER BY id", parameters)
-        return [
-            StoredAttempt(
-                id=row["id"], image_sha256=row["image_sha256"], judge_id=row["judge_id"],
-                checklist_version=row["checklist_version"], prompt_version=row["prompt_version"],
-                condition=row["condition"], cause=row["cause"], error=row["error"], requests=row["requests"],
-                systematic=bool(row["systematic"]), created_at=row["created_at"],
-            )
-            for row in rows
-        ]
+        return [StoredAttempt(**{**dict(row), "systematic": bool(row["systematic"])}) for row in rows]
 
     # -- reviews
     def add_review(

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from magic_align import feedback, judge, sample, synthesize
-from magic_align.checklists.schema import load_checklists
+from magic_align.checklists.schema import ChecklistSet, load_checklists
 from magic_align.config import RunConfig
 from magic_align.evaluate import alignment, report, stage as evaluate_stage
 from magic_align.judge import estimate_call_tokens
@@ -155,10 +155,11 @@ class JudgeEstimate:
     cost_usd: float | None  # None: no price for the model in judge.prices; 0 for local judges
 
 
-def judge_estimate(config: RunConfig) -> JudgeEstimate:
+def judge_estimate(config: RunConfig, checklists: ChecklistSet | None = None) -> JudgeEstimate:
     """Judge calls of a whole run (every round's samples, plus the held-out comparison of the unaligned and each
-    aligned model) and their cost, from the configuration alone."""
-    checklists = load_checklists(config.judge.checklist)
+    aligned model) and their cost, from the configuration alone (`checklists`: its set, when already loaded)."""
+    if checklists is None:
+        checklists = load_checklists(config.judge.checklist)
     # the largest checklist of the set, on an image of the model's resolution
     per_call_in, per_call_out = max(
         estimate_call_tokens(None, checklist, config.model.resolution, config.model.resolution, config.judge)
@@ -175,7 +176,7 @@ def judge_estimate(config: RunConfig) -> JudgeEstimate:
 def dry_run_plan(config: RunConfig) -> Table:
     """The plan as a table: stages, counts, estimated judge calls, tokens and cost. Loads no model or data."""
     checklists = load_checklists(config.judge.checklist)
-    estimate = judge_estimate(config)
+    estimate = judge_estimate(config, checklists)
     per_call_in, per_call_out = estimate.per_call_input_tokens, estimate.per_call_output_tokens
     calls, remote, cost = estimate.calls, estimate.remote, estimate.cost_usd
     samples_per_round = config.sample.num_sources * config.sample.samples_per_unit

@@ -16,7 +16,6 @@ item reached and what a rerun does (resume from the last checkpoint, skip the fi
 
 from __future__ import annotations
 
-import asyncio
 import math
 import os
 import time
@@ -154,6 +153,8 @@ class StageProgress:
         return self.start()
 
     def __exit__(self, kind, error, traceback) -> bool:
+        import asyncio  # here, not at the top: the command line imports this module and starts faster without it
+
         interrupted = kind is not None and issubclass(kind, (KeyboardInterrupt, asyncio.CancelledError))
         try:
             if interrupted and self.on_interrupt is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -248,7 +248,3 @@ def run_sample(
         flush()
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def summary_dict(summary: SampleSummary) -> dict:
-    return asdict(summary)

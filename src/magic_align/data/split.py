@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import json
 import logging
 import random
@@ -162,11 +161,14 @@ def few_shot_subset(train: list[Record], fraction: float, rng: random.Random) ->
     return [r for r in train if r.id in chosen]
 
 
-def divide_test(test: list[Record], locked_fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """(tuning, locked): `locked_fraction` of every class locked, whole groups together, seeded.
+def divide_test(test: list[Record], locked_fraction: float | None, seed: int) -> tuple[list[Record], list[Record]]:
+    """(tuning, locked): `locked_fraction` of every class locked, whole groups together, seeded; no fraction (a data
+    kind that brings its own locked set): all tuning.
 
     Its own random stream, so the train/test sides and the few-shot subset of a seed are those drawn before roles
     existed; sorted by id first, so the input order does not matter."""
+    if not locked_fraction:
+        return list(test), []
     ordered = sorted(test, key=lambda r: r.id)
     tuning_ids = assign_groups(ordered, 1 - locked_fraction, random.Random(f"locked-set:{seed}"))
     return [r for r in test if r.id in tuning_ids], [r for r in test if r.id not in tuning_ids]
@@ -187,7 +189,7 @@ def build_split(records: list[Record], num_classes: int, train_fraction: float, 
     test = [r for r in kept if r.id not in train_ids]
     _check_both_sides(train, test, classes)
     few_shot = few_shot_subset(train, few_shot_fraction, rng) if few_shot_fraction else []
-    tuning, locked = divide_test(test, locked_fraction, seed) if locked_fraction else (list(test), [])
+    tuning, locked = divide_test(test, locked_fraction, seed)
     return Split(train=train, test=test, classes=classes, few_shot=few_shot, skipped_classes=skipped,
                  tuning=tuning, locked=locked)
 
@@ -325,10 +327,6 @@ def published_split(split_dir: Path, kind: str, records: list[Record], num_class
     return Split(train=train, test=test, classes=classes)
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------------------------ files
 def write_split(split: Split, csv_path: Path, settings: dict) -> None:
     """split.csv (one row per record, with its role) and split.json (settings, classes, counts) beside it."""
@@ -391,7 +389,7 @@ def split_settings(config: "RunConfig") -> dict:
                 "locked_fraction": data.locked_fraction, "locked_set": data_kind(data.kind).locked_set is not None}
     if data.split_dir is not None:  # the files' contents too: a replaced file must not pass for the old one
         folder = Path(data.split_dir)
-        settings["split_files"] = {name: _file_digest(folder / name) if (folder / name).is_file() else None
+        settings["split_files"] = {name: sha256_file(folder / name)[:16] if (folder / name).is_file() else None
                                    for name in PUBLISHED_SPLIT_FILES}
         settings["split_dir"] = str(folder)
     return settings

@@ -140,7 +140,3 @@ class SettingLabels:
         plain, full = f"MAGIC-{method.upper()}", self.objectives[method].label
         return text if full in text else text.replace(plain, full, 1)
 
-
-def setting_label(name: str) -> str:
-    """The name of a setting without its objective (see `SettingLabels` for a run's full names)."""
-    return SETTING_LABELS.get(name, name)

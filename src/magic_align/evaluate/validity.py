@@ -28,7 +28,7 @@ from rich.table import Table
 from magic_align.config import RunConfig
 from magic_align.errors import MagicError
 from magic_align.run import RunPaths
-from magic_align.stats import Estimate, bootstrap, cluster_bootstrap
+from magic_align.stats import Estimate, cluster_bootstrap
 
 
 class ValidityError(MagicError, ValueError):
@@ -69,18 +69,13 @@ def split_means(values: Sequence[float], recognised: Sequence[int]) -> tuple[flo
     return _mean(v[r == 1]), _mean(v[r == 0])
 
 
-def correlation(values: Sequence[float], recognised: Sequence[int], resamples: int, seed: int,
-                clusters: Sequence[str] | None = None) -> Estimate:
-    """Pearson r with a percentile-bootstrap interval over rows, or over `clusters` (e.g. source images) when
-    given."""
-    values, recognised = np.asarray(values, float), np.asarray(recognised, float)
-    if clusters is None:
-        return bootstrap(pearson_r, values, recognised, resamples=resamples, seed=seed)
-    return cluster_bootstrap(pearson_r, clusters, values, recognised, resamples=resamples, seed=seed)
-
-
-def _clusters(images: Sequence[GradedImage]) -> list[str]:
-    return [image.source or f"image {index}" for index, image in enumerate(images)]
+def correlation(images: Sequence[GradedImage], values: Sequence[float], resamples: int, seed: int) -> Estimate:
+    """Pearson r of `values` (one per image) and the images' recognition, with a percentile-bootstrap interval
+    that resamples source images (an image without a source is its own cluster)."""
+    clusters = [image.source or f"image {index}" for index, image in enumerate(images)]
+    recognised = [image.recognised for image in images]
+    return cluster_bootstrap(pearson_r, clusters, np.asarray(values, float), np.asarray(recognised, float),
+                             resamples=resamples, seed=seed)
 
 
 def is_low(estimate: dict | Estimate | None, min_r: float) -> bool:
@@ -118,7 +113,7 @@ def validity_table(images: Sequence[GradedImage], item_ids: dict[str, list[str]]
     """The overall, per-condition and per-item views (module docstring) as plain dicts for JSON and the report."""
     met = [image.items_met for image in images]
     recognised = [image.recognised for image in images]
-    overall = correlation(met, recognised, resamples, seed, _clusters(images))
+    overall = correlation(images, met, resamples, seed)
     with_recognition, without = split_means(met, recognised)
     conditions = []
     items = []
@@ -129,7 +124,7 @@ def validity_table(images: Sequence[GradedImage], item_ids: dict[str, list[str]]
         high, low = split_means(mine_met, mine_recognised)
         conditions.append({"condition": condition, "n": len(mine), "recognised": _mean(mine_recognised),
                            "items_met_recognised": high, "items_met_not_recognised": low,
-                           "r": correlation(mine_met, mine_recognised, resamples, seed, _clusters(mine)).as_dict()})
+                           "r": correlation(mine, mine_met, resamples, seed).as_dict()})
         names = (item_ids or {}).get(condition) or [f"item {k + 1}" for k in range(max(len(i.items) for i in mine))]
         for position, name in enumerate(names):
             answered = [image for image in mine if position < len(image.items) and image.items[position] is not None]
@@ -139,7 +134,7 @@ def validity_table(images: Sequence[GradedImage], item_ids: dict[str, list[str]]
             rate_recognised, rate_not = split_means(answers, flags)
             items.append({"condition": condition, "item": name, "n": len(answered), "rate_recognised": rate_recognised,
                           "rate_not_recognised": rate_not,
-                          "r": correlation(answers, flags, resamples, seed, _clusters(answered)).as_dict()})
+                          "r": correlation(answered, answers, resamples, seed).as_dict()})
     return {"grader": "recognition", "n": len(images), "r": overall.as_dict(), "recognised": _mean(recognised),
             "items_met_recognised": with_recognition, "items_met_not_recognised": without, "min_r": min_r,
             "low": is_low(overall, min_r), "per_condition": conditions, "per_item": items}

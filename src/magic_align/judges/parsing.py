@@ -95,6 +95,7 @@ _NUMBER = r"(?<![\w.])([01])(?:\.0+)?(?!\w|\.\d|\s*/\s*\d|\s*%|\s*(?:out\s+of|of
 _POSITIVE_MARKS = "✅|✔️|✔|✓|☑️|☑|🗸|👍|🟢"
 _NEGATIVE_MARKS = "❌|❎|✖️|✖|✗|✘|✕|×|⛔|🚫|☒|👎|🔴"
 _UNDECIDED_MARKS = "⚠️|⚠|❓|❔|➖|🤷|🟡|🟠"
+_ANY_MARK = f"{_POSITIVE_MARKS}|{_NEGATIVE_MARKS}|{_UNDECIDED_MARKS}"
 
 
 def _alternatives(words: list[str], terminal: list[str]) -> str:
@@ -109,7 +110,7 @@ _LEADING_PATTERNS: list[tuple[re.Pattern, int | None]] = [
 ]
 _LEADING_NUMBER = re.compile(_OPENING + _NUMBER)
 _LEADING_FRACTION = re.compile(_OPENING + r"([01])\s*/\s*1(?![\d.,])")  # "Location: 1/1", "0/1"
-_MARK = re.compile(f"^[\\s*_`'\"(\\[]*(?:{_POSITIVE_MARKS}|{_NEGATIVE_MARKS}|{_UNDECIDED_MARKS})\\s*$")
+_MARK = re.compile(f"^[\\s*_`'\"(\\[]*(?:{_ANY_MARK})\\s*$")
 _QUESTION_AFTER = re.compile(r"^[^.!\n?]{0,60}\?")
 # "Yes/No", "1 or 0": the answer format echoed, not an answer.
 _FORMAT_ECHO = re.compile(r"^\s*(?:/|or|\|)\s*(?:no|not\s+met|0|yes|1|met)\b", re.I)
@@ -324,8 +325,7 @@ def _words(text: str) -> list[str]:
             continue
         word = _SYNONYMS.get(word, word)
         if word.endswith("s") and len(word) > 4 and not word.endswith("ss"):
-            singular = _SYNONYMS.get(word[:-1], word[:-1])
-            word = singular
+            word = _SYNONYMS.get(word[:-1], word[:-1])
         words.append(word)
     return words
 
@@ -704,10 +704,9 @@ def _line_sequences(lines: list[tuple[int, str]], n_items: int) -> list[_Stateme
             statements.append(_Statement(entries, "list", f"the line {line.strip()[:60]!r}", offset))
         single = None
         if entries is None and body and offset >= 0 and not _NUMBERED.match(line):
-            found, value, end = _verdict_at_start(body)
-            rest = body[end:]
-            if found and (not rest.strip() or re.match(r"^\s*(?:[,.;:(\-–—]|\s[-–—])", rest)):
-                single = _Entry(value, _reason(rest))
+            found, value, reason = _leading_value(body)
+            if found:
+                single = _Entry(value, reason)
         if single is not None:
             if not run:
                 run_start = offset
@@ -725,11 +724,18 @@ _NUMBERED = re.compile(
     r"|#\s*(\d{1,2})(?!\d)\s*[.):\-–—]?|[\[(]?(\d{1,2})(?!\d|\.\d)\s*(?:[.):\]]|\s[-–—]))[\s*_]*(.*)$",
     re.IGNORECASE,
 )
+
+
+def _numbered_position(match: re.Match) -> int:
+    """The 0-based item position a `_NUMBERED` match holds (its number is in one of three groups)."""
+    return int(match.group(1) or match.group(2) or match.group(3)) - 1
+
+
 _INLINE_NUMBERS = re.compile(r"(?:(?<=\s)|^)(\d{1,2})[.)]\s+")
 _LABEL_SEPARATOR = re.compile(r"\s*(?::|\s[-–—]\s|[–—]|→|->|=>|=|\t)\s*")
 _CHECKBOX = re.compile(r"^\s*(?:[-*+]\s*)?\[([ xX✓✔✗✘])\]\s*(.+)$")
-_MARK_FIRST = re.compile(f"^\\s*(?:[-*•+]\\s*)?({_POSITIVE_MARKS}|{_NEGATIVE_MARKS}|{_UNDECIDED_MARKS})\\s*(.+)$")
-_TRAILING_MARK = re.compile(f"^(.+?)\\s*({_POSITIVE_MARKS}|{_NEGATIVE_MARKS}|{_UNDECIDED_MARKS})\\s*$")
+_MARK_FIRST = re.compile(f"^\\s*(?:[-*•+]\\s*)?({_ANY_MARK})\\s*(.+)$")
+_TRAILING_MARK = re.compile(f"^(.+?)\\s*({_ANY_MARK})\\s*$")
 _FIELD_LINE = re.compile(
     r"^\s*(?:[-*•+>]\s*)?(?:final\s+)?(?:verdict|answer|met|satisfied|result|score|assessment|decision|status|"
     r"rating|judg(?:e)?ment|evaluation|criterion\s+met|meets\s+criterion)\s*\??\s*(?:\([^)]*\))?\s*[:=\-–—]\s*(.+)$",
@@ -793,14 +799,14 @@ def _read_line(line: str, labels: ItemLabels | None) -> list[_Line]:
         number_match = _NUMBERED.match(label)
         position = None
         if number_match:
-            position = int(number_match.group(1) or number_match.group(2) or number_match.group(3)) - 1
+            position = _numbered_position(number_match)
             label = number_match.group(4)
         return [_Line(_Entry(value, _reason(reason or ""), position, _clean_label(label) or None))]
     position = None
     rest = text
     numbered = _NUMBERED.match(text)
     if numbered:
-        position = int(numbered.group(1) or numbered.group(2) or numbered.group(3)) - 1
+        position = _numbered_position(numbered)
         rest = numbered.group(4).strip()
     mark_first = _MARK_FIRST.match(rest)
     if mark_first:
@@ -808,16 +814,16 @@ def _read_line(line: str, labels: ItemLabels | None) -> list[_Line]:
         label, _, reason = _split_label(mark_first.group(2))
         label_number = _NUMBERED.match(label)
         if label_number and position is None:
-            position = int(label_number.group(1) or label_number.group(2) or label_number.group(3)) - 1
+            position = _numbered_position(label_number)
             label = label_number.group(4)
         label = _clean_label(label)
         if position is None and not _usable_label(label, labels, False):
             return []
         return [_Line(_Entry(value, _reason(reason or ""), position, label or None))]
     if position is not None:
-        found, value, end = _verdict_at_start(rest)
-        if found and (not rest[end:].strip() or re.match(r"^\s*(?:[,.;:(\-–—]|\s[-–—])", rest[end:])):
-            return [_Line(_Entry(value, _reason(rest[end:]), position))]
+        found, value, reason = _leading_value(rest)
+        if found:
+            return [_Line(_Entry(value, reason, position))]
     else:
         segments = _inline_labelled(rest, labels)
         if segments:
@@ -859,7 +865,7 @@ def _read_line(line: str, labels: ItemLabels | None) -> list[_Line]:
 
 _SEGMENT = re.compile(r"^(?P<label>[A-Za-z][A-Za-z0-9 /&'()\-]{0,40}?)\s*(?:[:=]|\s[-–—]|[–—→])\s*(?P<value>.+)$")
 _SEGMENT_NUMBER = re.compile(r"^(?:criterion|item|question|q|aspect|point)\s*#?\s*(\d{1,2})$", re.I)
-_MARK_SPLIT = re.compile(f"({_POSITIVE_MARKS}|{_NEGATIVE_MARKS}|{_UNDECIDED_MARKS})")
+_MARK_SPLIT = re.compile(f"({_ANY_MARK})")
 
 
 def _inline_labelled(text: str, labels: ItemLabels | None) -> list[_Line]:
@@ -938,7 +944,7 @@ def _table_lines(rows: list[str], labels: ItemLabels | None) -> list[_Line]:
         label = _clean_label(" ".join(label_cells))
         number = _NUMBERED.match(label)
         if number and position is None:
-            position = int(number.group(1) or number.group(2) or number.group(3)) - 1
+            position = _numbered_position(number)
             label = _clean_label(number.group(4))
         found_lines.append(_Line(_Entry(value, _reason(" ".join(reason_cells)), position, label or None)))
     return found_lines
@@ -1159,8 +1165,9 @@ def _answer_text(raw: str) -> tuple[str | None, str | None]:
     text = raw.replace("\r\n", "\n")
     text = _THINK.sub("\n", text)
     text = re.sub(r"^.*?</think>", "\n", text, count=1, flags=re.DOTALL | re.IGNORECASE)  # opened by the template
-    if _OPEN_THINK.search(text):
-        before = text[: _OPEN_THINK.search(text).start()]
+    opened = _OPEN_THINK.search(text)
+    if opened:
+        before = text[: opened.start()]
         if not before.strip():
             return None, "the answer ended inside its reasoning block, before any verdict"
         text = before
@@ -1302,13 +1309,14 @@ def _positions(statement: _Statement, labels: ItemLabels | None, n_items: int) -
     problems = None
     unresolved = []
     for entry in entries:
-        matched = labels.match(entry.label) if labels is not None and entry.label else None
+        named = labels is not None and entry.label
         if entry.position is not None:
-            matched = labels.match(entry.label, names_only=True) if labels is not None and entry.label else None
+            matched = labels.match(entry.label, names_only=True) if named else None
             if matched is not None and matched != entry.position:
                 problems = (f"conflicting answers: item {entry.position + 1} is named {entry.label!r}, "
                             f"which is item {matched + 1} of the checklist")
             continue
+        matched = labels.match(entry.label) if named else None
         if matched is not None:
             entry.position = matched
         else:

@@ -22,7 +22,6 @@ Files (`aligned/rft/reward/`): `reward_head.safetensors` (the head's tensors) an
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -184,7 +183,3 @@ def load_reward_model(folder: Path, device: str | torch.device = "cpu") -> Rewar
     head.load_state_dict(load_file(str(Path(folder) / HEAD_FILE)))
     backbone = load_backbone(meta["backbone"], device)
     return RewardModel(backbone, head, meta["conditions"], meta["backbone"])
-
-
-def rmse(prediction: torch.Tensor, labels: torch.Tensor) -> float:
-    return math.sqrt(nn.functional.mse_loss(prediction.float(), labels.float()).item())

@@ -120,11 +120,10 @@ def collect_report(config: RunConfig, max_units_per_condition: int = 4,
     section("distances", lambda: distance_rows(metrics.get("distances") or {}, labels) if metrics else None,
             "no FID / KID yet (magic evaluate)")
     if metrics:
-        context.sections["evaluate_notes"] = [str(n) for n in metrics.get("notes", [])]
         skipped = [f"{labels(name)}: {info.get('note', 'skipped')}"
                    for name, info in (metrics.get("settings") or {}).items()
                    if isinstance(info, Mapping) and info.get("status") == "skipped"]
-        context.sections["evaluate_notes"] = skipped + context.sections["evaluate_notes"]
+        context.sections["evaluate_notes"] = skipped + [str(n) for n in metrics.get("notes", [])]
         context.sections["counts"] = metrics.get("counts")
 
     # -- the ledger

@@ -148,9 +148,9 @@ def alignment_summary(data: dict, labels: SettingLabels) -> dict:
     recognition) and the artefact measure (KID per target condition) where `magic compare` recorded them. A judge
     gain counts as a gain (`gain`) only where its interval excludes 0 and the independent measure does not fall."""
     independent = _mapping(data.get("independent"))
-    recognised = {name: _mapping(entry).get("recognised") for name, entry in _mapping(independent.get("settings")).items()}
-    probability = {name: _mapping(entry).get("target_probability")
-                   for name, entry in _mapping(independent.get("settings")).items()}
+    measured = {name: _mapping(entry) for name, entry in _mapping(independent.get("settings")).items()}
+    recognised = {name: entry.get("recognised") for name, entry in measured.items()}
+    probability = {name: entry.get("target_probability") for name, entry in measured.items()}
     kid = {name: _mapping(entry).get("kid") for name, entry in _mapping(_mapping(data.get("artefacts")).get("settings")).items()}
     settings = [{"name": name, "label": _compared_label(data, name, labels), "mean_items": entry.get("mean_items"),
                  "pass_share": entry.get("pass_share"), "n": entry.get("n", len(entry.get("images", [])) or None),

@@ -7,7 +7,7 @@ from PIL import Image
 from magic_align.config import load_config
 from magic_align.data.split import run_split
 from magic_align.run import prepare_run
-from magic_align.synthesize import MANIFEST_COLUMNS, SynthesizeError, _extra_sources, run_synthesize, synthesize
+from magic_align.synthesize import MANIFEST_COLUMNS, SynthesizeError, extra_sources, run_synthesize, synthesize
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_synthesize_writes_resized_images_with_provenance_and_resumes(tmp_path):
                                   "synthesize.size=32", "synthesize.per_image=2", f"synthesize.extra_sources='{extra}'"])
     paths = prepare_run(config)
     train = run_split(config, paths).train
-    sources = train[:2] + _extra_sources(config)
+    sources = train[:2] + extra_sources(config)
     manifest = run_synthesize(config, lora=None, sources=sources, progress=False)
     assert manifest == paths.synthetic / "manifest.csv"
     with open(manifest, newline="") as handle:

@@ -36,7 +36,7 @@ from magic_align.diffusion.trajectories import TrajectoryStore, next_shard_numbe
 from magic_align.ledger import Ledger, SampleRow
 from magic_align.progress import StageProgress
 from magic_align.run import atomic_write_bytes, prepare_run
-from magic_align.synthesize import _extra_sources
+from magic_align.synthesize import extra_sources
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def sampling_sources(config: RunConfig, split) -> list:
     train split is then not labelled data the run may use), else the whole train split; plus the unlabeled images
     of `synthesize.extra_sources` (MAGIC-A), whose targets may be any condition."""
     labelled = split.few_shot if config.data.few_shot_fraction else split.train
-    return list(labelled) + _extra_sources(config)
+    return list(labelled) + extra_sources(config)
 
 
 def plan_units(config: RunConfig, train, classes: list[str], checklists, round_index: int) -> list[Unit]:

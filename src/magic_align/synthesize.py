@@ -124,7 +124,7 @@ def synthesize(config: RunConfig, lora: Path | None, out_dir: Path | None = None
     checklists = load_checklists(config.judge.checklist)
     split = run_split(config, paths)
     if sources is None:
-        sources = list(split.train) + _extra_sources(config)
+        sources = list(split.train) + extra_sources(config)
     # The model's hash from its files alone (no model load), so a finished set of an older model is caught too.
     expected_hash = model_hash(config.model, policy_files(paths, lora))
     expected_settings = synthesis_settings_hash(config)
@@ -225,7 +225,7 @@ def _remove_set(manifest_path: Path, images_dir: Path) -> int:
     return removed
 
 
-def _extra_sources(config: RunConfig) -> list:
+def extra_sources(config: RunConfig) -> list:
     """Unlabeled images of `synthesize.extra_sources` (MAGIC-A): any condition may be their target."""
     if config.synthesize.extra_sources is None:
         return []

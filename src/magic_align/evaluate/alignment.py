@@ -37,7 +37,7 @@ from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.stats import bootstrap, mean_difference
 from magic_align.errors import MagicError
-from magic_align.synthesize import _extra_sources, read_manifest, run_synthesize, synthesis_settings_hash
+from magic_align.synthesize import extra_sources, read_manifest, run_synthesize, synthesis_settings_hash
 
 # the models compared, named as in `magic evaluate`; the first is the baseline of every difference
 ALIGNMENT_SETTINGS = ("i2i", "magic-dpo", "magic-rft")
@@ -144,7 +144,7 @@ def run_alignment_comparison(
     _require_models(chosen, paths)
     split = run_split(config, paths)
     if set_name == "locked":  # the stated figures: no locked source may be a training or tuning image, even as a copy
-        check_roles(split, extra_train=_extra_sources(config))  # MAGIC-A's extra images are training sources too
+        check_roles(split, extra_train=extra_sources(config))  # MAGIC-A's extra images are training sources too
     sources = held_out_sources(split, units or evaluate.alignment_units, config.seed, set_name)
     if not sources:
         raise AlignmentError(f"the {set_name} set of {paths.root} has no images to use as held-out sources")

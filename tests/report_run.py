@@ -70,7 +70,15 @@ def classifier_row(setting: str, label: str, accuracy: dict, skin3: dict) -> dic
         "precision": {**estimate(0.61, 0.56, 0.66), "std": 0.02, "seeds": 3},
         "recall": {**estimate(0.62, 0.57, 0.67), "std": 0.02, "seeds": 3},
         "by_skin_type": {"3": {**skin3, "n": 10}, "-1": {**estimate(0.5, 0.4, 0.6), "n": 4}},
+        "by_skin_group": {"3-4": {**skin3, "n": 10}},
         "confusion": [[5, 1], [2, 4]], "per_seed": [],
+        # the locked set: accuracy 10 points lower, and (for a synthetic setting) its paired difference to real
+        "locked": {"accuracy": {**estimate(accuracy["value"] - 0.1, accuracy["low"] - 0.1, accuracy["high"] - 0.1)},
+                   "by_skin_group": {"3-4": {**estimate(0.5, 0.4, 0.6), "n": 12}, "5-6": {**estimate(0.3, 0.2, 0.4),
+                                                                                           "n": 12}},
+                   **({} if setting == "real" else {"vs_real": {
+                       "accuracy": estimate(0.034, -0.01, 0.08),
+                       "by_skin_group": {"3-4": estimate(0.0, -0.05, 0.05), "5-6": estimate(-0.02, -0.06, 0.01)}}})},
     }
 
 

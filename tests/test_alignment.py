@@ -121,7 +121,10 @@ def test_alignment_json_holds_the_independent_measure_with_intervals(tmp_path):
     assert set(difference) >= {"value", "low", "high"} and difference["low"] > 0
     assert judge_differences["magic-dpo - i2i"]["independent"] == "confirmed"
     assert result["recognition"]["magic-dpo"]["u0"]["recognised"] == 1
-    assert result["independent"]["real_test"]["accuracy"]["value"] == 1.0
+    real_test = result["independent"]["real_test"]
+    assert real_test["accuracy"]["value"] == 1.0 and real_test["augment"] == 0
+    assert set(real_test["degraded_accuracy"]) == {"value", "low", "high"}  # the probe on blurred real images too
+    assert "degraded copies" not in result["independent"]["grader"]
     kid = result["artefacts"]["settings"]
     assert kid["magic-dpo"]["kid"] < kid["i2i"]["kid"]  # images of the target are closer to its real images
     validity = result["validity"]

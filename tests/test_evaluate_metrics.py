@@ -86,3 +86,58 @@ def test_mean_over_two_seeds_by_hand():
     summary = mean_over_seeds([0.2, 0.6], resamples=1000, seed=3)
     assert (summary["value"], summary["low"], summary["high"]) == (pytest.approx(0.4), 0.2, 0.6)
     assert summary["std"] == pytest.approx(0.4 / 2**0.5) and summary["seeds"] == 2
+
+
+def test_accuracy_by_skin_group_by_hand():
+    from magic_align.evaluate.metrics import accuracy_by_skin_group
+
+    y_true = [0, 0, 1, 1, 2, 2, 0, 1]
+    y_pred = [0, 1, 1, 1, 2, 0, 0, 0]
+    skin = [1, 2, 3, 4, 3, -1, 6, 6]  # -1 (unknown) belongs to no group
+    result = accuracy_by_skin_group(y_true, y_pred, skin)
+    assert result == {"1-2": {"accuracy": 0.5, "n": 2}, "3-4": {"accuracy": 1.0, "n": 3},
+                      "5-6": {"accuracy": 0.5, "n": 2}}
+    assert accuracy_by_skin_group([0], [0], [3]) == {"3-4": {"accuracy": 1.0, "n": 1}}  # empty groups left out
+    full = classification_metrics(y_true, y_pred, 3, skin, resamples=50)
+    assert {k: v["value"] for k, v in full["by_skin_group"].items()} == {"1-2": 0.5, "3-4": 1.0, "5-6": 0.5}
+
+
+def test_paired_difference_by_hand():
+    from magic_align.evaluate.metrics import paired_difference
+
+    result = paired_difference([0.8, 0.9, 1.0], [0.7, 0.7, 0.9], resamples=200)
+    assert result["value"] == pytest.approx(0.4 / 3)
+    assert result["std"] == pytest.approx(np.std([0.1, 0.2, 0.1], ddof=1))
+    assert 0.1 - 1e-9 <= result["low"] <= result["value"] <= result["high"] <= 0.2 + 1e-9
+    assert result["seeds"] == 3
+    with pytest.raises(ValueError, match="one baseline value per seed"):
+        paired_difference([0.8, 0.9], [0.7])
+
+
+def test_paired_differences_against_real_per_group_by_hand():
+    from magic_align.evaluate.classifier import RunResult
+    from magic_align.evaluate.stage import add_paired_differences, summarise_runs
+
+    y_true = np.array([0, 1, 0, 1, 0, 1])
+    skin = np.array([1, 2, 3, 4, 5, 6])
+
+    def results(predictions):
+        return [RunResult(seed, y_true, np.array(pred), skin, 6, 0) for seed, pred in enumerate(predictions)]
+
+    # real: seed 0 right on 1-2 only, seed 1 right on 1-4; synthetic: seed 0 right everywhere, seed 1 on 5-6 only
+    real = results([[0, 1, 1, 0, 1, 0], [0, 1, 0, 1, 1, 0]])
+    synthetic = results([[0, 1, 0, 1, 0, 1], [1, 0, 1, 0, 0, 1]])
+    rows = [{"backbone": "b", "mode": "m", "group": "full", "setting": setting,
+             **summarise_runs(runs, 2, 50)} for setting, runs in (("real", real), ("i2i", synthetic))]
+    for row, runs in zip(rows, (real, synthetic)):
+        row["locked"] = summarise_runs([r for r in runs], 2, 50)
+    add_paired_differences(rows, 50)
+    assert "vs_real" not in rows[0]
+    versus = rows[1]["vs_real"]
+    # accuracy: real 2/6 and 4/6, synthetic 6/6 and 2/6: differences +4/6 and -2/6
+    assert versus["accuracy"]["value"] == pytest.approx((4 / 6 - 2 / 6) / 2)
+    assert rows[0]["by_skin_group"]["3-4"]["value"] == pytest.approx(0.5)
+    # per group: 1-2: (1-1, 0-1) -> -0.5; 3-4: (1-0, 0-1) -> 0; 5-6: (1-0, 1-0) -> +1
+    assert {g: d["value"] for g, d in versus["by_skin_group"].items()} == pytest.approx(
+        {"1-2": -0.5, "3-4": 0.0, "5-6": 1.0})
+    assert rows[1]["locked"]["vs_real"]["accuracy"]["value"] == pytest.approx(1 / 6)

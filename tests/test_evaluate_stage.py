@@ -123,6 +123,20 @@ def test_run_evaluate_compares_settings_without_leakage(toy_run, capsys):
         assert row["accuracy"]["value"] >= 0.8  # colours are easy (few-shot: 9 training images)
         assert len(row["per_seed"]) == 2
         assert np.array(row["confusion"]).sum() == 2 * len(split.test)
+        # the same classifiers graded apart on the locked set (here half of the test split)
+        assert np.array(row["locked"]["confusion"]).sum() == 2 * len(split.locked) > 0
+        assert len(row["locked"]["per_seed"]) == 2
+    assert metrics["counts"]["locked"] == len(split.locked)
+    assert metrics["sets"]["classifier_locked"] == "locked"
+    for key, row in rows.items():  # every synthetic setting against real only of its group, seed by seed
+        if key[1] == "real":
+            assert "vs_real" not in row
+            continue
+        real = rows[(key[0], "real")]
+        for part, baseline in ((row, real), (row["locked"], real["locked"])):
+            differences = [a["accuracy"]["value"] - b["accuracy"]["value"]
+                           for a, b in zip(part["per_seed"], baseline["per_seed"])]
+            assert part["vs_real"]["accuracy"]["value"] == pytest.approx(np.mean(differences))
     assert set(metrics["distances"]) == {"i2i", "magic-dpo"}
     assert metrics["distances"]["i2i"]["fid"]["value"] >= 0
     assert metrics["pass_rate"]["i2i"]["manifest"]["pass_share"]["value"] == 1.0

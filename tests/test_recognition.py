@@ -5,14 +5,19 @@ wrong one; it is cached by what it was trained on; and the per-condition KID tel
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from magic_align.backbones import load_backbone
 from magic_align.data.images import sha256_file
 from magic_align.evaluate.classifier import Example, Schedule
 from magic_align.evaluate.recognition import (
+    Degradation,
     RecognitionError,
     conditional_kid,
+    degrade,
+    degraded_copies,
+    recognition_accuracy,
+    recognizer_key,
     target_recognition,
     train_recognizer,
 )
@@ -130,3 +135,95 @@ def test_conditional_kid_compares_each_image_with_real_images_of_its_target():
     value, per_condition = conditional_kid(real, fake[:11], ["a"] * 10 + ["b"], subsets=5, seed=0)
     assert set(per_condition) == {"a"} and value == pytest.approx(per_condition["a"])
     assert np.isnan(conditional_kid(real, fake[:2], ["c", "c"], subsets=5, seed=0)[0])
+
+
+# ------------------------------------------------------------------------------------------- augmentation
+def neighbour_difference(image: Image.Image) -> float:
+    """Mean absolute difference of horizontally adjacent pixels: the fine detail a blur removes."""
+    pixels = np.asarray(image, float)
+    return float(np.abs(np.diff(pixels, axis=1)).mean())
+
+
+def checkerboard(size: int = 64, cell: int = 2) -> Image.Image:
+    y, x = np.mgrid[:size, :size]
+    return Image.fromarray(np.where(((x // cell + y // cell) % 2)[..., None] == 0, 200, 60).astype(np.uint8).repeat(3, 2))
+
+
+def test_the_identity_degradation_keeps_every_pixel():
+    image = draw("red-spots", np.random.default_rng(1))
+    assert np.array_equal(np.asarray(degrade(image, Degradation(), np.random.default_rng(0))), np.asarray(image))
+
+
+def test_blur_and_down_up_sampling_remove_fine_detail_and_noise_has_its_size():
+    board = checkerboard()
+    sharp = neighbour_difference(board)  # 31 of a row's 63 steps cross a cell edge, each a step of 140
+    assert sharp == pytest.approx(140 * 31 / 63)
+    for degradation in (Degradation(blur=1.5), Degradation(downscale=4.0)):
+        assert neighbour_difference(degrade(board, degradation, np.random.default_rng(0))) < 0.5 * sharp, degradation
+    grey = Image.new("RGB", (64, 64), (128, 128, 128))
+    noisy = np.asarray(degrade(grey, Degradation(noise=5.0), np.random.default_rng(0)), float)
+    assert 4.5 < noisy.std() < 5.5 and abs(noisy.mean() - 128) < 0.5
+    # the blur radius is given for a 64-px image and scales with the image: a 128-px board blurred by the same
+    # setting keeps as much of its (twice as large) cells as the 64-px board keeps of its own
+    # (up to PIL's approximation of a Gaussian, which differs a little between radii)
+    big = checkerboard(128, 4)
+    small_kept = neighbour_difference(degrade(board, Degradation(blur=1.0), np.random.default_rng(0))) / sharp
+    big_kept = neighbour_difference(degrade(big, Degradation(blur=1.0), np.random.default_rng(0))) / neighbour_difference(big)
+    assert big_kept == pytest.approx(small_kept, rel=0.25)
+    unscaled = big.filter(ImageFilter.GaussianBlur(1.0))  # what a radius in pixels of any image would keep
+    assert neighbour_difference(unscaled) / neighbour_difference(big) > 2 * big_kept
+
+
+def test_a_degraded_copy_depends_on_its_image_never_on_the_others():
+    rng = np.random.default_rng(2)
+    first, second = draw("red-spots", rng), draw("blue-plain", rng)
+    forward = degraded_copies([first, second], ["k1", "k2"], copies=2, seed=0)
+    backward = degraded_copies([second, first], ["k2", "k1"], copies=2, seed=0)
+    assert len(forward) == 4
+    assert np.array_equal(np.asarray(forward[0]), np.asarray(backward[2]))
+    assert np.array_equal(np.asarray(forward[1]), np.asarray(backward[3]))
+    assert not np.array_equal(np.asarray(forward[0]), np.asarray(forward[1]))  # two copies, two draws
+    other_seed = degraded_copies([first], ["k1"], copies=1, seed=1)
+    assert not np.array_equal(np.asarray(forward[0]), np.asarray(other_seed[0]))
+
+
+def test_augmentation_trains_on_labelled_copies_and_changes_the_cache_key(domain, backbone, tmp_path, monkeypatch):
+    import magic_align.evaluate.recognition as recognition
+
+    _, train, _ = domain
+    plain = recognizer_key("b", CONDITIONS, train, SCHEDULE, 0)
+    assert recognizer_key("b", CONDITIONS, train, SCHEDULE, 0, augment=0) == plain  # old cached probes stay valid
+    assert recognizer_key("b", CONDITIONS, train, SCHEDULE, 0, augment=2) not in {plain, recognizer_key(
+        "b", CONDITIONS, train, SCHEDULE, 0, augment=1)}
+    seen = {}
+    real_training = recognition.train_linear_probes
+
+    def spy(features, labels, n_real, *args):
+        seen.update(rows=len(features), labels=labels.tolist(), n_real=n_real)
+        return real_training(features, labels, n_real, *args)
+
+    monkeypatch.setattr(recognition, "train_linear_probes", spy)
+    store = tmp_path / "recognition"
+    augmented = train_recognizer(backbone, tmp_path / "features", train, CONDITIONS, SCHEDULE, 0, store=store, augment=2)
+    labels = [e.label for e in train]
+    assert seen["rows"] == seen["n_real"] == 3 * len(train)  # every copy counts as a real image
+    assert seen["labels"] == labels + [label for label in labels for _ in range(2)]  # each copy keeps its label
+    plain_probe = train_recognizer(backbone, tmp_path / "features", train, CONDITIONS, SCHEDULE, 0, store=store)
+    assert augmented.key != plain_probe.key and len(list(store.glob("*.safetensors"))) == 2
+    assert (augmented.augment, plain_probe.augment) == (2, 0)
+
+
+def test_recognition_accuracy_on_clean_and_degraded_real_images(domain, backbone, tmp_path):
+    from types import SimpleNamespace
+
+    _, train, fresh = domain
+    recognizer = train_recognizer(backbone, tmp_path, train, CONDITIONS, SCHEDULE, 0, augment=1)
+    records = [SimpleNamespace(label=c, path=path) for c, paths in fresh.items() for path in paths]
+    records.append(SimpleNamespace(label="purple", path=fresh["blue-plain"][0]))  # not a class: left out
+    found = recognition_accuracy(recognizer, records, resamples=20, seed=0)
+    assert found["n"] == 12 and found["augment"] == 1
+    assert found["accuracy"]["value"] == 1.0  # the look of each condition is unmistakable here
+    clean_only = recognizer.grade_images([Image.open(r.path) for r in records[:12]], [r.label for r in records[:12]])
+    assert [hit for hit, _ in clean_only] == [1] * 12  # in-memory grading agrees with the cached path
+    assert 0.0 <= found["degraded_accuracy"]["value"] <= 1.0
+    assert found["degradation"]["blur"] > 0 and found["degradation"]["downscale"] > 1

@@ -171,6 +171,15 @@ def test_report_numbers(full_report):
     skin = table_after(parsed, "skin type")
     assert skin[0][1:] == ["unknown n 4", "type 3 n 10"]  # unknown first (-1), each with its n
     assert row_starting(skin, "real")[2] == "66.0 [58.0, 74.0]"
+    # per skin-type group: the locked set (stated figures) with paired differences, then the test split (tuning)
+    locked = table_after(parsed, "skin-type group (%), locked set")
+    assert locked[0][1:] == ["all", "types 3-4 n 12", "types 5-6 n 12", "Δ all vs real", "Δ types 3-4",
+                             "Δ types 5-6"]
+    assert row_starting(locked, "real")[1:] == ["61.2 [59.0, 63.4]", "50.0 [40.0, 60.0]", "30.0 [20.0, 40.0]",
+                                                "–", "–", "–"]
+    assert row_starting(locked, "+ MAGIC-DPO")[4:] == ["+3.4 [-1.0, +8.0]", "+0.0 [-5.0, +5.0]", "-2.0 [-6.0, +1.0]"]
+    tuning = table_after(parsed, "skin-type group (%), test split")
+    assert row_starting(tuning, "real")[1:3] == [EXPECTED["accuracy_real"], "66.0 [58.0, 74.0]"]
     assert "skipped: no aligned/rft" in page  # the skipped setting's note
 
     distances = table_after(parsed, "FID and KID")

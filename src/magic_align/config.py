@@ -15,7 +15,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from magic_align import plugins
 from magic_align.diffusion.architecture_specs import ARCHITECTURES
@@ -100,6 +100,27 @@ class DataConfig(Section):
     # this many images per class (None: as many as the test split holds per class)
     procedural_locked_seed: int | None = None
     procedural_locked_per_class: int | None = Field(None, ge=1)
+    # only for kind = "procedural": the dataset comes with its own split (data/split.py, DataKind.split) like
+    # Fitzpatrick17k's scarce, skewed classes: this many training images per condition, their skin types in
+    # proportion to the weights below, and a test part of procedural_test_per_class images per condition balanced
+    # over types 1-6 (the locked set is then balanced too). None: one dataset split by train_fraction (as before)
+    procedural_train_per_class: int | None = Field(None, ge=1)
+    procedural_test_per_class: int = Field(60, ge=1)
+    # weights of Fitzpatrick types 1..6 among a condition's training images; per-condition lists override the
+    # default one (a 0 leaves that type out of the condition's training images)
+    procedural_skin_weights: list[float] = Field(default_factory=lambda: [1.0] * 6)
+    procedural_condition_skin_weights: dict[str, list[float]] = Field(default_factory=dict)
+
+    @field_validator("procedural_skin_weights")
+    @classmethod
+    def _six_weights(cls, value: list[float]) -> list[float]:
+        return _skin_weights(value, "procedural_skin_weights")
+
+    @field_validator("procedural_condition_skin_weights")
+    @classmethod
+    def _six_weights_each(cls, value: dict[str, list[float]]) -> dict[str, list[float]]:
+        return {name: _skin_weights(weights, f"procedural_condition_skin_weights.{name}")
+                for name, weights in value.items()}
 
     @model_validator(mode="after")
     def _locked_seed_is_its_own(self) -> "DataConfig":
@@ -107,6 +128,28 @@ class DataConfig(Section):
             raise ValueError("procedural_locked_seed must differ from procedural_seed: the locked set is drawn apart "
                              "from the images it validates")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_later_defaults(self, handler) -> dict:
+        # settings added after the first runs: at their defaults they are left out of a dump, so the fingerprints
+        # of configurations made before them (finetune checkpoints, stored run configs) stay what they were
+        dumped = handler(self)
+        for name in LATER_DATA_SETTINGS:
+            if name in dumped and getattr(self, name) == DataConfig.model_fields[name].get_default(
+                    call_default_factory=True):
+                del dumped[name]
+        return dumped
+
+
+LATER_DATA_SETTINGS = ("procedural_train_per_class", "procedural_test_per_class", "procedural_skin_weights",
+                       "procedural_condition_skin_weights")
+
+
+def _skin_weights(value: list[float], name: str) -> list[float]:
+    if len(value) != 6 or any(w < 0 for w in value) or sum(value) <= 0:
+        raise ValueError(f"{name} must be 6 non-negative weights (Fitzpatrick types 1..6) with a positive sum, "
+                         f"got {value}")
+    return [float(w) for w in value]
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -341,6 +384,9 @@ class EvaluateConfig(Section):
     held_out_judge: JudgeConfig | None = None  # a second judge, not used in training, for the pass rate
     # the backbone of the recognition probe, the independent grader of `magic compare` (None: the first of backbones)
     recognition_backbone: str | None = None
+    # degraded copies (blur, down/up-sampling, noise, colour jitter) of each real training image the recognition
+    # probe also trains on, so it stays valid on blurry generated images; 0: clean real images only
+    recognition_augment: int = Field(0, ge=0, le=20)
     # the judge's validity on generated images is flagged low below this Pearson r (items met vs recognition)
     validity_min_r: float = Field(0.3, ge=-1, le=1)
 

@@ -98,7 +98,8 @@ def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
     stages += [
         Stage(
             "compare",
-            ("evaluate.alignment_units", "evaluate.alignment_per_source", "evaluate.held_out_judge"),
+            ("evaluate.alignment_units", "evaluate.alignment_per_source", "evaluate.held_out_judge",
+             "evaluate.recognition_backbone", "evaluate.recognition_augment"),
             # the run's stated figures: graded on the locked set, never on the tuning set that settings were chosen on
             lambda: alignment.run_alignment_comparison(config, console=console, set_name="locked"),
             f"{config.evaluate.alignment_units} held-out locked-set sources x {config.evaluate.alignment_per_source} "

@@ -39,11 +39,15 @@ class DataKind:
     gives the columns of a split file with that header which name an image, and the record id they give.
     `locked_set(data_cfg, run_paths, problems)`, when given, returns a locked validation set of the kind's own,
     drawn apart from the dataset (the demo: another procedural seed); the whole test split is then the tuning set
-    (data/split.py, docs/evaluate.md)."""
+    (data/split.py, docs/evaluate.md). `given_split(data_cfg, run_paths, problems)`, when given, returns the
+    dataset's own (train, test) records when the configuration asks for one (the demo's skewed, scarce task), or
+    None to draw the split as usual; `load` must return the records of both sides."""
 
     load: Callable[["DataConfig", "RunPaths | None", LoadProblems], list[Record]]
     split_key: Callable[[set[str]], SplitKey] | None = None
     locked_set: Callable[["DataConfig", "RunPaths | None", LoadProblems], list[Record]] | None = None
+    given_split: Callable[["DataConfig", "RunPaths | None", LoadProblems],
+                          tuple[list[Record], list[Record]] | None] | None = None
 
 
 def load_records(data_cfg: "DataConfig", paths: "RunPaths | None" = None, *,

@@ -12,7 +12,9 @@ subset of the dataset's own CSV rows, as the MAGIC authors publish theirs (`spli
 `splits/SCIN/`, `splits/PAD-UFES-20/` in their repository). Rows are matched to the dataset's records by the
 dataset's image key (`SPLIT_KEYS`); a row naming an image the dataset lacks, a label that disagrees with the
 dataset's, or an image on both sides is an error naming the file and row. The classes are then the split's
-labels, and `data.num_classes` must equal their number.
+labels, and `data.num_classes` must equal their number. A data kind may bring its own split the same way
+(`DataKind.given_split`: the demo's skewed, scarce task draws its training and test images apart); a published
+split_dir takes precedence.
 
 Data roles. Every image has one role, so no figure is graded on an image that shaped it:
 
@@ -313,18 +315,48 @@ def published_split(split_dir: Path, kind: str, records: list[Record], num_class
     if both:
         raise DataError(f"{test_path}: {len(both)} image(s) also in {train_path}, first {both[0].id} "
                         f"({train_path.name} and {test_path.name} must not share images)")
+    return sides_split(train, test, num_classes, eligible, f"the split files in {split_dir}")
+
+
+def sides_split(train: list[Record], test: list[Record], num_classes: int, eligible: Collection[str] | None,
+                source: str) -> Split:
+    """The split of given train and test sides (published files, or a data kind's own split): its classes are the
+    sides' labels, largest first, each with a checklist (when `eligible` is given) and `num_classes` of them."""
     counts = Counter(r.label for r in train)
     classes = sorted({r.label for r in train + test}, key=lambda label: (-counts[label], label))
     if eligible is not None:
         no_checklist = [label for label in classes if label not in set(eligible)]
         if no_checklist:
-            raise DataError(f"the split files in {split_dir} hold label(s) without a checklist: "
+            raise DataError(f"{source} hold label(s) without a checklist: "
                             f"{', '.join(no_checklist)}; every class is a sampling target the judge grades")
     if len(classes) != num_classes:
-        raise DataError(f"the split files in {split_dir} hold {len(classes)} classes but data.num_classes = "
+        raise DataError(f"{source} hold {len(classes)} classes but data.num_classes = "
                         f"{num_classes}; set data.num_classes = {len(classes)}")
     _check_both_sides(train, test, classes)
     return Split(train=train, test=test, classes=classes)
+
+
+def kind_split(config: "RunConfig", paths: "RunPaths", kind, records: list[Record],
+               eligible: Collection[str]) -> Split | None:
+    """The data kind's own split (`DataKind.given_split`) when it has one for these settings, its records taken
+    from the loaded dataset (so labels are matched to the checklist as everywhere else); else None."""
+    if kind.given_split is None:
+        return None
+    sides = kind.given_split(config.data, paths, LoadProblems())
+    if sides is None:
+        return None
+    by_id = {r.id: r for r in records}
+    missing = [r.id for side in sides for r in side if r.id not in by_id]
+    if missing:
+        raise DataError(f"data.kind = {config.data.kind!r}: its own split names {len(missing)} image(s) its dataset "
+                        f"does not hold, first {missing[0]}; the kind's load and given_split must agree")
+    train, test = ([by_id[r.id] for r in side] for side in sides)
+    both = {r.id for r in train} & {r.id for r in test}
+    if both:
+        raise DataError(f"data.kind = {config.data.kind!r}: its own split puts {len(both)} image(s) on both sides, "
+                        f"first {sorted(both)[0]}")
+    return sides_split(train, test, config.data.num_classes, eligible,
+                       f"the own split of data.kind = {config.data.kind!r}")
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -430,9 +462,11 @@ def run_split(config: "RunConfig", paths: "RunPaths", force: bool = False,
                            len(split.tuning), len(split.locked))
             write_split(split, csv_path, settings)
         return _with_own_locked_set(split, kind, config, paths)
-    if config.data.split_dir is not None:
-        named = published_split(config.data.split_dir, config.data.kind, records, config.data.num_classes,
-                                eligible=checklists.condition_names)
+    named = (published_split(config.data.split_dir, config.data.kind, records, config.data.num_classes,
+                             eligible=checklists.condition_names)
+             if config.data.split_dir is not None else
+             kind_split(config, paths, kind, records, checklists.condition_names))
+    if named is not None:  # given sides: published files, or the data kind's own
         if on_total is not None:
             on_total(len(named.train) + len(named.test))
         # only the images the split names are checked; unreadable ones are left out (or stop the run)

@@ -35,12 +35,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from magic_align.checklists.schema import load_checklists
 from magic_align.demo.procedural import CONDITIONS, condition_free_labels, render_arrays
 from magic_align.diffusion.loading import ModelSource, folder_identity, load_local_folder, sd21_ddim_scheduler
-from magic_align.judges.rules import make_rules_judge, validity_table
 
 MAX_TOKENS = 16
 HIDDEN = 64
@@ -106,6 +103,9 @@ class DemoModelRecipe:
     # lesion", drawn from their own random stream (never the demo dataset's images): the model has seen
     # lesions and knows colours and shapes, never the conditions' names
     unlabeled_lesion_images: int = 1500
+    # how many of the UNet's three resolutions (counted from the lowest) carry attention; 3 puts self- and
+    # cross-attention at 16 x 16 too, where a ring or a row of scale streaks is laid out
+    unet_attention_levels: int = 2
     unet_steps: int = 1000
     decoder_steps: int = 400
     unet_batch: int = 32
@@ -179,8 +179,14 @@ def build_tokenizer(max_length: int = MAX_TOKENS):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def build_components(vocab_size: int, bos: int, eos: int, seed: int = 0) -> dict:
-    """Randomly initialised VAE, UNet, text encoder and the DDIM scheduler of the demo model."""
+def build_components(vocab_size: int, bos: int, eos: int, seed: int = 0, attention_levels: int = 2) -> dict:
+    """Randomly initialised VAE, UNet, text encoder and the DDIM scheduler of the demo model.
+
+    `attention_levels`: how many of the UNet's resolutions, from the lowest up, have attention blocks."""
+    if not 0 <= attention_levels <= 3:
+        raise ValueError(f"attention_levels must be 0-3, got {attention_levels}")
+    down_blocks = tuple("CrossAttnDownBlock2D" if level >= 3 - attention_levels else "DownBlock2D" for level in range(3))
+    up_blocks = tuple(block.replace("Down", "Up") for block in reversed(down_blocks))
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -202,9 +208,8 @@ def build_components(vocab_size: int, bos: int, eos: int, seed: int = 0) -> dict
         out_channels=4,
         block_out_channels=(32, 64, 128),
         layers_per_block=1,
-        # cross-attention only at 8x8 and 4x4, where it is cheap and where the lesion layout is decided
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=down_blocks,
+        up_block_types=up_blocks,
         cross_attention_dim=HIDDEN,
         attention_head_dim=4,
         norm_num_groups=8,
@@ -444,7 +449,8 @@ def train_demo_model(out_dir: Path, recipe: DemoModelRecipe | None = None, log: 
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
     tokenizer = build_tokenizer()
-    components = build_components(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, recipe.seed)
+    components = build_components(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, recipe.seed,
+                                  recipe.unet_attention_levels)
     vae, unet, text_encoder, scheduler = (components[k] for k in ("vae", "unet", "text_encoder", "scheduler"))
 
     codec_images = None  # what the autoencoder trains on, when it is trained here
@@ -541,23 +547,6 @@ def demo_model_dir(model_cfg: object | None = None, log: Callable[[str], None] =
         )
         train_demo_model(cached, log=log)
     return cached
-
-
-@torch.no_grad()
-def reconstruction_validity_table(folder: Path, per_condition: int = 50, seed: int = 2000):
-    """The rules judge's validity table on the demo model's autoencoder reconstructions of fresh condition
-    images: what the latent space can carry at best (docs/method.md section 11.2: design every item to survive it)."""
-    from diffusers import AutoencoderKL
-    vae = AutoencoderKL.from_pretrained(str(Path(folder) / "vae"), dtype=torch.float32).eval()
-    checklists = load_checklists("demo")
-    images = {}
-    for condition in CONDITIONS:
-        arrays, _ = render_arrays([condition] * per_condition, seed=seed)
-        batch = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        decoded = vae.decode(vae.encode(batch).latent_dist.mode()).sample
-        pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        images[condition] = [Image.fromarray(p) for p in pixels]
-    return validity_table(make_rules_judge(None, checklists), checklists, images)
 
 
 # registered as the model source "demo" by `magic_align.demo.register`

@@ -90,6 +90,9 @@ CSV_COLUMNS = (
 
 _STREAM_CONDITION = 1
 _STREAM_FREE = 2
+# the training and test parts of a dataset that comes with its own split (data.procedural_train_per_class)
+_STREAM_TRAIN = 3
+_STREAM_TEST = 4
 
 
 @dataclass
@@ -414,15 +417,16 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 # --------------------------------------------------------------------------------------------- datasets
-def _write_dataset(out_dir: Path, jobs: list[tuple[str, int, int]], seed: int, size: int, csv_name: str) -> Path:
-    """Render (label, stream, index) jobs into out_dir/images and write the CSV atomically."""
+def _write_dataset(out_dir: Path, jobs: list[tuple], seed: int, size: int, csv_name: str) -> Path:
+    """Render (label, stream, index[, skin type]) jobs into out_dir/images and write the CSV atomically (no skin
+    type: the image's own stream draws one)."""
     out_dir = Path(out_dir)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, stream, index in jobs:
+    for label, stream, index, *skin_type in jobs:
         rng = np.random.default_rng([seed, stream, CONDITIONS.index(label) if label in CONDITIONS else 0, index])
-        drawing = render(label, rng, size=size)
+        drawing = render(label, rng, size=size, skin_type=skin_type[0] if skin_type else None)
         data = png_bytes(to_pil(drawing.image))
         digest = hashlib.md5(data).hexdigest()
         path = images_dir / f"{digest}.png"
@@ -494,6 +498,54 @@ def condition_free_labels(count: int, seed: int, lesion_fraction: float = 0.6) -
     return [str(label) for label in np.where(chooser.uniform(0, 1, count) < lesion_fraction, "generic-lesion", "healthy")]
 
 
+# ------------------------------------------------------------------------------------- a split of its own
+def skin_type_counts(weights: list[float], count: int) -> list[int]:
+    """How many of `count` images fall on Fitzpatrick types 1..6 for these weights: the largest-remainder
+    apportionment (ties to the lighter type), so the counts follow the weights as closely as whole images can
+    and a weight of 0 gets none."""
+    weights = np.asarray(weights, dtype=float)
+    shares = weights / weights.sum() * count
+    counts = np.floor(shares).astype(int)
+    remainders = shares - counts
+    for position in sorted(range(6), key=lambda k: (-remainders[k], k))[: count - int(counts.sum())]:
+        counts[position] += 1
+    return [int(n) for n in counts]
+
+
+def balanced_skin_types(count: int) -> list[int]:
+    """Types 1..6 in turn: equal numbers of each when `count` is a multiple of 6, else at most one apart."""
+    return [index % 6 + 1 for index in range(count)]
+
+
+def condition_skin_weights(data_cfg: "DataConfig", condition: str) -> list[float]:
+    return data_cfg.procedural_condition_skin_weights.get(condition, data_cfg.procedural_skin_weights)
+
+
+def generate_split_dataset(out_dir: Path, train_counts: dict[str, list[int]], test_per_class: int, seed: int,
+                           size: int = 64) -> tuple[Path, Path]:
+    """A dataset that comes with its own split: `train_counts[condition][t - 1]` training images of type t, and a
+    test part of `test_per_class` images per condition balanced over types 1..6, each part from its own streams
+    (`default_rng([seed, stream, condition, index])`). Writes `train.csv` and `test.csv` (the `procedural.csv`
+    layout) beside one images/ folder; returns their paths."""
+    unknown = [c for c in train_counts if c not in CONDITIONS]
+    if unknown:
+        raise ValueError(f"unknown conditions {unknown}; the demo domain has {list(CONDITIONS)}")
+    train_jobs = [(label, _STREAM_TRAIN, index, skin_type) for label, counts in train_counts.items()
+                  for index, skin_type in enumerate(t for t, n in enumerate(counts, start=1) for _ in range(n))]
+    test_jobs = [(label, _STREAM_TEST, index, skin_type) for label in train_counts
+                 for index, skin_type in enumerate(balanced_skin_types(test_per_class))]
+    return (_write_dataset(Path(out_dir), train_jobs, seed, size, "train.csv"),
+            _write_dataset(Path(out_dir), test_jobs, seed, size, "test.csv"))
+
+
+def generate_balanced_dataset(out_dir: Path, per_class: int, seed: int, size: int = 64) -> Path:
+    """`per_class` images per condition balanced over types 1..6 (the test part's streams; for a locked set drawn
+    from its own seed); returns `out_dir/procedural.csv`."""
+    jobs = [(label, _STREAM_TEST, index, skin_type) for label in CONDITIONS
+            for index, skin_type in enumerate(balanced_skin_types(per_class))]
+    return _write_dataset(Path(out_dir), jobs, seed, size, "procedural.csv")
+
+
 # ------------------------------------------------------------------------------------------ data kind
 def procedural_csv(data_cfg: "DataConfig", paths: "RunPaths | None") -> Path:
     """The demo domain's CSV: `data.csv` when set, else generated into run/data/procedural/ once.
@@ -508,17 +560,32 @@ def procedural_csv(data_cfg: "DataConfig", paths: "RunPaths | None") -> Path:
     return _generated_once(paths.data / "procedural", data_cfg.procedural_per_class, data_cfg.procedural_seed)
 
 
-def _generated_once(out_dir: Path, per_class: int, seed: int) -> Path:
-    """The CSV of a dataset generated into `out_dir`, drawn again only when its stamp names other settings."""
+# stamp keys added later, with the value a stamp written before them stands for
+_LATER_STAMP_KEYS = {"balanced": False}
+
+
+def _stamped(out_dir: Path, wanted: dict, names: tuple[str, ...]) -> list[Path] | None:
+    """The CSVs of a dataset generated into `out_dir` when its stamp names these settings, else None."""
     stamp_path = out_dir / "generated.json"
-    wanted = {"per_class": per_class, "seed": seed}
-    if stamp_path.is_file():
-        stamp = json.loads(stamp_path.read_text())
-        csv_path = out_dir / stamp.get("csv", "")
-        if {k: stamp.get(k) for k in wanted} == wanted and csv_path.is_file():
-            return csv_path
-    csv_path = Path(generate_dataset(out_dir, per_class, seed))
-    atomic_write_text(stamp_path, json.dumps({**wanted, "csv": csv_path.name}))
+    if not stamp_path.is_file():
+        return None
+    stamp = json.loads(stamp_path.read_text())
+    if {k: stamp.get(k, _LATER_STAMP_KEYS.get(k)) for k in wanted} != wanted:
+        return None
+    stored = stamp.get("csvs", [stamp.get("csv", "")])
+    paths = [out_dir / name for name in stored]
+    return paths if [p.name for p in paths] == list(names) and all(p.is_file() for p in paths) else None
+
+
+def _generated_once(out_dir: Path, per_class: int, seed: int, balanced: bool = False) -> Path:
+    """The CSV of a dataset generated into `out_dir`, drawn again only when its stamp names other settings."""
+    wanted = {"per_class": per_class, "seed": seed, "balanced": balanced}
+    found = _stamped(out_dir, wanted, ("procedural.csv",))
+    if found is not None:
+        return found[0]
+    csv_path = Path(generate_balanced_dataset(out_dir, per_class, seed) if balanced
+                    else generate_dataset(out_dir, per_class, seed))
+    atomic_write_text(out_dir / "generated.json", json.dumps({**wanted, "csv": csv_path.name}))
     return csv_path
 
 
@@ -527,8 +594,43 @@ def _read_generated(csv_path: Path, images: Path | None, problems: LoadProblems)
     return load_fitzpatrick(csv_path, Path(folder), problems)
 
 
+def _own_split_csvs(data_cfg: "DataConfig", paths: "RunPaths | None") -> tuple[Path, Path]:
+    """train.csv and test.csv of the dataset with its own split, generated into run/data/procedural-split/ once."""
+    if data_cfg.csv is not None:
+        raise DataError("data.procedural_train_per_class draws the demo dataset with its own split; leave data.csv "
+                        "unset (it names one already generated CSV, split by train_fraction)")
+    if paths is None:
+        raise DataError("data.kind = 'procedural' needs a run directory to generate the demo images into")
+    train_counts = {condition: skin_type_counts(condition_skin_weights(data_cfg, condition),
+                                                data_cfg.procedural_train_per_class)
+                    for condition in CONDITIONS}
+    out_dir = paths.data / "procedural-split"
+    wanted = {"train_counts": train_counts, "test_per_class": data_cfg.procedural_test_per_class,
+              "seed": data_cfg.procedural_seed}
+    found = _stamped(out_dir, wanted, ("train.csv", "test.csv"))
+    if found is not None:
+        return found[0], found[1]
+    train_csv, test_csv = generate_split_dataset(out_dir, train_counts, data_cfg.procedural_test_per_class,
+                                                 data_cfg.procedural_seed)
+    atomic_write_text(out_dir / "generated.json", json.dumps({**wanted, "csvs": [train_csv.name, test_csv.name]}))
+    return train_csv, test_csv
+
+
+def given_split_procedural(data_cfg: "DataConfig", paths: "RunPaths | None",
+                           problems: LoadProblems) -> tuple[list[Record], list[Record]] | None:
+    """(train, test) of the dataset with its own split (`procedural_train_per_class` set), else None: the
+    dataset is then split by train_fraction like any other."""
+    if data_cfg.procedural_train_per_class is None:
+        return None
+    train_csv, test_csv = _own_split_csvs(data_cfg, paths)
+    return _read_generated(train_csv, None, problems), _read_generated(test_csv, None, problems)
+
+
 def load_procedural(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
     """The demo dataset as records: generated on first use, read with the Fitzpatrick loader."""
+    sides = given_split_procedural(data_cfg, paths, problems)
+    if sides is not None:
+        return sides[0] + sides[1]
     return _read_generated(procedural_csv(data_cfg, paths), data_cfg.images, problems)
 
 
@@ -539,14 +641,19 @@ def locked_seed(data_cfg: "DataConfig") -> int:
 
 def load_locked_procedural(data_cfg: "DataConfig", paths: "RunPaths | None", problems: LoadProblems) -> list[Record]:
     """The demo's locked validation set: a second procedural dataset from its own seed, generated into
-    run/data/procedural-locked/, so no image of it was seen in training or in tuning (data/split.py checks)."""
+    run/data/procedural-locked/, so no image of it was seen in training or in tuning (data/split.py checks).
+    With a split of its own (`procedural_train_per_class`) it is balanced over skin types like the test part."""
     if paths is None:
         raise DataError("the procedural locked set needs a run directory to generate its images into")
+    own_split = data_cfg.procedural_train_per_class is not None
     per_class = data_cfg.procedural_locked_per_class
     if per_class is None:  # as many as the test split holds per condition
-        per_class = data_cfg.procedural_per_class - round(data_cfg.train_fraction * data_cfg.procedural_per_class)
-    csv_path = _generated_once(paths.data / "procedural-locked", max(1, per_class), locked_seed(data_cfg))
+        per_class = (data_cfg.procedural_test_per_class if own_split else
+                     data_cfg.procedural_per_class - round(data_cfg.train_fraction * data_cfg.procedural_per_class))
+    csv_path = _generated_once(paths.data / "procedural-locked", max(1, per_class), locked_seed(data_cfg),
+                               balanced=own_split)
     return _read_generated(csv_path, None, problems)
 
 
-PROCEDURAL = DataKind(load_procedural, md5hash_split_key, locked_set=load_locked_procedural)
+PROCEDURAL = DataKind(load_procedural, md5hash_split_key, locked_set=load_locked_procedural,
+                      given_split=given_split_procedural)

@@ -275,7 +275,8 @@ def independent_measures(config: RunConfig, paths: RunPaths, split, images: dict
         "recognition": recognition,
         "independent": {
             "grader": f"linear probe on {recognizer.backbone} features, trained on {recognizer.n_train} real "
-                      "training images (never on verdicts)",
+                      "training images" + (f" and {recognizer.augment} degraded copies of each" if recognizer.augment
+                                           else "") + " (never on verdicts)",
             "real_test": recognition_accuracy(recognizer, split.test, resamples, config.seed),
             "settings": {name: {"recognised": recognised["settings"][name],
                                 "target_probability": probability["settings"][name]} for name in recognition},
@@ -295,6 +296,11 @@ def _print_independent(console: Console, labels: SettingLabels, independent: dic
     measure = independent.get("independent")
     if not measure:
         return
+    real_test = measure.get("real_test") or {}
+    if real_test.get("n"):  # how far the grader itself can be trusted, on clean and on blurred real images
+        clean, degraded = real_test["accuracy"], real_test["degraded_accuracy"]
+        console.print(f"  recognition probe on {real_test['n']} real test images: {clean['value']:.1%} clean, "
+                      f"{degraded['value']:.1%} degraded (blur, down/up-sampling, noise)")
     for name, entry in measure["settings"].items():
         share = entry["recognised"]
         console.print(f"  {labels(name)}: recognised as its target {share['value']:.1%} "

@@ -358,6 +358,13 @@ def _decode(examples: Sequence[Example], loader: ImageLoader, size: int, chunk: 
     return torch.cat(parts) if parts else torch.zeros((0, 3, size, size), dtype=torch.uint8)
 
 
+def restrict(result: RunResult, indices: Sequence[int]) -> RunResult:
+    """The predictions of one run on part of its test images (one classifier, graded on two sets)."""
+    index = np.asarray(indices, dtype=int)
+    return RunResult(result.seed, result.y_true[index], result.y_pred[index], result.skin_types[index],
+                     result.n_real, result.n_synthetic)
+
+
 def _result(seed: int, test: Sequence[Example], y_pred: np.ndarray, n_real: int, n_synthetic: int) -> RunResult:
     return RunResult(
         seed=seed,

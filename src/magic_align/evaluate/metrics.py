@@ -88,7 +88,8 @@ def classification_metrics(
     seed: int = 0,
 ) -> dict:
     """Every metric of one run on one test set: point values with bootstrap intervals over test images, the
-    confusion matrix and (with skin types) accuracy per Fitzpatrick type, each with its interval."""
+    confusion matrix and (with skin types) accuracy per Fitzpatrick type and per group of types (1-2, 3-4, 5-6),
+    each with its interval."""
     y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
     result: dict = {
         name: bootstrap(function, y_true, y_pred, resamples=resamples, seed=seed).as_dict()
@@ -104,6 +105,12 @@ def classification_metrics(
             estimate = bootstrap(accuracy, y_true[mask], y_pred[mask], resamples=resamples, seed=seed)
             by_type[str(skin_type)] = {**estimate.as_dict(), "n": entry["n"]}
         result["by_skin_type"] = by_type
+        by_group = {}
+        for name, entry in accuracy_by_skin_group(y_true, y_pred, skin_types).items():
+            mask = np.isin(skin_types, SKIN_TYPE_GROUPS[name])
+            estimate = bootstrap(accuracy, y_true[mask], y_pred[mask], resamples=resamples, seed=seed)
+            by_group[name] = {**estimate.as_dict(), "n": entry["n"]}
+        result["by_skin_group"] = by_group
     return result
 
 
@@ -112,3 +119,30 @@ def mean_over_seeds(values: Sequence[float], resamples: int = 1000, seed: int = 
     array = np.asarray(values, float)
     estimate: Estimate = bootstrap(np.mean, array, resamples=resamples if len(array) > 1 else 0, seed=seed)
     return {**estimate.as_dict(), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0, "seeds": int(len(array))}
+
+
+# Fitzpatrick skin-type groups as Fitzpatrick17k studies report them (light, medium, dark)
+SKIN_TYPE_GROUPS = {"1-2": (1, 2), "3-4": (3, 4), "5-6": (5, 6)}
+
+
+def accuracy_by_skin_group(y_true: Sequence[int], y_pred: Sequence[int], skin_types: Sequence[int]) -> dict[str, dict]:
+    """{group: {"accuracy", "n"}} for every group of SKIN_TYPE_GROUPS with at least one image."""
+    y_true, y_pred, skin_types = np.asarray(y_true), np.asarray(y_pred), np.asarray(skin_types, int)
+    result = {}
+    for name, members in SKIN_TYPE_GROUPS.items():
+        mask = np.isin(skin_types, members)
+        if mask.any():
+            result[name] = {"accuracy": accuracy(y_true[mask], y_pred[mask]), "n": int(mask.sum())}
+    return result
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float], resamples: int = 1000,
+                      seed: int = 0) -> dict:
+    """A setting against the baseline trained with the same seeds: the mean over seeds of the per-seed difference
+    (values[k] - baseline[k]), its bootstrap interval over seeds and standard deviation (as `mean_over_seeds`).
+    Pairing removes what the seeds share (the same test images, the same batch order)."""
+    values, baseline = np.asarray(values, float), np.asarray(baseline, float)
+    if values.shape != baseline.shape:
+        raise ValueError(f"paired difference needs one baseline value per seed: {len(values)} values, "
+                         f"{len(baseline)} baseline values")
+    return mean_over_seeds(values - baseline, resamples, seed)

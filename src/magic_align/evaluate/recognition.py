@@ -7,9 +7,18 @@ probe's probability of c is the softer form of the same measure. `magic compare`
 alignment comparison with it (eval/alignment.json, `independent`), so a rise in items met can be checked against
 something the model was not trained to please.
 
+Generated images are not real ones: a small model's decoder blurs, shifts colours and loses fine detail, and a
+probe that only ever saw clean images drifts on them (on the demo, towards the class of plain brown spots). With
+`evaluate.recognition_augment = k`, the probe also trains on k degraded copies of every real training image
+(Gaussian blur, down- and up-sampling, pixel noise, a small colour jitter; `random_degradation`), each keeping its
+label: still real images and dataset labels only, never a verdict. `recognition_accuracy` reports the probe on
+the clean real test images and on the same images after one fixed degradation (`TEST_DEGRADATION`, noise drawn
+from its own stream), so a reader sees how far to trust it on generated images.
+
 The probe is trained once per run and cached: `eval/recognition/<backbone>-<key>.safetensors`, the key a hash of
-the backbone, the training images (content hashes and labels), the classes and the schedule; features come from
-the harness's feature cache (`eval/features/`), so `magic evaluate` and `magic compare` extract each image once.
+the backbone, the training images (content hashes and labels), the classes, the schedule and the augmentation;
+features of the clean images come from the harness's feature cache (`eval/features/`), so `magic evaluate` and
+`magic compare` extract each image once (the degraded copies are extracted when the probe is trained).
 
 The artefact measure is KID per target condition: each setting's images made for condition c against the real
 training images of c, on the same backbone features, averaged over conditions weighted by image count. KID, not
@@ -23,10 +32,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageEnhance, ImageFilter
 from safetensors.torch import load_file, save_file
 
 from magic_align.backbones import Backbone, load_backbone
@@ -39,10 +49,113 @@ from magic_align.run import RunPaths, atomic_path
 from magic_align.stats import bootstrap
 
 FORMAT_VERSION = "1"
+# bump when the degradations change: the key of every augmented probe changes with it
+DEGRADATION_VERSION = "1"
 
 
 class RecognitionError(MagicError, ValueError):
     """The recognition probe cannot be trained as asked (too few classes or images); the message says why."""
+
+
+# ------------------------------------------------------------------------------------------- degradations
+REFERENCE_SIDE = 64  # blur radii are given for an image of this short side and scale with the image
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """One label-preserving degradation of the kind a generator's decoder adds; identity by default."""
+
+    blur: float = 0.0  # Gaussian blur radius in pixels of a REFERENCE_SIDE image
+    downscale: float = 1.0  # shrink by this factor (box filter), then back up (bicubic): lost fine detail
+    noise: float = 0.0  # standard deviation of Gaussian pixel noise, on the 0-255 scale
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+
+
+# the reported degraded test: a moderate version of each artefact at once, like a blurry 64-px sample
+TEST_DEGRADATION = Degradation(blur=1.2, downscale=2.0, noise=3.0, brightness=0.97, contrast=0.92, saturation=0.9)
+TRAIN_STREAM, TEST_STREAM = 11, 12  # random streams of the training copies and of the test degradation's noise
+
+
+def random_degradation(rng: np.random.Generator) -> Degradation:
+    """A random mix: usually blurred, often down/up-sampled or noisy, always slightly jittered in colour (mild
+    and severe draws both, so the probe learns the classes across the range generated images fall in)."""
+    return Degradation(
+        blur=float(rng.uniform(0.3, 1.8)) if rng.uniform() < 0.75 else 0.0,
+        downscale=float(rng.uniform(1.3, 3.0)) if rng.uniform() < 0.5 else 1.0,
+        noise=float(rng.uniform(1.0, 8.0)) if rng.uniform() < 0.5 else 0.0,
+        brightness=float(rng.uniform(0.9, 1.1)),
+        contrast=float(rng.uniform(0.85, 1.1)),
+        saturation=float(rng.uniform(0.8, 1.15)),
+    )
+
+
+def degrade(image: Image.Image, degradation: Degradation, rng: np.random.Generator) -> Image.Image:
+    """The image after `degradation` (colour jitter, blur, down/up-sampling, noise, in that order); `rng` draws
+    the noise."""
+    image = image.convert("RGB")
+    for enhancer, factor in ((ImageEnhance.Brightness, degradation.brightness),
+                             (ImageEnhance.Contrast, degradation.contrast),
+                             (ImageEnhance.Color, degradation.saturation)):
+        if factor != 1.0:
+            image = enhancer(image).enhance(factor)
+    scale = min(image.size) / REFERENCE_SIDE
+    if degradation.blur > 0:
+        image = image.filter(ImageFilter.GaussianBlur(degradation.blur * scale))
+    if degradation.downscale > 1.0:
+        size = image.size
+        small = (max(1, round(size[0] / degradation.downscale)), max(1, round(size[1] / degradation.downscale)))
+        image = image.resize(small, Image.Resampling.BOX).resize(size, Image.Resampling.BICUBIC)
+    if degradation.noise > 0:
+        pixels = np.asarray(image, np.float32) + rng.normal(0.0, degradation.noise, (image.size[1], image.size[0], 3))
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return image
+
+
+def degraded_copies(images: Sequence[Image.Image], keys: Sequence[str], copies: int, seed: int) -> list[Image.Image]:
+    """`copies` random degradations of each image (image-major: all copies of the first image, then the next);
+    copy k of an image depends only on (seed, its key, k), never on which other images are in the set."""
+    out = []
+    for image, key in zip(images, keys):
+        tag = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+        for copy in range(copies):
+            rng = np.random.default_rng([seed, TRAIN_STREAM, tag, copy])
+            out.append(degrade(image, random_degradation(rng), rng))
+    return out
+
+
+def fixed_degradation(images: Sequence[Image.Image], seed: int) -> list[Image.Image]:
+    """Every image under `TEST_DEGRADATION`, its noise from a stream apart from the training copies'."""
+    return [degrade(image, TEST_DEGRADATION, np.random.default_rng([seed, TEST_STREAM, index]))
+            for index, image in enumerate(images)]
+
+
+# ------------------------------------------------------------------------------------------------ probe
+def fit_probe(backbone: Backbone, clean: torch.Tensor, labels: Sequence[int], load: Callable[[int], Image.Image],
+              keys: Sequence[str], num_classes: int, schedule: Schedule, seed: int, augment: int) -> LinearProbes:
+    """A linear probe on `clean` features [N, D] of real images with their `labels`, plus, when `augment` > 0,
+    `augment` degraded copies of each image (`load(i)` reads image i; a batch at a time, so full-size images are
+    never all in memory), each with its image's label. Every row counts as real: the standardisation and the
+    batches see clean and degraded images alike."""
+    labels = torch.as_tensor(list(labels), dtype=torch.long)
+    features = [clean]
+    if augment > 0:
+        for start in range(0, len(keys), schedule.batch_size):
+            chunk = range(start, min(start + schedule.batch_size, len(keys)))
+            copies = degraded_copies([load(i) for i in chunk], [keys[i] for i in chunk], augment, seed)
+            features.append(backbone.features(copies, batch_size=schedule.batch_size))
+        labels = torch.cat([labels, labels.repeat_interleave(augment)])
+    schedule = Schedule(**{**schedule.__dict__, "rho": 0.0})  # real images only, never synthetic ones
+    return train_linear_probes(torch.cat(features), labels, len(labels), num_classes, schedule, [seed])
+
+
+def probe_probabilities(probe: LinearProbes, features: torch.Tensor) -> np.ndarray:
+    """[N, C] class probabilities of [N, D] features."""
+    if len(features) == 0:
+        return np.zeros((0, probe.weight.shape[-1]))
+    with torch.no_grad():
+        return torch.softmax(probe(features)[0], -1).numpy()
 
 
 @dataclass
@@ -56,6 +169,8 @@ class Recognizer:
     n_train: int
     key: str
     max_pixels: int | None = None
+    augment: int = 0  # degraded copies per real training image it was trained with
+    seed: int = 0
 
     def _examples(self, images: Sequence[Path]) -> list[Example]:
         return [Example(id=str(path), path=Path(path), label=-1, key=sha256_file(path)) for path in images]
@@ -66,16 +181,20 @@ class Recognizer:
 
     def probabilities(self, images: Sequence[Path]) -> np.ndarray:
         """[N, C] class probabilities of the image files."""
-        if not images:
-            return np.zeros((0, len(self.classes)))
-        with torch.no_grad():
-            logits = self.probe(self.features(images))[0]
-        return torch.softmax(logits, -1).numpy()
+        return probe_probabilities(self.probe, self.features(images) if images else torch.zeros((0, 1)))
+
+    def image_probabilities(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """[N, C] class probabilities of images in memory (not cached: degraded or freshly drawn ones)."""
+        return probe_probabilities(self.probe, self.cache.backbone.features(list(images)) if images else torch.zeros((0, 1)))
 
     def grade(self, images: Sequence[Path], targets: Sequence[str]) -> list[tuple[int, float]]:
         """(recognised as its target: 0/1, probability of the target) per image."""
         probabilities = self.probabilities(images)
         return target_recognition(probabilities, [self.index(target) for target in targets])
+
+    def grade_images(self, images: Sequence[Image.Image], targets: Sequence[str]) -> list[tuple[int, float]]:
+        """`grade` for images in memory."""
+        return target_recognition(self.image_probabilities(images), [self.index(target) for target in targets])
 
     def index(self, condition: str) -> int:
         if condition not in self.classes:
@@ -98,44 +217,50 @@ def target_recognition(probabilities: np.ndarray, targets: Sequence[int]) -> lis
 
 
 def recognizer_key(backbone_identity: str, classes: Sequence[str], examples: Sequence[Example], schedule: Schedule,
-                   seed: int) -> str:
-    """What a trained probe depends on: its backbone, classes, training images (by content) and schedule."""
+                   seed: int, augment: int = 0) -> str:
+    """What a trained probe depends on: its backbone, classes, training images (by content), schedule and
+    augmentation (the copies per image and the version of the degradations)."""
     payload = {"format": FORMAT_VERSION, "backbone": backbone_identity, "classes": list(classes), "seed": seed,
                "schedule": schedule.__dict__, "images": sorted((e.key, e.label) for e in examples)}
+    if augment:  # absent when off, so the probes cached before augmentation existed keep their keys
+        payload["augment"] = {"copies": augment, "degradations": DEGRADATION_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_recognizer(backbone: Backbone, cache_root: Path, examples: Sequence[Example], classes: Sequence[str],
                      schedule: Schedule, seed: int, store: Path | None = None,
-                     max_pixels: int | None = None) -> Recognizer:
+                     max_pixels: int | None = None, augment: int = 0) -> Recognizer:
     """The probe of `examples` (real images, `label` = class index), loaded from `store` (a folder) when a probe
-    of the same key is there, else trained and written there."""
+    of the same key is there, else trained and written there. `augment`: degraded copies per image (module
+    docstring)."""
     present = sorted({e.label for e in examples})
     if len(present) < 2:
         raise RecognitionError(f"the recognition probe needs real training images of at least 2 conditions; got "
                                f"{len(examples)} image(s) of {len(present)}")
     schedule = Schedule(**{**schedule.__dict__, "rho": 0.0})  # real images only, never synthetic ones
     cache = FeatureCache(cache_root, backbone)
-    key = recognizer_key(backbone.identity, classes, examples, schedule, seed)
+    key = recognizer_key(backbone.identity, classes, examples, schedule, seed, augment)
     file = Path(store) / f"{cache.folder.name}-{key}.safetensors" if store is not None else None
 
     def recognizer(probe: LinearProbes) -> Recognizer:
-        return Recognizer(list(classes), probe.eval(), cache, backbone.name, len(examples), key, max_pixels)
+        return Recognizer(list(classes), probe.eval(), cache, backbone.name, len(examples), key, max_pixels,
+                          augment, seed)
 
     if file is not None and file.is_file():
         state = load_file(str(file))
         probe = LinearProbes(state["mean"], state["std"], len(classes), [seed])
         probe.load_state_dict(state)
         return recognizer(probe)
-    features = cache.features(list(examples), lambda path: _load(path, max_pixels), schedule.batch_size)
-    labels = torch.tensor([e.label for e in examples], dtype=torch.long)
-    probe = train_linear_probes(features, labels, len(examples), len(classes), schedule, [seed])
+    load = lambda path: _load(path, max_pixels)  # noqa: E731
+    features = cache.features(list(examples), load, schedule.batch_size)
+    probe = fit_probe(backbone, features, [e.label for e in examples], lambda i: load(examples[i].path),
+                      [e.key for e in examples], len(classes), schedule, seed, augment)
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(file) as temporary:
             save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(temporary),
                       metadata={"classes": json.dumps(list(classes)), "backbone": backbone.identity,
-                                "n_train": str(len(examples))})
+                                "n_train": str(len(examples)), "augment": str(augment)})
     return recognizer(probe)
 
 
@@ -149,17 +274,27 @@ def run_recognizer(config: RunConfig, paths: RunPaths, train_records: Sequence, 
     index = {label: i for i, label in enumerate(classes)}
     examples = [Example(r.id, Path(r.path), index[r.label], sha256_file(r.path)) for r in train_records]
     return train_recognizer(backbone, paths.eval / "features", examples, classes, Schedule.from_config(evaluate),
-                            config.seed, store=paths.eval / "recognition", max_pixels=config.data.max_image_pixels)
+                            config.seed, store=paths.eval / "recognition", max_pixels=config.data.max_image_pixels,
+                            augment=evaluate.recognition_augment)
 
 
 def recognition_accuracy(recognizer: Recognizer, records: Sequence, resamples: int, seed: int) -> dict:
-    """The probe's accuracy on real held-out images of its classes (how far the grader itself can be trusted)."""
+    """The probe's accuracy on real held-out images of its classes (how far the grader itself can be trusted):
+    `accuracy` on the clean images, `degraded_accuracy` on the same images under `TEST_DEGRADATION` (how far it
+    can be trusted on blurry generated ones)."""
     usable = [r for r in records if r.label in recognizer.classes]
     if not usable:
         return {"n": 0}
-    graded = recognizer.grade([Path(r.path) for r in usable], [r.label for r in usable])
-    correct = np.array([recognised for recognised, _ in graded], float)
-    return {"n": len(usable), "accuracy": bootstrap(np.mean, correct, resamples=resamples, seed=seed).as_dict()}
+    targets = [r.label for r in usable]
+    graded = recognizer.grade([Path(r.path) for r in usable], targets)
+    degraded = recognizer.grade_images(fixed_degradation([recognizer._load(Path(r.path)) for r in usable], seed), targets)
+
+    def accuracy(answers: list[tuple[int, float]]) -> dict:
+        correct = np.array([recognised for recognised, _ in answers], float)
+        return bootstrap(np.mean, correct, resamples=resamples, seed=seed).as_dict()
+
+    return {"n": len(usable), "accuracy": accuracy(graded), "degraded_accuracy": accuracy(degraded),
+            "degradation": TEST_DEGRADATION.__dict__, "augment": recognizer.augment}
 
 
 # --------------------------------------------------------------------------------------------- artefacts

@@ -11,7 +11,10 @@ Settings (each adds one synthetic set to the real training images, at share rho 
 A setting's images are read from `run/synthetic/<setting>/manifest.csv`; a missing set is synthesized
 through `synthesize.synthesize` when its model exists, and skipped with a note when it does not. For
 every backbone of `evaluate.backbones` and every setting, `evaluate.seeds` classifiers are trained
-(linear probe on cached features, or full fine-tuning) and tested on the real test split. With
+(linear probe on cached features, or full fine-tuning) and tested on the real test split (the tuning figures)
+and, apart, on the run's locked set (the figures to state: no choice was made on it), each overall, per skin
+type and per group of types (1-2, 3-4, 5-6), with every synthetic setting's paired difference against real
+only (the same seeds). With
 `data.few_shot_fraction` the few-shot setting is added: the seeded subset of the training set, with the
 synthetic images made from it, and with those made from every training image (the rest used as unlabeled
 sources: the paper's MAGIC-A). Also: FID/KID of each synthetic set against the real training images, and the
@@ -40,11 +43,18 @@ from magic_align.evaluate.classifier import (
     RunResult,
     Schedule,
     run_finetune,
+    restrict,
     run_linear_probe,
     select_synthetic,
 )
 from magic_align.evaluate.fid import extract_features, image_distances, load_feature_module
-from magic_align.evaluate.metrics import METRICS, classification_metrics, mean_over_seeds
+from magic_align.evaluate.metrics import (
+    METRICS,
+    SKIN_TYPE_GROUPS,
+    classification_metrics,
+    mean_over_seeds,
+    paired_difference,
+)
 from magic_align.evaluate.passrate import judge_images, parse_manifest_items, pass_rate_summary
 from magic_align.judges import make_judge
 from magic_align.ledger import Ledger
@@ -189,9 +199,48 @@ def summarise_runs(results: Sequence[RunResult], num_classes: int, resamples: in
               "n": per_seed[0]["by_skin_type"][key]["n"]}
         for key in skin_types
     }
+    skin_groups = [name for name in SKIN_TYPE_GROUPS if name in per_seed[0].get("by_skin_group", {})]
+    summary["by_skin_group"] = {
+        name: {**mean_over_seeds([entry["by_skin_group"][name]["value"] for entry in per_seed], resamples, seed),
+               "n": per_seed[0]["by_skin_group"][name]["n"]}
+        for name in skin_groups
+    }
     summary["confusion"] = np.sum([entry["confusion"] for entry in per_seed], axis=0).tolist()  # summed over seeds
     summary["per_seed"] = [{k: v for k, v in entry.items() if k != "confusion"} for entry in per_seed]
     return summary
+
+
+def versus_baseline(summary: dict, baseline: dict, resamples: int, seed: int = 0) -> dict:
+    """A setting's summary against the real-only one of the same classifier group, seed by seed (the same seeds
+    give both): the paired difference of every metric and of the accuracy per skin-type group."""
+    ours = {entry["seed"]: entry for entry in summary["per_seed"]}
+    theirs = {entry["seed"]: entry for entry in baseline["per_seed"]}
+    seeds = [s for s in ours if s in theirs]
+    if not seeds:
+        raise EvaluateError("no seed in common with the real-only classifiers: a paired difference needs the same "
+                            "seeds on both sides")
+
+    def differ(value) -> dict:
+        return paired_difference([value(ours[s]) for s in seeds], [value(theirs[s]) for s in seeds], resamples, seed)
+
+    result: dict = {name: differ(lambda entry, name=name: entry[name]["value"]) for name in METRICS}
+    groups = [g for g in SKIN_TYPE_GROUPS
+              if all(g in entry.get("by_skin_group", {}) for s in seeds for entry in (ours[s], theirs[s]))]
+    result["by_skin_group"] = {g: differ(lambda entry, g=g: entry["by_skin_group"][g]["value"]) for g in groups}
+    return result
+
+
+def add_paired_differences(rows: list[dict], resamples: int, seed: int = 0) -> None:
+    """`vs_real` on every synthetic setting's row (and on its locked-set part): its paired difference against the
+    real-only row of the same backbone, mode and group (`versus_baseline`)."""
+    baselines = {(r["backbone"], r["mode"], r["group"]): r for r in rows if r["setting"] == "real"}
+    for row in rows:
+        baseline = baselines.get((row["backbone"], row["mode"], row["group"]))
+        if row["setting"] == "real" or baseline is None:
+            continue
+        row["vs_real"] = versus_baseline(row, baseline, resamples, seed)
+        if "locked" in row and "locked" in baseline:
+            row["locked"]["vs_real"] = versus_baseline(row["locked"], baseline["locked"], resamples, seed)
 
 
 CSV_COLUMNS = ["backbone", "mode", "group", "setting", "label", "n_real", "n_synthetic", "seeds"] + [
@@ -234,6 +283,14 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
 
     train, test = real_examples(split.train), real_examples(split.test)
     train_ids = {e.id for e in train}
+    # Every classifier is graded on the test split (tuning: it may steer choices) and, apart, on the locked set
+    # (stated figures). One prediction pass covers both: the locked images the test split lacks (a data kind's own
+    # locked set) are appended, and each set's figures are taken from its own positions.
+    test_ids = {e.id for e in test}
+    evaluated = test + real_examples([r for r in split.locked if r.id not in test_ids])
+    position = {e.id: k for k, e in enumerate(evaluated)}
+    test_positions = list(range(len(test)))
+    locked_positions = [position[r.id] for r in split.locked]
 
     def loader(path: Path):
         return load_image(path, config.data.max_image_pixels)
@@ -262,7 +319,7 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
         except Exception as error:  # one setting's failure must not cost the others' results
             settings_info[setting] = {"label": LABELS[setting], "status": "failed", "note": fail(setting, error)}
             continue
-        kept, dropped = select_synthetic(every, test)  # the full set; per group the allow-list narrows it
+        kept, dropped = select_synthetic(every, evaluated)  # the full set; per group the allow-list narrows it
         pools[setting] = kept
         manifests[setting] = manifest
         settings_info[setting] = {"label": LABELS[setting], "status": "ok", "how": how,
@@ -277,7 +334,7 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
     for setting in chosen:
         if setting != "real" and setting not in pools:
             continue
-        synthetic, _ = select_synthetic(pools.get(setting, []), test, train_ids)
+        synthetic, _ = select_synthetic(pools.get(setting, []), evaluated, train_ids)
         settings_info[setting]["n_synthetic"] = len(synthetic)
         runs.append(("full", setting, LABELS[setting], train, synthetic))
     if config.data.few_shot_fraction and split.few_shot:
@@ -287,9 +344,9 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
         for setting in chosen[1:]:
             if setting not in pools:
                 continue
-            own, _ = select_synthetic(pools[setting], test, few_ids)
+            own, _ = select_synthetic(pools[setting], evaluated, few_ids)
             runs.append(("few-shot", setting, f"{LABELS[setting]} (few-shot)", few, own))
-            extra, _ = select_synthetic(pools[setting], test, None)  # every non-test source: MAGIC-A
+            extra, _ = select_synthetic(pools[setting], evaluated, None)  # every non-test source: MAGIC-A
             runs.append(("few-shot", f"{setting}+unlabeled", f"{LABELS[setting]} + unlabeled sources", few, extra))
 
     schedule = Schedule.from_config(evaluate)
@@ -317,13 +374,20 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
                 say(f"{backbone_name} {evaluate.mode} {group} {setting}: {len(real)} real + {len(synthetic)} "
                     f"synthetic, {len(seeds)} seed(s)")
                 if cache is not None:
-                    results = run_linear_probe(cache, real, synthetic, test, len(classes), schedule, seeds, loader)
+                    results = run_linear_probe(cache, real, synthetic, evaluated, len(classes), schedule, seeds, loader)
                 else:
-                    results = run_finetune(make_backbone, real, synthetic, test, len(classes), schedule, seeds, loader)
-                rows.append({"backbone": backbone_name, "mode": evaluate.mode, "group": group, "setting": setting,
-                             "label": label, "n_real": len(real), "n_synthetic": len(synthetic), "seeds": len(seeds),
-                             **summarise_runs(results, len(classes), evaluate.bootstrap, config.seed)})
+                    results = run_finetune(make_backbone, real, synthetic, evaluated, len(classes), schedule, seeds,
+                                           loader)
+                row = {"backbone": backbone_name, "mode": evaluate.mode, "group": group, "setting": setting,
+                       "label": label, "n_real": len(real), "n_synthetic": len(synthetic), "seeds": len(seeds),
+                       **summarise_runs([restrict(r, test_positions) for r in results], len(classes),
+                                        evaluate.bootstrap, config.seed)}
+                if locked_positions:
+                    row["locked"] = summarise_runs([restrict(r, locked_positions) for r in results], len(classes),
+                                                   evaluate.bootstrap, config.seed)
+                rows.append(row)
                 classifiers.advance()
+    add_paired_differences(rows, evaluate.bootstrap, config.seed)
 
     distances = _distances(config, train, pools, loader, fail, notes, say)
     pass_rates = _pass_rates(config, paths, manifests, fail, say)
@@ -335,10 +399,12 @@ def run_evaluate(config: RunConfig, settings: Sequence[str] | None = None,
         "classifier": rows,
         "distances": distances,
         "pass_rate": pass_rates,
-        "counts": {"train": len(train), "test": len(test), "few_shot": len(split.few_shot)},
+        "counts": {"train": len(train), "test": len(test), "locked": len(locked_positions),
+                   "few_shot": len(split.few_shot)},
         # which data role each figure's real images come from (data/split.py): the classifiers are tested on the
-        # whole test split, as in the paper; FID/KID and pass rates concern images made from training sources
-        "sets": {"classifier": "test", "distances": "train", "pass_rate": "train"},
+        # whole test split, as in the paper (tuning figures), and apart on the locked set (each row's `locked`: the
+        # figures to state); FID/KID and pass rates concern images made from training sources
+        "sets": {"classifier": "test", "classifier_locked": "locked", "distances": "train", "pass_rate": "train"},
         "notes": notes,
         "failures": failures,
     }

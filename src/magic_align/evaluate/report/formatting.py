@@ -32,6 +32,21 @@ def format_estimate(estimate: Mapping | None, digits: int = 2, percent: bool = F
     return f"{value} [{format_number(low, digits, percent)}, {format_number(high, digits, percent)}]"
 
 
+def format_difference(estimate: Mapping | None, digits: int = 1, percent: bool = True) -> str:
+    """A paired difference as "+3.0 [-1.0, +7.0]": every number signed, so a gain and a loss read apart."""
+    if not isinstance(estimate, Mapping) or not finite_number(estimate.get("value")):
+        return "–"
+
+    def signed(value: float) -> str:
+        text = format_number(value, digits, percent)
+        return text if text.startswith("-") else f"+{text}"
+
+    low, high = estimate.get("low"), estimate.get("high")
+    if not (finite_number(low) and finite_number(high)):
+        return signed(estimate["value"])
+    return f"{signed(estimate['value'])} [{signed(low)}, {signed(high)}]"
+
+
 def parse_seconds(detail: str) -> float | None:
     """The duration `pipeline.run_all` writes as a stage's detail ("12.3 s"); None for any other detail."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*s\s*", detail or "")

@@ -13,9 +13,10 @@ from typing import Any, Iterable, Mapping
 
 from magic_align.config import RunConfig
 from magic_align.evaluate.labels import AFTER_SETTINGS, BEFORE_SETTINGS, SettingLabels, setting_rank
-from magic_align.evaluate.metrics import METRICS
+from magic_align.evaluate.metrics import METRICS, SKIN_TYPE_GROUPS
 from magic_align.evaluate.passrate import pass_rate_summary
 from magic_align.evaluate.report.formatting import (
+    format_difference,
     finite_number,
     format_duration,
     format_estimate,
@@ -359,8 +360,38 @@ def classifier_tables(metrics: Mapping, labels: SettingLabels) -> list[dict]:
             "metrics": list(METRICS), "rows": table_rows,
             "skin_types": [{"key": k, "name": "unknown" if int(k) < 0 else f"type {k}", "n": first.get(k, {}).get("n")}
                            for k in skin_types],
+            "skin_groups": skin_group_tables(rows, labels),
         })
     return tables
+
+
+def skin_group_tables(rows: list, labels: SettingLabels) -> list[dict]:
+    """Accuracy overall and per skin-type group (1-2, 3-4, 5-6) of one classifier table, with each synthetic
+    setting's paired difference against real only: on the locked set first (the figures to state), then on the
+    test split (tuning). A set no row was graded on is left out; older metrics.json files have no groups."""
+    sets = []
+    for key, name in (("locked", "locked set (stated figures)"), ("test", "test split (tuning)")):
+        parts = [(row, row.get("locked") if key == "locked" else row) for row in rows]
+        parts = [(row, part) for row, part in parts if isinstance(part, Mapping) and part.get("by_skin_group")]
+        if not parts:
+            continue
+        groups = [g for g in SKIN_TYPE_GROUPS if any(g in part["by_skin_group"] for _, part in parts)]
+        first = parts[0][1]["by_skin_group"]
+        table_rows = []
+        for row, part in parts:
+            versus = part.get("vs_real") or {}
+            label = labels.relabel(row["setting"], row["label"]) if row.get("label") else labels(row["setting"])
+            table_rows.append({
+                "label": label,
+                "cells": [format_estimate(part.get("accuracy"), 1, percent=True)]
+                         + [format_estimate(part["by_skin_group"].get(g), 1, percent=True) for g in groups],
+                "differences": ([format_difference(versus.get("accuracy"))]
+                                + [format_difference((versus.get("by_skin_group") or {}).get(g)) for g in groups])
+                               if versus else None,
+            })
+        sets.append({"key": key, "name": name, "rows": table_rows,
+                     "groups": [{"name": f"types {g}", "n": first.get(g, {}).get("n")} for g in groups]})
+    return sets
 
 
 def distance_rows(distances: Mapping, labels: SettingLabels) -> list[dict]:

@@ -1,10 +1,14 @@
 """The paired alignment comparison's statistics (per-source means, the cluster bootstrap) and how the compared
 models are named (with the objective each was trained with)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from magic_align.evaluate.alignment import paired_summary, per_source_means
+from magic_align.data.records import Record
+from magic_align.data.split import Split
+from magic_align.evaluate.alignment import grader_images, paired_summary, per_source_means
 
 
 def test_per_source_means_by_hand():
@@ -111,7 +115,7 @@ def test_alignment_json_holds_the_independent_measure_with_intervals(tmp_path):
         answers["i2i"][unit], answers["magic-dpo"][unit] = [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]
     judge_differences = {"magic-dpo - i2i": {"value": 3.0, "low": 3.0, "high": 3.0}}
     notes: list[str] = []
-    result = independent_measures(config, paths, split, images, answers, targets,
+    result = independent_measures(config, paths, split, "tuning", [], images, answers, targets,
                                   {unit: source for unit, (source, _) in targets.items()},
                                   {c: [f"{c}-{k}" for k in range(5)] for c in CONDITIONS}, notes, judge_differences)
     assert notes == []
@@ -130,3 +134,28 @@ def test_alignment_json_holds_the_independent_measure_with_intervals(tmp_path):
     validity = result["validity"]
     assert validity["n"] == 24 and validity["r"]["value"] == pytest.approx(1.0) and validity["low"] is False
     assert {row["condition"] for row in validity["per_condition"]} == set(CONDITIONS)
+
+
+def _records(prefix: str, count: int):
+    return [Record(id=f"{prefix}{i}", path=Path(f"{prefix}{i}.png"), label="acne") for i in range(count)]
+
+
+def test_the_grader_never_learns_from_what_it_grades():
+    train, tuning, locked = _records("train", 3), _records("tuning", 5), _records("locked", 4)
+    split = Split(train=train, test=tuning, classes=["acne"], tuning=tuning, locked=locked)
+    ids = lambda records: [r.id for r in records]
+
+    # the default: the training split only, checked on the test split
+    learn, check = grader_images(split, "locked", "train", locked[:2])
+    assert ids(learn) == ids(train) and ids(check) == ids(tuning)
+
+    # the locked set graded: every tuning image joins, the locked set checks it and never trains it
+    learn, check = grader_images(split, "locked", "train+tuning", locked[:2])
+    assert ids(learn) == ids(train + tuning) and ids(check) == ids(locked)
+
+    # the tuning set graded: its sources stay out of the probe's training and are what it is checked on
+    graded = [tuning[1], tuning[3]]
+    learn, check = grader_images(split, "tuning", "train+tuning", graded)
+    assert ids(learn) == ids(train) + ["tuning0", "tuning2", "tuning4"]
+    assert ids(check) == ["tuning1", "tuning3"]
+    assert not set(ids(learn)) & set(ids(locked))

@@ -11,7 +11,7 @@ from PIL import Image
 from magic_align.checklists.schema import ChecklistSet, load_checklists
 from magic_align.config import JudgeConfig
 from magic_align.demo.procedural import CONDITIONS, render, render_arrays
-from magic_align.demo.rules import ROUGHNESS_MAX, edge_distance, luma, roughness, solidity
+from magic_align.demo.rules import ROUGHNESS_MAX, edge_distance, hysteresis, is_sheet, luma, roughness, solidity
 from magic_align.judges import make_judge
 from magic_align.judges.base import Judge
 from magic_align.judges.rules import RulesJudge, get_domain, make_rules_judge, validity_table
@@ -48,6 +48,26 @@ def test_roughness_of_flat_and_checkerboard_images():
     assert roughness(np.full((8, 8), 100.0), mask) == 0.0
     board = np.indices((8, 8)).sum(axis=0) % 2 * 2.0 - 1.0  # +-1: Laplacian 4*v - 4*(-v) = +-8
     assert roughness(board, mask) == pytest.approx(8.0)
+
+
+def test_hysteresis_keeps_only_weak_parts_with_a_strong_pixel():
+    weak = np.zeros((6, 6), bool)
+    weak[0, 0:3] = True  # a part with a strong pixel
+    weak[4:6, 4:6] = True  # a part without one
+    strong = np.zeros((6, 6), bool)
+    strong[0, 2] = strong[2, 2] = True  # the second is not in weak
+    kept = hysteresis(weak, strong)
+    assert kept[0, 0:3].all() and kept.sum() == 3
+
+
+def test_sheet_cue_is_green_against_the_skin():
+    dark_skin = np.array([105.0, 69.0, 49.0])
+    # the codec turns the sheet band olive-grey on dark skin: still far greener than the skin
+    assert is_sheet(np.array([79.0, 83.0, 72.0]), dark_skin)
+    assert is_sheet(np.array([70.0, 130.0, 95.0]), np.array([241.0, 214.0, 196.0]))
+    assert not is_sheet(np.array([22.0, 22.0, 12.0]), dark_skin)  # hair after the codec: too dark
+    assert not is_sheet(dark_skin, dark_skin)  # skin itself
+    assert not is_sheet(np.array([45.0, 75.0, 150.0]), dark_skin)  # the blue garment
 
 
 def test_luma_and_edge_distance():

@@ -387,6 +387,11 @@ class EvaluateConfig(Section):
     # degraded copies (blur, down/up-sampling, noise, colour jitter) of each real training image the recognition
     # probe also trains on, so it stays valid on blurry generated images; 0: clean real images only
     recognition_augment: int = Field(0, ge=0, le=20)
+    # the real images the probe learns from: "train" (the training split), or "train+tuning" (the tuning set's too
+    # when the locked set is graded: none of them is graded there; a tuning-set comparison still uses train only).
+    # A scarce training split (the demo's 4 images per condition) makes a weak grader; more labelled images that
+    # play no part in the graded comparison make a stronger one without touching the locked set
+    recognition_images: Literal["train", "train+tuning"] = "train"
     # the judge's validity on generated images is flagged low below this Pearson r (items met vs recognition)
     validity_min_r: float = Field(0.3, ge=-1, le=1)
 

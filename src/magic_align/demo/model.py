@@ -102,16 +102,16 @@ class DemoModelRecipe:
     # unlabeled lesions for the denoiser: images of the six conditions captioned by their looks or as "a skin
     # lesion", drawn from their own random stream (never the demo dataset's images): the model has seen
     # lesions and knows colours and shapes, never the conditions' names
-    unlabeled_lesion_images: int = 1500
+    unlabeled_lesion_images: int = 6000
     # how many of the UNet's three resolutions (counted from the lowest) carry attention; 3 puts self- and
     # cross-attention at 16 x 16 too, where a ring or a row of scale streaks is laid out
     unet_attention_levels: int = 2
-    unet_steps: int = 1000
+    unet_steps: int = 6000
     decoder_steps: int = 400
     unet_batch: int = 32
     unet_lr: float = 8e-4
     warmup: int = 50
-    ema_decay: float = 0.995
+    ema_decay: float = 0.998
     empty_caption_fraction: float = 0.1
     # 0 leaves torch's default; 1 is much faster on a machine whose cores are busy with other work
     # (spinning OpenMP threads waste most of their time there)

@@ -29,7 +29,7 @@ from magic_align.checklists.schema import load_checklists
 from magic_align.demo.procedural import CONDITIONS, render_arrays
 from magic_align.judges.rules import ItemResult, RulesDomain, RulesJudge, validity_table
 
-VERSION = "v1"
+VERSION = "v2"
 SIZE = 64
 
 # geometry (64 px units), matching demo/procedural.py: bands <= 8.5 px, lesions >= 11.5 px from the edge
@@ -39,10 +39,17 @@ LESION_AREA_INSET = 9  # lesions are looked for inside the bands
 ROUGHNESS_MAX = 4.0  # median |Laplacian| of lightness in the frame (0-255 scale); generator images ~1.5
 SKIN_RED_MINUS_BLUE = 8.0  # every skin tone has R - B of ~30-45
 
-RED_EXCESS = 30.0  # (R - G) above the skin's
+# red: (R - G) above the skin's, relative to the skin's lightness (the codec and the model draw erythema at a
+# fraction of the generator's strength, and on dark skin its absolute contrast is small); seeds at RED_SEED x
+# skin lightness (at least RED_MIN), grown over pixels at RED_GROW of that, so a soft ring stays one ring
+RED_SEED = 0.16
+RED_MIN = 9.0
+RED_GROW = 0.55
+RED_CORE_GROW = 0.85  # papules: grown only a little, so papules a few px apart stay apart
 DARK_RATIO = 0.72  # lightness at most this fraction of the skin's
 LIGHT_SHARE = 0.35  # lightness at least this share of the way from the skin to white
 LIGHT_CHROMA = 30.0  # max - min channel of a white pixel
+SHEET_SHIFT = 25.0  # (G - R) of the side strips above the skin's; the generator's sheet is ~60-90 above
 MIN_COMPONENT = 4  # px; smaller components are noise
 
 
@@ -127,6 +134,17 @@ class Component:
         return solidity(self.filled)
 
 
+def hysteresis(weak: np.ndarray, strong: np.ndarray) -> np.ndarray:
+    """The 8-connected parts of `weak` that hold at least one `strong` pixel."""
+    labels, count = ndimage.label(weak, structure=np.ones((3, 3)))
+    if count == 0:
+        return weak
+    kept = np.zeros(count + 1, bool)
+    kept[np.unique(labels[weak & strong])] = True
+    kept[0] = False
+    return kept[labels]
+
+
 def components(mask: np.ndarray, minimum: int = MIN_COMPONENT) -> list[Component]:
     """4-connected components of at least `minimum` px, largest first."""
     labels, count = ndimage.label(mask)
@@ -146,6 +164,7 @@ class Analysis:
     lightness: np.ndarray
     red_excess: np.ndarray
     red: np.ndarray
+    red_core: np.ndarray  # the seeds grown only to RED_CORE_GROW: papules a few px apart stay apart
     dark: np.ndarray
     light: np.ndarray
     strips: dict[str, np.ndarray]  # mean colour of the outer strips
@@ -153,6 +172,10 @@ class Analysis:
     @cached_property
     def red_components(self) -> list[Component]:
         return components(self.red)
+
+    @cached_property
+    def red_core_components(self) -> list[Component]:
+        return components(self.red_core)
 
     @cached_property
     def dark_components(self) -> list[Component]:
@@ -165,15 +188,15 @@ class Analysis:
     @cached_property
     def region_cues(self) -> dict[str, bool]:
         return {
-            "face": is_hair(self.strips["top"], self.skin_lightness),
+            "face": is_hair(self.strips["top"], self.tone),
             "trunk": is_garment(self.strips["bottom"]),
-            "extremities": is_sheet(self.strips["left"]) and is_sheet(self.strips["right"]),
+            "extremities": is_sheet(self.strips["left"], self.tone) and is_sheet(self.strips["right"], self.tone),
         }
 
 
-def is_hair(colour: np.ndarray, skin_lightness: float) -> bool:
+def is_hair(colour: np.ndarray, tone: np.ndarray) -> bool:
     lightness = float(luma(colour))
-    return lightness <= 50.0 and lightness <= 0.7 * skin_lightness and not is_garment(colour) and not is_sheet(colour)
+    return lightness <= 50.0 and lightness <= 0.7 * float(luma(tone)) and not is_garment(colour) and not is_sheet(colour, tone)
 
 
 def is_garment(colour: np.ndarray) -> bool:
@@ -181,9 +204,12 @@ def is_garment(colour: np.ndarray) -> bool:
     return b - r >= 35.0 and b - g >= 20.0
 
 
-def is_sheet(colour: np.ndarray) -> bool:
+def is_sheet(colour: np.ndarray, tone: np.ndarray) -> bool:
+    """Green against the skin: the codec mixes the narrow band with the skin beside it (on dark skin it turns
+    olive-grey), so the band's green is judged by how far it has moved from the skin's red-green balance."""
     r, g, b = (float(v) for v in colour)
-    return g - r >= 20.0 and g - b >= 10.0
+    shift = (g - r) - float(tone[1] - tone[0])
+    return shift >= SHEET_SHIFT and g - r >= 0.0 and g - b >= -15.0 and float(luma(colour)) > 50.0  # hair is darker
 
 
 def analyse(image: Image.Image) -> Analysis:
@@ -200,7 +226,9 @@ def analyse(image: Image.Image) -> Analysis:
     red_excess = (rgb[..., 0] - rgb[..., 1]) - float(tone[0] - tone[1])
     inside = distance >= LESION_AREA_INSET
     chroma = rgb.max(axis=-1) - rgb.min(axis=-1)
-    red = inside & (red_excess >= RED_EXCESS)
+    red_seed = max(RED_MIN, RED_SEED * skin_lightness)
+    red_core = hysteresis(inside & (red_excess >= RED_CORE_GROW * red_seed), red_excess >= red_seed)
+    red = hysteresis(inside & (red_excess >= RED_GROW * red_seed), red_core)
     dark = inside & (lightness <= DARK_RATIO * skin_lightness) & ~red
     light = inside & (lightness >= skin_lightness + LIGHT_SHARE * (255.0 - skin_lightness)) & (chroma <= LIGHT_CHROMA)
     strips = {
@@ -217,6 +245,7 @@ def analyse(image: Image.Image) -> Analysis:
         lightness=lightness,
         red_excess=red_excess,
         red=red,
+        red_core=red_core,
         dark=dark,
         light=light,
         strips=strips,
@@ -269,7 +298,8 @@ NEVUS_MIN_AREA = 25
 NEVUS_DIAMETER = (7.0, 18.0)
 NEVUS_MIN_SOLIDITY = 0.85
 NEVUS_MAX_ELONGATION = 1.45
-UNIFORM_MAX = 0.12
+UNIFORM_MAX = 0.18  # of skin lightness; a melanoma's core spreads over >= 0.25
+NEVUS_CORE_DEPTH = 0.5
 
 
 def largest(items: list[Component]) -> Component | None:
@@ -282,6 +312,15 @@ def shade_spread(analysis: Analysis, component: Component) -> float:
     if interior.sum() < 5:
         interior = component.mask
     values = analysis.lightness[interior]
+    return float((np.percentile(values, 90) - np.percentile(values, 10)) / analysis.skin_lightness)
+
+
+def core_spread(analysis: Analysis, component: Component) -> float:
+    """Spread of lightness in a small lesion's core (depth >= NEVUS_CORE_DEPTH of its deepest point): the codec
+    softens a small dot's rim over 2-3 px, a ramp that is no second shade."""
+    depth = ndimage.distance_transform_edt(component.filled)
+    core = depth >= min(float(depth.max()), max(1.5, NEVUS_CORE_DEPTH * float(depth.max())))
+    values = analysis.lightness[core]
     return float((np.percentile(values, 90) - np.percentile(values, 10)) / analysis.skin_lightness)
 
 
@@ -339,22 +378,22 @@ def nevus_uniform_colour(a: Analysis) -> ItemResult:
     lesion = largest(a.dark_components)
     if lesion is None:
         return check(False, "no dark lesion")
-    spread = shade_spread(a, lesion)
-    return check(spread <= UNIFORM_MAX, f"shade spread {spread:.2f} of skin lightness (<= {UNIFORM_MAX} needed)")
+    spread = core_spread(a, lesion)
+    return check(spread <= UNIFORM_MAX, f"shade spread {spread:.2f} of skin lightness in the core (<= {UNIFORM_MAX} needed)")
 
 
 # ----------------------------------------------------------------------------------------------- acne
-PAPULE_AREA = (6, 90)
+PAPULE_AREA = (6, 110)
 PAPULES_MIN = 2
 PAPULE_COUNT_MIN = 4
-PAPULE_MEDIAN_MAX = 60
+PAPULE_MEDIAN_MAX = 75
 PLAQUE_AREA = 150
 CLUSTER_RADIUS_MAX = 19.0
 
 
 def papules(a: Analysis) -> list[Component]:
     low, high = PAPULE_AREA
-    return [c for c in a.red_components if low <= c.area <= high]
+    return [c for c in a.red_core_components if low <= c.area <= high]
 
 
 def acne_papules(a: Analysis) -> ItemResult:
@@ -370,7 +409,7 @@ def acne_count(a: Analysis) -> ItemResult:
 def acne_papule_size(a: Analysis) -> ItemResult:
     found = papules(a)
     median = float(np.median([c.area for c in found])) if found else 0.0
-    biggest = a.red_components[0].area if a.red_components else 0
+    biggest = a.red_core_components[0].area if a.red_core_components else 0
     ok = bool(found) and median <= PAPULE_MEDIAN_MAX and biggest < PLAQUE_AREA
     return check(ok, f"median papule {median:.0f} px (<= {PAPULE_MEDIAN_MAX}), largest red area {biggest} px (< {PLAQUE_AREA})")
 
@@ -465,7 +504,8 @@ def target_round_shape(a: Analysis) -> ItemResult:
 
 # ------------------------------------------------------------------------------------------ psoriasis
 PLAQUE_MIN_AREA = 250
-SCALE_MIN_SHARE = 0.04
+SCALE_MIN_SHARE = 0.01
+SCALE_SKIN_SHARE = 0.36
 SCALE_CHROMA = 60.0
 PLAQUE_MIN_ELONGATION = 1.35
 PLAQUE_MIN_SOLIDITY = 0.85
@@ -483,11 +523,17 @@ def psoriasis_scale(a: Analysis) -> ItemResult:
     if plaque is None:
         return check(False, "no red plaque")
     filled = plaque.filled
-    # scale is judged against the plaque, not the skin: pixels at least halfway from the plaque's lightness to
-    # white and nearly colourless; one pixel beyond the filled plaque counts, for scale cut off at the rim
+    # scale is judged against the plaque: pixels at least halfway from the plaque's lightness to white and nearly
+    # colourless; and against the skin: further towards white than a target's pale zone (0.3 of the way), so a
+    # pale ring is no scale. One pixel beyond the filled plaque counts, for scale cut off at the rim. The codec
+    # shrinks the thin streaks to their brightest few pixels, hence the small share.
     plaque_lightness = float(np.median(a.lightness[plaque.mask]))
     chroma = a.rgb.max(axis=-1) - a.rgb.min(axis=-1)
-    scale = (a.lightness >= (plaque_lightness + 255.0) / 2) & (chroma <= SCALE_CHROMA)
+    scale = (
+        (a.lightness >= (plaque_lightness + 255.0) / 2)
+        & (a.lightness >= a.skin_lightness + SCALE_SKIN_SHARE * (255.0 - a.skin_lightness))
+        & (chroma <= SCALE_CHROMA)
+    )
     share = float((scale & ndimage.binary_dilation(filled)).sum() / max(1, filled.sum()))
     return check(share >= SCALE_MIN_SHARE, f"white scale covers {share:.2f} of the plaque (>= {SCALE_MIN_SHARE} needed)")
 

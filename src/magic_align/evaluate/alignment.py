@@ -197,7 +197,7 @@ def run_alignment_comparison(
     source_of = {unit: source_id for unit, (source_id, _) in targets.items()}
     summary = paired_summary(scores, ALIGNMENT_SETTINGS[0], evaluate.bootstrap, config.seed, source_of)
     item_ids = {c.condition: [item.id for item in c.items] for c in checklists.conditions}
-    independent = independent_measures(config, paths, split, images, answers, targets, source_of, item_ids, notes,
+    independent = independent_measures(config, paths, split, set_name, sources, images, answers, targets, source_of, item_ids, notes,
                                          summary["differences"])
     recognition = independent.pop("recognition", {})
     source_paths = {record.id: record.path for record in sources}
@@ -239,7 +239,20 @@ def run_alignment_comparison(
     return output
 
 
-def independent_measures(config: RunConfig, paths: RunPaths, split, images: dict[str, dict[str, str]],
+def grader_images(split, set_name: str, recognition_images: str, sources: Sequence) -> tuple[list, list]:
+    """The real images the recognition probe trains on and those its accuracy is checked on, for a comparison of
+    `sources` from `set_name`. With `evaluate.recognition_images = "train+tuning"` the tuning set's images join the
+    training split, except the sources being graded: all of them when the locked set is graded, the rest of the
+    tuning set when the tuning set is. The probe is checked on real images it never saw (the graded set's)."""
+    if recognition_images != "train+tuning":
+        return list(split.train), list(split.test)
+    graded = {record.id for record in sources}
+    extra = [record for record in split.tuning if record.id not in graded]
+    check = list(split.locked) if set_name == "locked" else [record for record in split.tuning if record.id in graded]
+    return list(split.train) + extra, check
+
+
+def independent_measures(config: RunConfig, paths: RunPaths, split, set_name: str, sources: Sequence, images: dict[str, dict[str, str]],
                           answers: dict[str, dict[str, list]], targets: dict[str, tuple[str, str]],
                           source_of: dict[str, str], item_ids: dict[str, list[str]], notes: list[str],
                           judge_differences: dict) -> dict:
@@ -249,7 +262,8 @@ def independent_measures(config: RunConfig, paths: RunPaths, split, images: dict
     (the judge's figures are still written)."""
     evaluate = config.evaluate
     try:
-        recognizer = run_recognizer(config, paths, split.train, _device(evaluate.device))
+        grader_train, grader_check = grader_images(split, set_name, evaluate.recognition_images, sources)
+        recognizer = run_recognizer(config, paths, grader_train, _device(evaluate.device))
         recognition = {}
         for name, by_unit in images.items():
             units = sorted(by_unit)
@@ -275,9 +289,11 @@ def independent_measures(config: RunConfig, paths: RunPaths, split, images: dict
         "recognition": recognition,
         "independent": {
             "grader": f"linear probe on {recognizer.backbone} features, trained on {recognizer.n_train} real "
-                      "training images" + (f" and {recognizer.augment} degraded copies of each" if recognizer.augment
-                                           else "") + " (never on verdicts)",
-            "real_test": recognition_accuracy(recognizer, split.test, resamples, config.seed),
+                      + ("training and tuning-set images (none of them graded here)" if len(grader_train) > len(split.train)
+                         else "training images")
+                      + (f" and {recognizer.augment} degraded copies of each" if recognizer.augment else "")
+                      + " (never on verdicts)",
+            "real_test": recognition_accuracy(recognizer, grader_check, resamples, config.seed),
             "settings": {name: {"recognised": recognised["settings"][name],
                                 "target_probability": probability["settings"][name]} for name in recognition},
             "differences": {name: {"recognised": recognised["differences"][name],

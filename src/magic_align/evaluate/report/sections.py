@@ -174,10 +174,11 @@ def alignment_summary(data: dict, labels: SettingLabels) -> dict:
             "blocked": excludes_zero and entry["low"] > 0 and status == "contradicted", "kid_change": kid_change,
         })
     grader = independent.get("grader")
-    real_test = _mapping(independent.get("real_test")).get("accuracy")
+    real_test = _mapping(independent.get("real_test"))
     return {"settings": settings, "differences": differences, "units": len(data.get("units", [])),
             "judge": data.get("judge"), "notes": [str(note) for note in data.get("notes", [])],
-            "independent": bool(independent), "grader": grader, "grader_accuracy": real_test,
+            "independent": bool(independent), "grader": grader, "grader_accuracy": real_test.get("accuracy"),
+            "grader_degraded_accuracy": real_test.get("degraded_accuracy"),
             "artefact_measure": _mapping(data.get("artefacts")).get("measure")}
 
 

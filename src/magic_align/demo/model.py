@@ -543,7 +543,7 @@ def demo_model_dir(model_cfg: object | None = None, log: Callable[[str], None] =
     if not (cached / "model_index.json").exists():
         log(
             f"the packaged demo base model is missing ({packaged}); training it once into {cached} "
-            "(about 8 minutes on 2 CPU cores)"
+            "(about an hour on 2 CPU cores)"
         )
         train_demo_model(cached, log=log)
     return cached

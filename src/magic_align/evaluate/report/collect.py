@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 
 from magic_align.config import RunConfig, dump_config
 from magic_align.evaluate.labels import SettingLabels
-from magic_align.evaluate.report.formatting import format_estimate
+from magic_align.evaluate.report.formatting import format_difference, format_estimate, format_number
 from magic_align.evaluate.report.inputs import (
     ReportError,
     find_manifests,
@@ -187,11 +187,12 @@ def _headline(context: ReportContext) -> list[dict]:
     alignment = context.sections.get("alignment")
     if alignment and alignment["differences"]:
         first = alignment["differences"][0]
-        cards.append({"label": f"items met, {first['label']}", "value": format_estimate(first["estimate"], 2),
+        cards.append({"label": f"items met, {first['label']}",
+                      "value": format_difference(first["estimate"], 2, percent=False),
                       "note": "95 % bootstrap interval, paired held-out sources of the locked set"})
         if first["independent"]:
             cards.append({"label": f"recognised as the target, {first['label']}",
-                          "value": format_estimate(first["independent"], 3),
+                          "value": f"{format_difference(first['independent'], 1, percent=True)} pts",
                           "note": f"independent measure · judge gain {first['confirmation']}"
                           if first["confirmation"] != "contradicted" else "independent measure falls"})
     validity = context.sections.get("validity")
@@ -203,7 +204,14 @@ def _headline(context: ReportContext) -> list[dict]:
         table = classifier[0]
         real = next((r for r in table["rows"] if r["setting"] == "real"), None)
         others = [r for r in table["rows"] if r["setting"] != "real"]
-        if real and others:  # cells[0] is accuracy (METRICS order)
+        locked = all(isinstance(r.get("locked_accuracy"), Mapping) for r in table["rows"])
+        if real and others and locked:  # the stated figures: the locked set
+            best = max(others, key=lambda r: r["locked_accuracy"]["value"])
+            cards.append({"label": f"accuracy on the locked set, {table['backbone']} ({table['group']})",
+                          "value": f"{format_number(real['locked_accuracy']['value'], 1, True)} → "
+                                   f"{format_number(best['locked_accuracy']['value'], 1, True)} %",
+                          "note": f"real → {best['label']}"})
+        elif real and others:  # cells[0] is accuracy (METRICS order)
             best = max(others, key=lambda r: _leading_number(r["cells"][0]["text"]))
             cards.append({"label": f"accuracy, {table['backbone']} ({table['group']})",
                           "value": f"{real['cells'][0]['text'].split(' ')[0]} → {best['cells'][0]['text'].split(' ')[0]} %",

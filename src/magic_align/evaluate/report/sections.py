@@ -354,7 +354,9 @@ def classifier_tables(metrics: Mapping, labels: SettingLabels) -> list[dict]:
             label = labels.relabel(row["setting"], row["label"]) if row.get("label") else labels(row["setting"])
             table_rows.append({"label": label, "setting": row["setting"],
                                "n_real": row.get("n_real"), "n_synthetic": row.get("n_synthetic"),
-                               "seeds": row.get("seeds"), "cells": cells, "skins": skins})
+                               "seeds": row.get("seeds"), "cells": cells, "skins": skins,
+                               # the stated figure where the run has a locked set (the test split is for tuning)
+                               "locked_accuracy": (row.get("locked") or {}).get("accuracy")})
         first = rows[0].get("by_skin_type") or {}
         tables.append({
             "backbone": backbone, "mode": str(mode).replace("_", " "), "group": group,

@@ -451,3 +451,18 @@ def test_low_validity_and_a_contradicted_gain_are_warned_on_the_first_screen(tmp
     strict = load_config("tiny", [f"runs_dir='{tmp_path / 'runs'}'", "name='report'", "evaluate.bootstrap=100",
                                   "judge.checklist='demo'", "evaluate.validity_min_r=0.99"])
     assert "validity on generated images is low" in run_report(strict).read_text(encoding="utf-8")
+
+
+def test_first_screen_cards_state_paired_differences_and_the_locked_accuracy(tmp_path):
+    config, paths = build_report_run(tmp_path, ledger=False, logs=False)
+    _add_independent_measure(paths, valid=True, rft_recognition={"value": 0.01, "low": -0.05, "high": 0.07})
+    page = run_report(config).read_text(encoding="utf-8")
+    cards = " ".join(page[page.index('class="cards"'):page.index('<section id="grids">')].split())
+    assert "+0.45 [+0.20, +0.70]" in cards  # items met: a signed paired difference
+    assert "+10.0 [+2.0, +18.0] pts" in cards  # recognition in percentage points, not a fraction
+    metrics = json.loads((paths.eval / "metrics.json").read_text())
+    rows = {row["setting"]: row for row in metrics["classifier"] if row.get("group", "full") == "full"}
+    real, best = rows["real"]["locked"]["accuracy"]["value"], max(
+        row["locked"]["accuracy"]["value"] for name, row in rows.items() if name != "real")
+    assert "accuracy on the locked set" in cards
+    assert f"{100 * real:.1f} → {100 * best:.1f} %" in cards

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
+from torchmetrics.image.kid import poly_mmd
 
 from magic_align.backbones import load_backbone
 from magic_align.data.images import sha256_file
@@ -13,7 +14,10 @@ from magic_align.evaluate.classifier import Example, Schedule
 from magic_align.evaluate.recognition import (
     Degradation,
     RecognitionError,
+    condition_kernels,
     conditional_kid,
+    polynomial_kernel,
+    unbiased_mmd2,
     degrade,
     degraded_copies,
     recognition_accuracy,
@@ -123,18 +127,39 @@ def test_an_unknown_target_is_named(domain, backbone, tmp_path):
 
 
 def test_conditional_kid_compares_each_image_with_real_images_of_its_target():
-    generator = torch.Generator().manual_seed(0)
-    real = {"a": torch.randn(30, 8, generator=generator), "b": torch.randn(30, 8, generator=generator) + 3}
-    like_a, like_b = torch.randn(10, 8, generator=generator), torch.randn(10, 8, generator=generator) + 3
-    fake = torch.cat([like_a, like_b])
-    matched, per_condition = conditional_kid(real, fake, ["a"] * 10 + ["b"] * 10, subsets=5, seed=0)
-    swapped, _ = conditional_kid(real, fake, ["b"] * 10 + ["a"] * 10, subsets=5, seed=0)
+    rng = np.random.default_rng(0)
+    real = {"a": rng.normal(size=(30, 8)), "b": rng.normal(size=(30, 8)) + 3}
+    fake = np.concatenate([rng.normal(size=(10, 8)), rng.normal(size=(10, 8)) + 3])
+    matched, per_condition = conditional_kid(*condition_kernels(real, fake, ["a"] * 10 + ["b"] * 10))
+    swapped, _ = conditional_kid(*condition_kernels(real, fake, ["b"] * 10 + ["a"] * 10))
     assert set(per_condition) == {"a", "b"}
     assert matched < 0.1 * swapped
     # a condition with one generated image (or no real images) is left out of the mean
-    value, per_condition = conditional_kid(real, fake[:11], ["a"] * 10 + ["b"], subsets=5, seed=0)
+    value, per_condition = conditional_kid(*condition_kernels(real, fake[:11], ["a"] * 10 + ["b"]))
     assert set(per_condition) == {"a"} and value == pytest.approx(per_condition["a"])
-    assert np.isnan(conditional_kid(real, fake[:2], ["c", "c"], subsets=5, seed=0)[0])
+    assert np.isnan(conditional_kid(*condition_kernels(real, fake[:2], ["c", "c"]))[0])
+
+
+def test_unbiased_mmd2_by_hand_and_against_torchmetrics():
+    # 1-d features: k(x, y) = (x * y + 1) ** 3
+    real, fake = np.array([[0.0], [1.0]]), np.array([[1.0], [2.0], [0.0]])
+    k = lambda u, v: (u * v + 1.0) ** 3
+    real_term = 2 * k(0, 1) / 2  # the one off-diagonal pair, both orders, over m (m - 1)
+    fake_term = 2 * (k(1, 2) + k(1, 0) + k(2, 0)) / 6
+    cross = np.mean([k(r, f) for r in (0, 1) for f in (1, 2, 0)])
+    kernels = [polynomial_kernel(real, real), polynomial_kernel(fake, fake), polynomial_kernel(real, fake)]
+    assert unbiased_mmd2(*kernels) == pytest.approx(real_term + fake_term - 2 * cross)
+    # a bootstrap draw with a repeated row leaves out the row paired with its own copy
+    drawn = unbiased_mmd2(*kernels, fake_rows=np.array([0, 0, 1]))
+    fake_drawn = 2 * (k(1, 2) + k(1, 2)) / 4  # of the 6 ordered pairs, the 2 of row 0 with its copy are left out
+    cross_drawn = np.mean([k(r, f) for r in (0, 1) for f in (1, 1, 2)])
+    assert drawn == pytest.approx(real_term + fake_drawn - 2 * cross_drawn)
+    # torchmetrics' KID with one subset holding every image is the same estimator
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(12, 16)), rng.normal(size=(12, 16)) + 0.5  # torchmetrics takes equal sizes
+    ours = unbiased_mmd2(polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y))
+    theirs = float(poly_mmd(torch.from_numpy(x), torch.from_numpy(y)))
+    assert ours == pytest.approx(theirs, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------- augmentation

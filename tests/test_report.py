@@ -403,7 +403,9 @@ def _add_independent_measure(paths, *, valid: bool, rft_recognition: dict) -> No
                         "rft - i2i": {"recognised": rft_recognition}},
     }
     alignment["artefacts"] = {"measure": "KID per target condition",
-                              "settings": {"i2i": {"kid": 0.0200}, "dpo": {"kid": 0.0250}, "rft": {"kid": 0.0150}}}
+                              "settings": {"i2i": {"kid": 0.0200}, "dpo": {"kid": 0.0250}, "rft": {"kid": 0.0150}},
+                              # rft's change with the interval the comparison stores; dpo's is left to the values
+                              "differences": {"rft - i2i": {"value": -0.005, "low": -0.0091, "high": -0.0012}}}
     met = [0, 1, 2, 3, 4, 5] * 4
     images = [GradedImage(ALPHA, (1,) * m + (0,) * (5 - m), int(m >= 3) if valid else index % 2)
               for index, m in enumerate(met)]
@@ -424,6 +426,7 @@ def test_judge_gain_beside_the_independent_measure_and_no_warning_when_validity_
     assert dpo[2:] == ["0.45 [0.20, 0.70]", "yes", "10.0 [2.0, 18.0]", "confirmed", "0.0050"]
     rft = row_starting(differences, "rft - i2i")
     assert rft[3:6] == ["yes", "1.0 [-5.0, 7.0]", "not confirmed"]
+    assert rft[6] == "-0.0050 [-0.0091, -0.0012]"  # the KID change with its interval where one was stored
     validity = table_after(parsed, "Judge validity on generated images")
     overall = row_starting(validity, "all conditions")
     assert overall[1] == "24" and float(overall[5].split(" ")[0]) > 0.8

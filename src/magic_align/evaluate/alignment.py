@@ -300,10 +300,10 @@ def independent_measures(config: RunConfig, paths: RunPaths, split, set_name: st
                                    "target_probability": probability["differences"].get(name)}
                             for name in recognised["differences"]},
         },
-        "artefacts": {"measure": f"KID to the real training images of each target condition ({recognizer.backbone} "
-                                 "features), mean over conditions weighted by images",
-                      "settings": artefact_measure(recognizer, split.train, images, conditions, paths.root,
-                                                   evaluate.kid_subsets, config.seed)},
+        "artefacts": {"measure": f"KID to the real images of each target condition the grader learned from "
+                                 f"({recognizer.backbone} features), mean over conditions weighted by images",
+                      **artefact_measure(recognizer, grader_train, images, conditions, paths.root, source_of, baseline,
+                                         resamples, config.seed)},
         "validity": validity_table(graded_images, item_ids, resamples, config.seed, evaluate.validity_min_r),
     }
 
@@ -324,6 +324,9 @@ def _print_independent(console: Console, labels: SettingLabels, independent: dic
     for name, entry in measure["differences"].items():
         share = entry["recognised"]
         console.print(f"  {name}: recognised {share['value']:+.1%} [{share['low']:+.1%}, {share['high']:+.1%}]")
+    for name, change in (independent.get("artefacts") or {}).get("differences", {}).items():
+        console.print(f"  {name}: KID to the target's real images {change['value']:+.4f} "
+                      f"[{change['low']:+.4f}, {change['high']:+.4f}] (positive: further from real)")
     validity = independent["validity"]
     r = validity["r"]
     console.print(f"  judge validity on these images: r(items met, recognised) = {r['value']:.2f} "

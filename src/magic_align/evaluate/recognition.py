@@ -21,9 +21,10 @@ features of the clean images come from the harness's feature cache (`eval/featur
 `magic compare` extract each image once (the degraded copies are extracted when the probe is trained).
 
 The artefact measure is KID per target condition: each setting's images made for condition c against the real
-training images of c, on the same backbone features, averaged over conditions weighted by image count. KID, not
-FID: its estimator is unbiased, so it stays meaningful with the few dozen real images a condition has, where FID
-of a 1280-d feature needs thousands.
+images of c the probe learned from, on the same backbone features, averaged over conditions weighted by image
+count, with the change against the baseline bootstrapped over sources. KID, not FID: its estimator is unbiased,
+so it stays meaningful with the few dozen real images a condition has, where FID of a 1280-d feature needs
+thousands. Kernels are computed once per setting, so each bootstrap draw only sums them.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ from magic_align.config import RunConfig
 from magic_align.data.images import load_image, sha256_file
 from magic_align.errors import MagicError
 from magic_align.evaluate.classifier import Example, FeatureCache, LinearProbes, Schedule, train_linear_probes
-from magic_align.evaluate.fid import kid_from_features
 from magic_align.run import RunPaths, atomic_path
-from magic_align.stats import bootstrap
+from magic_align.stats import bootstrap, cluster_bootstrap
 
 FORMAT_VERSION = "1"
 # bump when the degradations change: the key of every augmented probe changes with it
@@ -298,42 +298,105 @@ def recognition_accuracy(recognizer: Recognizer, records: Sequence, resamples: i
 
 
 # --------------------------------------------------------------------------------------------- artefacts
-def conditional_kid(real: Mapping[str, torch.Tensor], fake: torch.Tensor, fake_conditions: Sequence[str],
-                    subsets: int, seed: int) -> tuple[float, dict[str, float]]:
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """KID's kernel k(x, y) = (x . y / d + 1) ** 3 between the rows of x and y (d features)."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def unbiased_mmd2(k_real: np.ndarray, k_fake: np.ndarray, k_cross: np.ndarray,
+                  fake_rows: np.ndarray | None = None) -> float:
+    """The unbiased squared MMD (KID) from precomputed kernels: real x real, fake x fake, real x fake. With
+    `fake_rows` (a bootstrap draw of fake rows, repeats allowed) the fake side is those rows, and pairs of a row
+    with a copy of itself are left out as the diagonal is (so a resample is not biased by its repeats)."""
+    m = k_real.shape[0]
+    real_term = (k_real.sum() - np.trace(k_real)) / (m * (m - 1))
+    rows = np.arange(k_fake.shape[0]) if fake_rows is None else np.asarray(fake_rows)
+    distinct = rows[:, None] != rows[None, :]
+    if not distinct.any():
+        return float("nan")
+    fake_term = (k_fake[np.ix_(rows, rows)] * distinct).sum() / distinct.sum()
+    return float(real_term + fake_term - 2.0 * k_cross[:, rows].mean())
+
+
+@dataclass
+class ConditionKernels:
+    """The kernels of one target condition: its real reference images against themselves and the generated ones."""
+    real: np.ndarray
+    fake: np.ndarray
+    cross: np.ndarray
+
+
+def condition_kernels(real: Mapping[str, np.ndarray], fake: np.ndarray, fake_conditions: Sequence[str]
+                      ) -> tuple[dict[str, ConditionKernels], np.ndarray, np.ndarray]:
+    """The kernels of each target condition that has real images, the generated images' conditions, and each
+    generated image's row within its condition's kernels: what `conditional_kid` reads."""
+    conditions = np.asarray(list(fake_conditions))
+    positions = np.zeros(len(conditions), dtype=int)
+    kernels = {}
+    for condition in sorted(set(conditions.tolist()) & set(real)):
+        rows = np.flatnonzero(conditions == condition)
+        positions[rows] = np.arange(len(rows))
+        x, reference = fake[rows], real[condition]
+        kernels[condition] = ConditionKernels(polynomial_kernel(reference, reference), polynomial_kernel(x, x),
+                                              polynomial_kernel(reference, x))
+    return kernels, conditions, positions
+
+
+def conditional_kid(kernels: Mapping[str, ConditionKernels], conditions: np.ndarray, positions: np.ndarray,
+                    rows: np.ndarray | None = None) -> tuple[float, dict[str, float]]:
     """KID of generated images against real images of their own target condition: per condition (at least 2
-    images on each side), and their mean weighted by the generated images per condition (NaN when none)."""
+    images on each side) and their mean weighted by images (NaN when none). Image i is of `conditions[i]` and is
+    row `positions[i]` of its condition's kernels; `rows` picks images (a bootstrap draw), all by default."""
+    rows = np.arange(len(conditions)) if rows is None else np.asarray(rows)
     per_condition: dict[str, float] = {}
     weights: dict[str, int] = {}
-    conditions = np.asarray(list(fake_conditions))
-    for condition in sorted(set(fake_conditions)):
-        rows = np.flatnonzero(conditions == condition)
-        reference = real.get(condition)
-        if reference is None or len(reference) < 2 or len(rows) < 2:
+    for condition, kernel in kernels.items():
+        mine = rows[conditions[rows] == condition]
+        if len(mine) < 2 or kernel.real.shape[0] < 2:
             continue
-        per_condition[condition] = kid_from_features(reference.double(), fake[torch.from_numpy(rows)].double(),
-                                                     subsets, seed)[0]
-        weights[condition] = len(rows)
-    if not weights:
-        return float("nan"), per_condition
+        value = unbiased_mmd2(kernel.real, kernel.fake, kernel.cross, positions[mine])
+        if np.isfinite(value):
+            per_condition[condition], weights[condition] = value, len(mine)
     total = sum(weights.values())
+    if not total:
+        return float("nan"), per_condition
     return sum(per_condition[c] * weights[c] / total for c in weights), per_condition
 
 
-def artefact_measure(recognizer: Recognizer, train_records: Sequence, images: Mapping[str, Mapping[str, str]],
-                     targets: Mapping[str, str], root: Path, subsets: int, seed: int) -> dict:
-    """{setting: {kid, per_condition, n}}: KID to the real training images of each target condition, on the
-    recognition backbone's features (see the module docstring for why KID per condition)."""
+def artefact_measure(recognizer: Recognizer, reference_records: Sequence, images: Mapping[str, Mapping[str, str]],
+                     targets: Mapping[str, str], root: Path, source_of: Mapping[str, str], baseline: str,
+                     resamples: int, seed: int) -> dict:
+    """KID to real images of each target condition, on the recognition backbone's features (the module
+    docstring says why KID per condition): `settings` {setting: {kid, per_condition, n}} and `differences`
+    {"<setting> - <baseline>": estimate}, each setting against the baseline on the units both have, with a
+    bootstrap interval that resamples whole sources (a positive difference: further from the real images)."""
     by_condition: dict[str, list[Path]] = {}
-    for record in train_records:
+    for record in reference_records:
         by_condition.setdefault(record.label, []).append(Path(record.path))
-    real = {condition: recognizer.features(files) for condition, files in by_condition.items()}
-    result = {}
+    real = {condition: recognizer.features(files).double().numpy() for condition, files in by_condition.items()}
+
+    def kernels_of(name: str, units: list[str]) -> tuple[dict[str, ConditionKernels], np.ndarray, np.ndarray]:
+        fake = recognizer.features([root / images[name][unit] for unit in units]).double().numpy()
+        return condition_kernels(real, fake, [targets[unit] for unit in units])
+
+    settings, differences = {}, {}
     for name, by_unit in images.items():
         units = sorted(by_unit)
         if len(units) < 2:
             continue
-        fake = recognizer.features([root / by_unit[unit] for unit in units])
-        value, per_condition = conditional_kid(real, fake, [targets[unit] for unit in units], subsets, seed)
-        result[name] = {"kid": value, "per_condition": per_condition, "n": len(units)}
-    return result
+        value, per_condition = conditional_kid(*kernels_of(name, units))
+        settings[name] = {"kid": value, "per_condition": per_condition, "n": len(units)}
+    for name in images:
+        if name == baseline or name not in settings or baseline not in settings:
+            continue
+        units = sorted(set(images[name]) & set(images[baseline]))
+        ours, theirs = kernels_of(name, units), kernels_of(baseline, units)
+
+        def change(rows: np.ndarray) -> float:
+            return conditional_kid(*ours, rows=rows)[0] - conditional_kid(*theirs, rows=rows)[0]
+
+        differences[f"{name} - {baseline}"] = cluster_bootstrap(
+            change, [source_of[unit] for unit in units], np.arange(len(units)), resamples=resamples, seed=seed
+        ).as_dict()
+    return {"settings": settings, "differences": differences}
 

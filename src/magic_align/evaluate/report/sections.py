@@ -172,6 +172,7 @@ def alignment_summary(data: dict, labels: SettingLabels) -> dict:
             "excludes_zero": excludes_zero, "independent": other.get("recognised"), "confirmation": status,
             "gain": excludes_zero and entry["low"] > 0 and status != "contradicted",
             "blocked": excludes_zero and entry["low"] > 0 and status == "contradicted", "kid_change": kid_change,
+            "kid_difference": _mapping(_mapping(data.get("artefacts")).get("differences")).get(name),
         })
     grader = independent.get("grader")
     real_test = _mapping(independent.get("real_test"))

@@ -101,3 +101,12 @@ def test_the_demo_preset_reads_its_own_skewed_split(tmp_path):
     assert train == {label: skin_type_counts(weights[label], config.data.procedural_train_per_class)
                      for label in CONDITIONS}
     assert _by_condition_and_type(split.test) == {label: [1] * 6 for label in CONDITIONS}
+
+
+def test_a_misspelt_condition_in_the_skin_weights_is_named(tmp_path):
+    config = load_config("tiny", [
+        f"runs_dir='{tmp_path}'", "data.procedural_train_per_class=6", "data.procedural_test_per_class=6",
+        "data.procedural_condition_skin_weights={melanomaa=[1, 1, 1, 1, 1, 1]}",
+    ])
+    with pytest.raises(DataError, match="'melanomaa', not a demo condition"):
+        run_split(config, prepare_run(config))

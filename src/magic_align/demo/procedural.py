@@ -601,6 +601,10 @@ def _own_split_csvs(data_cfg: "DataConfig", paths: "RunPaths | None") -> tuple[P
                         "unset (it names one already generated CSV, split by train_fraction)")
     if paths is None:
         raise DataError("data.kind = 'procedural' needs a run directory to generate the demo images into")
+    unknown = sorted(set(data_cfg.procedural_condition_skin_weights) - set(CONDITIONS))
+    if unknown:  # a misspelt condition would silently fall back to procedural_skin_weights
+        raise DataError(f"data.procedural_condition_skin_weights names {', '.join(map(repr, unknown))}, not a demo "
+                        f"condition; expected some of {', '.join(CONDITIONS)}")
     train_counts = {condition: skin_type_counts(condition_skin_weights(data_cfg, condition),
                                                 data_cfg.procedural_train_per_class)
                     for condition in CONDITIONS}

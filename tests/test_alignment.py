@@ -131,6 +131,10 @@ def test_alignment_json_holds_the_independent_measure_with_intervals(tmp_path):
     assert "degraded copies" not in result["independent"]["grader"]
     kid = result["artefacts"]["settings"]
     assert kid["magic-dpo"]["kid"] < kid["i2i"]["kid"]  # images of the target are closer to its real images
+    # the paired change: on the same units it is the difference of the two values, its interval below zero
+    change = result["artefacts"]["differences"]["magic-dpo - i2i"]
+    assert change["value"] == pytest.approx(kid["magic-dpo"]["kid"] - kid["i2i"]["kid"])
+    assert change["low"] <= change["value"] <= change["high"] < 0
     validity = result["validity"]
     assert validity["n"] == 24 and validity["r"]["value"] == pytest.approx(1.0) and validity["low"] is False
     assert {row["condition"] for row in validity["per_condition"]} == set(CONDITIONS)

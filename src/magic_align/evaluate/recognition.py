@@ -375,25 +375,28 @@ def artefact_measure(recognizer: Recognizer, reference_records: Sequence, images
         by_condition.setdefault(record.label, []).append(Path(record.path))
     real = {condition: recognizer.features(files).double().numpy() for condition, files in by_condition.items()}
 
-    def kernels_of(name: str, units: list[str]) -> tuple[dict[str, ConditionKernels], np.ndarray, np.ndarray]:
-        fake = recognizer.features([root / images[name][unit] for unit in units]).double().numpy()
-        return condition_kernels(real, fake, [targets[unit] for unit in units])
-
+    # each setting's features and kernels once, over all its units; the paired differences pick rows of them
+    measured: dict[str, tuple[list[str], tuple]] = {}
     settings, differences = {}, {}
     for name, by_unit in images.items():
         units = sorted(by_unit)
         if len(units) < 2:
             continue
-        value, per_condition = conditional_kid(*kernels_of(name, units))
+        fake = recognizer.features([root / by_unit[unit] for unit in units]).double().numpy()
+        measured[name] = (units, condition_kernels(real, fake, [targets[unit] for unit in units]))
+        value, per_condition = conditional_kid(*measured[name][1])
         settings[name] = {"kid": value, "per_condition": per_condition, "n": len(units)}
-    for name in images:
-        if name == baseline or name not in settings or baseline not in settings:
+    for name in settings:
+        if name == baseline or baseline not in settings:
             continue
-        units = sorted(set(images[name]) & set(images[baseline]))
-        ours, theirs = kernels_of(name, units), kernels_of(baseline, units)
+        (ours_units, ours), (theirs_units, theirs) = measured[name], measured[baseline]
+        units = sorted(set(ours_units) & set(theirs_units))
+        ours_rows = np.searchsorted(ours_units, units)  # both unit lists are sorted
+        theirs_rows = np.searchsorted(theirs_units, units)
 
-        def change(rows: np.ndarray) -> float:
-            return conditional_kid(*ours, rows=rows)[0] - conditional_kid(*theirs, rows=rows)[0]
+        def change(picked: np.ndarray) -> float:
+            return (conditional_kid(*ours, rows=ours_rows[picked])[0]
+                    - conditional_kid(*theirs, rows=theirs_rows[picked])[0])
 
         differences[f"{name} - {baseline}"] = cluster_bootstrap(
             change, [source_of[unit] for unit in units], np.arange(len(units)), resamples=resamples, seed=seed

@@ -37,7 +37,8 @@ from magic_align.config import RunConfig, load_config
 from magic_align.demo.model import LESION_LOOKS, REGION_PHRASES
 from magic_align.demo.procedural import CONDITIONS, REGION_OF, render_arrays
 from magic_align.diffusion.loading import ModelLoadError, load_local_folder
-from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, sample_batch
+from magic_align.diffusion.sampler import (SampleRequest, SamplingSettings, decode_latents, derived_seed,
+                                           prepare_sources, sample_batch)
 from magic_align.errors import MagicError
 from magic_align.evaluate.classifier import LinearProbes, Schedule
 from magic_align.evaluate.recognition import fit_probe, probe_probabilities, target_recognition
@@ -75,20 +76,16 @@ def cut_words(tokenizer, caption: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ images
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] float images [N, 3, H, W] -> PIL RGB images."""
-    arrays = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(array) for array in arrays]
-
-
 @torch.no_grad()
-def reconstructions(vae, per_condition: int, seed: int = RECONSTRUCTION_SEED) -> dict[str, list[Image.Image]]:
-    """Fresh procedural images of each condition after one encode + decode (the posterior's mode)."""
-    images = {}
+def reconstructions(pipe, per_condition: int, seed: int = RECONSTRUCTION_SEED) -> dict[str, list[Image.Image]]:
+    """Fresh procedural images of each condition after one encode + decode (the posterior's mode), through the
+    pipeline's own image processor and decoder, as I2I sees its sources."""
+    vae, images = pipe.vae, {}
     for condition in CONDITIONS:
         arrays, _ = render_arrays([condition] * per_condition, seed=seed)
-        batch = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        images[condition] = to_pil(vae.decode(vae.encode(batch).latent_dist.mode()).sample)
+        pixels = prepare_sources(pipe, [Image.fromarray(array) for array in arrays], arrays.shape[1])
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        images[condition] = decode_latents(pipe, latents * vae.config.scaling_factor)
     return images
 
 
@@ -102,11 +99,9 @@ def load_model(folder: Path):
 def reconstruction_validity_table(folder: Path, per_condition: int = 50, seed: int = RECONSTRUCTION_SEED):
     """The rules judge's `ValidityTable` on the autoencoder reconstructions of fresh condition images of the model
     in `folder` (own items per item, cross-checklist means, quality gate)."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(Path(folder) / "vae"), dtype=torch.float32).eval()
     checklists = load_checklists("demo")
-    return validity_table(make_rules_judge(None, checklists), checklists, reconstructions(vae, per_condition, seed))
+    return validity_table(make_rules_judge(None, checklists), checklists,
+                          reconstructions(load_model(folder), per_condition, seed))
 
 
 def generations(pipe, per_condition: int, config: RunConfig, seed: int = GENERATION_SEED) -> dict[str, list[Image.Image]]:
@@ -184,7 +179,7 @@ def model_validity(folder: Path, per_condition: int = 24, config: RunConfig | No
     pipe = load_model(folder)
     probe = procedural_probe(config)
     log(f"probe trained ({time.perf_counter() - started:.0f} s)")
-    reconstruction, _ = grade_images(reconstructions(pipe.vae, per_condition), judge, checklists, probe)
+    reconstruction, _ = grade_images(reconstructions(pipe, per_condition), judge, checklists, probe)
     log(f"reconstructions graded ({time.perf_counter() - started:.0f} s)")
     generated, graded = grade_images(generations(pipe, per_condition, config), judge, checklists, probe)
     for row in generated:

@@ -50,6 +50,7 @@ from magic_align.train.session import (
     batch_indices,
     make_accelerator,
     optimizer_step,
+    settings_digest,
     step_seed,
     training_progress,
 )
@@ -329,6 +330,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     training = start_policy_training(
         accelerator, pipe, config, paths, sampling, stage="dpo", adapter_name=ADAPTER_NAME, round_index=round_index,
         total_steps=settings.iterations, warmup_steps=settings.lr_warmup_steps, init_lora=init_lora,
+        training_data=settings_digest([[e.pair_id, list(e.sample_ids), list(e.signs)] for e in examples]),
     )
     run = PairTraining(accelerator, training, pipe.text_encoder, store, examples, sampling, settings, stored_reference)
     if settings.objective == "denoising":
@@ -351,7 +353,8 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
                                   "lr": session.lr_scheduler.get_last_lr()[0]})
         # The last step is checkpointed too, so rerunning a finished round trains nothing again.
         if done % settings.checkpoint_every == 0 or done == settings.iterations:
-            session.checkpoints.save(done, {"round": round_index, "pairs": len(examples), "ties_skipped": ties})
+            session.checkpoints.save(done, {"round": round_index, "pairs": len(examples), "ties_skipped": ties,
+                                             "fingerprint": training.fingerprint})
         progress.advance(loss=float(loss))
     session.logger.close()
 

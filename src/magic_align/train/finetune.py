@@ -27,7 +27,6 @@ timestep, flip) comes from a generator seeded by (seed, phase, step) rather than
 
 from __future__ import annotations
 
-import hashlib
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -56,6 +55,8 @@ from magic_align.train.session import (
     optimizer_step,
     phase_epoch_seed,
     read_metrics,
+    refuse_other_settings,
+    settings_digest,
     start_training,
     step_seed,
     training_progress,
@@ -236,6 +237,9 @@ class TokenTextEncoder(nn.Module):
 LOCKED_SET_SETTINGS = ("locked_fraction", "procedural_locked_seed", "procedural_locked_per_class")
 
 
+CHANGED = "model, data, checklist or finetune section"  # what a finetune checkpoint's fingerprint covers
+
+
 def settings_fingerprint(config: RunConfig) -> str:
     """What a checkpoint depends on: model, data, checklist set and fine-tuning settings (not checkpoint_every,
     not the loggers). A checkpoint written under other settings is refused rather than silently continued."""
@@ -251,18 +255,7 @@ def settings_fingerprint(config: RunConfig) -> str:
         "checklist": config.judge.checklist,
         "finetune": config.finetune.model_dump(mode="json", exclude=unchanging),
     }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _check_resumed(state: dict | None, fingerprint: str, folder: Path) -> int:
-    if state is None:
-        return 0
-    if state.get("fingerprint") != fingerprint:
-        raise FinetuneError(
-            f"the checkpoint in {folder} was written with other settings (model, data, checklist or finetune "
-            "section changed); delete that folder to start the fine-tuning over, or restore the settings"
-        )
-    return int(state["step"])
+    return settings_digest(settings)
 
 
 def _checkpoint(checkpoints, done: int, total: int, every: int, budget_spent: bool, fingerprint: str) -> bool:
@@ -334,7 +327,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
     ti = start_training(  # a constant learning rate: no schedule
         accelerator, encoder, lr=ti_lr, weight_decay=0.0, use_8bit=False, lr_scheduler=None, total_steps=ti_total,
         checkpoint_dir=ti_checkpoint_dir, log_dir=paths.logs / "finetune" / "ti", log_with=ft.log_with,
-        check_resumed=lambda state: _check_resumed(state, fingerprint, ti_checkpoint_dir),
+        check_resumed=refuse_other_settings(fingerprint, ti_checkpoint_dir, CHANGED, FinetuneError),
     )
     encoder, ti_start = ti.model, ti.start_step
     ti_progress = training_progress(accelerator, "finetune textual inversion", total=ti_total, start=ti_start,
@@ -389,7 +382,7 @@ def run_finetune(config: RunConfig, stop_after: int | None = None) -> Path:
         accelerator, unet, lr=ft.lora_lr, weight_decay=ft.lora_weight_decay, use_8bit=False,
         lr_scheduler=ft.lr_scheduler, total_steps=max(ft.lora_steps, 1), checkpoint_dir=lora_checkpoint_dir,
         log_dir=paths.logs / "finetune" / "lora", log_with=ft.log_with,
-        check_resumed=lambda state: _check_resumed(state, fingerprint, lora_checkpoint_dir),
+        check_resumed=refuse_other_settings(fingerprint, lora_checkpoint_dir, CHANGED, FinetuneError),
     )
     unet, lora_start = lora.model, lora.start_step
     with torch.no_grad():  # the text encoder is frozen now: one embedding per condition caption, computed once

@@ -61,6 +61,7 @@ from magic_align.train.session import (
     make_accelerator,
     optimizer_step,
     phase_epoch_seed,
+    settings_digest,
     step_seed,
     training_progress,
 )
@@ -479,6 +480,8 @@ def run_rft(
     training = start_policy_training(
         accelerator, pipe, config, paths, sampling, stage="rft", adapter_name=ADAPTER_NAME, round_index=round_index,
         total_steps=rft.steps, guidance=rft.guidance, init_lora=init_lora,
+        # weights to 6 digits: a refitted reward model may differ in the last bits, not in what is taught
+        training_data=settings_digest([[item.sample_id, f"{item.weight:.6g}"] for item in trajectories]),
     )
     if training.frozen_dtype != torch.float32:  # the VAE only encodes the real images of the beta_r term
         pipe.vae.to(training.frozen_dtype)
@@ -516,7 +519,8 @@ def run_rft(
             "lr": learning_rate,
         })
         if done % rft.checkpoint_every == 0 or done == rft.steps:
-            session.checkpoints.save(done, {"round": round_index, "trajectories": len(trajectories)})
+            session.checkpoints.save(done, {"round": round_index, "trajectories": len(trajectories),
+                                             "fingerprint": training.fingerprint})
         progress.advance(loss=weighted_nll + rft.beta_real * real_value)
     session.logger.close()
 

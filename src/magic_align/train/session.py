@@ -446,6 +446,26 @@ class TrainingSession:
         self.accelerator.free_memory()
 
 
+def settings_digest(settings: Mapping) -> str:
+    """A short, stable digest of JSON-able settings: what a checkpoint was written under (stored in its state)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def refuse_other_settings(fingerprint: str, folder: Path, changed: str,
+                          error: type[MagicError] = TrainingError) -> Callable[[dict], None]:
+    """A `check_resumed` for `start_training`: a checkpoint whose state names another fingerprint (or none) was
+    written under other settings, and continuing it would hand back that run's result as this one's."""
+
+    def check(state: dict) -> None:
+        if state.get("fingerprint") != fingerprint:
+            raise error(
+                f"the checkpoint in {folder} was written with other settings ({changed} changed since); delete "
+                "that folder to train again from the start, or restore the settings"
+            )
+
+    return check
+
+
 def start_training(
     accelerator: Accelerator,
     model: torch.nn.Module,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
+from magic_align.diffusion.loading import weights_digest
 from magic_align.diffusion.lora import LORA_TARGETS, adapter_parameters, attach_lora, lora_weights_file, merge_lora
 from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
 from magic_align.train.session import (
@@ -28,6 +29,8 @@ from magic_align.train.session import (
     TrainingError,
     TrainingSession,
     freeze_to,
+    refuse_other_settings,
+    settings_digest,
     start_training,
     weight_dtype,
 )
@@ -168,6 +171,7 @@ class PolicyTraining:
     the pipeline's scheduler set to the sampling steps, and the likelihood settings of `log_probs`."""
 
     session: TrainingSession
+    fingerprint: str  # what the checkpoints were written under: save it in every checkpoint's state
     policy: ModelWithDtype
     frozen_dtype: torch.dtype
     scheduler: object
@@ -195,6 +199,7 @@ def start_policy_training(
     adapter_name: str,
     round_index: int,
     total_steps: int,
+    training_data: str,
     guidance: float | None = None,
     warmup_steps: int = 0,
     init_lora: Path | None = None,
@@ -204,8 +209,23 @@ def start_policy_training(
     the policy UNet (`prepare_policy_unet`), frozen weights and text encoder in the mixed-precision dtype,
     `session.start_training` with checkpoints in `checkpoints/<stage>/round-<k>/` and logs in
     `logs/<stage>/round-<k>/`, the scheduler set to the sampling steps, and the negative prompt's embedding.
-    `guidance` None: the guidance the trajectories were sampled with."""
+    `guidance` None: the guidance the trajectories were sampled with.
+
+    `training_data` is a digest of what the stage trains on (its pairs, or its samples and weights). With the
+    stage's settings, the policy and the LoRA it continues, it forms the fingerprint the checkpoints carry: a
+    checkpoint written under anything else is refused instead of being resumed (a finished run with another seed
+    or learning rate would otherwise be handed back as this one)."""
     section = getattr(config, stage)
+    guidance = sampling.guidance if guidance is None else guidance
+    checkpoint_dir = paths.checkpoints(stage) / f"round-{round_index}"
+    fingerprint = settings_digest({
+        "settings": section.model_dump(mode="json", exclude={"checkpoint_every", "log_with"}),
+        "round": round_index,
+        "policy": getattr(pipe, "magic_model_hash", None),
+        "continues": weights_digest(lora_weights_file(init_lora)).hex() if init_lora is not None else None,
+        "guidance": guidance,
+        "training_data": training_data,
+    })
     unet = prepare_policy_unet(pipe, section.lora_rank, section.lora_alpha, init_lora, adapter_name=adapter_name,
                                targets=section.lora_targets)
     frozen_dtype = weight_dtype(accelerator)
@@ -214,18 +234,18 @@ def start_policy_training(
     session = start_training(
         accelerator, unet, lr=section.lr, weight_decay=section.weight_decay, use_8bit=section.use_8bit_adam,
         lr_scheduler=section.lr_scheduler, total_steps=total_steps, warmup_steps=warmup_steps,
-        checkpoint_dir=paths.checkpoints(stage) / f"round-{round_index}",
+        checkpoint_dir=checkpoint_dir,
         log_dir=paths.logs / stage / f"round-{round_index}", log_with=section.log_with,
         run_name=f"{config.name}-{stage}-round-{round_index}", log_config=section.model_dump(mode="json"),
+        check_resumed=refuse_other_settings(fingerprint, checkpoint_dir, f"the {stage} settings, the model or its data"),
     )
     scheduler = pipe.scheduler
     scheduler.set_timesteps(sampling.steps, device=accelerator.device)
-    guidance = sampling.guidance if guidance is None else guidance
     negative = None
     if guidance > 1:
         with torch.no_grad():
             negative = embed_prompt_ids(pipe.text_encoder, tokenize_prompts(pipe.tokenizer, [sampling.negative_prompt]))
     return PolicyTraining(
-        session, ModelWithDtype(session.model, frozen_dtype), frozen_dtype, scheduler, negative,
+        session, fingerprint, ModelWithDtype(session.model, frozen_dtype), frozen_dtype, scheduler, negative,
         guidance=guidance, eta=sampling.eta, reduction=section.log_prob_reduction,
     )

@@ -286,29 +286,35 @@ def test_an_interrupted_run_resumes_to_the_same_lora(prepared_run, straight_run,
     assert [row["loss"] for row in rows] == pytest.approx([row["loss"] for row in reference], abs=1e-6)
 
 
-def test_a_checkpoint_written_under_other_settings_is_refused_not_handed_back(prepared_run, tiny_model_dir):
-    """A finished round's checkpoint must not stand in for a run with another seed, learning rate or pair set."""
+def test_checkpoints_of_other_settings_are_set_aside_and_the_round_trains_again(prepared_run, tiny_model_dir, capsys):
+    """A finished round's checkpoint must not stand in for a run with another seed or pair set: it is moved aside
+    (kept) and the round trains from the start, to exactly what a fresh run with the new settings gives."""
     run = copy_run(prepared_run, "refit")
-    finished = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir)))
-    trained = lora_tensors(finished)
+    finished = lora_tensors(dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir))))
     again = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir,
                                                                   "dpo.checkpoint_every=4", "dpo.log_with=[]")))
-    assert all(torch.equal(trained[key], value) for key, value in lora_tensors(again).items())  # same settings
+    assert all(torch.equal(finished[key], value) for key, value in lora_tensors(again).items())  # resumed, not redone
     folder = run / "checkpoints" / "dpo" / "round-0"
-    for changed in ("dpo.seed=7", "dpo.lr=0.01", "dpo.iterations=6"):
-        config = load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir, changed))
-        with pytest.raises(TrainingError, match="other settings") as refused:
-            dpo_module.run_dpo(config)
-        assert str(folder) in str(refused.value) and "delete that folder" in str(refused.value)
-    from magic_align.ledger import Ledger, PairRow  # the same settings on other pairs: refused as well
+    assert not folder.with_name("round-0.other-settings").exists()
+
+    capsys.readouterr()
+    reseeded = lora_tensors(dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir,
+                                                                                  "dpo.seed=7"))))
+    assert "kept in round-0.other-settings, training from the start" in capsys.readouterr().err
+    assert (folder.with_name("round-0.other-settings") / "step-0000004").is_dir()  # the old run is kept
+    copy_run(prepared_run, "fresh-seed-7")
+    fresh = lora_tensors(dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "fresh-seed-7",
+                                                                               tiny_model_dir, "dpo.seed=7"))))
+    assert all(torch.equal(fresh[key], reseeded[key]) for key in fresh)
+    assert not all(torch.equal(finished[key], reseeded[key]) for key in fresh)
+
+    from magic_align.ledger import Ledger, PairRow  # the same settings on other pairs: trained again as well
 
     with Ledger(run / "ledger.sqlite") as ledger:
         ledger.replace_pairs(0, [PairRow("r0-u0-k0~r0-u0-k1", 0, "r0-u0", "r0-u0-k0", "r0-u0-k1", 0, 1, False, 0, 1,
                                          None, None, "paper")])
-    with pytest.raises(TrainingError, match="other settings"):
-        dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir)))
-    shutil.rmtree(folder)  # what the message says to do
-    assert dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir))).is_dir()
+    dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir, "dpo.seed=7")))
+    assert folder.with_name("round-0.other-settings-2").is_dir()
 
 
 def test_the_stored_log_probs_are_the_reference_only_when_the_preliminary_model_sampled_in_fp32():

@@ -73,6 +73,19 @@ def test_magic_run_tiny_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     assert all(f"skip {name}" in again.output for name in names)
     ledger = Ledger(config.run_dir / "ledger.sqlite")
     assert {name: ledger.stage(f"run:{name}").updated_at for name in names} == updated
+    ledger.close()
+
+    # another alignment seed: DPO trains again (its old checkpoints kept aside, not resumed), and every stage after
+    # it follows, the synthetic set of the old LoRA included
+    before = (aligned / "dpo" / "pytorch_lora_weights.safetensors").read_bytes()
+    reseeded = runner.invoke(app, command + ["--set", "dpo.seed=3"])
+    assert reseeded.exit_code == 0, reseeded.output
+    assert "skip finetune" in reseeded.output and "skip dpo" not in reseeded.output
+    assert (aligned / "dpo" / "pytorch_lora_weights.safetensors").read_bytes() != before
+    assert (config.run_dir / "checkpoints" / "dpo" / "round-0.other-settings").is_dir()
+    ledger = Ledger(config.run_dir / "ledger.sqlite")
+    assert all(ledger.stage(f"run:{name}").status == "done" for name in names)
+    ledger.close()
 
 
 def test_judge_stage_over_http_stores_what_the_rules_judge_measures(tmp_path, monkeypatch):

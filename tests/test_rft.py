@@ -282,14 +282,14 @@ def test_an_interrupted_rft_run_resumes_to_the_same_lora(rft_run, monkeypatch, c
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
-    # the finished checkpoint never stands in for a run with another seed or weighting
-    from magic_align.train.session import TrainingError
-
-    for change in ({"seed": 5}, {"reward_power": 3.0}):
+    # the finished checkpoint never stands in for a run with another seed or weighting: it is kept aside
+    rounds = config.run_dir.parent / "resumed" / "checkpoints" / "rft"
+    for index, change in enumerate(({"seed": 5}, {"reward_power": 3.0}), start=1):
         other = make("resumed")
         other = other.model_copy(update={"rft": other.rft.model_copy(update=change)})
-        with pytest.raises(TrainingError, match="other settings"):
-            run_rft(other, judge_id="test:judge")
+        retrained = load_file(str(run_rft(other, judge_id="test:judge") / "pytorch_lora_weights.safetensors"))
+        assert not all(torch.equal(expected[key], retrained[key]) for key in expected)
+        assert (rounds / ("round-0.other-settings" + ("" if index == 1 else f"-{index}"))).is_dir()
 
 
 def test_the_rft_policy_starts_as_the_preliminary_model(rft_run):

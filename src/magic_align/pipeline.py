@@ -108,8 +108,9 @@ def plan_stages(config: RunConfig, console: Console) -> list[Stage]:
         Stage(
             "synthesize",
             ("synthesize",),
-            # into the folder the evaluate stage reads for this model, so its images are made once
-            lambda: synthesize.run_synthesize(config, lora=aligned, out_dir=synthetic_dir),
+            # into the folder the evaluate stage reads for this model, so its images are made once; a set of an
+            # earlier model (the LoRA was retrained with other settings) is made again, as the evaluate stage does
+            lambda: synthesize.run_synthesize(config, lora=aligned, out_dir=synthetic_dir, replace_stale=True),
             f"{config.synthesize.per_image} synthetic image(s) per training image with the {config.align[0] if config.align else 'unaligned'} model",
         ),
         Stage("evaluate", ("evaluate",), lambda: evaluate_stage.run_evaluate(config), "classifier, pass rate, FID/KID"),

@@ -249,9 +249,20 @@ class Checkpoints:
 
     def all(self) -> list[tuple[int, Path]]:
         """Complete checkpoints as (step, folder), oldest first."""
+        return Checkpoints.all_in(self.directory)
+
+    @staticmethod
+    def latest_in(directory: Path) -> Path | None:
+        """The latest complete checkpoint folder under `directory` (None: there is none)."""
+        found = Checkpoints.all_in(directory)
+        return found[-1][1] if found else None
+
+    @staticmethod
+    def all_in(directory: Path) -> list[tuple[int, Path]]:
+        """Complete checkpoints under `directory` as (step, folder), oldest first."""
         found = []
-        if self.directory.is_dir():
-            for folder in self.directory.iterdir():
+        if directory.is_dir():
+            for folder in directory.iterdir():
                 name = folder.name
                 if name.startswith(CHECKPOINT_PREFIX) and (folder / TRAINING_STATE).exists():
                     try:
@@ -261,8 +272,7 @@ class Checkpoints:
         return sorted(found)
 
     def latest(self) -> Path | None:
-        found = self.all()
-        return found[-1][1] if found else None
+        return Checkpoints.latest_in(self.directory)
 
     def save(self, step: int, state: Mapping | None = None) -> Path:
         """Save everything at optimizer step `step` (call on every process). `state`: extra JSON-able values."""
@@ -464,6 +474,26 @@ def refuse_other_settings(fingerprint: str, folder: Path, changed: str,
             )
 
     return check
+
+
+def set_aside_other_checkpoints(accelerator: Accelerator, directory: Path, fingerprint: str) -> Path | None:
+    """Move `directory` aside when its latest checkpoint was written under another fingerprint (or none), so the
+    stage trains again from the start instead of resuming (or handing back) a run of other settings, and nothing
+    trained is lost. Returns where the old checkpoints went (None: nothing to move). Call on every process."""
+    directory = Path(directory)
+    latest = Checkpoints.latest_in(directory)
+    moved = None
+    if latest is not None and json.loads((latest / TRAINING_STATE).read_text()).get("fingerprint") != fingerprint:
+        moved = directory.with_name(f"{directory.name}.other-settings")
+        index = 1
+        while moved.exists():
+            index += 1
+            moved = directory.with_name(f"{directory.name}.other-settings-{index}")
+        accelerator.wait_for_everyone()  # every process has looked before the main one moves the folder
+        if accelerator.is_main_process:
+            os.replace(directory, moved)
+    accelerator.wait_for_everyone()
+    return moved
 
 
 def start_training(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
+from rich.console import Console
 
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
 from magic_align.diffusion.loading import weights_digest
@@ -29,7 +30,7 @@ from magic_align.train.session import (
     TrainingError,
     TrainingSession,
     freeze_to,
-    refuse_other_settings,
+    set_aside_other_checkpoints,
     settings_digest,
     start_training,
     weight_dtype,
@@ -212,9 +213,10 @@ def start_policy_training(
     `guidance` None: the guidance the trajectories were sampled with.
 
     `training_data` is a digest of what the stage trains on (its pairs, or its samples and weights). With the
-    stage's settings, the policy and the LoRA it continues, it forms the fingerprint the checkpoints carry: a
-    checkpoint written under anything else is refused instead of being resumed (a finished run with another seed
-    or learning rate would otherwise be handed back as this one)."""
+    stage's settings, the policy and the LoRA it continues, it forms the fingerprint the checkpoints carry.
+    Checkpoints written under anything else (another seed, learning rate, new pairs) are moved aside to
+    `round-<k>.other-settings/` and the round trains from the start: resuming them would hand back the earlier
+    run's LoRA as this one's."""
     section = getattr(config, stage)
     guidance = sampling.guidance if guidance is None else guidance
     checkpoint_dir = paths.checkpoints(stage) / f"round-{round_index}"
@@ -226,6 +228,11 @@ def start_policy_training(
         "guidance": guidance,
         "training_data": training_data,
     })
+    moved = set_aside_other_checkpoints(accelerator, checkpoint_dir, fingerprint)
+    if moved is not None and accelerator.is_main_process:
+        Console(stderr=True).print(f"{stage} round {round_index}: the checkpoints in {checkpoint_dir} were written "
+                                   f"with other settings or data; kept in {moved.name}, training from the start",
+                                   highlight=False, markup=False, soft_wrap=True)
     unet = prepare_policy_unet(pipe, section.lora_rank, section.lora_alpha, init_lora, adapter_name=adapter_name,
                                targets=section.lora_targets)
     frozen_dtype = weight_dtype(accelerator)
@@ -237,7 +244,6 @@ def start_policy_training(
         checkpoint_dir=checkpoint_dir,
         log_dir=paths.logs / stage / f"round-{round_index}", log_with=section.log_with,
         run_name=f"{config.name}-{stage}-round-{round_index}", log_config=section.model_dump(mode="json"),
-        check_resumed=refuse_other_settings(fingerprint, checkpoint_dir, f"the {stage} settings, the model or its data"),
     )
     scheduler = pipe.scheduler
     scheduler.set_timesteps(sampling.steps, device=accelerator.device)

@@ -163,6 +163,33 @@ def test_denoising_loss_is_the_mse_to_the_noise():
     assert loss.item() == pytest.approx(noise.pow(2).mean().item(), rel=1e-6)
 
 
+def test_a_denoising_draw_is_what_the_loss_trains_on():
+    """denoising_loss = the weighted MSE to the target of its own draw (noise first, then timesteps), by hand."""
+    from diffusers import DDPMScheduler
+
+    from magic_align.train.diffusion_losses import denoising_draw, weighted_error
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    class Scaled(torch.nn.Module):  # predicts 0.5 x its noisy input
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return type("Out", (), {"sample": 0.5 * sample})
+
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 301, (2,), generator=generator)
+    noisy, target, drawn = denoising_draw(scheduler, latents, torch.Generator().manual_seed(5), max_timestep=300)
+    assert torch.equal(drawn, timesteps) and torch.equal(target, noise)
+    assert torch.allclose(noisy, scheduler.add_noise(latents, noise, timesteps))
+    weights = torch.tensor([1.0, 3.0])
+    by_hand = ((0.5 * noisy - noise).pow(2).flatten(1).mean(1) * weights).mean()
+    assert weighted_error(0.5 * noisy, noise, weights).item() == pytest.approx(by_hand.item(), rel=1e-6)
+    got = denoising_loss(Scaled(), scheduler, latents, torch.zeros(2, 2, 4), torch.Generator().manual_seed(5), weights,
+                         max_timestep=300)
+    assert got.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ the stage
 def fixed_batch_loss(pipe, images_root: Path, tokens: dict[str, str], prompt_template: str) -> float:
     """The denoising loss of `pipe` on every training image at fixed timesteps and noise (same for any pipe)."""

@@ -356,6 +356,53 @@ def test_the_denoising_objective_weighs_final_latents_by_reward(rft_run, monkeyp
 
 
 @pytest.mark.slow
+def test_the_reference_weight_keeps_the_policy_near_the_preliminary_model(rft_run):
+    """rft.reference_weight adds the distance of the policy's noise predictions to the preliminary model's: it is
+    logged, zero at the first step (the fresh adapter is the preliminary model), part of the logged loss, and a
+    heavy weight leaves the trained policy closer to the preliminary model than no weight does."""
+    from diffusers import DDPMScheduler
+
+    import magic_align.train.rft as rft_module
+    from magic_align.diffusion.loading import load_run_policy
+    from magic_align.diffusion.sampler import embed_prompt_ids
+    from magic_align.diffusion.trajectories import TrajectoryStore
+    from magic_align.run import RunPaths
+    from magic_align.train.diffusion_losses import denoising_draw, weighted_error
+    from magic_align.train.session import read_metrics
+
+    config, _ = rft_run
+    paths = RunPaths(config.run_dir)
+    store = TrajectoryStore(paths.trajectories(0))
+    batch = store.get(store.sample_ids())
+
+    def trained(weight):
+        for folder in ("checkpoints", "logs", "aligned"):
+            shutil.rmtree(config.run_dir / folder / "rft", ignore_errors=True)
+        changed = config.model_copy(deep=True)
+        changed.rft.objective, changed.rft.beta_real, changed.rft.reference_weight = "denoising", 0.0, weight
+        output = rft_module.run_rft(changed, judge_id="test:judge")
+        return output, read_metrics(config.run_dir / "logs" / "rft" / "round-0" / "metrics.csv")
+
+    def distance_to_preliminary(output):
+        plain, aligned = load_run_policy(config, paths), load_run_policy(config, paths, extra_lora=output)
+        scheduler = DDPMScheduler.from_config(plain.scheduler.config)
+        noisy, _, timesteps = denoising_draw(scheduler, batch.latents[:, -1], torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            cond = embed_prompt_ids(plain.text_encoder, batch.prompt_ids)
+            return weighted_error(aligned.unet(noisy, timesteps, encoder_hidden_states=cond).sample,
+                                  plain.unet(noisy, timesteps, encoder_hidden_states=cond).sample).item()
+
+    output, free_rows = trained(0.0)
+    assert "reference_distance" not in free_rows[0]
+    free = distance_to_preliminary(output)  # measured now: the next training writes the same folder
+    output, rows = trained(1e4)
+    assert rows[0]["reference_distance"] == 0 and rows[-1]["reference_distance"] > 0
+    for row in rows:
+        assert row["loss"] == pytest.approx(row["weighted_nll"] + 1e4 * row["reference_distance"], rel=1e-5)
+    assert 0 < distance_to_preliminary(output) < free
+
+
+@pytest.mark.slow
 def test_trajectory_rewards_reuse_the_reward_models_features(rft_run, monkeypatch):
     from magic_align.diffusion.trajectories import TrajectoryStore
     from magic_align.run import RunPaths
@@ -434,16 +481,22 @@ def test_unit_baseline_trains_whole_units_on_shared_draws(rft_run, monkeypatch):
     config.rft.baseline = "unit"
     config.rft.beta_real = 0.0
     config.rft.batch_size = 4
-    calls = []
-    real_loss = rft_module.denoising_loss
+    drawn, weighted = [], []
+    real_draw, real_error = rft_module.denoising_draw, rft_module.weighted_error
 
-    def recording(*args, **kwargs):
-        calls.append((kwargs.get("groups"), kwargs["weights"] if "weights" in kwargs else args[5]))
-        return real_loss(*args, **kwargs)
+    def recording_draw(*args, **kwargs):
+        drawn.append(kwargs.get("groups"))
+        return real_draw(*args, **kwargs)
 
-    monkeypatch.setattr(rft_module, "denoising_loss", recording)
+    def recording_error(prediction, target, weights=None):
+        weighted.append(weights)
+        return real_error(prediction, target, weights)
+
+    monkeypatch.setattr(rft_module, "denoising_draw", recording_draw)
+    monkeypatch.setattr(rft_module, "weighted_error", recording_error)
     rft_module.run_rft(config, judge_id="test:judge")
-    assert calls
+    calls = list(zip(drawn, weighted))  # one draw and one weighted error per step (no reference term here)
+    assert calls and len(drawn) == len(weighted)
     for groups, weights in calls:  # units of 2 samples: every group twice, and each unit's weights sum to zero
         assert groups is not None and len(groups) == 4
         assert all(groups.count(group) == 2 for group in groups)

@@ -323,6 +323,9 @@ class RFTConfig(Section):
     objective: Literal["trajectory", "denoising"] = "trajectory"
     beta_real: float = Field(0.1, ge=0)  # beta_r: weight of the denoising loss on real images
     real_batch_size: int = Field(4, ge=0)  # real images per step for the beta_r term
+    # the denoising objective only: weight of the distance between the policy's and the preliminary model's noise
+    # predictions on the same draws (a KL penalty); 0 (the paper) leaves it out
+    reference_weight: float = Field(0.0, ge=0)
     steps: int = Field(500, ge=1)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)

@@ -45,14 +45,14 @@ from magic_align.checklists.schema import load_checklists
 from magic_align.config import RFTConfig, RunConfig
 from magic_align.data.images import load_image
 from magic_align.diffusion.loading import load_run_policy
-from magic_align.diffusion.lora import save_lora
+from magic_align.diffusion.lora import adapters_disabled, save_lora
 from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
 from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
 from magic_align.feedback import sample_rewards
 from magic_align.ledger import Ledger
 from magic_align.progress import StageProgress
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
-from magic_align.train.diffusion_losses import denoising_loss, encode_images
+from magic_align.train.diffusion_losses import denoising_draw, denoising_loss, encode_images, weighted_error
 from magic_align.train.finetune import TrainingImage, load_batch, training_images
 from magic_align.train.reward_model import META_FILE, RewardModel, fit_reward_head, load_reward_model
 from magic_align.train.session import (
@@ -347,6 +347,7 @@ class WeightedTraining:
     real: RealImages | None  # None: no real-image term (beta_real = 0 or real_batch_size = 0)
     noise_scheduler: object = None  # DDPM noising of the denoising objective and the real-image term
     units: list[list[int]] | None = None  # whole units per step: the denoising objective with the unit baseline
+    reference_distance: torch.Tensor | None = None  # the last step's distance to the preliminary model (logged)
 
     @property
     def per_process(self) -> int:
@@ -393,25 +394,36 @@ def trajectory_rft_step(run: WeightedTraining, chosen: list[int], groups, step: 
 
 
 def denoising_rft_step(run: WeightedTraining, chosen: list[int], groups, step: int) -> torch.Tensor:
-    """Reward-weighted diffusion loss on the chosen samples' final latents, backpropagated; returns its value."""
-    accelerator, device = run.accelerator, run.accelerator.device
+    """Reward-weighted diffusion loss on the chosen samples' final latents (plus `reference_weight` x the distance
+    to the preliminary model's predictions on the same draws), backpropagated; returns the weighted term (the mean
+    over this process's batch) and sets `run.reference_distance`."""
+    accelerator, device, settings = run.accelerator, run.accelerator.device, run.settings
     items = [run.trajectories[index] for index in chosen]
     batch = run.store.get([item.sample_id for item in items])
     for header, item in zip(batch.headers, items):
         check_trajectory_settings(header, item.sample_id, run.sampling)
     weight = torch.tensor([item.weight for item in items], device=device)
-    generator = torch.Generator().manual_seed(step_seed(run.settings.seed, "rft-final", step, accelerator.process_index))
-    with nullcontext() if run.real is None else accelerator.no_sync(run.training.session.model):
+    generator = torch.Generator().manual_seed(step_seed(settings.seed, "rft-final", step, accelerator.process_index))
+    model, unwrapped = run.training.session.model, run.training.session.unwrapped
+    with nullcontext() if run.real is None else accelerator.no_sync(model):
         with accelerator.autocast():
             with torch.no_grad():
                 cond = embed_prompt_ids(run.pipe.text_encoder, batch.prompt_ids.to(device))
             # re-noised only as far as the sampler started (I2I: about strength x 1000), where the aligned model
             # will be used
-            top = int(batch.timesteps.max())
-            term = denoising_loss(run.training.session.model, run.noise_scheduler, batch.latents[:, -1].to(device),
-                                  cond, generator, weight, max_timestep=top, groups=groups)
-        accelerator.backward(term)
-    return term.detach().float()  # already the mean over this process's batch
+            noisy, target, timesteps = denoising_draw(run.noise_scheduler, batch.latents[:, -1].to(device), generator,
+                                                      max_timestep=int(batch.timesteps.max()), groups=groups)
+            prediction = model(noisy, timesteps, encoder_hidden_states=cond).sample
+            term = weighted_error(prediction, target, weight)
+            loss = term
+            if settings.reference_weight > 0:
+                with torch.no_grad(), adapters_disabled(unwrapped):
+                    initial = unwrapped(noisy, timesteps, encoder_hidden_states=cond).sample
+                distance = weighted_error(prediction, initial)
+                loss = term + settings.reference_weight * distance
+                run.reference_distance = distance.detach().float()
+        accelerator.backward(loss)
+    return term.detach().float()
 
 
 RFT_STEPS = {"trajectory": trajectory_rft_step, "denoising": denoising_rft_step}
@@ -510,10 +522,15 @@ def run_rft(
         real_value = float(accelerator.reduce(real_term.detach().float().to(accelerator.device), "mean"))
         mean_weight = sum(trajectories[index].weight for index in chosen) / len(chosen)
         done = step + 1
+        reference = {}  # the denoising objective's distance to the preliminary model, when reference_weight > 0
+        if run.reference_distance is not None:
+            reference["reference_distance"] = float(accelerator.reduce(run.reference_distance.to(accelerator.device), "mean"))
+        loss = weighted_nll + rft.beta_real * real_value + rft.reference_weight * reference.get("reference_distance", 0.0)
         session.logger.log(done, {
-            "loss": weighted_nll + rft.beta_real * real_value,
+            "loss": loss,
             "weighted_nll": weighted_nll,
             "real_denoising": real_value,
+            **reference,
             "mean_weight": float(accelerator.reduce(torch.tensor(mean_weight, device=accelerator.device), "mean")),
             "grad_norm": grad_norm,
             "lr": learning_rate,
@@ -521,7 +538,7 @@ def run_rft(
         if done % rft.checkpoint_every == 0 or done == rft.steps:
             session.checkpoints.save(done, {"round": round_index, "trajectories": len(trajectories),
                                              "fingerprint": training.fingerprint})
-        progress.advance(loss=weighted_nll + rft.beta_real * real_value)
+        progress.advance(loss=loss)
     session.logger.close()
 
     output = paths.aligned / OUTPUT

@@ -137,3 +137,13 @@ def test_every_setting_is_documented_and_every_documented_key_exists():
         stale = sorted(documented.get(section, set()) - expected.get(section, set()))
         assert not missing, f"docs/configuration.md does not document {where}: {missing}"
         assert not stale, f"docs/configuration.md documents keys of {where} that do not exist: {stale}"
+
+
+def test_the_rft_reference_weight_is_refused_where_it_does_nothing():
+    """The KL penalty of rft.reference_weight exists for the denoising objective; set with the trajectory objective
+    it would silently do nothing, so the configuration is refused with one line naming both settings."""
+    assert load_config("demo").rft.reference_weight == 1.0
+    with pytest.raises(ConfigError, match=r"reference_weight = 1.0 applies to objective = 'denoising' only"):
+        load_config("demo", ['rft.objective="trajectory"'])
+    assert load_config("demo", ['rft.objective="trajectory"', "rft.reference_weight=0.0"]).rft.objective == "trajectory"
+    assert load_config("paper").rft.reference_weight == 0.0

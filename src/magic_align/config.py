@@ -343,6 +343,13 @@ class RFTConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
 
+    @model_validator(mode="after")
+    def _reference_weight_needs_the_denoising_objective(self) -> "RFTConfig":
+        if self.reference_weight > 0 and self.objective != "denoising":
+            raise ValueError(f"reference_weight = {self.reference_weight} applies to objective = 'denoising' only "
+                             f"(objective is {self.objective!r}); set reference_weight = 0 or the denoising objective")
+        return self
+
 
 # --------------------------------------------------------------------------------- synthesis and eval
 class SynthesizeConfig(Section):

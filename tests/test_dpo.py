@@ -292,7 +292,8 @@ def test_checkpoints_of_other_settings_are_set_aside_and_the_round_trains_again(
     run = copy_run(prepared_run, "refit")
     finished = lora_tensors(dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir))))
     again = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir,
-                                                                  "dpo.checkpoint_every=4", "dpo.log_with=[]")))
+                                                                  "dpo.checkpoint_every=4", "dpo.log_with=[]",
+                                                                  "dpo.steps_per_forward=2")))  # memory only
     assert all(torch.equal(finished[key], value) for key, value in lora_tensors(again).items())  # resumed, not redone
     folder = run / "checkpoints" / "dpo" / "round-0"
     assert not folder.with_name("round-0.other-settings").exists()
@@ -300,8 +301,11 @@ def test_checkpoints_of_other_settings_are_set_aside_and_the_round_trains_again(
     capsys.readouterr()
     reseeded = lora_tensors(dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir,
                                                                                   "dpo.seed=7"))))
-    assert "kept in round-0.other-settings, training from the start" in capsys.readouterr().err
+    assert "kept in round-0.other-settings (their metrics beside them), training from the start" in capsys.readouterr().err
     assert (folder.with_name("round-0.other-settings") / "step-0000004").is_dir()  # the old run is kept
+    old_metrics = read_metrics(run / "logs" / "dpo" / "round-0.other-settings" / "metrics.csv")  # with its metrics
+    assert [row["step"] for row in old_metrics] == [1, 2, 3, 4]
+    assert [row["step"] for row in read_metrics(run / "logs" / "dpo" / "round-0" / "metrics.csv")] == [1, 2, 3, 4]
     copy_run(prepared_run, "fresh-seed-7")
     fresh = lora_tensors(dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "fresh-seed-7",
                                                                                tiny_model_dir, "dpo.seed=7"))))
@@ -315,6 +319,7 @@ def test_checkpoints_of_other_settings_are_set_aside_and_the_round_trains_again(
                                          None, None, "paper")])
     dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir, "dpo.seed=7")))
     assert folder.with_name("round-0.other-settings-2").is_dir()
+    assert (run / "logs" / "dpo" / "round-0.other-settings-2" / "metrics.csv").is_file()
 
 
 def test_the_stored_log_probs_are_the_reference_only_when_the_preliminary_model_sampled_in_fp32():

@@ -303,7 +303,7 @@ def weigh_round(config: RunConfig, paths: RunPaths, round_index: int, judge_id: 
     """Fit (or reuse) the reward model, save it, and weigh every stored trajectory of the round by it.
 
     Returns (the round's TrajectoryStore, the weighted trajectories, their sampling settings, the reward model's
-    summary)."""
+    summary, the reward model)."""
     if not paths.ledger.exists():
         raise TrainingError(f"{paths.ledger} does not exist; run `magic sample` and `magic judge` first")
     reward_model, reward_summary, known_features = fit_reward_model(
@@ -319,7 +319,18 @@ def weigh_round(config: RunConfig, paths: RunPaths, round_index: int, judge_id: 
     if any(math.isnan(t.weight) for t in trajectories):
         raise TrainingError(f"the reward model gave NaN rewards; see its training summary in {folder}")
     first = trajectories[0].sample_id
-    return store, trajectories, TrajectorySettings.from_header(store.header(first), first), reward_summary
+    return store, trajectories, TrajectorySettings.from_header(store.header(first), first), reward_summary, reward_model
+
+
+def training_data_digest(reward_model: RewardModel, trajectories: Sequence[WeightedTrajectory]) -> str:
+    """What an RFT round trains on, for its checkpoints' fingerprint: the samples and the reward head's tensors that
+    weigh them. Not the weights themselves: features computed again on a resume (other batches, other kernels) can
+    move a weight's last bits, which would make the round's own checkpoints look foreign."""
+    head = hashlib.sha256()
+    for name, tensor in sorted(reward_model.head.state_dict().items()):
+        head.update(name.encode())
+        head.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+    return settings_digest({"reward_head": head.hexdigest(), "samples": [[t.sample_id, t.unit_id] for t in trajectories]})
 
 
 # ----------------------------------------------------------------------------------- the step functions
@@ -486,14 +497,14 @@ def run_rft(
         prepare_run(config)
     accelerator.wait_for_everyone()
     paths = RunPaths(config.run_dir)
-    store, trajectories, sampling, reward_summary = weigh_round(config, paths, round_index, judge_id, accelerator)
+    store, trajectories, sampling, reward_summary, reward_model = weigh_round(config, paths, round_index, judge_id,
+                                                                             accelerator)
 
     pipe = load_run_policy(config, paths, device=accelerator.device, dtype=torch.float32)
     training = start_policy_training(
         accelerator, pipe, config, paths, sampling, stage="rft", adapter_name=ADAPTER_NAME, round_index=round_index,
         total_steps=rft.steps, guidance=rft.guidance, init_lora=init_lora,
-        # weights to 6 digits: a refitted reward model may differ in the last bits, not in what is taught
-        training_data=settings_digest([[item.sample_id, f"{item.weight:.6g}"] for item in trajectories]),
+        training_data=training_data_digest(reward_model, trajectories),
     )
     if training.frozen_dtype != torch.float32:  # the VAE only encodes the real images of the beta_r term
         pipe.vae.to(training.frozen_dtype)

@@ -458,7 +458,7 @@ class TrainingSession:
 
 def settings_digest(settings: Mapping) -> str:
     """A short, stable digest of JSON-able settings: what a checkpoint was written under (stored in its state)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def refuse_other_settings(fingerprint: str, folder: Path, changed: str,
@@ -476,22 +476,26 @@ def refuse_other_settings(fingerprint: str, folder: Path, changed: str,
     return check
 
 
-def set_aside_other_checkpoints(accelerator: Accelerator, directory: Path, fingerprint: str) -> Path | None:
-    """Move `directory` aside when its latest checkpoint was written under another fingerprint (or none), so the
-    stage trains again from the start instead of resuming (or handing back) a run of other settings, and nothing
-    trained is lost. Returns where the old checkpoints went (None: nothing to move). Call on every process."""
+def set_aside_other_checkpoints(accelerator: Accelerator, directory: Path, fingerprint: str,
+                                logs: Path | None = None) -> Path | None:
+    """Move `directory` (and the metrics in `logs`, with the same suffix) aside when its latest checkpoint was written
+    under another fingerprint (or none), so the stage trains again from the start instead of resuming (or handing
+    back) a run of other settings, and nothing trained is lost. Returns where the checkpoints went (None: nothing
+    moved; always None on the other processes). Call on every process: the main one decides and moves, the others
+    wait, so all of them resume from the same folder."""
     directory = Path(directory)
-    latest = Checkpoints.latest_in(directory)
     moved = None
-    if latest is not None and json.loads((latest / TRAINING_STATE).read_text()).get("fingerprint") != fingerprint:
-        moved = directory.with_name(f"{directory.name}.other-settings")
-        index = 1
-        while moved.exists():
-            index += 1
-            moved = directory.with_name(f"{directory.name}.other-settings-{index}")
-        accelerator.wait_for_everyone()  # every process has looked before the main one moves the folder
-        if accelerator.is_main_process:
+    if accelerator.is_main_process:
+        latest = Checkpoints.latest_in(directory)
+        if latest is not None and json.loads((latest / TRAINING_STATE).read_text()).get("fingerprint") != fingerprint:
+            suffix, index = ".other-settings", 1
+            while any(folder.with_name(folder.name + suffix).exists() for folder in (directory, logs) if folder):
+                index += 1
+                suffix = f".other-settings-{index}"
+            moved = directory.with_name(directory.name + suffix)
             os.replace(directory, moved)
+            if logs is not None and Path(logs).exists():
+                os.replace(logs, Path(logs).with_name(Path(logs).name + suffix))
     accelerator.wait_for_everyone()
     return moved
 

@@ -221,17 +221,19 @@ def start_policy_training(
     guidance = sampling.guidance if guidance is None else guidance
     checkpoint_dir = paths.checkpoints(stage) / f"round-{round_index}"
     fingerprint = settings_digest({
-        "settings": section.model_dump(mode="json", exclude={"checkpoint_every", "log_with"}),
+        # not the knobs that change only when checkpoints are written, what is logged, or memory (steps_per_forward)
+        "settings": section.model_dump(mode="json", exclude={"checkpoint_every", "log_with", "steps_per_forward"}),
         "round": round_index,
         "policy": getattr(pipe, "magic_model_hash", None),
         "continues": weights_digest(lora_weights_file(init_lora)).hex() if init_lora is not None else None,
         "guidance": guidance,
         "training_data": training_data,
     })
-    moved = set_aside_other_checkpoints(accelerator, checkpoint_dir, fingerprint)
+    log_dir = paths.logs / stage / f"round-{round_index}"
+    moved = set_aside_other_checkpoints(accelerator, checkpoint_dir, fingerprint, logs=log_dir)
     if moved is not None and accelerator.is_main_process:
         Console(stderr=True).print(f"{stage} round {round_index}: the checkpoints in {checkpoint_dir} were written "
-                                   f"with other settings or data; kept in {moved.name}, training from the start",
+                                   f"with other settings or data; kept in {moved.name} (their metrics beside them), training from the start",
                                    highlight=False, markup=False, soft_wrap=True)
     unet = prepare_policy_unet(pipe, section.lora_rank, section.lora_alpha, init_lora, adapter_name=adapter_name,
                                targets=section.lora_targets)
@@ -242,7 +244,7 @@ def start_policy_training(
         accelerator, unet, lr=section.lr, weight_decay=section.weight_decay, use_8bit=section.use_8bit_adam,
         lr_scheduler=section.lr_scheduler, total_steps=total_steps, warmup_steps=warmup_steps,
         checkpoint_dir=checkpoint_dir,
-        log_dir=paths.logs / stage / f"round-{round_index}", log_with=section.log_with,
+        log_dir=log_dir, log_with=section.log_with,
         run_name=f"{config.name}-{stage}-round-{round_index}", log_config=section.model_dump(mode="json"),
     )
     scheduler = pipe.scheduler

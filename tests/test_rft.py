@@ -44,21 +44,22 @@ def test_reward_weighted_nll_by_hand():
         reward_weighted_nll(log_probs, torch.ones(3))
 
 
-def test_the_checkpoint_fingerprint_names_samples_and_reward_head_not_the_last_bits_of_weights():
+def test_the_checkpoint_fingerprint_names_samples_and_reward_head_not_the_last_bits_of_weights(tmp_path):
     """A resume scores the samples again; a weight that moves in its last bit must not make the round's own
     checkpoints look foreign, while another reward head or other samples must."""
     from magic_align.train.reward_model import RewardModel
     from magic_align.train.rft import WeightedTrajectory, training_data_digest
 
     torch.manual_seed(0)
-    model = RewardModel(None, RewardHead(8, 2, hidden=4), ["a", "b"], "none")
+    RewardModel(None, RewardHead(8, 2, hidden=4), ["a", "b"], "none").save(tmp_path / "fit")
+    RewardModel(None, RewardHead(8, 2, hidden=4), ["a", "b"], "none").save(tmp_path / "another-fit")
     items = [WeightedTrajectory(f"s{i}", "a", 0.5, 0.1 * i + 1e-9, f"u{i // 2}") for i in range(4)]
     jittered = [WeightedTrajectory(t.sample_id, t.condition, t.reward, float(torch.tensor(t.weight).nextafter(
         torch.tensor(2.0))), t.unit_id) for t in items]
-    assert training_data_digest(model, items) == training_data_digest(model, jittered)
-    assert training_data_digest(model, items) != training_data_digest(model, items[:3])
-    other = RewardModel(None, RewardHead(8, 2, hidden=4), ["a", "b"], "none")  # another fit
-    assert training_data_digest(model, items) != training_data_digest(other, items)
+    fit = tmp_path / "fit"
+    assert training_data_digest(fit, items) == training_data_digest(fit, jittered)
+    assert training_data_digest(fit, items) != training_data_digest(fit, items[:3])
+    assert training_data_digest(fit, items) != training_data_digest(tmp_path / "another-fit", items)
 
 
 def test_real_labels_positive_and_one_negative_per_image():

@@ -196,7 +196,8 @@ class Analysis:
 
 def is_hair(colour: np.ndarray, tone: np.ndarray) -> bool:
     lightness = float(luma(colour))
-    return lightness <= 50.0 and lightness <= 0.7 * float(luma(tone)) and not is_garment(colour) and not is_sheet(colour, tone)
+    dark = lightness <= 50.0 and lightness <= 0.7 * float(luma(tone))
+    return dark and not is_garment(colour) and not is_sheet(colour, tone)
 
 
 def is_garment(colour: np.ndarray) -> bool:
@@ -306,22 +307,23 @@ def largest(items: list[Component]) -> Component | None:
     return items[0] if items else None
 
 
+def lightness_spread(analysis: Analysis, where: np.ndarray) -> float:
+    """The 10th-90th percentile range of lightness over the pixels `where`, as a share of the skin's lightness."""
+    values = analysis.lightness[where]
+    return float((np.percentile(values, 90) - np.percentile(values, 10)) / analysis.skin_lightness)
+
+
 def shade_spread(analysis: Analysis, component: Component) -> float:
     """Spread of lightness inside a lesion (one pixel eroded, so the blurred rim does not count)."""
     interior = ndimage.binary_erosion(component.mask)
-    if interior.sum() < 5:
-        interior = component.mask
-    values = analysis.lightness[interior]
-    return float((np.percentile(values, 90) - np.percentile(values, 10)) / analysis.skin_lightness)
+    return lightness_spread(analysis, interior if interior.sum() >= 5 else component.mask)
 
 
 def core_spread(analysis: Analysis, component: Component) -> float:
     """Spread of lightness in a small lesion's core (depth >= NEVUS_CORE_DEPTH of its deepest point): the codec
     softens a small dot's rim over 2-3 px, a ramp that is no second shade."""
     depth = ndimage.distance_transform_edt(component.filled)
-    core = depth >= min(float(depth.max()), max(1.5, NEVUS_CORE_DEPTH * float(depth.max())))
-    values = analysis.lightness[core]
-    return float((np.percentile(values, 90) - np.percentile(values, 10)) / analysis.skin_lightness)
+    return lightness_spread(analysis, depth >= min(float(depth.max()), max(1.5, NEVUS_CORE_DEPTH * float(depth.max()))))
 
 
 def melanoma_dark_lesion(a: Analysis) -> ItemResult:
@@ -379,7 +381,8 @@ def nevus_uniform_colour(a: Analysis) -> ItemResult:
     if lesion is None:
         return check(False, "no dark lesion")
     spread = core_spread(a, lesion)
-    return check(spread <= UNIFORM_MAX, f"shade spread {spread:.2f} of skin lightness in the core (<= {UNIFORM_MAX} needed)")
+    return check(spread <= UNIFORM_MAX,
+                 f"shade spread {spread:.2f} of skin lightness in the core (<= {UNIFORM_MAX} needed)")
 
 
 # ----------------------------------------------------------------------------------------------- acne

@@ -197,8 +197,8 @@ def run_alignment_comparison(
     source_of = {unit: source_id for unit, (source_id, _) in targets.items()}
     summary = paired_summary(scores, ALIGNMENT_SETTINGS[0], evaluate.bootstrap, config.seed, source_of)
     item_ids = {c.condition: [item.id for item in c.items] for c in checklists.conditions}
-    independent = independent_measures(config, paths, split, set_name, sources, images, answers, targets, source_of, item_ids, notes,
-                                         summary["differences"])
+    independent = independent_measures(config, paths, split, set_name, sources, images, answers, targets, source_of,
+                                       item_ids, notes, summary["differences"])
     recognition = independent.pop("recognition", {})
     source_paths = {record.id: record.path for record in sources}
     labels = SettingLabels.of_run(paths)  # each aligned model named with the objective it was trained with
@@ -252,7 +252,8 @@ def grader_images(split, set_name: str, recognition_images: str, sources: Sequen
     return list(split.train) + extra, check
 
 
-def independent_measures(config: RunConfig, paths: RunPaths, split, set_name: str, sources: Sequence, images: dict[str, dict[str, str]],
+def independent_measures(config: RunConfig, paths: RunPaths, split, set_name: str, sources: Sequence,
+                          images: dict[str, dict[str, str]],
                           answers: dict[str, dict[str, list]], targets: dict[str, tuple[str, str]],
                           source_of: dict[str, str], item_ids: dict[str, list[str]], notes: list[str],
                           judge_differences: dict) -> dict:
@@ -289,8 +290,8 @@ def independent_measures(config: RunConfig, paths: RunPaths, split, set_name: st
         "recognition": recognition,
         "independent": {
             "grader": f"linear probe on {recognizer.backbone} features, trained on {recognizer.n_train} real "
-                      + ("training and tuning-set images (none of them graded here)" if len(grader_train) > len(split.train)
-                         else "training images")
+                      + ("training and tuning-set images (none of them graded here)"
+                         if len(grader_train) > len(split.train) else "training images")
                       + (f" and {recognizer.augment} degraded copies of each" if recognizer.augment else "")
                       + " (never on verdicts)",
             "real_test": recognition_accuracy(recognizer, grader_check, resamples, config.seed),

@@ -44,7 +44,7 @@ from magic_align.backbones import load_backbone
 from magic_align.checklists.schema import load_checklists
 from magic_align.config import RFTConfig, RunConfig
 from magic_align.data.images import load_image
-from magic_align.diffusion.loading import load_run_policy
+from magic_align.diffusion.loading import load_run_policy, weights_digest
 from magic_align.diffusion.lora import adapters_disabled, save_lora
 from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
 from magic_align.diffusion.trajectories import TrajectoryError, TrajectoryStore
@@ -54,7 +54,7 @@ from magic_align.progress import StageProgress
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.train.diffusion_losses import denoising_draw, denoising_loss, encode_images, weighted_error
 from magic_align.train.finetune import TrainingImage, load_batch, training_images
-from magic_align.train.reward_model import META_FILE, RewardModel, fit_reward_head, load_reward_model
+from magic_align.train.reward_model import HEAD_FILE, META_FILE, RewardModel, fit_reward_head, load_reward_model
 from magic_align.train.session import (
     TrainingError,
     batch_indices,
@@ -303,7 +303,7 @@ def weigh_round(config: RunConfig, paths: RunPaths, round_index: int, judge_id: 
     """Fit (or reuse) the reward model, save it, and weigh every stored trajectory of the round by it.
 
     Returns (the round's TrajectoryStore, the weighted trajectories, their sampling settings, the reward model's
-    summary, the reward model)."""
+    summary)."""
     if not paths.ledger.exists():
         raise TrainingError(f"{paths.ledger} does not exist; run `magic sample` and `magic judge` first")
     reward_model, reward_summary, known_features = fit_reward_model(
@@ -311,6 +311,7 @@ def weigh_round(config: RunConfig, paths: RunPaths, round_index: int, judge_id: 
     folder = paths.aligned / OUTPUT / REWARD_DIR
     if accelerator.is_main_process:
         reward_model.save(folder, reward_summary)
+    accelerator.wait_for_everyone()  # every process then names the saved head (the checkpoints' fingerprint)
     try:
         store = TrajectoryStore(paths.trajectories(round_index))
     except TrajectoryError as error:
@@ -319,18 +320,15 @@ def weigh_round(config: RunConfig, paths: RunPaths, round_index: int, judge_id: 
     if any(math.isnan(t.weight) for t in trajectories):
         raise TrainingError(f"the reward model gave NaN rewards; see its training summary in {folder}")
     first = trajectories[0].sample_id
-    return store, trajectories, TrajectorySettings.from_header(store.header(first), first), reward_summary, reward_model
+    return store, trajectories, TrajectorySettings.from_header(store.header(first), first), reward_summary
 
 
-def training_data_digest(reward_model: RewardModel, trajectories: Sequence[WeightedTrajectory]) -> str:
-    """What an RFT round trains on, for its checkpoints' fingerprint: the samples and the reward head's tensors that
-    weigh them. Not the weights themselves: features computed again on a resume (other batches, other kernels) can
-    move a weight's last bits, which would make the round's own checkpoints look foreign."""
-    head = hashlib.sha256()
-    for name, tensor in sorted(reward_model.head.state_dict().items()):
-        head.update(name.encode())
-        head.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-    return settings_digest({"reward_head": head.hexdigest(), "samples": [[t.sample_id, t.unit_id] for t in trajectories]})
+def training_data_digest(reward_folder: Path, trajectories: Sequence[WeightedTrajectory]) -> str:
+    """What an RFT round trains on, for its checkpoints' fingerprint: the samples and the saved reward head's tensors
+    that weigh them. Not the weights themselves: features computed again on a resume (other batches, other
+    kernels) can move a weight's last bits, which would make the round's own checkpoints look foreign."""
+    return settings_digest({"reward_head": weights_digest(reward_folder / HEAD_FILE).hex(),
+                            "samples": [[t.sample_id, t.unit_id] for t in trajectories]})
 
 
 # ----------------------------------------------------------------------------------- the step functions
@@ -358,7 +356,6 @@ class WeightedTraining:
     real: RealImages | None  # None: no real-image term (beta_real = 0 or real_batch_size = 0)
     noise_scheduler: object = None  # DDPM noising of the denoising objective and the real-image term
     units: list[list[int]] | None = None  # whole units per step: the denoising objective with the unit baseline
-    reference_distance: torch.Tensor | None = None  # the last step's distance to the preliminary model (logged)
 
     @property
     def per_process(self) -> int:
@@ -378,8 +375,9 @@ def choose_batch(run: WeightedTraining, step: int) -> tuple[list[int], list[int]
     return [index for unit in picked for index in run.units[unit]], [unit for unit in picked for _ in run.units[unit]]
 
 
-def trajectory_rft_step(run: WeightedTraining, chosen: list[int], groups, step: int) -> torch.Tensor:
-    """-mean_i w_i mean_t log p of the chosen trajectories, backpropagated; returns this process's mean term."""
+def trajectory_rft_step(run: WeightedTraining, chosen: list[int], groups, step: int) -> dict[str, torch.Tensor]:
+    """-mean_i w_i mean_t log p of the chosen trajectories, backpropagated; returns this process's mean term
+    ({"weighted_nll": ...})."""
     accelerator, training, device = run.accelerator, run.training, run.accelerator.device
     weighted_terms = []
     for position, index in enumerate(chosen):
@@ -401,13 +399,13 @@ def trajectory_rft_step(run: WeightedTraining, chosen: list[int], groups, step: 
                 # mean over the steps of a trajectory and the trajectories of the global batch
                 accelerator.backward(term * (len(steps) / length) / run.per_process)
             weighted_terms.append(term.detach().float() * len(steps) / length)
-    return torch.stack(weighted_terms).sum() / run.per_process
+    return {"weighted_nll": torch.stack(weighted_terms).sum() / run.per_process}
 
 
-def denoising_rft_step(run: WeightedTraining, chosen: list[int], groups, step: int) -> torch.Tensor:
+def denoising_rft_step(run: WeightedTraining, chosen: list[int], groups, step: int) -> dict[str, torch.Tensor]:
     """Reward-weighted diffusion loss on the chosen samples' final latents (plus `reference_weight` x the distance
-    to the preliminary model's predictions on the same draws), backpropagated; returns the weighted term (the mean
-    over this process's batch) and sets `run.reference_distance`."""
+    to the preliminary model's predictions on the same draws), backpropagated; returns the means over this process's
+    batch ({"weighted_nll": ..., and "reference_distance" when reference_weight > 0})."""
     accelerator, device, settings = run.accelerator, run.accelerator.device, run.settings
     items = [run.trajectories[index] for index in chosen]
     batch = run.store.get([item.sample_id for item in items])
@@ -425,16 +423,14 @@ def denoising_rft_step(run: WeightedTraining, chosen: list[int], groups, step: i
             noisy, target, timesteps = denoising_draw(run.noise_scheduler, batch.latents[:, -1].to(device), generator,
                                                       max_timestep=int(batch.timesteps.max()), groups=groups)
             prediction = model(noisy, timesteps, encoder_hidden_states=cond).sample
-            term = weighted_error(prediction, target, weight)
-            loss = term
+            terms = {"weighted_nll": weighted_error(prediction, target, weight)}
             if settings.reference_weight > 0:
                 with torch.no_grad(), adapters_disabled(unwrapped):
                     initial = unwrapped(noisy, timesteps, encoder_hidden_states=cond).sample
-                distance = weighted_error(prediction, initial)
-                loss = term + settings.reference_weight * distance
-                run.reference_distance = distance.detach().float()
+                terms["reference_distance"] = weighted_error(prediction, initial)
+            loss = terms["weighted_nll"] + settings.reference_weight * terms.get("reference_distance", 0.0)
         accelerator.backward(loss)
-    return term.detach().float()
+    return {name: value.detach().float() for name, value in terms.items()}
 
 
 RFT_STEPS = {"trajectory": trajectory_rft_step, "denoising": denoising_rft_step}
@@ -497,14 +493,13 @@ def run_rft(
         prepare_run(config)
     accelerator.wait_for_everyone()
     paths = RunPaths(config.run_dir)
-    store, trajectories, sampling, reward_summary, reward_model = weigh_round(config, paths, round_index, judge_id,
-                                                                             accelerator)
+    store, trajectories, sampling, reward_summary = weigh_round(config, paths, round_index, judge_id, accelerator)
 
     pipe = load_run_policy(config, paths, device=accelerator.device, dtype=torch.float32)
     training = start_policy_training(
         accelerator, pipe, config, paths, sampling, stage="rft", adapter_name=ADAPTER_NAME, round_index=round_index,
         total_steps=rft.steps, guidance=rft.guidance, init_lora=init_lora,
-        training_data=training_data_digest(reward_model, trajectories),
+        training_data=training_data_digest(paths.aligned / OUTPUT / REWARD_DIR, trajectories),
     )
     if training.frozen_dtype != torch.float32:  # the VAE only encodes the real images of the beta_r term
         pipe.vae.to(training.frozen_dtype)
@@ -524,24 +519,23 @@ def run_rft(
                                  checkpoints=session.checkpoints)
     for step in progress.steps(range(session.start_step, rft.steps)):
         chosen, groups = choose_batch(run, step)
-        trajectory_term = train_step(run, chosen, groups, step)
+        terms = train_step(run, chosen, groups, step)
         real_term = torch.zeros(()) if run.real is None else real_image_loss(run, step)
         learning_rate = session.lr_scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(accelerator, session.optimizer, session.lr_scheduler, session.parameters,
                                    rft.grad_clip)
-        weighted_nll = float(accelerator.reduce(trajectory_term.to(accelerator.device), "mean"))
+        logged = {name: float(accelerator.reduce(value.to(accelerator.device), "mean"))
+                  for name, value in terms.items()}
         real_value = float(accelerator.reduce(real_term.detach().float().to(accelerator.device), "mean"))
         mean_weight = sum(trajectories[index].weight for index in chosen) / len(chosen)
         done = step + 1
-        reference = {}  # the denoising objective's distance to the preliminary model, when reference_weight > 0
-        if run.reference_distance is not None:
-            reference["reference_distance"] = float(accelerator.reduce(run.reference_distance.to(accelerator.device), "mean"))
-        loss = weighted_nll + rft.beta_real * real_value + rft.reference_weight * reference.get("reference_distance", 0.0)
+        # reference_distance: the denoising objective's distance to the preliminary model, when reference_weight > 0
+        loss = (logged["weighted_nll"] + rft.beta_real * real_value
+                + rft.reference_weight * logged.get("reference_distance", 0.0))
         session.logger.log(done, {
             "loss": loss,
-            "weighted_nll": weighted_nll,
+            **logged,
             "real_denoising": real_value,
-            **reference,
             "mean_weight": float(accelerator.reduce(torch.tensor(mean_weight, device=accelerator.device), "mean")),
             "grad_norm": grad_norm,
             "lr": learning_rate,

@@ -386,3 +386,17 @@ def test_stages_oldest_update_first(tmp_path):
     ledger.set_stage("judge", "h", "running")
     ledger.set_stage("sample", "h", "failed", "again")  # updated last: now listed last
     assert [(s.stage, s.status) for s in ledger.stages()] == [("judge", "running"), ("sample", "failed")]
+
+
+def test_forget_round_removes_that_rounds_samples_and_pairs_and_keeps_every_verdict(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.add_samples([make_sample(0), make_sample(1), make_sample(2, round=1), make_sample(3, round=1)])
+    ledger.put_verdict(f"{0:064x}", "rules:demo", "v", "p", make_verdict([1, 1, 0, 0, 1]))
+    for round in (0, 1):
+        ledger.replace_pairs(round, [PairRow(f"p{round}", round, "u", "a", "b", 1, 0, False, 4, 2, 1, 2, "paper")])
+
+    assert ledger.forget_round(0) == 2
+    assert ledger.samples(0) == [] and [row.sample_id for row in ledger.samples(1)] == ["r1-s0002", "r1-s0003"]
+    assert ledger.pairs(0) == [] and [pair.pair_id for pair in ledger.pairs(1)] == ["p1"]
+    assert ledger.find_verdict(f"{0:064x}", "rules:demo", "v", "p") is not None
+    assert ledger.forget_round(0) == 0

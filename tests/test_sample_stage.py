@@ -104,3 +104,92 @@ def test_few_shot_runs_sample_only_the_few_shot_subset_unless_unlabeled_sources_
     extra_units = [u for u in units if u.source_id.startswith("extra-")]
     assert {u.source_id for u in units} - few_ids == {"extra-u0", "extra-u1", "extra-u2"}
     assert extra_units and all(u.source_label == "" and u.target_label in few_split.classes for u in extra_units)
+
+
+@pytest.mark.slow
+def test_a_round_sampled_under_other_settings_is_set_aside_and_sampled_again(tmp_path):
+    from magic_align.ledger import PairRow
+    from magic_align.sample import SampleError
+
+    config = tiny_config(tmp_path, "sample.num_sources=2")
+    run_sample(config, progress=False)
+    paths = RunPaths(config.run_dir)
+    ledger = Ledger(paths.ledger)
+    old = {row.sample_id: row.image_sha256 for row in ledger.samples(0)}
+    ledger.replace_pairs(0, [PairRow("a~b", 0, "r0-u00000", "r0-u00000-k0", "r0-u00000-k1", 1, 0, False,
+                                     4, 2, None, None, "paper")])
+
+    # more units is growth, not a change: nothing is set aside
+    grown = run_sample(tiny_config(tmp_path, "sample.num_sources=3"), progress=False)
+    assert grown.set_aside is None and (grown.units_already_done, grown.units_sampled) == (2, 1)
+
+    changed = run_sample(tiny_config(tmp_path, "sample.num_sources=3", "sample.strength=0.5"), progress=False)
+    assert changed.set_aside == "samples/round-0.other-settings"
+    assert changed.set_aside_because == ["strength 0.3 -> 0.5"]
+    assert (changed.units_already_done, changed.units_sampled) == (0, 3)
+    rows = ledger.samples(0)
+    assert len(rows) == 6 and all(row.image_sha256 != old.get(row.sample_id) for row in rows)
+    assert {header["strength"] for header in TrajectoryStore(paths.trajectories(0)).headers.values()} == {0.5}
+    assert ledger.pairs(0) == []  # the old samples' pairs went with them
+    kept = paths.root / "samples" / "round-0.other-settings"
+    assert {p.stem for p in (kept / "images").glob("*.png")} == set(old) | {"r0-u00002-k0", "r0-u00002-k1"}
+    assert {header["strength"] for header in TrajectoryStore(kept / "trajectories").headers.values()} == {0.3}
+
+    # the same settings again: done; back to the first ones: set aside under the next free name
+    assert run_sample(tiny_config(tmp_path, "sample.num_sources=3", "sample.strength=0.5"), progress=False).set_aside is None
+    back = run_sample(tiny_config(tmp_path, "sample.num_sources=3"), progress=False)
+    assert back.set_aside == "samples/round-0.other-settings-2"
+    assert {row.sample_id: row.image_sha256 for row in ledger.samples(0) if row.sample_id in old} == old
+
+    # another sample seed plans other units; reviewed samples are never replaced under their reviews
+    ledger.add_review("r0-u00000-k0", "v1", [1, 1, 0, 0, 1], reviewer="dr-a")
+    with pytest.raises(SampleError, match=r"1 of its samples carry expert reviews"):
+        run_sample(tiny_config(tmp_path, "sample.num_sources=3", "sample.seed=7"), progress=False)
+    assert len(ledger.samples(0)) == 6 and not (paths.root / "samples" / "round-0.other-settings-3").exists()
+
+
+def test_stale_round_names_the_policy_and_the_units_that_changed(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from magic_align.checklists.schema import load_checklists
+    from magic_align.data.split import run_split
+    from magic_align.diffusion.loading import model_hash, policy_files
+    from magic_align.diffusion.trajectories import write_shard
+    from magic_align.ledger import SampleRow
+    from magic_align.run import prepare_run
+    from magic_align.sample import sample_id, sampling_sources, stale_round
+
+    config = tiny_config(tmp_path, "sample.num_sources=2")
+    paths = prepare_run(config)
+    split = run_split(config, paths)
+    units = plan_units(config, sampling_sources(config, split), split.classes, load_checklists("tiny"), 1)
+    lora = tmp_path / "policy.safetensors"
+    save_file({"unet.w.lora_A.weight": torch.ones(2, 2)}, str(lora))
+
+    # a round-1 shard written as run_sample writes it, by the policy in `lora`
+    from magic_align.diffusion.sampler import SamplingSettings, derived_seed
+
+    header = {**SamplingSettings.from_config(config.sample, config.model).choices(),
+              "model_hash": model_hash(config.model, policy_files(paths, lora)),
+              "resolution": config.model.resolution, "model_dtype": config.model.dtype}
+    ids = [sample_id(units[0].unit_id, 0)]
+    paths.trajectories(1).mkdir(parents=True)
+    write_shard(paths.trajectories(1) / "p00-00000.safetensors", ids, torch.zeros(1, 2, 4, 8, 8),
+                torch.zeros(1, 1), torch.tensor([1]), torch.zeros(1, 4, dtype=torch.long), header={**header, "samples": []})
+    ledger = Ledger(paths.ledger)
+    unit = units[0]
+    ledger.add_samples([SampleRow(ids[0], 1, unit.unit_id, 0, "x.png", "a" * 64, unit.source_id, unit.source_label,
+                                  unit.target_label, unit.prompt, derived_seed(config.sample.seed, 1, unit.index, 0),
+                                  "s", 0, True)])
+    assert stale_round(config, paths, units, 1, lora, ledger) == []
+
+    save_file({"unet.w.lora_A.weight": torch.full((2, 2), 2.0)}, str(lora))  # the earlier round was retrained
+    reasons = stale_round(config, paths, units, 1, lora, ledger)
+    assert len(reasons) == 1 and reasons[0].startswith("the sampling policy (model hash)")
+
+    save_file({"unet.w.lora_A.weight": torch.ones(2, 2)}, str(lora))
+    reseeded = tiny_config(tmp_path, "sample.num_sources=2", "sample.seed=5")
+    replanned = plan_units(reseeded, sampling_sources(reseeded, split), split.classes, load_checklists("tiny"), 1)
+    reasons = stale_round(reseeded, paths, replanned, 1, lora, ledger)
+    assert len(reasons) == 1 and reasons[0].startswith(f"the units (unit {unit.unit_id}")

@@ -564,6 +564,14 @@ class Ledger:
     def rounds(self) -> list[int]:
         return [row[0] for row in self._read("SELECT DISTINCT round FROM samples ORDER BY round")]
 
+    def forget_round(self, round: int) -> int:
+        """Remove the sample and pair rows of `round` (when its samples were made under other settings and are
+        set aside); verdicts stay, keyed by image content, so no judge answer is lost. Returns the samples removed."""
+        with self._write() as connection:
+            removed = connection.execute("DELETE FROM samples WHERE round = ?", (round,)).rowcount
+            connection.execute("DELETE FROM pairs WHERE round = ?", (round,))
+        return int(removed)
+
     # -- verdicts
     def get_verdict(
         self, image_sha256: str, judge_id: str, checklist_version: str, prompt_version: str

@@ -111,3 +111,18 @@ def atomic_write_text(target: Path, text: str) -> None:
 def atomic_write_bytes(target: Path, data: bytes) -> None:
     with atomic_path(target) as temporary:
         temporary.write_bytes(data)
+
+
+def set_aside(folder: Path, *companions: Path) -> Path:
+    """Move `folder` (and each existing companion, under the same suffix) to `<name>.other-settings[-N]`, the first
+    suffix none of them has been moved to yet, so work made under other settings is kept, never overwritten.
+    Returns where `folder` went."""
+    folders = [Path(folder), *(Path(companion) for companion in companions)]
+    suffix, index = ".other-settings", 1
+    while any(item.with_name(item.name + suffix).exists() for item in folders):
+        index += 1
+        suffix = f".other-settings-{index}"
+    for item in folders:
+        if item.exists():
+            os.replace(item, item.with_name(item.name + suffix))
+    return folders[0].with_name(folders[0].name + suffix)

@@ -24,21 +24,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from magic_align.checklists.schema import load_checklists
 from magic_align.config import RunConfig
 from magic_align.data.images import BadImageError, encode_png, load_image, sha256_file
 from magic_align.data.split import run_split
 from magic_align.data.targets import choose_target
-from magic_align.diffusion.loading import load_run_policy
-from magic_align.diffusion.sampler import SampleRequest, SamplingSettings, derived_seed, process_state, sample_batch
+from magic_align.diffusion.loading import load_run_policy, model_hash, policy_files
+from magic_align.diffusion.sampler import (SampleRequest, SamplingSettings, derived_seed, process_state, sample_batch,
+                                           wait_for_every_process)
 from magic_align.diffusion.trajectories import TrajectoryStore, next_shard_number, shard_name, write_shard
+from magic_align.errors import MagicError
 from magic_align.ledger import Ledger, SampleRow
 from magic_align.progress import StageProgress
-from magic_align.run import atomic_write_bytes, prepare_run
+from magic_align.run import RunPaths, atomic_write_bytes, prepare_run, set_aside
 from magic_align.synthesize import extra_sources
 
 logger = logging.getLogger(__name__)
+
+
+class SampleError(MagicError, RuntimeError):
+    """A sample round that cannot go on as configured (its stored samples were made otherwise and carry reviews)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,8 @@ class SampleSummary:
     model_hash: str = ""
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    set_aside: str | None = None  # where samples made under other settings went (relative to the run)
+    set_aside_because: list[str] = field(default_factory=list)
 
 
 def sample_id(unit_id: str, k: int) -> str:
@@ -111,6 +120,57 @@ def plan_units(config: RunConfig, train, classes: list[str], checklists, round_i
     return units
 
 
+def stale_round(config: RunConfig, paths: RunPaths, units: list[Unit], round_index: int,
+                policy_lora: Path | None, ledger: Ledger) -> list[str]:
+    """What differs between the round's stored samples and the ones this configuration makes (empty: nothing).
+
+    Units are resumed by id, so without this a changed `sample.strength`, seed, source set, target rule or
+    sampling policy (a retrained earlier round) would keep the old samples and train on them as if new. The shard
+    headers record the settings and the policy's model hash, the ledger rows each unit's source, target, prompt and
+    seed; the expected model hash is computed from the weight files, without loading the model. More or fewer units
+    or samples per unit are not a change: the units are a prefix of one plan."""
+    shards = TrajectoryStore(paths.trajectories(round_index))
+    expected = {
+        **SamplingSettings.from_config(config.sample, config.model).choices(),
+        "model_hash": model_hash(config.model, policy_files(paths, policy_lora)),
+        "resolution": config.model.resolution,
+        "model_dtype": config.model.dtype,
+    }
+    reasons = []
+    for key, value in expected.items():
+        recorded = {header[key] for header in shards.headers.values() if key in header} - {value}
+        if recorded:
+            what = "the sampling policy (model hash)" if key == "model_hash" else key
+            reasons.append(f"{what} {', '.join(sorted(map(repr, recorded)))} -> {value!r}")
+    planned = {unit.unit_id: unit for unit in units}
+    for row in ledger.samples(round_index):
+        unit = planned.get(row.unit_id)
+        if unit is not None and (
+            (row.source_id, row.target_label, row.prompt) != (unit.source_id, unit.target_label, unit.prompt)
+            or row.seed != derived_seed(config.sample.seed, round_index, unit.index, row.k)
+        ):
+            reasons.append(f"the units (unit {row.unit_id}: source {row.source_id}, target {row.target_label}, seed "
+                           f"{row.seed} stored; sample.seed, the sources or the target rule changed)")
+            break
+    return reasons
+
+
+def set_aside_stale_round(paths: RunPaths, ledger: Ledger, round_index: int, reasons: list[str]) -> Path:
+    """Move the round's samples to `samples/round-<k>.other-settings[-N]/` and forget their ledger rows (and the
+    round's pairs), so the round is sampled again; verdicts stay (keyed by image content). Refused when an expert
+    reviewed any of them: reviews name samples by id, and new samples reuse the ids."""
+    reviewed = ledger.reviews(round=round_index)
+    if reviewed:
+        raise SampleError(
+            f"round {round_index} was sampled under other settings ({'; '.join(reasons)}), and {len(reviewed)} of its "
+            "samples carry expert reviews, which would be attached to the new samples of the same ids; restore the "
+            "settings, or use a new run directory (runs_dir or name) for the new ones"
+        )
+    # rows first: a crash before the move leaves shards that the stale check sets aside again on the next run
+    ledger.forget_round(round_index)
+    return set_aside(paths.samples(round_index))
+
+
 def _recover_from_shards(ledger, store: TrajectoryStore, done: set[str]) -> int:
     """Register samples that a shard holds but the ledger lacks (written just before a crash)."""
     rows = []
@@ -144,6 +204,17 @@ def run_sample(
     mine = units[process_index::process_count]
 
     ledger = Ledger(paths.ledger)
+    if process_index == 0:
+        reasons = stale_round(config, paths, units, round_index, policy_lora, ledger)
+        if reasons:
+            moved = set_aside_stale_round(paths, ledger, round_index, reasons)
+            summary.set_aside = moved.relative_to(paths.root).as_posix()
+            summary.set_aside_because = reasons
+            Console(stderr=True).print(
+                f"sample round {round_index}: its samples were made under other settings ({'; '.join(reasons)}); "
+                f"kept in {summary.set_aside} (their judge answers stay in the ledger), sampling again",
+                highlight=False, markup=False, soft_wrap=True)
+    wait_for_every_process(process_count)  # the others resume from what the main process left
     images_dir = paths.sample_images(round_index)
     shards_dir = paths.trajectories(round_index)
     images_dir.mkdir(parents=True, exist_ok=True)

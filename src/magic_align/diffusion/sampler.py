@@ -58,8 +58,8 @@ class SamplingSettings:
     def text_to_image(self) -> bool:
         return self.strength >= 1.0
 
-    def header(self, scheduler) -> dict:
-        """The settings as recorded in trajectory shard headers."""
+    def choices(self) -> dict:
+        """The settings that decide what a sample is, as shard headers record them (the scheduler aside)."""
         return {
             "steps": self.steps,
             "strength": self.strength,
@@ -67,6 +67,12 @@ class SamplingSettings:
             "guidance": self.guidance,
             "negative_prompt": self.negative_prompt,
             "log_prob_reduction": self.reduction,
+        }
+
+    def header(self, scheduler) -> dict:
+        """The settings as recorded in trajectory shard headers."""
+        return {
+            **self.choices(),
             "scheduler": {"class": type(scheduler).__name__, **{k: _jsonable(v) for k, v in dict(scheduler.config).items()}},
         }
 
@@ -247,3 +253,11 @@ def process_state():
         return state.process_index, state.num_processes, state.device
     except Exception:  # noqa: BLE001 - accelerate missing or misconfigured: run as one process
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def wait_for_every_process(process_count: int) -> None:
+    """A barrier under `accelerate launch` (nothing alone), e.g. after the main process changed the run folder."""
+    if process_count > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()

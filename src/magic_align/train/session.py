@@ -41,7 +41,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from magic_align.errors import MagicError
 from magic_align.progress import StageProgress
-from magic_align.run import atomic_path
+from magic_align.run import atomic_path, set_aside
 
 CHECKPOINT_PREFIX = "step-"
 TRAINING_STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
@@ -488,14 +488,7 @@ def set_aside_other_checkpoints(accelerator: Accelerator, directory: Path, finge
     if accelerator.is_main_process:
         latest = Checkpoints.latest_in(directory)
         if latest is not None and json.loads((latest / TRAINING_STATE).read_text()).get("fingerprint") != fingerprint:
-            suffix, index = ".other-settings", 1
-            while any(folder.with_name(folder.name + suffix).exists() for folder in (directory, logs) if folder):
-                index += 1
-                suffix = f".other-settings-{index}"
-            moved = directory.with_name(directory.name + suffix)
-            os.replace(directory, moved)
-            if logs is not None and Path(logs).exists():
-                os.replace(logs, Path(logs).with_name(Path(logs).name + suffix))
+            moved = set_aside(directory, *([Path(logs)] if logs is not None else []))
     accelerator.wait_for_everyone()
     return moved
 

@@ -520,3 +520,23 @@ def test_unit_baseline_trains_whole_units_on_shared_draws(rft_run, monkeypatch):
         assert all(groups.count(group) == 2 for group in groups)
         for group in set(groups):
             assert abs(float(sum(w for g, w in zip(groups, weights.tolist()) if g == group))) < 1e-6
+
+
+def test_the_reward_fingerprint_names_run_images_relative_to_the_run_so_a_copied_run_reuses_its_reward_model(tmp_path):
+    from magic_align.config import load_config
+    from magic_align.train.rft import LabelledImage, reward_fingerprint
+
+    config = load_config("tiny", [f"runs_dir='{tmp_path}'"])
+    outside = tmp_path / "dataset" / "real.png"
+
+    def labels(root: Path, label: float = 1.0) -> list:
+        return [LabelledImage(root / "samples" / "round-0" / "images" / "a.png", "acne", label, "synthetic"),
+                LabelledImage(outside, "acne", 1.0, "real")]
+
+    first, copy = tmp_path / "runs" / "demo", tmp_path / "elsewhere" / "demo-copy"
+    assert reward_fingerprint(config, labels(first), first) == reward_fingerprint(config, labels(copy), copy)
+    assert reward_fingerprint(config, labels(first), first) != reward_fingerprint(config, labels(first, 0.0), first)
+    moved_outside = [labels(first)[0], LabelledImage(tmp_path / "other" / "real.png", "acne", 1.0, "real")]
+    assert reward_fingerprint(config, labels(first), first) != reward_fingerprint(config, moved_outside, first)
+    reseeded = load_config("tiny", [f"runs_dir='{tmp_path}'", "rft.seed=3"])
+    assert reward_fingerprint(config, labels(first), first) != reward_fingerprint(reseeded, labels(first), first)

@@ -29,7 +29,6 @@ The policy is the preliminary model with its LoRA fused in (never dropped) plus 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -190,15 +189,20 @@ def image_features(backbone, images: Sequence[LabelledImage], max_pixels: int, b
     return features[[position[(item.path, item.row)] for item in images]]
 
 
-def reward_fingerprint(config: RunConfig, labelled: Sequence[LabelledImage]) -> str:
-    """What a fitted reward model depends on: its settings and its labelled images."""
+def reward_fingerprint(config: RunConfig, labelled: Sequence[LabelledImage], root: Path) -> str:
+    """What a fitted reward model depends on: its settings and its labelled images. Images inside the run directory
+    `root` are named relative to it, so a copied or moved run reuses its reward model."""
     rft = config.rft
-    content = {
+
+    def name(path: Path) -> str:
+        path = Path(path)
+        return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+    return settings_digest({
         "settings": [rft.reward_backbone, rft.reward_epochs, rft.reward_lr, rft.reward_batch_size, rft.reward_hidden,
                      rft.reward_real_negative_label, rft.seed],
-        "labels": [[str(item.path), item.condition, item.label] for item in labelled],
-    }
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+        "labels": [[name(item.path), item.condition, item.label] for item in labelled],
+    })
 
 
 def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge_id: str | None, device,
@@ -219,7 +223,7 @@ def fit_reward_model(config: RunConfig, paths: RunPaths, round_index: int, judge
             "verdicts (run `magic sample` and `magic judge` first)"
         )
     folder = paths.aligned / OUTPUT / REWARD_DIR
-    fingerprint = reward_fingerprint(config, labelled)
+    fingerprint = reward_fingerprint(config, labelled, paths.root)
     meta_path = folder / META_FILE
     summary = json.loads(meta_path.read_text()).get("summary", {}) if meta_path.exists() else {}
     if summary.get("fingerprint") == fingerprint:

@@ -312,6 +312,19 @@ def test_checkpoints_of_other_settings_are_set_aside_and_the_round_trains_again(
     assert all(torch.equal(fresh[key], reseeded[key]) for key in fresh)
     assert not all(torch.equal(finished[key], reseeded[key]) for key in fresh)
 
+    # back to the first settings: their checkpoints come back and resume (nothing is trained again)
+    capsys.readouterr()
+    first_run = (folder.with_name("round-0.other-settings") / "step-0000004").stat().st_ino
+    back = lora_tensors(dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "refit", tiny_model_dir))))
+    said = capsys.readouterr().err
+    assert "kept in round-0.other-settings-2" in said
+    assert "resuming the checkpoints of these settings set aside earlier in round-0.other-settings" in said
+    assert (folder / "step-0000004").stat().st_ino == first_run  # the very checkpoint, not a new one
+    assert all(torch.equal(finished[key], back[key]) for key in finished)
+    assert [row["step"] for row in read_metrics(run / "logs" / "dpo" / "round-0" / "metrics.csv")] == [1, 2, 3, 4]
+    assert not folder.with_name("round-0.other-settings").exists()  # it is the round's folder again
+    assert (folder.with_name("round-0.other-settings-2") / "step-0000004").is_dir()  # seed 7's run, kept
+
     from magic_align.ledger import Ledger, PairRow  # the same settings on other pairs: trained again as well
 
     with Ledger(run / "ledger.sqlite") as ledger:

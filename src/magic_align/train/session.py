@@ -476,21 +476,45 @@ def refuse_other_settings(fingerprint: str, folder: Path, changed: str,
     return check
 
 
+def checkpoint_fingerprint(directory: Path) -> str | None:
+    """The fingerprint the latest checkpoint under `directory` was written under (None: no checkpoint, or none named)."""
+    latest = Checkpoints.latest_in(directory)
+    return json.loads((latest / TRAINING_STATE).read_text()).get("fingerprint") if latest is not None else None
+
+
+@dataclass(frozen=True)
+class CheckpointSwap:
+    """What `set_aside_other_checkpoints` did: where another fingerprint's checkpoints went, and which set-aside
+    folder of this fingerprint came back (None: nothing moved / nothing restored)."""
+
+    moved: Path | None = None
+    restored: Path | None = None
+
+
 def set_aside_other_checkpoints(accelerator: Accelerator, directory: Path, fingerprint: str,
-                                logs: Path | None = None) -> Path | None:
+                                logs: Path | None = None) -> CheckpointSwap:
     """Move `directory` (and the metrics in `logs`, with the same suffix) aside when its latest checkpoint was written
-    under another fingerprint (or none), so the stage trains again from the start instead of resuming (or handing
-    back) a run of other settings, and nothing trained is lost. Returns where the checkpoints went (None: nothing
-    moved; always None on the other processes). Call on every process: the main one decides and moves, the others
-    wait, so all of them resume from the same folder."""
+    under another fingerprint (or none), so the stage does not resume (or hand back) a run of other settings, and
+    nothing trained is lost; then bring back a folder set aside earlier under this very fingerprint (settings A, then
+    B, then A again resume A's checkpoints instead of training A again), else the stage trains from the start. Call
+    on every process: the main one decides and moves, the others wait (they get an empty `CheckpointSwap`), so all
+    of them resume from the same folder."""
     directory = Path(directory)
-    moved = None
+    logs = Path(logs) if logs is not None else None
+    moved = restored = None
     if accelerator.is_main_process:
-        latest = Checkpoints.latest_in(directory)
-        if latest is not None and json.loads((latest / TRAINING_STATE).read_text()).get("fingerprint") != fingerprint:
-            moved = set_aside(directory, *([Path(logs)] if logs is not None else []))
+        if Checkpoints.latest_in(directory) is not None and checkpoint_fingerprint(directory) != fingerprint:
+            moved = set_aside(directory, *([logs] if logs is not None else []))
+        if Checkpoints.latest_in(directory) is None and not (directory.exists() and any(directory.iterdir())):
+            earlier = sorted(directory.parent.glob(f"{directory.name}.other-settings*"))
+            restored = next((folder for folder in earlier if checkpoint_fingerprint(folder) == fingerprint), None)
+            if restored is not None:
+                suffix = restored.name[len(directory.name):]
+                os.replace(restored, directory)
+                if logs is not None and logs.with_name(logs.name + suffix).is_dir() and not logs.exists():
+                    os.replace(logs.with_name(logs.name + suffix), logs)
     accelerator.wait_for_everyone()
-    return moved
+    return CheckpointSwap(moved, restored)
 
 
 def start_training(

@@ -230,12 +230,14 @@ def start_policy_training(
         "training_data": training_data,
     })
     log_dir = paths.logs / stage / f"round-{round_index}"
-    moved = set_aside_other_checkpoints(accelerator, checkpoint_dir, fingerprint, logs=log_dir)
-    if moved is not None and accelerator.is_main_process:
-        Console(stderr=True).print(
-            f"{stage} round {round_index}: the checkpoints in {checkpoint_dir} were written with other settings or "
-            f"data; kept in {moved.name} (their metrics beside them), training from the start",
-            highlight=False, markup=False, soft_wrap=True)
+    swap = set_aside_other_checkpoints(accelerator, checkpoint_dir, fingerprint, logs=log_dir)
+    if (swap.moved or swap.restored) and accelerator.is_main_process:
+        said = [f"the checkpoints in {checkpoint_dir} were written with other settings or data; kept in "
+                f"{swap.moved.name} (their metrics beside them)"] if swap.moved else []
+        said.append(f"resuming the checkpoints of these settings set aside earlier in {swap.restored.name}"
+                    if swap.restored else "training from the start")
+        Console(stderr=True).print(f"{stage} round {round_index}: {', '.join(said)}",
+                                   highlight=False, markup=False, soft_wrap=True)
     unet = prepare_policy_unet(pipe, section.lora_rank, section.lora_alpha, init_lora, adapter_name=adapter_name,
                                targets=section.lora_targets)
     frozen_dtype = weight_dtype(accelerator)

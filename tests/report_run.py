@@ -205,6 +205,12 @@ def build_report_run(tmp_path: Path, *, ledger: bool = True, evaluate: bool = Tr
                          for i, name in enumerate(ALIGNMENT_SETTINGS)},
             "differences": {"dpo - i2i": {**estimate(0.45, 0.20, 0.70), "units": len(units)},
                             "rft - i2i": {**estimate(0.9, -0.1, 1.5), "units": len(units)}},
+            "by_source_skin_group": {
+                "1-2": {"sources": 3, "settings": {}, "differences": {"dpo - i2i": {**estimate(0.9, 0.2, 1.5), "units": 3},
+                                                                       "rft - i2i": {**estimate(1.2, 0.4, 2.0), "units": 3}}},
+                "5-6": {"sources": 1, "settings": {}, "differences": {"dpo - i2i": {**estimate(-1.0, -1.0, -1.0), "units": 1}}},
+            },
+            "by_target": {BETA: {"sources": 4, "settings": {}, "differences": {"dpo - i2i": {**estimate(0.45, 0.2, 0.7), "units": 4}}}},
             "units": units,
             "notes": ["rft: trained on fewer units"],
         }

@@ -8,7 +8,7 @@ import pytest
 
 from magic_align.data.records import Record
 from magic_align.data.split import Split
-from magic_align.evaluate.alignment import grader_images, paired_summary, per_source_means
+from magic_align.evaluate.alignment import grader_images, grouped_summaries, paired_summary, per_source_means
 
 
 def test_per_source_means_by_hand():
@@ -33,6 +33,35 @@ def test_several_images_of_one_source_do_not_count_as_independent_evidence():
     assert (difference["low"], difference["high"]) == pytest.approx((single["low"], single["high"]))
     naive_width = naive["differences"]["magic-dpo - i2i"]["high"] - naive["differences"]["magic-dpo - i2i"]["low"]
     assert naive_width < 0.85 * (single["high"] - single["low"])  # what counting units as independent would claim
+
+
+def test_the_breakdown_gives_each_groups_own_paired_difference_by_hand():
+    from magic_align.evaluate.metrics import skin_group
+
+    # sources a, b on light skin (two units each), c on dark skin, d unknown; the aligned model gains on light
+    # skin and loses on dark skin, and has no image of unit d2
+    source_of = {"a1": "a", "a2": "a", "b1": "b", "b2": "b", "c1": "c", "d1": "d", "d2": "d"}
+    skin = {"a": 1, "b": 2, "c": 6, "d": -1}
+    before = {"a1": 1, "a2": 3, "b1": 2, "b2": 2, "c1": 5, "d1": 0, "d2": 4}
+    after = {"a1": 4, "a2": 4, "b1": 3, "b2": 5, "c1": 3, "d1": 1}
+    group_of = {unit: skin_group(skin[source]) for unit, source in source_of.items()}
+    groups = grouped_summaries({"i2i": before, "magic-dpo": after}, "i2i", group_of, ["1-2", "3-4", "5-6"], 200, 0,
+                               source_of)
+    assert list(groups) == ["1-2", "5-6", "unknown"]  # the named order, empty groups left out, others after
+    light = groups["1-2"]
+    assert light["sources"] == 2
+    # per-source means: a 2 -> 4, b 2 -> 4; the difference is the mean of the per-source differences
+    assert light["settings"]["i2i"]["value"] == pytest.approx(2.0)
+    assert light["settings"]["magic-dpo"]["value"] == pytest.approx(4.0)
+    assert light["differences"]["magic-dpo - i2i"]["value"] == pytest.approx(2.0)
+    assert light["differences"]["magic-dpo - i2i"]["units"] == 4
+    assert groups["5-6"]["differences"]["magic-dpo - i2i"]["value"] == pytest.approx(-2.0)
+    unknown = groups["unknown"]  # only unit d1 is paired: 0 -> 1; the baseline's own mean keeps d2
+    assert unknown["differences"]["magic-dpo - i2i"] == pytest.approx({"value": 1.0, "low": 1.0, "high": 1.0,
+                                                                       "units": 1})
+    assert unknown["settings"]["i2i"]["value"] == pytest.approx(2.0)
+    assert [skin_group(t) for t in (1, 2, 3, 4, 5, 6, -1, 7)] == ["1-2", "1-2", "3-4", "3-4", "5-6", "5-6",
+                                                                   "unknown", "unknown"]
 
 
 # ------------------------------------------------------------------------------------------ objective labels

@@ -20,7 +20,7 @@ from magic_align.evaluate.report import (
     run_report,
     smooth,
 )
-from report_run import ALPHA, EXPECTED, SECOND_JUDGE, build_report_run, expected_image_count
+from report_run import ALPHA, BETA, EXPECTED, SECOND_JUDGE, build_report_run, expected_image_count
 
 PAPER_DPO = "MAGIC-DPO (trajectory, as in the paper)"
 
@@ -194,6 +194,10 @@ def test_report_numbers(full_report):
     assert row_starting(alignment, "dpo - i2i")[1:] == ["4", EXPECTED["alignment_difference"], "yes"]
     assert row_starting(alignment, "rft - i2i")[3] == "no"  # its interval contains 0
     assert "rft: trained on fewer units" in page  # the comparison's notes
+    breakdown = table_after(parsed, "Where the difference comes from")
+    assert row_starting(breakdown, "source skin types 1-2")[1:] == ["3", "+0.90 [+0.20, +1.50]", "+1.20 [+0.40, +2.00]"]
+    assert row_starting(breakdown, "source skin types 5-6")[1:] == ["1", "-1.00 [-1.00, -1.00]", "–"]
+    assert row_starting(breakdown, f"target {BETA}")[1:3] == ["4", "+0.45 [+0.20, +0.70]"]
 
     pairs = table_after(parsed, "Preference pairs")
     for round_index, (total, one, both_win, both_lose) in EXPECTED["pairs"].items():

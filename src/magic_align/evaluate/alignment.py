@@ -28,6 +28,7 @@ from magic_align.config import RunConfig
 from magic_align.data.split import check_roles, run_split
 from magic_align.diffusion.loading import model_hash, policy_files
 from magic_align.evaluate.labels import SettingLabels
+from magic_align.evaluate.metrics import SKIN_TYPE_GROUPS, skin_group
 from magic_align.evaluate.passrate import answered, judge_images
 from magic_align.evaluate.recognition import RecognitionError, artefact_measure, recognition_accuracy, run_recognizer
 from magic_align.evaluate.stage import _device, setting_model
@@ -124,6 +125,23 @@ def paired_summary(scores: dict[str, dict[str, int]], baseline: str, resamples: 
     return {"settings": settings, "differences": differences}
 
 
+def grouped_summaries(scores: dict[str, dict[str, int]], baseline: str, group_of: dict[str, str], order: Sequence[str],
+                      resamples: int, seed: int, source_of: dict[str, str]) -> dict[str, dict]:
+    """`paired_summary` within each group of units (the source's skin-type group, the target condition), groups in
+    `order` first, then any other in name order; each with the number of its sources. Where the gain comes from:
+    a mean gain can hide a loss on one skin type or one condition."""
+    named = list(order) + sorted(set(group_of.values()) - set(order))
+    result = {}
+    for group in named:
+        members = {unit for unit, its_group in group_of.items() if its_group == group}
+        part = {name: {unit: score for unit, score in by_unit.items() if unit in members} for name, by_unit in scores.items()}
+        part = {name: by_unit for name, by_unit in part.items() if by_unit}
+        if part:
+            result[group] = {"sources": len({source_of[unit] for unit in members}),
+                             **paired_summary(part, baseline, resamples, seed, source_of)}
+    return result
+
+
 def run_alignment_comparison(
     config: RunConfig,
     settings: Sequence[str] | None = None,
@@ -201,6 +219,12 @@ def run_alignment_comparison(
                                        item_ids, notes, summary["differences"])
     recognition = independent.pop("recognition", {})
     source_paths = {record.id: record.path for record in sources}
+    skin_of = {record.id: record.skin_type for record in sources}
+    by_skin = grouped_summaries(scores, ALIGNMENT_SETTINGS[0], {unit: skin_group(skin_of[source]) for unit, source
+                                                                in source_of.items()}, list(SKIN_TYPE_GROUPS),
+                                evaluate.bootstrap, config.seed, source_of)
+    by_target = grouped_summaries(scores, ALIGNMENT_SETTINGS[0], {unit: target for unit, (_, target) in targets.items()},
+                                  checklists.condition_names, evaluate.bootstrap, config.seed, source_of)
     labels = SettingLabels.of_run(paths)  # each aligned model named with the objective it was trained with
     result = {
         "set": set_name,  # tuning: for choosing settings; locked: the figures a report states
@@ -211,6 +235,8 @@ def run_alignment_comparison(
             for name in scores
         },
         "differences": summary["differences"],
+        "by_source_skin_group": by_skin,  # where the source image's Fitzpatrick type is known; else "unknown"
+        "by_target": by_target,
         "units": [
             {
                 "unit": unit,
@@ -233,6 +259,12 @@ def run_alignment_comparison(
         console.print(f"  {labels(name)}: mean items met {estimate['value']:.2f} [{estimate['low']:.2f}, {estimate['high']:.2f}]")
     for name, estimate in summary["differences"].items():
         console.print(f"  {name}: {estimate['value']:+.2f} [{estimate['low']:+.2f}, {estimate['high']:+.2f}]")
+    for title, groups in (("source skin types", by_skin), ("target", by_target)):
+        for group, part in groups.items():
+            gains = ", ".join(f"{name} {e['value']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]"
+                              for name, e in part["differences"].items())
+            if gains:
+                console.print(f"    {title} {group} ({part['sources']} sources): {gains}")
     _print_independent(console, labels, independent)
     for note in notes:
         console.print(f"  [yellow]note[/yellow]: {note}")

@@ -125,6 +125,11 @@ def mean_over_seeds(values: Sequence[float], resamples: int = 1000, seed: int = 
 SKIN_TYPE_GROUPS = {"1-2": (1, 2), "3-4": (3, 4), "5-6": (5, 6)}
 
 
+def skin_group(skin_type: int) -> str:
+    """The SKIN_TYPE_GROUPS name of a Fitzpatrick type, "unknown" for -1 (or anything outside 1-6)."""
+    return next((name for name, members in SKIN_TYPE_GROUPS.items() if skin_type in members), "unknown")
+
+
 def accuracy_by_skin_group(y_true: Sequence[int], y_pred: Sequence[int], skin_types: Sequence[int]) -> dict[str, dict]:
     """{group: {"accuracy", "n"}} for every group of SKIN_TYPE_GROUPS with at least one image."""
     y_true, y_pred, skin_types = np.asarray(y_true), np.asarray(y_pred), np.asarray(skin_types, int)

@@ -7,7 +7,8 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from magic_align.evaluate.report.collect import ReportContext
-from magic_align.evaluate.report.formatting import finite_number, format_estimate, format_general, format_number
+from magic_align.evaluate.report.formatting import (finite_number, format_difference, format_estimate, format_general,
+                                                   format_number)
 
 TEMPLATES = Path(__file__).parent.parent / "templates"  # evaluate/templates/, shipped as package data
 
@@ -22,6 +23,7 @@ def render_report(context: ReportContext) -> str:
     )
     environment.filters["est"] = format_estimate
     environment.filters["num"] = format_number
+    environment.filters["diff"] = format_difference
     environment.filters["general"] = lambda v: format_general(v) if finite_number(v) else "–"
     environment.filters["thousands"] = lambda v: f"{int(v):,}" if finite_number(v) else "–"
     return environment.get_template("report.html").render(c=context, s=context.sections, m=context.missing)

@@ -177,10 +177,22 @@ def alignment_summary(data: dict, labels: SettingLabels) -> dict:
     grader = independent.get("grader")
     real_test = _mapping(independent.get("real_test"))
     return {"settings": settings, "differences": differences, "units": len(data.get("units", [])),
+            "by_skin": _grouped_rows(data.get("by_source_skin_group"), "source skin types"),
+            "by_target": _grouped_rows(data.get("by_target"), "target"),
+            "difference_names": [row["name"] for row in differences],
             "judge": data.get("judge"), "notes": [str(note) for note in data.get("notes", [])],
             "independent": bool(independent), "grader": grader, "grader_accuracy": real_test.get("accuracy"),
             "grader_degraded_accuracy": real_test.get("degraded_accuracy"),
             "artefact_measure": _mapping(data.get("artefacts")).get("measure")}
+
+
+def _grouped_rows(groups: Any, title: str) -> list[dict]:
+    """Rows of a breakdown that `magic compare` recorded (by source skin-type group, by target): one per group with
+    its sources, each model's mean items met and each paired difference (comparisons written before 2026-12-05
+    have none)."""
+    return [{"group": f"{title} {group}", "sources": _mapping(part).get("sources"),
+             "settings": _mapping(_mapping(part).get("settings")), "differences": _mapping(_mapping(part).get("differences"))}
+            for group, part in _mapping(groups).items()]
 
 
 def _mapping(value: Any) -> Mapping:

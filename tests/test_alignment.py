@@ -107,6 +107,15 @@ def test_the_objective_comes_from_the_summary_then_config_toml(tmp_path):
         "method": "dpo", "objective": "denoising", "source": "aligned/dpo/dpo.json"}}
     assert labels.describe("i2i") == {"label": "I2I, before alignment"}
 
+    # a negative control says so wherever the model is named, so it is never read as an aligned model
+    (paths.aligned / "dpo" / "dpo.json").write_text(json.dumps({"objective": "denoising",
+                                                                "preference_control": "flipped"}))
+    labels = SettingLabels.of_run(paths)
+    assert labels("magic-dpo") == "MAGIC-DPO (Diffusion-DPO objective, flipped-preference control)"
+    assert labels.describe("magic-dpo")["objective"]["preference_control"] == "flipped"
+    (paths.aligned / "dpo" / "dpo.json").write_text(json.dumps({"objective": "denoising", "preference_control": "none"}))
+    assert SettingLabels.of_run(paths)("magic-dpo") == "MAGIC-DPO (Diffusion-DPO objective)"
+
 
 # ------------------------------------------------------------------------------------ the independent measure
 def test_alignment_json_holds_the_independent_measure_with_intervals(tmp_path):

@@ -231,6 +231,8 @@ def test_informative_pairs_leave_out_ties(prepared_run):
     assert ties == 1
     assert [e.signs for e in examples] == [(1, -1), (-1, 1), (1, -1)]
     assert all("u2" not in e.pair_id for e in examples)
+    flipped, _ = dpo_module.informative_pairs(Ledger(paths.ledger), paths, 0, "flipped")
+    assert [e.signs for e in flipped] == [(-1, 1), (1, -1), (-1, 1)]  # a negative control trains the opposite
 
 
 @pytest.fixture(scope="module")

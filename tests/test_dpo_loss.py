@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from magic_align.train.dpo_loss import clamped_log_ratio, denoising_dpo_loss, dpo_loss, preference_signs
+from magic_align.train.dpo_loss import (clamped_log_ratio, controlled_signs, denoising_dpo_loss, dpo_loss,
+                                         preference_signs)
 
 
 def log_sigmoid(x: float) -> float:
@@ -153,3 +154,21 @@ def test_denoising_shape_errors_name_the_argument():
         denoising_dpo_loss(torch.zeros(1, 2), torch.zeros(2, 2), torch.zeros(1, 2), 1.0)
     with pytest.raises(ValueError, match="preference"):
         denoising_dpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(2, 2), 1.0)
+
+
+def test_a_preference_control_swaps_winner_and_loser_and_never_makes_a_tie_informative():
+    assert controlled_signs((1, -1), "none", 0, "p") == (1, -1)
+    assert controlled_signs((1, -1), "flipped", 0, "p") == (-1, 1)
+    assert controlled_signs((-1, 1), "flipped", 0, "p") == (1, -1)
+    for control in ("flipped", "random"):
+        assert controlled_signs((0, 0), control, 0, "p") == (0, 0)
+    ids = [f"r0-u{i:05d}-k0~r0-u{i:05d}-k1" for i in range(2000)]
+    swapped = [controlled_signs((1, -1), "random", 0, pair_id) == (-1, 1) for pair_id in ids]
+    assert 900 < sum(swapped) < 1100  # about half, by a hash of the pair
+    assert swapped == [controlled_signs((1, -1), "random", 0, pair_id) == (-1, 1) for pair_id in ids]  # reproducible
+    assert swapped != [controlled_signs((1, -1), "random", 1, pair_id) == (-1, 1) for pair_id in ids]  # by seed
+    # a pair swapped keeps its swap whichever sign it had: the control swaps pairs, not outcomes
+    assert all(controlled_signs((-1, 1), "random", 0, pair_id) == ((1, -1) if swap else (-1, 1))
+               for pair_id, swap in zip(ids, swapped))
+    with pytest.raises(ValueError, match="expected none, flipped or random"):
+        controlled_signs((1, -1), "inverted", 0, "p")

@@ -298,6 +298,9 @@ class DPOConfig(Section):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     lr_warmup_steps: int = Field(0, ge=0)
     steps_per_forward: int | None = Field(None, ge=1)  # (sample, step) rows per UNet pass; None: a whole pair
+    # a negative control, never an alignment: "flipped" trains every informative pair with winner and loser
+    # swapped, "random" swaps each with probability 1/2; run it in a copy of the run and compare
+    preference_control: Literal["none", "flipped", "random"] = "none"
     checkpoint_every: int = Field(32, ge=1)
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
 

@@ -57,6 +57,7 @@ class TrainedObjective:
     objective: str | None
     baseline: str | None = None  # RFT only: none | unit
     source: str | None = None
+    control: str | None = None  # DPO only: a negative control's swapped preferences (flipped | random), else None
 
     @property
     def label(self) -> str:
@@ -71,12 +72,16 @@ class TrainedObjective:
                 what += ", unit baseline"
             elif self.objective == "trajectory" and self.baseline in (None, "none"):
                 what += ", as in the paper"
+        if self.control not in (None, "none"):  # never to be read as an aligned model
+            what += f", {self.control}-preference control"
         return f"{plain} ({what})"
 
     def as_dict(self) -> dict:
         entry = {"method": self.method, "objective": self.objective, "source": self.source}
         if self.method == "rft":
             entry["baseline"] = self.baseline
+        if self.control not in (None, "none"):
+            entry["preference_control"] = self.control
         return entry
 
 
@@ -87,10 +92,11 @@ def trained_objective(paths: RunPaths, method: str) -> TrainedObjective:
     found = _read_objective(summary, lambda text: json.loads(text))
     if found is not None:
         return TrainedObjective(method, found.get("objective"), found.get("baseline"),
-                                summary.relative_to(paths.root).as_posix())
+                                summary.relative_to(paths.root).as_posix(), found.get("preference_control"))
     found = _read_objective(paths.config, lambda text: tomllib.loads(text).get(method))
     if found is not None:
-        return TrainedObjective(method, found.get("objective"), found.get("baseline"), "config.toml")
+        return TrainedObjective(method, found.get("objective"), found.get("baseline"), "config.toml",
+                                found.get("preference_control"))
     return TrainedObjective(method, None)
 
 

@@ -43,7 +43,7 @@ from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.sample import run_sample
 from magic_align.train.diffusion_losses import noised_with_target, prediction_error
-from magic_align.train.dpo_loss import denoising_dpo_loss, dpo_loss, preference_signs
+from magic_align.train.dpo_loss import controlled_signs, denoising_dpo_loss, dpo_loss, preference_signs
 from magic_align.train.session import (
     ModelWithDtype,
     TrainingError,
@@ -77,12 +77,14 @@ class PairExample:
     condition: str = ""  # the target condition of the pair's unit
 
 
-def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int) -> tuple[list[PairExample], int]:
-    """The pairs of `round_index` with a preference, and how many ties (both win / both lose) were left out."""
+def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int, control: str = "none",
+                      seed: int = 0) -> tuple[list[PairExample], int]:
+    """The pairs of `round_index` with a preference (swapped as the negative `control` asks), and how many ties
+    (both win / both lose) were left out."""
     examples: list[PairExample] = []
     ties = 0
     for pair in ledger.pairs(round_index):
-        signs = preference_signs(pair.outcome_a, pair.outcome_b)
+        signs = controlled_signs(preference_signs(pair.outcome_a, pair.outcome_b), control, seed, pair.pair_id)
         if signs == (0, 0):
             ties += 1
             continue
@@ -135,9 +137,10 @@ def load_pair(store, example: PairExample, expected: TrajectorySettings):
 
 
 # -------------------------------------------------------------------------------------------- the round
-def training_pairs(paths: RunPaths, round_index: int) -> tuple[list[PairExample], int]:
+def training_pairs(paths: RunPaths, round_index: int, settings: DPOConfig) -> tuple[list[PairExample], int]:
     """The informative pairs of the round and the number of ties left out; a clear error when there are none."""
-    examples, ties = informative_pairs(Ledger(paths.ledger), paths, round_index)
+    examples, ties = informative_pairs(Ledger(paths.ledger), paths, round_index, settings.preference_control,
+                                       settings.seed)
     if examples:
         return examples, ties
     if not ties:
@@ -319,7 +322,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     accelerator.wait_for_everyone()
     paths = RunPaths(config.run_dir)
 
-    examples, ties = training_pairs(paths, round_index)
+    examples, ties = training_pairs(paths, round_index, settings)
     store, header, sampling = round_trajectories(paths, round_index, examples)
     # the denoising objective runs the preliminary model itself: the stored log-probs play no part in it
     stored_reference = settings.objective == "trajectory" and stored_log_probs_are_reference(settings, round_index,
@@ -359,7 +362,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     session.logger.close()
 
     summary = {"round": round_index, "objective": settings.objective, "iterations": settings.iterations,
-               "pairs": len(examples), "ties_skipped": ties}
+               "pairs": len(examples), "ties_skipped": ties, "preference_control": settings.preference_control}
     outputs = [round_output(paths, round_index)] + ([paths.aligned / "dpo"] if round_index == config.rounds - 1 else [])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

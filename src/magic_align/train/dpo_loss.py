@@ -13,6 +13,7 @@ as in the authors' code); `clip = 0` disables it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,23 @@ def preference_signs(outcome_a: int, outcome_b: int) -> tuple[int, int]:
     if outcome_a == outcome_b:
         return (0, 0)
     return (1, -1) if outcome_a > outcome_b else (-1, 1)
+
+
+def controlled_signs(signs: tuple[int, int], control: str, seed: int, pair_id: str) -> tuple[int, int]:
+    """The signs a negative-control run trains on (`dpo.preference_control`): "none" keeps the judge's preference,
+    "flipped" swaps winner and loser, "random" swaps each pair with probability 1/2, by a hash of (seed, pair id)
+    so the same pair is swapped on every process and every rerun. Ties stay ties. If a model trained on flipped
+    or random preferences gains as much as the real one, the gain is not the judge's preferences' doing."""
+    if control == "none" or signs == (0, 0):
+        return signs
+    if control == "flipped":
+        swap = True
+    elif control == "random":
+        digest = hashlib.sha256(f"preference-control:{seed}:{pair_id}".encode()).digest()
+        swap = digest[0] % 2 == 1
+    else:
+        raise ValueError(f"preference control {control!r}: expected none, flipped or random")
+    return (signs[1], signs[0]) if swap else signs
 
 
 @dataclass(frozen=True)

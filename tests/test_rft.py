@@ -13,7 +13,8 @@ from interruption import killed_at_step
 
 from magic_align.config import ModelConfig, load_config
 from magic_align.train.reward_model import RewardHead, fit_reward_head
-from magic_align.train.rft import real_labels, reward_weighted_nll, trajectory_weight, unit_baselined_weights
+from magic_align.train.rft import (condition_balanced_weights, real_labels, reward_weighted_nll, trajectory_weight,
+                                   unit_baselined_weights)
 
 
 # ------------------------------------------------------------------------------------------------ math
@@ -540,3 +541,25 @@ def test_the_reward_fingerprint_names_run_images_relative_to_the_run_so_a_copied
     assert reward_fingerprint(config, labels(first), first) != reward_fingerprint(config, moved_outside, first)
     reseeded = load_config("tiny", [f"runs_dir='{tmp_path}'", "rft.seed=3"])
     assert reward_fingerprint(config, labels(first), first) != reward_fingerprint(reseeded, labels(first), first)
+
+
+def test_condition_balanced_weights_give_every_condition_the_overall_mean_weight_by_hand():
+    # acne drawn well (0.8, 0.6), psoriasis badly (0.1, 0.3), vitiligo never (0, 0); overall mean 0.3
+    weights = torch.tensor([0.8, 0.1, 0.6, 0.3, 0.0, 0.0])
+    conditions = ["acne", "psoriasis", "acne", "psoriasis", "vitiligo", "vitiligo"]
+    balanced = condition_balanced_weights(weights, conditions)
+    # acne: mean 0.7 -> x 0.3/0.7; psoriasis: mean 0.2 -> x 1.5; vitiligo: all 0 stays 0
+    assert balanced.tolist() == pytest.approx([0.8 * 3 / 7, 0.15, 0.6 * 3 / 7, 0.45, 0.0, 0.0])
+    assert balanced[[0, 2]].mean() == pytest.approx(balanced[[1, 3]].mean())  # the same share for each condition
+    assert balanced[0] > balanced[2] and balanced[3] > balanced[1]  # the better sample of a condition still weighs more
+    assert weights.tolist() == pytest.approx([0.8, 0.1, 0.6, 0.3, 0.0, 0.0])  # the input is left as it was
+    with pytest.raises(ValueError, match="expected \\[N\\] and N"):
+        condition_balanced_weights(weights, conditions[:2])
+
+
+def test_condition_balance_is_refused_with_the_unit_baseline():
+    from magic_align.config import ConfigError, load_config
+
+    assert load_config("tiny", ["rft.balance='condition'"]).rft.balance == "condition"
+    with pytest.raises(ConfigError, match="balance = 'condition' scales the plain weights"):
+        load_config("tiny", ["rft.balance='condition'", "rft.baseline='unit'"])

@@ -320,6 +320,10 @@ class RFTConfig(Section):
     # "none": the weights as they are (the paper); "unit": minus the mean weight of the sample's unit (same source,
     # same target), so the weights of a unit sum to zero and the look its samples share (the source's) cancels
     baseline: Literal["none", "unit"] = "none"
+    # "none": as they are (the paper); "condition": each target condition's weights scaled so that its mean weight
+    # is the mean over all samples, so a condition the model draws badly (low rewards) is not left out of training
+    # while the well-drawn ones pull the shared LoRA their way (plain weights only: not with the unit baseline)
+    balance: Literal["none", "condition"] = "none"
     # what the reward weighs: "trajectory" = the log-likelihood of every stored denoising transition (with
     # guidance, T steps per sample: docs/method.md section 8); "denoising" = the diffusion (epsilon) loss on each
     # sample's final latent, a bound on its likelihood (one UNet row per sample: T x 2 times cheaper)
@@ -351,6 +355,13 @@ class RFTConfig(Section):
         if self.reference_weight > 0 and self.objective != "denoising":
             raise ValueError(f"reference_weight = {self.reference_weight} applies to objective = 'denoising' only "
                              f"(objective is {self.objective!r}); set reference_weight = 0 or the denoising objective")
+        return self
+
+    @model_validator(mode="after")
+    def _balance_needs_plain_weights(self) -> "RFTConfig":
+        if self.balance == "condition" and self.baseline == "unit":
+            raise ValueError("balance = 'condition' scales the plain weights; with baseline = 'unit' they are centred "
+                             "on each unit (mean 0), so there is no mean to balance: set one of them to 'none'")
         return self
 
 

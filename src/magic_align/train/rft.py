@@ -102,11 +102,29 @@ def unit_baselined_weights(weights: torch.Tensor, unit_ids: Sequence[str]) -> to
     return centred
 
 
-def unit_members(unit_ids: Sequence[str]) -> list[list[int]]:
-    """The positions of each unit's samples, units in order of first appearance."""
+def condition_balanced_weights(weights: torch.Tensor, conditions: Sequence[str]) -> torch.Tensor:
+    """Each target condition's weights scaled so that its mean weight is the mean over all samples: [N].
+
+    Plain weights follow the rewards, so a condition the model draws badly (low rewards everywhere) gets little
+    of the update and the shared LoRA drifts towards the look of the well-drawn ones; balanced, every condition
+    carries the same share, and within a condition the better samples still weigh more. A condition whose
+    weights are all 0 stays 0 (nothing of it to prefer)."""
+    if weights.ndim != 1 or len(conditions) != weights.shape[0]:
+        raise ValueError(f"weights {tuple(weights.shape)} and {len(conditions)} conditions: expected [N] and N")
+    overall = weights.mean()
+    balanced = weights.clone()
+    for indices in unit_members(conditions):
+        mean = weights[indices].mean()
+        if mean > 0:
+            balanced[indices] = weights[indices] * (overall / mean)
+    return balanced
+
+
+def unit_members(keys: Sequence[str]) -> list[list[int]]:
+    """The positions of each key's entries (a unit's samples, a condition's), keys in order of first appearance."""
     members: dict[str, list[int]] = {}
-    for index, unit in enumerate(unit_ids):
-        members.setdefault(unit, []).append(index)
+    for index, key in enumerate(keys):
+        members.setdefault(key, []).append(index)
     return list(members.values())
 
 
@@ -297,6 +315,8 @@ def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, rew
     weight = trajectory_weight(reward, config.rft.reward_power)
     if config.rft.baseline == "unit":
         weight = unit_baselined_weights(weight, [s.unit_id for s in samples])
+    if config.rft.balance == "condition":
+        weight = condition_balanced_weights(weight, [s.target_label for s in samples])
     return [
         WeightedTrajectory(s.sample_id, s.target_label, float(r), float(w), s.unit_id)
         for s, r, w in zip(samples, reward, weight)
@@ -569,6 +589,7 @@ def write_summary(path: Path, config: RunConfig, round_index: int, trajectories:
         "round": round_index,
         "objective": rft.objective,
         "baseline": rft.baseline,
+        "balance": rft.balance,
         "steps": rft.steps,
         "trajectories": len(trajectories),
         "reward_mean": sum(rewards) / len(rewards),

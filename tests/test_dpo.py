@@ -535,6 +535,21 @@ def test_denoising_objective_learns_to_prefer_the_winners(prepared_run, denoisin
     assert after > before + 1e-4, (before, after)
 
 
+def test_the_flipped_preference_control_learns_to_prefer_the_losers_and_says_it_is_a_control(prepared_run,
+                                                                                             tiny_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    copy_run(prepared_run, "flipped")
+    control = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "flipped", tiny_model_dir, *DENOISING,
+                                                                   "dpo.preference_control='flipped'")))
+    assert json.loads((control / "dpo.json").read_text())["preference_control"] == "flipped"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    before = winner_advantage(pipe, prepared_run / "flipped")  # the judge's winners, as in the ledger
+    pipe.load_lora_weights(str(control))
+    after = winner_advantage(pipe, prepared_run / "flipped")
+    assert after < before - 1e-4, (before, after)
+
+
 def test_denoising_objective_resumes_to_the_same_lora(prepared_run, denoising_run, tiny_model_dir, monkeypatch):
     copy_run(prepared_run, "denoising-resumed")
     config = load_config("tiny", run_overrides(prepared_run, "denoising-resumed", tiny_model_dir, *DENOISING))
@@ -609,3 +624,32 @@ def test_bf16_scores_the_policy_against_a_reference_in_the_same_precision(prepar
         bf16 = trajectory_log_probs(pipe.unet, pipe.scheduler, batch.latents, batch.timesteps[0], cond, negative,
                                     guidance=3.0, eta=1.0, reduction="mean")
     assert (bf16.float() - batch.log_probs).abs().mean() > 1e-4
+
+
+def test_the_restored_checkpoints_are_the_furthest_along_and_what_a_start_left_is_kept_aside(tmp_path):
+    from types import SimpleNamespace
+
+    from magic_align.train.session import CHECKPOINT_PREFIX, TRAINING_STATE, set_aside_other_checkpoints
+
+    def checkpoint(folder: Path, step: int, fingerprint: str) -> None:
+        (folder / f"{CHECKPOINT_PREFIX}{step:07d}").mkdir(parents=True)
+        (folder / f"{CHECKPOINT_PREFIX}{step:07d}" / TRAINING_STATE).write_text(json.dumps({"fingerprint": fingerprint}))
+
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    directory, logs = tmp_path / "checkpoints" / "round-0", tmp_path / "logs" / "round-0"
+    checkpoint(directory.with_name("round-0.other-settings-2"), 4, "A")  # lexically after -10
+    checkpoint(directory.with_name("round-0.other-settings-10"), 2, "A")
+    checkpoint(directory.with_name("round-0.other-settings"), 9, "B")
+    logs.with_name("round-0.other-settings-2").mkdir(parents=True)
+    (logs.with_name("round-0.other-settings-2") / "metrics.csv").write_text("step\n1\n")
+    logs.mkdir(parents=True)
+    (logs / "metrics.csv").write_text("step\n")  # a start of A that crashed before its first checkpoint
+    (directory / ".step-0000001.partial").mkdir(parents=True)
+
+    swap = set_aside_other_checkpoints(accelerator, directory, "A", logs=logs)
+    assert swap.moved is None and swap.restored == directory.with_name("round-0.other-settings-2")
+    assert (directory / f"{CHECKPOINT_PREFIX}0000004").is_dir()  # the furthest along, not the lexically first
+    assert (logs / "metrics.csv").read_text() == "step\n1\n"  # its own metrics came back with it
+    leftovers = directory.with_name("round-0.other-settings-3")  # the crashed start's leftovers, kept aside
+    assert (leftovers / ".step-0000001.partial").is_dir()
+    assert (logs.with_name("round-0.other-settings-3") / "metrics.csv").read_text() == "step\n"

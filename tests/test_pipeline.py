@@ -65,3 +65,24 @@ def test_a_stage_that_raised_is_recorded_failed_and_retried_by_the_next_run(tmp_
     pipeline.run_all(config, console=Console(quiet=True))
     assert calls == ["synthesize", "evaluate", "evaluate", "report"]  # done stages skipped, the failed one retried
     assert Ledger(config.run_dir / "ledger.sqlite").stage("run:evaluate").status == "done"
+
+
+def test_a_key_added_later_at_its_as_before_value_leaves_every_digest_as_it_was():
+    """Upgrading must not redo a finished run: a stage hash computed without a later-added key (as the code before
+    it did) equals the one with the key at its as-before value; any other value changes it."""
+    import hashlib
+    import json
+
+    from magic_align.config import ADDED_KEYS
+
+    config = load_config("tiny")
+    for dotted in ADDED_KEYS:
+        section, key = dotted.split(".")
+        dumped = config.model_dump(mode="json")[section]
+        before = {name: value for name, value in dumped.items() if name != key}  # what the older code hashed
+        older = hashlib.sha256(json.dumps({"upstream": "u", "values": {section: before}}, sort_keys=True)
+                               .encode()).hexdigest()[:16]
+        assert stage_hash(config, (section,), "u") == older, dotted
+    assert stage_hash(load_config("tiny", ["dpo.preference_control='flipped'"]), ("dpo",), "u") != \
+        stage_hash(config, ("dpo",), "u")
+    assert stage_hash(load_config("tiny", ["rft.balance='condition'"]), ("rft",), "u") != stage_hash(config, ("rft",), "u")

@@ -193,3 +193,71 @@ def test_stale_round_names_the_policy_and_the_units_that_changed(tmp_path):
     replanned = plan_units(reseeded, sampling_sources(reseeded, split), split.classes, load_checklists("tiny"), 1)
     reasons = stale_round(reseeded, paths, replanned, 1, lora, ledger)
     assert len(reasons) == 1 and reasons[0].startswith(f"the units (unit {unit.unit_id}")
+
+
+@pytest.mark.slow
+def test_a_crash_between_forgetting_and_moving_a_stale_round_does_not_bring_the_old_samples_back(tmp_path, monkeypatch):
+    import magic_align.sample as sample_module
+    from magic_align.diffusion.sampler import derived_seed
+
+    run_sample(tiny_config(tmp_path, "sample.num_sources=2"), progress=False)
+    paths = RunPaths(tiny_config(tmp_path).run_dir)
+    ledger = Ledger(paths.ledger)
+    for stage in ("run:finetune", "run:sample/round-0", "run:pairs/round-0", "run:dpo/round-0", "run:compare"):
+        ledger.set_stage(stage, "h", "done")
+
+    def crash(folder):
+        raise OSError("disk gone")
+
+    reseeded = tiny_config(tmp_path, "sample.num_sources=2", "sample.seed=7")  # only the units differ
+    monkeypatch.setattr(sample_module, "set_aside", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        run_sample(reseeded, progress=False)
+    assert ledger.samples(0) == []  # the rows went first; the shards are still in place
+    monkeypatch.undo()
+
+    again = run_sample(reseeded, progress=False)
+    assert again.samples_recovered == 0 and again.set_aside == "samples/round-0.other-settings"
+    assert [row.seed for row in ledger.samples(0)] == [derived_seed(7, 0, unit, k) for unit in (0, 1) for k in (0, 1)]
+    # the pipeline redoes what depended on the round; fine-tuning stays done
+    assert {status.stage: status.status for status in ledger.stages()} == {
+        "run:finetune": "done", "run:sample/round-0": "stale", "run:pairs/round-0": "stale",
+        "run:dpo/round-0": "stale", "run:compare": "stale"}
+
+
+def test_later_rounds_need_the_policy_they_are_sampled_by(tmp_path):
+    from magic_align.sample import SampleError
+
+    with pytest.raises(SampleError, match="round 1 is sampled by the policy aligned in round 0: pass --lora"):
+        run_sample(tiny_config(tmp_path), round_index=1, progress=False)
+
+
+@pytest.mark.slow
+def test_a_later_round_is_kept_for_the_same_policy_and_set_aside_when_that_policy_was_retrained(tmp_path,
+                                                                                                 tiny_model_dir):
+    import torch
+
+    from magic_align.diffusion.loading import load_pipeline
+    from magic_align.diffusion.lora import attach_lora, save_lora
+
+    def policy(value: float):
+        pipe = load_pipeline(config.model)
+        attach_lora(pipe.unet, rank=4, alpha=4)
+        with torch.no_grad():
+            for name, param in pipe.unet.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(value)
+        save_lora(pipe.unet, tmp_path / "aligned" / "dpo" / "round-0")
+        return tmp_path / "aligned" / "dpo" / "round-0"
+
+    config = tiny_config(tmp_path, "sample.num_sources=2", "model.source='local'",
+                         f"model.pretrained='{tiny_model_dir}'", "model.resolution=32")
+    lora = policy(0.01)
+    first = run_sample(config, round_index=1, policy_lora=lora, progress=False)
+    assert first.samples_written == 4
+    rerun = run_sample(config, round_index=1, policy_lora=lora, progress=False)  # as written: nothing stale
+    assert (rerun.set_aside, rerun.units_already_done, rerun.samples_written) == (None, 2, 0)
+
+    retrained = run_sample(config, round_index=1, policy_lora=policy(0.02), progress=False)
+    assert retrained.set_aside == "samples/round-1.other-settings" and retrained.samples_written == 4
+    assert retrained.set_aside_because[0].startswith("the sampling policy (model hash)")

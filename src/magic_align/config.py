@@ -558,6 +558,23 @@ def _read_toml(path: Path) -> dict:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
 
 
+# Settings added after runs were made without them: "section.key" -> the value that behaves as before the key
+# existed. At that value a key is left out of every digest (the pipeline's stage hashes, checkpoint fingerprints),
+# so upgrading the package does not retrain or redo a finished run; any other value is part of them.
+ADDED_KEYS: dict[str, Any] = {
+    "dpo.preference_control": "none",
+    "rft.balance": "none",
+}
+
+
+def digest_values(section: str, values: dict) -> dict:
+    """A section's dumped values as digests see them: every key of ADDED_KEYS at its as-before value left out."""
+    return {key: value for key, value in values.items() if ADDED_KEYS.get(f"{section}.{key}", _ABSENT) != value}
+
+
+_ABSENT = object()
+
+
 # Settings that existed once and were removed: "section.key" -> why, and what to use instead. A configuration that
 # still sets one gets this reason instead of "unknown key", so an old run's config.toml says what changed.
 REMOVED_KEYS: dict[str, str] = {

@@ -71,7 +71,7 @@ Tables (schema version `SCHEMA_VERSION`, stored in `meta`):
     source TEXT                     judge | human
 
 `stages`: one row per pipeline stage, so `magic run` can skip completed work.
-    stage TEXT PRIMARY KEY, config_hash TEXT, status TEXT (running | done | failed), detail TEXT,
+    stage TEXT PRIMARY KEY, config_hash TEXT, status TEXT (running | done | failed | stale), detail TEXT,
     updated_at REAL
 """
 
@@ -820,6 +820,14 @@ class Ledger:
                 "detail = excluded.detail, updated_at = excluded.updated_at",
                 (stage, config_hash, status, detail or "", time.time()),
             )
+
+    def mark_stale(self, stages: Iterable[str], detail: str) -> None:
+        """Set these stage records to status "stale" (their work was replaced): the pipeline redoes a stage whose
+        record is not "done"."""
+        with self._write() as connection:
+            for stage in stages:
+                connection.execute("UPDATE stages SET status = 'stale', detail = ?, updated_at = ? WHERE stage = ?",
+                                   (detail, time.time(), stage))
 
     def stage(self, stage: str) -> StageStatus | None:
         rows = self._read("SELECT * FROM stages WHERE stage = ?", (stage,))

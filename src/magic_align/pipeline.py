@@ -19,7 +19,7 @@ from rich.table import Table
 
 from magic_align import feedback, judge, sample, synthesize
 from magic_align.checklists.schema import ChecklistSet, load_checklists
-from magic_align.config import RunConfig
+from magic_align.config import RunConfig, digest_values
 from magic_align.evaluate import alignment, report, stage as evaluate_stage
 from magic_align.judge import estimate_call_tokens
 from magic_align.judges.costs import price_usd
@@ -44,7 +44,7 @@ def _section_values(config: RunConfig, sections: tuple[str, ...]) -> dict:
         node = dumped
         for part in dotted.split("."):
             node = node[part]
-        values[dotted] = node
+        values[dotted] = digest_values(dotted, node) if isinstance(node, dict) else node
     return values
 
 

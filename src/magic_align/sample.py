@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,22 +144,26 @@ def stale_round(config: RunConfig, paths: RunPaths, units: list[Unit], round_ind
             what = "the sampling policy (model hash)" if key == "model_hash" else key
             reasons.append(f"{what} {', '.join(sorted(map(repr, recorded)))} -> {value!r}")
     planned = {unit.unit_id: unit for unit in units}
-    for row in ledger.samples(round_index):
-        unit = planned.get(row.unit_id)
+    # the ledger's rows and the shards' own records (a shard written just before a crash has no rows yet)
+    stored = [vars(row) for row in ledger.samples(round_index)]
+    stored += [record for header in shards.headers.values() for record in header.get("samples", [])]
+    for record in stored:
+        unit = planned.get(record["unit_id"])
         if unit is not None and (
-            (row.source_id, row.target_label, row.prompt) != (unit.source_id, unit.target_label, unit.prompt)
-            or row.seed != derived_seed(config.sample.seed, round_index, unit.index, row.k)
+            (record["source_id"], record["target_label"], record["prompt"]) != (unit.source_id, unit.target_label,
+                                                                                unit.prompt)
+            or record["seed"] != derived_seed(config.sample.seed, round_index, unit.index, record["k"])
         ):
-            reasons.append(f"the units (unit {row.unit_id}: source {row.source_id}, target {row.target_label}, seed "
-                           f"{row.seed} stored; sample.seed, the sources or the target rule changed)")
+            reasons.append(f"the units (unit {record['unit_id']}: source {record['source_id']}, target "
+                           f"{record['target_label']}, seed {record['seed']} stored; sample.seed, the sources or the "
+                           "target rule changed)")
             break
     return reasons
 
 
-def set_aside_stale_round(paths: RunPaths, ledger: Ledger, round_index: int, reasons: list[str]) -> Path:
-    """Move the round's samples to `samples/round-<k>.other-settings[-N]/` and forget their ledger rows (and the
-    round's pairs), so the round is sampled again; verdicts stay (keyed by image content). Refused when an expert
-    reviewed any of them: reviews name samples by id, and new samples reuse the ids."""
+def refuse_reviewed_round(ledger: Ledger, round_index: int, reasons: list[str]) -> None:
+    """A round whose samples carry expert reviews is never replaced: reviews name samples by id, and the new
+    samples would reuse the ids (and inherit the reviews)."""
     reviewed = ledger.reviews(round=round_index)
     if reviewed:
         raise SampleError(
@@ -166,9 +171,30 @@ def set_aside_stale_round(paths: RunPaths, ledger: Ledger, round_index: int, rea
             "samples carry expert reviews, which would be attached to the new samples of the same ids; restore the "
             "settings, or use a new run directory (runs_dir or name) for the new ones"
         )
-    # rows first: a crash before the move leaves shards that the stale check sets aside again on the next run
+
+
+def set_aside_stale_round(paths: RunPaths, ledger: Ledger, round_index: int) -> Path | None:
+    """Forget the round's sample and pair rows and move `samples/round-<k>/` to `.other-settings[-N]` (None: there
+    was no folder), so the round is sampled again; verdicts stay (keyed by image content). The pipeline's records
+    of this round's stages and of everything after them are marked stale, so `magic run` redoes them."""
+    # rows first: a crash before the move leaves shards whose records the stale check compares on the next run
     ledger.forget_round(round_index)
-    return set_aside(paths.samples(round_index))
+    ledger.mark_stale(downstream_stages(ledger, round_index), f"round {round_index} was sampled again")
+    folder = paths.samples(round_index)
+    return set_aside(folder) if folder.exists() else None
+
+
+def downstream_stages(ledger: Ledger, round_index: int) -> list[str]:
+    """The pipeline's stage records (`run:<stage>`) that depend on round `round_index`'s samples: every stage after
+    fine-tuning except those of earlier rounds."""
+    names = []
+    for status in ledger.stages():
+        if not status.stage.startswith("run:") or status.stage == "run:finetune":
+            continue
+        found = re.search(r"/round-(\d+)$", status.stage)
+        if found is None or int(found.group(1)) >= round_index:
+            names.append(status.stage)
+    return names
 
 
 def _recover_from_shards(ledger, store: TrajectoryStore, done: set[str]) -> int:
@@ -190,6 +216,9 @@ def run_sample(
     progress: bool = True,
 ) -> SampleSummary:
     """Sample round `round_index` (resumable); `policy_lora` stacks an aligned LoRA on the run's model (later rounds)."""
+    if round_index > 0 and policy_lora is None:
+        raise SampleError(f"round {round_index} is sampled by the policy aligned in round {round_index - 1}: pass "
+                          f"--lora runs/<name>/aligned/dpo/round-{round_index - 1} (what `magic run` does)")
     if policy_lora is not None and not Path(policy_lora).exists():  # checked before anything, also on a finished round
         raise FileNotFoundError(f"policy LoRA {policy_lora} does not exist; expected a LoRA folder or file such as "
                                 "runs/<name>/aligned/dpo")
@@ -204,16 +233,20 @@ def run_sample(
     mine = units[process_index::process_count]
 
     ledger = Ledger(paths.ledger)
-    if process_index == 0:
-        reasons = stale_round(config, paths, units, round_index, policy_lora, ledger)
-        if reasons:
-            moved = set_aside_stale_round(paths, ledger, round_index, reasons)
-            summary.set_aside = moved.relative_to(paths.root).as_posix()
-            summary.set_aside_because = reasons
-            Console(stderr=True).print(
-                f"sample round {round_index}: its samples were made under other settings ({'; '.join(reasons)}); "
-                f"kept in {summary.set_aside} (their judge answers stay in the ledger), sampling again",
-                highlight=False, markup=False, soft_wrap=True)
+    # every process reads the same state and refuses alike; only then does the main process change anything
+    reasons = stale_round(config, paths, units, round_index, policy_lora, ledger)
+    if reasons:
+        refuse_reviewed_round(ledger, round_index, reasons)
+    wait_for_every_process(process_count)
+    if reasons and process_index == 0:
+        moved = set_aside_stale_round(paths, ledger, round_index)
+        summary.set_aside = moved.relative_to(paths.root).as_posix() if moved else None
+        summary.set_aside_because = reasons
+        kept = f"kept in {summary.set_aside}" if moved else "their rows forgotten"
+        Console(stderr=True).print(
+            f"sample round {round_index}: its samples were made under other settings ({'; '.join(reasons)}); "
+            f"{kept} (their judge answers stay in the ledger), sampling again",
+            highlight=False, markup=False, soft_wrap=True)
     wait_for_every_process(process_count)  # the others resume from what the main process left
     images_dir = paths.sample_images(round_index)
     shards_dir = paths.trajectories(round_index)

@@ -505,13 +505,21 @@ def set_aside_other_checkpoints(accelerator: Accelerator, directory: Path, finge
     if accelerator.is_main_process:
         if Checkpoints.latest_in(directory) is not None and checkpoint_fingerprint(directory) != fingerprint:
             moved = set_aside(directory, *([logs] if logs is not None else []))
-        if Checkpoints.latest_in(directory) is None and not (directory.exists() and any(directory.iterdir())):
-            earlier = sorted(directory.parent.glob(f"{directory.name}.other-settings*"))
-            restored = next((folder for folder in earlier if checkpoint_fingerprint(folder) == fingerprint), None)
-            if restored is not None:
+        if Checkpoints.latest_in(directory) is None:
+            earlier = [folder for folder in directory.parent.glob(f"{directory.name}.other-settings*")
+                       if folder.is_dir() and checkpoint_fingerprint(folder) == fingerprint]
+            if earlier:  # the one furthest along
+                restored = max(earlier, key=lambda folder: Checkpoints.all_in(folder)[-1][0])
+                # what a start under these settings left without a checkpoint (a partial save, early metrics)
+                leftovers = [folder for folder in (directory, logs) if folder is not None and folder.exists()]
+                if any(any(folder.iterdir()) for folder in leftovers):
+                    set_aside(*leftovers)
+                for folder in leftovers:
+                    if folder.exists():
+                        folder.rmdir()  # empty
                 suffix = restored.name[len(directory.name):]
                 os.replace(restored, directory)
-                if logs is not None and logs.with_name(logs.name + suffix).is_dir() and not logs.exists():
+                if logs is not None and logs.with_name(logs.name + suffix).is_dir():
                     os.replace(logs.with_name(logs.name + suffix), logs)
     accelerator.wait_for_everyone()
     return CheckpointSwap(moved, restored)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from rich.console import Console
 
+from magic_align.config import digest_values
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
 from magic_align.diffusion.loading import weights_digest
 from magic_align.diffusion.lora import LORA_TARGETS, adapter_parameters, attach_lora, lora_weights_file, merge_lora
@@ -222,7 +223,8 @@ def start_policy_training(
     checkpoint_dir = paths.checkpoints(stage) / f"round-{round_index}"
     fingerprint = settings_digest({
         # not the knobs that change only when checkpoints are written, what is logged, or memory (steps_per_forward)
-        "settings": section.model_dump(mode="json", exclude={"checkpoint_every", "log_with", "steps_per_forward"}),
+        "settings": digest_values(stage, section.model_dump(mode="json", exclude={"checkpoint_every", "log_with",
+                                                                                   "steps_per_forward"})),
         "round": round_index,
         "policy": getattr(pipe, "magic_model_hash", None),
         "continues": weights_digest(lora_weights_file(init_lora)).hex() if init_lora is not None else None,

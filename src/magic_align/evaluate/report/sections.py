@@ -188,10 +188,9 @@ def alignment_summary(data: dict, labels: SettingLabels) -> dict:
 
 def _grouped_rows(groups: Any, title: str) -> list[dict]:
     """Rows of a breakdown that `magic compare` recorded (by source skin-type group, by target): one per group with
-    its sources, each model's mean items met and each paired difference (comparisons written before 2026-12-05
-    have none)."""
+    its number of sources and each paired difference (comparisons written before 2026-12-05 have none)."""
     return [{"group": f"{title} {group}", "sources": _mapping(part).get("sources"),
-             "settings": _mapping(_mapping(part).get("settings")), "differences": _mapping(_mapping(part).get("differences"))}
+             "differences": _mapping(_mapping(part).get("differences"))}
             for group, part in _mapping(groups).items()]
 
 

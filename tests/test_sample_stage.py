@@ -235,20 +235,10 @@ def test_later_rounds_need_the_policy_they_are_sampled_by(tmp_path):
 @pytest.mark.slow
 def test_a_later_round_is_kept_for_the_same_policy_and_set_aside_when_that_policy_was_retrained(tmp_path,
                                                                                                  tiny_model_dir):
-    import torch
-
-    from magic_align.diffusion.loading import load_pipeline
-    from magic_align.diffusion.lora import attach_lora, save_lora
+    from lora_builders import save_constant_lora
 
     def policy(value: float):
-        pipe = load_pipeline(config.model)
-        attach_lora(pipe.unet, rank=4, alpha=4)
-        with torch.no_grad():
-            for name, param in pipe.unet.named_parameters():
-                if "lora_B" in name:
-                    param.fill_(value)
-        save_lora(pipe.unet, tmp_path / "aligned" / "dpo" / "round-0")
-        return tmp_path / "aligned" / "dpo" / "round-0"
+        return save_constant_lora(config.model, value, tmp_path / "aligned" / "dpo" / "round-0")
 
     config = tiny_config(tmp_path, "sample.num_sources=2", "model.source='local'",
                          f"model.pretrained='{tiny_model_dir}'", "model.resolution=32")

@@ -51,10 +51,9 @@ def test_synthesize_writes_resized_images_with_provenance_and_resumes(tmp_path):
 
 
 def test_stale_set_is_replaced_by_evaluate_and_refused_by_plain_synthesize(tmp_path):
-    import torch
+    from lora_builders import save_constant_lora
 
-    from magic_align.diffusion.loading import load_pipeline, load_run_policy, model_hash, policy_files
-    from magic_align.diffusion.lora import attach_lora, save_lora
+    from magic_align.diffusion.loading import load_run_policy, model_hash, policy_files
     from magic_align.evaluate.stage import ensure_synthetic
 
     config = load_config("tiny", [f"runs_dir='{tmp_path}'", "data.procedural_per_class=2", "sample.steps=2",
@@ -63,13 +62,7 @@ def test_stale_set_is_replaced_by_evaluate_and_refused_by_plain_synthesize(tmp_p
     lora = paths.aligned / "dpo"
 
     def retrain(value: float) -> None:  # a new aligned LoRA: same file name, other bytes
-        trainer = load_pipeline(config.model)
-        attach_lora(trainer.unet, rank=4, alpha=4)
-        with torch.no_grad():
-            for name, param in trainer.unet.named_parameters():
-                if "lora_B" in name:
-                    param.fill_(value)
-        save_lora(trainer.unet, lora)
+        save_constant_lora(config.model, value, lora)
 
     def hashes(manifest) -> set[str]:
         with open(manifest, newline="") as handle:

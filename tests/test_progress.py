@@ -9,7 +9,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from magic_align import progress as progress_module
-from magic_align.progress import ProgressSettingError, StageProgress, format_duration, interrupted
+from magic_align.progress import ProgressSettingError, StageProgress, compact_duration, interrupted
 
 
 class Clock:
@@ -34,10 +34,10 @@ def no_stage_left():
     progress_module.forget()
 
 
-def test_format_duration_by_hand():
-    assert format_duration(45) == "45s"
-    assert format_duration(192) == "3m12s"
-    assert format_duration(2 * 3600 + 5 * 60 + 7) == "2h05m"
+def test_compact_duration_by_hand():
+    assert compact_duration(45) == "45s"
+    assert compact_duration(192) == "3m12s"
+    assert compact_duration(2 * 3600 + 5 * 60 + 7) == "2h05m"
 
 
 def test_plain_lines_every_n_steps_with_loss_rate_and_eta(monkeypatch):

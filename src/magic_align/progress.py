@@ -40,8 +40,8 @@ class ProgressSettingError(MagicError, ValueError):
     """MAGIC_PROGRESS_EVERY is not a positive whole number."""
 
 
-def format_duration(seconds: float) -> str:
-    """45s, 3m12s, 2h05m."""
+def compact_duration(seconds: float) -> str:
+    """45s, 3m12s, 2h05m: the short form of progress lines (the report writes "3 min 12 s")."""
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
         return f"{seconds}s"
@@ -219,7 +219,7 @@ class StageProgress:
             else:
                 parts.append(f"{1 / seconds:.1f} {self.unit}/s")
             if self.completed < self.total:
-                parts.append(f"eta {format_duration(seconds * (self.total - self.completed))}")
+                parts.append(f"eta {compact_duration(seconds * (self.total - self.completed))}")
         return " ".join(parts)
 
     def _say(self, text: str) -> None:

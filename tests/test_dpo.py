@@ -235,6 +235,27 @@ def test_informative_pairs_leave_out_ties(prepared_run):
     assert [e.signs for e in flipped] == [(-1, 1), (1, -1), (-1, 1)]  # a negative control trains the opposite
 
 
+
+def test_pairs_can_be_limited_to_sources_of_some_skin_types(prepared_run):
+    from magic_align.ledger import Ledger
+    from magic_align.run import RunPaths
+
+    paths = RunPaths(prepared_run / "base")
+    examples, _ = dpo_module.informative_pairs(Ledger(paths.ledger), paths, 0)
+    sources = sorted({e.source_id for e in examples})
+    assert sources and all(sources)  # every pair names its source image
+    skin_type_of = {source: (5 if index == 0 else 1) for index, source in enumerate(sources)}
+    dark = load_config("tiny", ["dpo.source_skin_types=[5, 6]"]).dpo
+    kept, _ = dpo_module.training_pairs(paths, 0, dark, skin_type_of)
+    assert kept == [e for e in examples if e.source_id == sources[0]]
+    everyone = load_config("tiny").dpo
+    assert dpo_module.training_pairs(paths, 0, everyone, None)[0] == examples  # None: every pair
+    unknown = {source: -1 for source in sources}  # types the dataset does not give are left out
+    assert dpo_module.pairs_of_skin_types(examples, unknown, [1, 2, 3, 4, 5, 6]) == []
+    with pytest.raises(dpo_module.TrainingError, match=r"dpo.source_skin_types = \[5, 6\] leaves none of the 3"):
+        dpo_module.training_pairs(paths, 0, dark, unknown)
+
+
 @pytest.fixture(scope="module")
 def straight_run(prepared_run, tiny_model_dir):
     """One uninterrupted DPO run (4 steps of 2 pairs); several tests compare against it."""

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from fake_openai_server import FakeChatServer, answer_like
 from magic_align.config import load_config
 from magic_align.ledger import Ledger
+from magic_align.run import RunPaths
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,22 @@ def test_magic_run_tiny_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     assert (config.run_dir / "checkpoints" / "dpo" / "round-0.other-settings").is_dir()
     ledger = Ledger(config.run_dir / "ledger.sqlite")
     assert all(ledger.stage(f"run:{name}").status == "done" for name in names)
+
+    # DPO on the pairs of some skin types only: the sources' types come from the dataset itself
+    import csv
+
+    from magic_align.train.dpo import informative_pairs, run_dpo
+
+    types = {}
+    for row in csv.DictReader(open(next((config.run_dir / "data").rglob("procedural.csv")), newline="")):
+        types[row["md5hash"]] = int(row["fitzpatrick_scale"])
+    examples, _ = informative_pairs(ledger, RunPaths(config.run_dir), 0)
     ledger.close()
+    wanted = [types[examples[0].source_id]]  # the procedural CSV names each image by its md5, the record id
+    expected = [e for e in examples if types[e.source_id] in wanted]
+    chosen = load_config("tiny", [f"runs_dir='{tmp_path}'", "dpo.seed=3", f"dpo.source_skin_types={wanted}"])
+    summary = json.loads((run_dpo(chosen) / "dpo.json").read_text())
+    assert summary["source_skin_types"] == wanted and summary["pairs"] == len(expected) < len(examples)
 
 
 def test_judge_stage_over_http_stores_what_the_rules_judge_measures(tmp_path, monkeypatch):

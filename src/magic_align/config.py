@@ -301,8 +301,19 @@ class DPOConfig(Section):
     # a negative control, never an alignment: "flipped" trains every informative pair with winner and loser
     # swapped, "random" swaps each with probability 1/2; run it in a copy of the run and compare
     preference_control: Literal["none", "flipped", "random"] = "none"
+    # train on the pairs whose source image has one of these Fitzpatrick types only (None: every pair); a source
+    # of unknown type is left out. For a judge whose preferences carry little on some skin (demo: docs/demo.md)
+    source_skin_types: list[int] | None = Field(None, min_length=1)
     checkpoint_every: int = Field(32, ge=1)
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
+
+
+    @field_validator("source_skin_types")
+    @classmethod
+    def _fitzpatrick_types(cls, types: list[int] | None) -> list[int] | None:
+        if types is not None and any(t not in range(1, 7) for t in types):
+            raise ValueError(f"{types}: each must be a Fitzpatrick skin type, 1 to 6")
+        return sorted(set(types)) if types is not None else None
 
 
 class RFTConfig(Section):
@@ -563,6 +574,7 @@ def _read_toml(path: Path) -> dict:
 # so upgrading the package does not retrain or redo a finished run; any other value is part of them.
 ADDED_KEYS: dict[str, Any] = {
     "dpo.preference_control": "none",
+    "dpo.source_skin_types": None,
     "rft.balance": "none",
 }
 

@@ -28,11 +28,13 @@ import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Mapping
 
 import torch
+from rich.console import Console
 
 from magic_align.config import DPOConfig, RunConfig
+from magic_align.data.split import run_split
 from magic_align.diffusion.loading import load_run_policy
 from magic_align.diffusion.lora import adapters_disabled, save_lora
 from magic_align.diffusion.sampler import embed_prompt_ids
@@ -41,7 +43,7 @@ from magic_align.feedback import run_pairs
 from magic_align.judge import run_judge
 from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
-from magic_align.sample import run_sample
+from magic_align.sample import run_sample, sampling_sources
 from magic_align.train.diffusion_losses import noised_with_target, prediction_error
 from magic_align.train.dpo_loss import controlled_signs, denoising_dpo_loss, dpo_loss, preference_signs
 from magic_align.train.session import (
@@ -75,6 +77,7 @@ class PairExample:
     sample_ids: tuple[str, str]
     signs: tuple[int, int]
     condition: str = ""  # the target condition of the pair's unit
+    source_id: str = ""  # the source image of the pair's unit
 
 
 def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int, control: str = "none",
@@ -99,9 +102,16 @@ def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int, contr
                     f"sample {sample_id} of pair {pair.pair_id} has no stored trajectory (shard is empty in the "
                     "ledger); DPO needs the trajectories: rerun `magic sample` for this round"
                 )
-            condition = sample.target_label
-        examples.append(PairExample(pair.pair_id, (pair.sample_a, pair.sample_b), signs, condition))
+            condition, source_id = sample.target_label, sample.source_id
+        examples.append(PairExample(pair.pair_id, (pair.sample_a, pair.sample_b), signs, condition, source_id))
     return examples, ties
+
+
+def pairs_of_skin_types(examples: list[PairExample], skin_type_of: Mapping[str, int],
+                        types: Collection[int]) -> list[PairExample]:
+    """The pairs whose source image has one of the Fitzpatrick `types` (`dpo.source_skin_types`); a source whose
+    type the dataset does not give (-1, or not a record of the run) is left out."""
+    return [example for example in examples if skin_type_of.get(example.source_id, -1) in types]
 
 
 def pair_epoch_seed(seed: int) -> Callable[[int], int]:
@@ -137,10 +147,23 @@ def load_pair(store, example: PairExample, expected: TrajectorySettings):
 
 
 # -------------------------------------------------------------------------------------------- the round
-def training_pairs(paths: RunPaths, round_index: int, settings: DPOConfig) -> tuple[list[PairExample], int]:
-    """The informative pairs of the round and the number of ties left out; a clear error when there are none."""
+def training_pairs(paths: RunPaths, round_index: int, settings: DPOConfig,
+                   skin_type_of: Mapping[str, int] | None = None) -> tuple[list[PairExample], int]:
+    """The informative pairs of the round (of the sources `dpo.source_skin_types` names, by `skin_type_of`: source
+    id -> Fitzpatrick type) and the number of ties left out; a clear error when there are none."""
     examples, ties = informative_pairs(Ledger(paths.ledger), paths, round_index, settings.preference_control,
                                        settings.seed)
+    if examples and settings.source_skin_types is not None:
+        kept = pairs_of_skin_types(examples, skin_type_of or {}, settings.source_skin_types)
+        if not kept:
+            raise TrainingError(
+                f"dpo.source_skin_types = {settings.source_skin_types} leaves none of the {len(examples)} informative "
+                f"pairs of round {round_index}: their sources are of types "
+                f"{sorted({(skin_type_of or {}).get(e.source_id, -1) for e in examples})} (-1: unknown)")
+        Console(stderr=True).print(f"dpo round {round_index}: {len(kept)} of {len(examples)} informative pairs, those "
+                                   f"whose source is of skin type {settings.source_skin_types}",
+                                   highlight=False, markup=False, soft_wrap=True)
+        examples = kept
     if examples:
         return examples, ties
     if not ties:
@@ -322,7 +345,11 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     accelerator.wait_for_everyone()
     paths = RunPaths(config.run_dir)
 
-    examples, ties = training_pairs(paths, round_index, settings)
+    skin_type_of = None
+    if settings.source_skin_types is not None:
+        skin_type_of = {record.id: record.skin_type
+                        for record in sampling_sources(config, run_split(config, paths))}
+    examples, ties = training_pairs(paths, round_index, settings, skin_type_of)
     store, header, sampling = round_trajectories(paths, round_index, examples)
     # the denoising objective runs the preliminary model itself: the stored log-probs play no part in it
     stored_reference = settings.objective == "trajectory" and stored_log_probs_are_reference(settings, round_index,
@@ -362,7 +389,8 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     session.logger.close()
 
     summary = {"round": round_index, "objective": settings.objective, "iterations": settings.iterations,
-               "pairs": len(examples), "ties_skipped": ties, "preference_control": settings.preference_control}
+               "pairs": len(examples), "ties_skipped": ties, "preference_control": settings.preference_control,
+               "source_skin_types": settings.source_skin_types}
     outputs = [round_output(paths, round_index)] + ([paths.aligned / "dpo"] if round_index == config.rounds - 1 else [])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -250,8 +250,10 @@ def test_pairs_can_be_limited_to_sources_of_some_skin_types(prepared_run):
     assert kept == [e for e in examples if e.source_id == sources[0]]
     everyone = load_config("tiny").dpo
     assert dpo_module.training_pairs(paths, 0, everyone, None)[0] == examples  # None: every pair
+    from magic_align.sample import of_source_skin_types
+
     unknown = {source: -1 for source in sources}  # types the dataset does not give are left out
-    assert dpo_module.pairs_of_skin_types(examples, unknown, [1, 2, 3, 4, 5, 6]) == []
+    assert of_source_skin_types(examples, unknown, [1, 2, 3, 4, 5, 6]) == []
     with pytest.raises(dpo_module.TrainingError, match=r"dpo.source_skin_types = \[5, 6\] leaves none of the 3"):
         dpo_module.training_pairs(paths, 0, dark, unknown)
 

@@ -103,6 +103,14 @@ def test_magic_run_tiny_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     summary = json.loads((run_dpo(chosen) / "dpo.json").read_text())
     assert summary["source_skin_types"] == wanted and summary["pairs"] == len(expected) < len(examples)
 
+    from magic_align.train.rft import run_rft
+
+    samples = Ledger(config.run_dir / "ledger.sqlite").samples(0)
+    chosen = load_config("tiny", [f"runs_dir='{tmp_path}'", f"rft.source_skin_types={wanted}"])
+    summary = json.loads((run_rft(chosen) / "rft.json").read_text())
+    assert summary["source_skin_types"] == wanted
+    assert summary["trajectories"] == len([s for s in samples if types[s.source_id] in wanted]) < len(samples)
+
 
 def test_judge_stage_over_http_stores_what_the_rules_judge_measures(tmp_path, monkeypatch):
     """The openai path end to end on the demo domain: a loopback server whose answers come from the rules judge."""

@@ -238,6 +238,13 @@ class PairsConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------- training
+def fitzpatrick_types(types: list[int] | None) -> list[int] | None:
+    """A `source_skin_types` setting checked and sorted: each a Fitzpatrick type 1-6 (None: no restriction)."""
+    if types is not None and any(t not in range(1, 7) for t in types):
+        raise ValueError(f"{types}: each must be a Fitzpatrick skin type, 1 to 6")
+    return sorted(set(types)) if types is not None else None
+
+
 class FinetuneConfig(Section):
     seed: int = 0
     resolution: int | None = None  # None: model.resolution
@@ -311,9 +318,7 @@ class DPOConfig(Section):
     @field_validator("source_skin_types")
     @classmethod
     def _fitzpatrick_types(cls, types: list[int] | None) -> list[int] | None:
-        if types is not None and any(t not in range(1, 7) for t in types):
-            raise ValueError(f"{types}: each must be a Fitzpatrick skin type, 1 to 6")
-        return sorted(set(types)) if types is not None else None
+        return fitzpatrick_types(types)
 
 
 class RFTConfig(Section):
@@ -335,6 +340,9 @@ class RFTConfig(Section):
     # is the mean over all samples, so a condition the model draws badly (low rewards) is not left out of training
     # while the well-drawn ones pull the shared LoRA their way (plain weights only: not with the unit baseline)
     balance: Literal["none", "condition"] = "none"
+    # train on the samples whose source image has one of these Fitzpatrick types only (as dpo.source_skin_types);
+    # the reward model still learns from every judged sample
+    source_skin_types: list[int] | None = Field(None, min_length=1)
     # what the reward weighs: "trajectory" = the log-likelihood of every stored denoising transition (with
     # guidance, T steps per sample: docs/method.md section 8); "denoising" = the diffusion (epsilon) loss on each
     # sample's final latent, a bound on its likelihood (one UNet row per sample: T x 2 times cheaper)
@@ -367,6 +375,11 @@ class RFTConfig(Section):
             raise ValueError(f"reference_weight = {self.reference_weight} applies to objective = 'denoising' only "
                              f"(objective is {self.objective!r}); set reference_weight = 0 or the denoising objective")
         return self
+
+    @field_validator("source_skin_types")
+    @classmethod
+    def _fitzpatrick_types(cls, types: list[int] | None) -> list[int] | None:
+        return fitzpatrick_types(types)
 
     @model_validator(mode="after")
     def _balance_needs_plain_weights(self) -> "RFTConfig":
@@ -576,6 +589,7 @@ ADDED_KEYS: dict[str, Any] = {
     "dpo.preference_control": "none",
     "dpo.source_skin_types": None,
     "rft.balance": "none",
+    "rft.source_skin_types": None,
 }
 
 

@@ -92,6 +92,17 @@ def sampling_sources(config: RunConfig, split) -> list:
     return list(labelled) + extra_sources(config)
 
 
+def source_skin_types(config: RunConfig, split) -> dict[str, int]:
+    """Source id -> Fitzpatrick type (-1: unknown) of every image units are drawn from."""
+    return {record.id: record.skin_type for record in sampling_sources(config, split)}
+
+
+def of_source_skin_types(items: list, skin_type_of: dict[str, int], types) -> list:
+    """The items (pairs, samples: anything with a `source_id`) whose source image has one of the Fitzpatrick
+    `types` (`dpo.source_skin_types`, `rft.source_skin_types`); a source of unknown type is left out."""
+    return [item for item in items if skin_type_of.get(item.source_id, -1) in types]
+
+
 def plan_units(config: RunConfig, train, classes: list[str], checklists, round_index: int) -> list[Unit]:
     """The round's units, the same for the same seed: sources drawn without replacement (cycling through a
     shuffled train split when more units than images are asked), targets by `choose_target`."""

@@ -43,7 +43,7 @@ from magic_align.feedback import run_pairs
 from magic_align.judge import run_judge
 from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
-from magic_align.sample import run_sample, sampling_sources
+from magic_align.sample import of_source_skin_types, run_sample, source_skin_types
 from magic_align.train.diffusion_losses import noised_with_target, prediction_error
 from magic_align.train.dpo_loss import controlled_signs, denoising_dpo_loss, dpo_loss, preference_signs
 from magic_align.train.session import (
@@ -107,13 +107,6 @@ def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int, contr
     return examples, ties
 
 
-def pairs_of_skin_types(examples: list[PairExample], skin_type_of: Mapping[str, int],
-                        types: Collection[int]) -> list[PairExample]:
-    """The pairs whose source image has one of the Fitzpatrick `types` (`dpo.source_skin_types`); a source whose
-    type the dataset does not give (-1, or not a record of the run) is left out."""
-    return [example for example in examples if skin_type_of.get(example.source_id, -1) in types]
-
-
 def pair_epoch_seed(seed: int) -> Callable[[int], int]:
     """`epoch_seed` of DPO's pair schedule (`session.batch_indices`): pass `epoch` over the pairs is permuted with
     seed * 1_000_003 + epoch (kept as it was, so existing checkpoints resume on the same pairs)."""
@@ -154,7 +147,7 @@ def training_pairs(paths: RunPaths, round_index: int, settings: DPOConfig,
     examples, ties = informative_pairs(Ledger(paths.ledger), paths, round_index, settings.preference_control,
                                        settings.seed)
     if examples and settings.source_skin_types is not None:
-        kept = pairs_of_skin_types(examples, skin_type_of or {}, settings.source_skin_types)
+        kept = of_source_skin_types(examples, skin_type_of or {}, settings.source_skin_types)
         if not kept:
             raise TrainingError(
                 f"dpo.source_skin_types = {settings.source_skin_types} leaves none of the {len(examples)} informative "
@@ -345,10 +338,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     accelerator.wait_for_everyone()
     paths = RunPaths(config.run_dir)
 
-    skin_type_of = None
-    if settings.source_skin_types is not None:
-        skin_type_of = {record.id: record.skin_type
-                        for record in sampling_sources(config, run_split(config, paths))}
+    skin_type_of = source_skin_types(config, run_split(config, paths)) if settings.source_skin_types else None
     examples, ties = training_pairs(paths, round_index, settings, skin_type_of)
     store, header, sampling = round_trajectories(paths, round_index, examples)
     # the denoising objective runs the preliminary model itself: the stored log-probs play no part in it

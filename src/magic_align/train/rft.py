@@ -43,6 +43,7 @@ from magic_align.backbones import load_backbone
 from magic_align.checklists.schema import load_checklists
 from magic_align.config import RFTConfig, RunConfig
 from magic_align.data.images import load_image
+from magic_align.data.split import run_split
 from magic_align.diffusion.loading import load_run_policy, weights_digest
 from magic_align.diffusion.lora import adapters_disabled, save_lora
 from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
@@ -51,6 +52,7 @@ from magic_align.feedback import sample_rewards
 from magic_align.ledger import Ledger
 from magic_align.progress import StageProgress
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
+from magic_align.sample import of_source_skin_types, source_skin_types
 from magic_align.train.diffusion_losses import denoising_draw, denoising_loss, encode_images, weighted_error
 from magic_align.train.finetune import TrainingImage, load_batch, training_images
 from magic_align.train.reward_model import HEAD_FILE, META_FILE, RewardModel, fit_reward_head, load_reward_model
@@ -294,6 +296,15 @@ def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, rew
             f"round {round_index} has no sample with a stored trajectory in {paths.trajectories(round_index)}; "
             "run `magic sample` (trajectories are kept by default)"
         )
+    types = config.rft.source_skin_types
+    if types is not None:
+        skin_type_of = source_skin_types(config, run_split(config, paths))
+        kept = of_source_skin_types(samples, skin_type_of, types)
+        if not kept:
+            raise TrainingError(f"rft.source_skin_types = {types} leaves none of the {len(samples)} samples of round "
+                                f"{round_index}: their sources are of types "
+                                f"{sorted({skin_type_of.get(s.source_id, -1) for s in samples})} (-1: unknown)")
+        samples = kept
     features_of = dict(known_features or {})  # image path -> backbone features
     rewards = []
     for start in range(0, len(samples), 32):
@@ -590,6 +601,7 @@ def write_summary(path: Path, config: RunConfig, round_index: int, trajectories:
         "objective": rft.objective,
         "baseline": rft.baseline,
         "balance": rft.balance,
+        "source_skin_types": rft.source_skin_types,
         "steps": rft.steps,
         "trajectories": len(trajectories),
         "reward_mean": sum(rewards) / len(rewards),

@@ -314,7 +314,6 @@ class DPOConfig(Section):
     checkpoint_every: int = Field(32, ge=1)
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
 
-
     @field_validator("source_skin_types")
     @classmethod
     def _fitzpatrick_types(cls, types: list[int] | None) -> list[int] | None:
@@ -593,12 +592,12 @@ ADDED_KEYS: dict[str, Any] = {
 }
 
 
+_ABSENT = object()
+
+
 def digest_values(section: str, values: dict) -> dict:
     """A section's dumped values as digests see them: every key of ADDED_KEYS at its as-before value left out."""
     return {key: value for key, value in values.items() if ADDED_KEYS.get(f"{section}.{key}", _ABSENT) != value}
-
-
-_ABSENT = object()
 
 
 # Settings that existed once and were removed: "section.key" -> why, and what to use instead. A configuration that

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Callable, Collection, Mapping
 
 import torch
-from rich.console import Console
 
 from magic_align.config import DPOConfig, RunConfig
 from magic_align.data.split import run_split
@@ -43,7 +42,7 @@ from magic_align.feedback import run_pairs
 from magic_align.judge import run_judge
 from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
-from magic_align.sample import of_source_skin_types, run_sample, source_skin_types
+from magic_align.sample import run_sample, source_skin_types
 from magic_align.train.diffusion_losses import noised_with_target, prediction_error
 from magic_align.train.dpo_loss import controlled_signs, denoising_dpo_loss, dpo_loss, preference_signs
 from magic_align.train.session import (
@@ -60,6 +59,7 @@ from magic_align.train.trajectory_likelihood import (
     PolicyTraining,
     TrajectorySettings,
     check_trajectory_settings,
+    of_chosen_skin_types,
     start_policy_training,
     step_chunks,
 )
@@ -147,16 +147,8 @@ def training_pairs(paths: RunPaths, round_index: int, settings: DPOConfig,
     examples, ties = informative_pairs(Ledger(paths.ledger), paths, round_index, settings.preference_control,
                                        settings.seed)
     if examples and settings.source_skin_types is not None:
-        kept = of_source_skin_types(examples, skin_type_of or {}, settings.source_skin_types)
-        if not kept:
-            raise TrainingError(
-                f"dpo.source_skin_types = {settings.source_skin_types} leaves none of the {len(examples)} informative "
-                f"pairs of round {round_index}: their sources are of types "
-                f"{sorted({(skin_type_of or {}).get(e.source_id, -1) for e in examples})} (-1: unknown)")
-        Console(stderr=True).print(f"dpo round {round_index}: {len(kept)} of {len(examples)} informative pairs, those "
-                                   f"whose source is of skin type {settings.source_skin_types}",
-                                   highlight=False, markup=False, soft_wrap=True)
-        examples = kept
+        examples = of_chosen_skin_types(examples, skin_type_of or {}, settings.source_skin_types,
+                                        "dpo.source_skin_types", "informative pairs", round_index)
     if examples:
         return examples, ties
     if not ties:

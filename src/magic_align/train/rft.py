@@ -52,7 +52,7 @@ from magic_align.feedback import sample_rewards
 from magic_align.ledger import Ledger
 from magic_align.progress import StageProgress
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
-from magic_align.sample import of_source_skin_types, source_skin_types
+from magic_align.sample import source_skin_types
 from magic_align.train.diffusion_losses import denoising_draw, denoising_loss, encode_images, weighted_error
 from magic_align.train.finetune import TrainingImage, load_batch, training_images
 from magic_align.train.reward_model import HEAD_FILE, META_FILE, RewardModel, fit_reward_head, load_reward_model
@@ -67,7 +67,7 @@ from magic_align.train.session import (
     training_progress,
 )
 from magic_align.train.trajectory_likelihood import (PolicyTraining, TrajectorySettings, check_trajectory_settings,
-                                                     start_policy_training, step_chunks)
+                                                     of_chosen_skin_types, start_policy_training, step_chunks)
 
 OUTPUT = "rft"
 ADAPTER_NAME = "rft"
@@ -99,7 +99,7 @@ def unit_baselined_weights(weights: torch.Tensor, unit_ids: Sequence[str]) -> to
     if weights.ndim != 1 or len(unit_ids) != weights.shape[0]:
         raise ValueError(f"weights {tuple(weights.shape)} and {len(unit_ids)} unit ids: expected [N] and N ids")
     centred = weights.clone()
-    for indices in unit_members(unit_ids):
+    for indices in positions_by_key(unit_ids):
         centred[indices] = weights[indices] - weights[indices].mean()
     return centred
 
@@ -115,14 +115,14 @@ def condition_balanced_weights(weights: torch.Tensor, conditions: Sequence[str])
         raise ValueError(f"weights {tuple(weights.shape)} and {len(conditions)} conditions: expected [N] and N")
     overall = weights.mean()
     balanced = weights.clone()
-    for indices in unit_members(conditions):
+    for indices in positions_by_key(conditions):
         mean = weights[indices].mean()
         if mean > 0:
             balanced[indices] = weights[indices] * (overall / mean)
     return balanced
 
 
-def unit_members(keys: Sequence[str]) -> list[list[int]]:
+def positions_by_key(keys: Sequence[str]) -> list[list[int]]:
     """The positions of each key's entries (a unit's samples, a condition's), keys in order of first appearance."""
     members: dict[str, list[int]] = {}
     for index, key in enumerate(keys):
@@ -296,15 +296,9 @@ def score_trajectories(config: RunConfig, paths: RunPaths, round_index: int, rew
             f"round {round_index} has no sample with a stored trajectory in {paths.trajectories(round_index)}; "
             "run `magic sample` (trajectories are kept by default)"
         )
-    types = config.rft.source_skin_types
-    if types is not None:
-        skin_type_of = source_skin_types(config, run_split(config, paths))
-        kept = of_source_skin_types(samples, skin_type_of, types)
-        if not kept:
-            raise TrainingError(f"rft.source_skin_types = {types} leaves none of the {len(samples)} samples of round "
-                                f"{round_index}: their sources are of types "
-                                f"{sorted({skin_type_of.get(s.source_id, -1) for s in samples})} (-1: unknown)")
-        samples = kept
+    if config.rft.source_skin_types is not None:
+        samples = of_chosen_skin_types(samples, source_skin_types(config, run_split(config, paths)),
+                                       config.rft.source_skin_types, "rft.source_skin_types", "samples", round_index)
     features_of = dict(known_features or {})  # image path -> backbone features
     rewards = []
     for start in range(0, len(samples), 32):
@@ -545,7 +539,7 @@ def run_rft(
 
         run.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if rft.baseline == "unit" and rft.objective == "denoising":
-        run.units = unit_members([item.unit_id for item in trajectories])
+        run.units = positions_by_key([item.unit_id for item in trajectories])
     train_step = RFT_STEPS[rft.objective]
 
     session = training.session

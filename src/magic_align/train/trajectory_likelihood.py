@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 from rich.console import Console
@@ -26,6 +26,7 @@ from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_pre
 from magic_align.diffusion.loading import weights_digest
 from magic_align.diffusion.lora import LORA_TARGETS, adapter_parameters, attach_lora, lora_weights_file, merge_lora
 from magic_align.diffusion.sampler import embed_prompt_ids, tokenize_prompts
+from magic_align.sample import of_source_skin_types
 from magic_align.train.session import (
     ModelWithDtype,
     TrainingError,
@@ -188,6 +189,22 @@ class PolicyTraining:
             self.policy if model is None else model, self.scheduler, latents, timesteps, cond, self.negative,
             guidance=self.guidance, eta=self.eta, reduction=self.reduction, step_indices=step_indices,
         )
+
+
+def of_chosen_skin_types(items: list, skin_type_of: Mapping[str, int], types: Sequence[int], setting: str,
+                         what: str, round_index: int) -> list:
+    """The `items` (pairs or samples) whose source image is of one of the Fitzpatrick `types` (the stage's
+    `setting`, `dpo.source_skin_types` or `rft.source_skin_types`), with one line saying how many remain; a clear
+    error when none does."""
+    kept = of_source_skin_types(items, skin_type_of, types)
+    if not kept:
+        raise TrainingError(f"{setting} = {list(types)} leaves none of the {len(items)} {what} of round {round_index}: "
+                            f"their sources are of types {sorted({skin_type_of.get(i.source_id, -1) for i in items})} "
+                            "(-1: unknown)")
+    Console(stderr=True).print(f"{setting.split('.')[0]} round {round_index}: {len(kept)} of {len(items)} {what}, those "
+                               f"whose source is of skin type {list(types)}", highlight=False, markup=False,
+                               soft_wrap=True)
+    return kept
 
 
 def start_policy_training(

@@ -1,4 +1,5 @@
-"""A simulated kill for the resume tests: wrap the optimizer step so that a chosen call raises KeyboardInterrupt."""
+"""Simulated faults and probes for the training tests: wrap the optimizer step so that a chosen call raises
+KeyboardInterrupt, or so that the weights after every step are recorded."""
 
 from __future__ import annotations
 
@@ -15,3 +16,15 @@ def killed_at_step(real_step, step: int):
         return real_step(*args, **kwargs)
 
     return step_or_kill
+
+
+def recording_weights(real_step, recorded: list):
+    """`real_step` (a trainer's `optimizer_step(accelerator, optimizer, schedule, parameters, ...)`) that, after each
+    call, appends a copy of the trainable weights (a list of tensors) to `recorded`."""
+
+    def step_and_record(accelerator, optimizer, schedule, parameters, *args, **kwargs):
+        result = real_step(accelerator, optimizer, schedule, parameters, *args, **kwargs)
+        recorded.append([parameter.detach().clone() for parameter in parameters])
+        return result
+
+    return step_and_record

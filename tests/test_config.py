@@ -147,3 +147,20 @@ def test_the_rft_reference_weight_is_refused_where_it_does_nothing():
         load_config("demo", ['rft.objective="trajectory"'])
     assert load_config("demo", ['rft.objective="trajectory"', "rft.reference_weight=0.0"]).rft.objective == "trajectory"
     assert load_config("paper").rft.reference_weight == 0.0
+
+
+def test_the_dpo_reference_weight_needs_the_denoising_objective():
+    with pytest.raises(ConfigError, match=r"dpo: reference_weight = 100.0 applies to objective = 'denoising' only"):
+        load_config("paper", ["dpo.reference_weight=100.0"])
+    assert load_config("demo", ["dpo.reference_weight=100.0"]).dpo.reference_weight == 100.0
+
+
+@pytest.mark.parametrize("section, total_key", [("dpo", "iterations"), ("rft", "steps")])
+def test_a_weight_average_must_begin_at_a_step_the_run_takes(section, total_key):
+    total = getattr(getattr(load_config("demo"), section), total_key)
+    with pytest.raises(ConfigError, match=rf"{section}: average_from = {total + 1} is after the last of the "
+                                          rf"{total_key} \({total_key} = {total}\)"):
+        load_config("demo", [f"{section}.average_from={total + 1}"])
+    with pytest.raises(ConfigError, match="average_from"):
+        load_config("demo", [f"{section}.average_from=0"])
+    assert getattr(load_config("demo", [f"{section}.average_from={total}"]), section).average_from == total

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from interruption import killed_at_step
+from interruption import killed_at_step, recording_weights
 
 from magic_align.config import ModelConfig
 from magic_align.diffusion.ddim import ddim_step_with_log_prob, guided_noise_prediction
@@ -573,18 +573,112 @@ def test_the_flipped_preference_control_learns_to_prefer_the_losers_and_says_it_
     assert after < before - 1e-4, (before, after)
 
 
-def test_denoising_objective_resumes_to_the_same_lora(prepared_run, denoising_run, tiny_model_dir, monkeypatch):
-    copy_run(prepared_run, "denoising-resumed")
-    config = load_config("tiny", run_overrides(prepared_run, "denoising-resumed", tiny_model_dir, *DENOISING))
+@torch.no_grad()
+def distance_from_initial(pipe, root, lora, draws=6):
+    """Mean squared distance between the noise predictions with and without the DPO LoRA at the pairs' final latents,
+    on fixed noises and timesteps: how far training moved the policy from the model it started from."""
+    from diffusers import DDPMScheduler
+
+    from magic_align.diffusion.trajectories import TrajectoryStore
+    from magic_align.run import RunPaths
+
+    store = TrajectoryStore(RunPaths(root).trajectories(0))
+    batch = store.get(store.sample_ids())
+    clean, cond = batch.latents[:, -1], pipe.text_encoder(batch.prompt_ids)[0]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(11)
+    pipe.load_lora_weights(str(lora), adapter_name="dpo")
+    total = 0.0
+    for _ in range(draws):
+        noise = torch.randn(clean.shape, generator=generator)
+        t = torch.randint(0, int(batch.timesteps[0].max()) + 1, (clean.shape[0],), generator=generator)
+        noisy = scheduler.add_noise(clean, noise, t)
+        pipe.set_adapters(["dpo"], [1.0])
+        trained = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+        pipe.set_adapters(["dpo"], [0.0])
+        initial = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+        total += float((trained - initial).pow(2).mean())
+    pipe.delete_adapters(["dpo"])
+    return total / draws
+
+
+def test_the_reference_weight_keeps_the_dpo_policy_near_the_initial_model(prepared_run, denoising_run, tiny_model_dir):
+    """dpo.reference_weight adds the distance of the policy's noise predictions from the initial model's on the
+    pairs' draws: logged beside the preference loss (zero at the first step, where the fresh adapter is the initial
+    model), part of the logged loss, recorded in dpo.json, and a heavy weight leaves the policy closer to the initial
+    model than Diffusion-DPO alone does."""
+    from diffusers import StableDiffusionPipeline
+
+    copy_run(prepared_run, "anchored")
+    weight = 1e5
+    anchored = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "anchored", tiny_model_dir, *DENOISING,
+                                                                    f"dpo.reference_weight={weight}")))
+    assert json.loads((anchored / "dpo.json").read_text())["reference_weight"] == weight
+    rows = read_metrics(prepared_run / "anchored" / "logs" / "dpo" / "round-0" / "metrics.csv")
+    assert rows[0]["reference_distance"] == 0 and rows[-1]["reference_distance"] > 0
+    for row in rows:
+        assert row["loss"] == pytest.approx(row["preference_loss"] + weight * row["reference_distance"], rel=1e-5)
+    free_rows = read_metrics(prepared_run / "denoising" / "logs" / "dpo" / "round-0" / "metrics.csv")
+    assert "reference_distance" not in free_rows[0]
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    free = distance_from_initial(pipe, prepared_run / "denoising", denoising_run)
+    assert 0 < distance_from_initial(pipe, prepared_run / "anchored", anchored) < free
+
+
+def test_average_from_saves_the_mean_of_the_weights_from_that_iteration_on(prepared_run, tiny_model_dir, monkeypatch):
+    """dpo.average_from = 4 of 6 iterations: the saved LoRA holds, for every trainable tensor, the mean of its values
+    after iterations 4, 5 and 6 (not the last values); dpo.json records it."""
+    copy_run(prepared_run, "averaged")
+    recorded = []
+    monkeypatch.setattr(dpo_module, "optimizer_step", recording_weights(dpo_module.optimizer_step, recorded))
+    output = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "averaged", tiny_model_dir, *DENOISING,
+                                                                  "dpo.average_from=4")))
+    assert json.loads((output / "dpo.json").read_text())["average_from"] == 4
+    assert len(recorded) == 6
+    means = [torch.stack(values).mean(0) for values in zip(*recorded[3:])]
+    last = recorded[-1]
+    saved = list(lora_tensors(output).values())
+    assert len(saved) == len(means)
+    moved = 0
+    for mean, final in zip(means, last):
+        assert any(value.shape == mean.shape and torch.allclose(value, mean, atol=1e-7) for value in saved)
+        moved += not torch.allclose(mean, final)
+    assert moved > 0  # the mean is not the last weights, so the test tells the two apart
+
+
+def test_an_averaged_run_resumes_to_the_same_lora(prepared_run, tiny_model_dir, monkeypatch):
+    """Killed after the step-3 checkpoint with the average begun at step 2, the rerun averages exactly what an
+    uninterrupted run does: the average is checkpointed with the weights."""
+    settings = (*DENOISING, "dpo.average_from=2")
+    copy_run(prepared_run, "averaged-whole")
+    whole = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "averaged-whole", tiny_model_dir,
+                                                                 *settings)))
+    copy_run(prepared_run, "averaged-resumed")
+    config = load_config("tiny", run_overrides(prepared_run, "averaged-resumed", tiny_model_dir, *settings))
+    assert_same_tensors(whole, killed_then_resumed(config, 5, monkeypatch))
+
+
+def killed_then_resumed(config, kill_at: int, monkeypatch):
+    """DPO killed before optimizer step `kill_at`, then run again: the folder of the LoRA the rerun wrote."""
     real_step = dpo_module.optimizer_step
-    monkeypatch.setattr(dpo_module, "optimizer_step", killed_at_step(real_step, 4))  # after the step-3 checkpoint
+    monkeypatch.setattr(dpo_module, "optimizer_step", killed_at_step(real_step, kill_at))
     with pytest.raises(KeyboardInterrupt):
         dpo_module.run_dpo(config)
     monkeypatch.setattr(dpo_module, "optimizer_step", real_step)
-    resumed = dpo_module.run_dpo(config)
-    expected, got = lora_tensors(denoising_run), lora_tensors(resumed)
+    return dpo_module.run_dpo(config)
+
+
+def assert_same_tensors(expected_folder, got_folder):
+    expected, got = lora_tensors(expected_folder), lora_tensors(got_folder)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_denoising_objective_resumes_to_the_same_lora(prepared_run, denoising_run, tiny_model_dir, monkeypatch):
+    copy_run(prepared_run, "denoising-resumed")
+    config = load_config("tiny", run_overrides(prepared_run, "denoising-resumed", tiny_model_dir, *DENOISING))
+    assert_same_tensors(denoising_run, killed_then_resumed(config, 4, monkeypatch))  # after the step-3 checkpoint
 
 
 @pytest.mark.slow

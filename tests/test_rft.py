@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from interruption import killed_at_step
+from interruption import killed_at_step, recording_weights
 
 from magic_align.config import ModelConfig, load_config
 from magic_align.train.reward_model import RewardHead, fit_reward_head
@@ -419,6 +419,29 @@ def test_the_reference_weight_keeps_the_policy_near_the_preliminary_model(rft_ru
     for row in rows:
         assert row["loss"] == pytest.approx(row["weighted_nll"] + 1e4 * row["reference_distance"], rel=1e-5)
     assert 0 < distance_to_preliminary(output) < free
+
+
+@pytest.mark.slow
+def test_average_from_saves_the_mean_of_the_rft_weights(rft_run, monkeypatch):
+    """rft.average_from = 3 of 4 steps: the saved LoRA holds the mean of each trainable tensor after steps 3 and 4
+    (not the last values), and rft.json records it."""
+    import magic_align.train.rft as rft_module
+    from safetensors.torch import load_file
+
+    config, _ = rft_run
+    recorded = []
+    monkeypatch.setattr(rft_module, "optimizer_step", recording_weights(rft_module.optimizer_step, recorded))
+    changed = config.model_copy(deep=True)
+    changed.rft.objective, changed.rft.average_from = "denoising", 3
+    output = rft_module.run_rft(changed, judge_id="test:judge")
+    assert json.loads((output / "rft.json").read_text())["average_from"] == 3
+    assert len(recorded) == 4
+    saved = list(load_file(str(output / "pytorch_lora_weights.safetensors")).values())
+    means = [torch.stack(values).mean(0) for values in zip(*recorded[2:])]
+    assert len(saved) == len(means)
+    for mean in means:
+        assert any(value.shape == mean.shape and torch.allclose(value, mean, atol=1e-7) for value in saved)
+    assert any(not torch.allclose(mean, last) for mean, last in zip(means, recorded[-1]))
 
 
 @pytest.mark.slow

@@ -245,6 +245,21 @@ def fitzpatrick_types(types: list[int] | None) -> list[int] | None:
     return sorted(set(types)) if types is not None else None
 
 
+def average_within(average_from: int | None, total: int, name: str) -> None:
+    """The weight average must begin at an optimizer step the run takes."""
+    if average_from is not None and average_from > total:
+        raise ValueError(f"average_from = {average_from} is after the last of the {name} ({name} = {total}); set it to "
+                         f"a step from 1 to {total}, e.g. {max(1, total // 2)} to average the second half, or leave it "
+                         "out to keep the last weights")
+
+
+def reference_weight_needs_denoising(reference_weight: float, objective: str) -> None:
+    """The KL penalty to the initial model is defined on the denoising objective's draws only."""
+    if reference_weight > 0 and objective != "denoising":
+        raise ValueError(f"reference_weight = {reference_weight} applies to objective = 'denoising' only "
+                         f"(objective is {objective!r}); set reference_weight = 0 or the denoising objective")
+
+
 class FinetuneConfig(Section):
     seed: int = 0
     resolution: int | None = None  # None: model.resolution
@@ -288,6 +303,9 @@ class DPOConfig(Section):
     # Diffusion-DPO's beta multiplies per-element mean squared errors, so it lives on another scale (the paper
     # used 2000-5000 for Stable Diffusion 1.5)
     denoising_beta: float = Field(2500.0, gt=0)
+    # the denoising objective only: weight of the distance between the policy's and the initial model's noise
+    # predictions on the pairs' draws (a KL penalty, as rft.reference_weight); 0 (Diffusion-DPO) leaves it out
+    reference_weight: float = Field(0.0, ge=0)
     clip: float = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 disables it
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     lora_rank: int = Field(32, ge=1)
@@ -311,13 +329,26 @@ class DPOConfig(Section):
     # train on the pairs whose source image has one of these Fitzpatrick types only (None: every pair); a source
     # of unknown type is left out. For a judge whose preferences carry little on some skin (demo: docs/demo.md)
     source_skin_types: list[int] | None = Field(None, min_length=1)
+    # save the mean of the LoRA's weights over the iterations from this one to the last (stochastic weight
+    # averaging) instead of the last weights; None: the last weights
+    average_from: int | None = Field(None, ge=1)
     checkpoint_every: int = Field(32, ge=1)
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
+
+    @model_validator(mode="after")
+    def _average_from_within_the_iterations(self) -> "DPOConfig":
+        average_within(self.average_from, self.iterations, "iterations")
+        return self
 
     @field_validator("source_skin_types")
     @classmethod
     def _fitzpatrick_types(cls, types: list[int] | None) -> list[int] | None:
         return fitzpatrick_types(types)
+
+    @model_validator(mode="after")
+    def _reference_weight_needs_the_denoising_objective(self) -> "DPOConfig":
+        reference_weight_needs_denoising(self.reference_weight, self.objective)
+        return self
 
 
 class RFTConfig(Section):
@@ -364,15 +395,19 @@ class RFTConfig(Section):
     guidance: float | None = None  # None: the guidance the trajectories were sampled with (their header)
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     steps_per_forward: int | None = Field(None, ge=1)  # denoising steps per UNet pass; None: a whole trajectory
+    average_from: int | None = Field(None, ge=1)  # as dpo.average_from, over the steps
     checkpoint_every: int = Field(100, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
 
     @model_validator(mode="after")
+    def _average_from_within_the_steps(self) -> "RFTConfig":
+        average_within(self.average_from, self.steps, "steps")
+        return self
+
+    @model_validator(mode="after")
     def _reference_weight_needs_the_denoising_objective(self) -> "RFTConfig":
-        if self.reference_weight > 0 and self.objective != "denoising":
-            raise ValueError(f"reference_weight = {self.reference_weight} applies to objective = 'denoising' only "
-                             f"(objective is {self.objective!r}); set reference_weight = 0 or the denoising objective")
+        reference_weight_needs_denoising(self.reference_weight, self.objective)
         return self
 
     @field_validator("source_skin_types")
@@ -587,6 +622,9 @@ def _read_toml(path: Path) -> dict:
 ADDED_KEYS: dict[str, Any] = {
     "dpo.preference_control": "none",
     "dpo.source_skin_types": None,
+    "dpo.reference_weight": 0.0,
+    "dpo.average_from": None,
+    "rft.average_from": None,
     "rft.balance": "none",
     "rft.source_skin_types": None,
 }

@@ -16,6 +16,9 @@ start at zero, so at step 0 the policy is exactly the preliminary model. That mo
 - `diffusion_dpo_step` ("denoising", Diffusion-DPO, Wallace et al. 2024): the preference acts on the noise-
   prediction errors of each pair's two final latents, re-noised together to a random timestep the sampler
   visited, against the same errors of the preliminary model (the DPO adapter off); four UNet rows per pair.
+  `reference_weight` > 0 adds the distance of the policy's predictions from that model's on the same draws, a KL
+  penalty: the sigmoid of DPO stops pulling once a pair is won, and nothing else holds the policy near the model
+  it started from.
 
 Only informative pairs are trained on: a pair both samples of which win, or both lose, has h = (0, 0) and no
 gradient (`dpo_loss.preference_signs`), so spending UNet passes on it would only dilute the batch.
@@ -43,7 +46,7 @@ from magic_align.judge import run_judge
 from magic_align.ledger import Ledger
 from magic_align.run import RunPaths, atomic_write_text, prepare_run
 from magic_align.sample import run_sample, source_skin_types
-from magic_align.train.diffusion_losses import noised_with_target, prediction_error
+from magic_align.train.diffusion_losses import noised_with_target, prediction_error, weighted_error
 from magic_align.train.dpo_loss import controlled_signs, denoising_dpo_loss, dpo_loss, preference_signs
 from magic_align.train.session import (
     ModelWithDtype,
@@ -237,8 +240,8 @@ def reference_log_probs(run: PairTraining, example: PairExample, batch, cond: to
 
 
 # ------------------------------------------------------------------------------------ the step functions
-def trajectory_dpo_step(run: PairTraining, chosen: list[int], step: int):
-    """The per-step DPO loss of the chosen pairs, backpropagated; returns (loss, stats) over all processes."""
+def trajectory_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The per-step DPO loss of the chosen pairs, backpropagated; returns (loss, what to log) over all processes."""
     accelerator, training, settings = run.accelerator, run.training, run.settings
     policy_rows, reference_rows, sign_rows = [], [], []
     for position, pair_index in enumerate(chosen):
@@ -266,12 +269,14 @@ def trajectory_dpo_step(run: PairTraining, chosen: list[int], step: int):
         reference_rows.append(reference.float())
         sign_rows.append(signs[0])
     gathered = [accelerator.gather(torch.stack(rows)) for rows in (policy_rows, reference_rows, sign_rows)]
-    return dpo_loss(*gathered, settings.beta, settings.clip)
+    loss, stats = dpo_loss(*gathered, settings.beta, settings.clip)
+    return loss, stats.as_dict()
 
 
-def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int):
-    """Diffusion-DPO on the chosen pairs' final latents, backpropagated; returns (loss, stats) over all
-    processes. Both samples of a pair get the same noise and timestep, so their errors compare fairly."""
+def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Diffusion-DPO on the chosen pairs' final latents (plus `reference_weight` x the policy's distance from the
+    initial model on the same draws), backpropagated; returns (loss, what to log) over all processes. Both samples
+    of a pair get the same noise and timestep, so their errors compare fairly."""
     accelerator, training, settings = run.accelerator, run.training, run.settings
     pairs = [load_pair(run.store, run.examples[index], run.sampling) for index in chosen]
     final = torch.stack([batch.latents[:, -1] for batch in pairs]).to(accelerator.device)  # [P, 2, C, h, w]
@@ -299,9 +304,18 @@ def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int):
         prediction = training.session.model(noisy, row_timesteps, encoder_hidden_states=cond).sample
         error = prediction_error(prediction, target).reshape(-1, 2)
         loss, _ = denoising_dpo_loss(error, reference_error, signs, settings.denoising_beta)
+        if settings.reference_weight > 0:
+            distance = weighted_error(prediction, reference)
+            loss = loss + settings.reference_weight * distance
     accelerator.backward(loss)  # the mean over this process's pairs; DDP averages the processes
     gathered = [accelerator.gather(rows) for rows in (error.detach().float(), reference_error, signs)]
-    return denoising_dpo_loss(*gathered, settings.denoising_beta)
+    preference_loss, stats = denoising_dpo_loss(*gathered, settings.denoising_beta)
+    logged = stats.as_dict()
+    if settings.reference_weight > 0:
+        logged["preference_loss"] = float(preference_loss)
+        logged["reference_distance"] = float(accelerator.reduce(distance.detach().float(), reduction="mean"))
+        preference_loss = preference_loss + settings.reference_weight * logged["reference_distance"]
+    return preference_loss, logged
 
 
 DPO_STEPS = {"trajectory": trajectory_dpo_step, "denoising": diffusion_dpo_step}
@@ -357,11 +371,12 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
                                  start=session.start_step, checkpoints=session.checkpoints)
     for step in progress.steps(range(session.start_step, settings.iterations)):
         chosen = batch_indices(len(examples), settings.pairs_per_step, step, pair_epoch_seed(settings.seed))[rank::world]
-        loss, stats = train_step(run, chosen, step)
+        loss, logged = train_step(run, chosen, step)
         grad_norm = optimizer_step(accelerator, session.optimizer, session.lr_scheduler, session.parameters,
                                    settings.grad_clip)
         done = step + 1
-        session.logger.log(done, {"loss": float(loss), **stats.as_dict(), "grad_norm": grad_norm,
+        session.count_step(done)
+        session.logger.log(done, {"loss": float(loss), **logged, "grad_norm": grad_norm,
                                   "lr": session.lr_scheduler.get_last_lr()[0]})
         # The last step is checkpointed too, so rerunning a finished round trains nothing again.
         if done % settings.checkpoint_every == 0 or done == settings.iterations:
@@ -369,10 +384,12 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
                                              "fingerprint": training.fingerprint})
         progress.advance(loss=float(loss))
     session.logger.close()
+    session.use_averaged_weights()
 
     summary = {"round": round_index, "objective": settings.objective, "iterations": settings.iterations,
                "pairs": len(examples), "ties_skipped": ties, "preference_control": settings.preference_control,
-               "source_skin_types": settings.source_skin_types}
+               "source_skin_types": settings.source_skin_types, "reference_weight": settings.reference_weight,
+               "average_from": settings.average_from}
     outputs = [round_output(paths, round_index)] + ([paths.aligned / "dpo"] if round_index == config.rounds - 1 else [])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -558,6 +558,7 @@ def run_rft(
         real_value = float(accelerator.reduce(real_term.detach().float().to(accelerator.device), "mean"))
         mean_weight = sum(trajectories[index].weight for index in chosen) / len(chosen)
         done = step + 1
+        session.count_step(done)
         # reference_distance: the denoising objective's distance to the preliminary model, when reference_weight > 0
         loss = (logged["weighted_nll"] + rft.beta_real * real_value
                 + rft.reference_weight * logged.get("reference_distance", 0.0))
@@ -574,6 +575,7 @@ def run_rft(
                                              "fingerprint": training.fingerprint})
         progress.advance(loss=loss)
     session.logger.close()
+    session.use_averaged_weights()
 
     output = paths.aligned / OUTPUT
     accelerator.wait_for_everyone()
@@ -604,6 +606,8 @@ def write_summary(path: Path, config: RunConfig, round_index: int, trajectories:
         "weight_mean": sum(t.weight for t in trajectories) / len(trajectories),
         "reward_power": rft.reward_power,
         "beta_real": rft.beta_real,
+        "reference_weight": rft.reference_weight,
+        "average_from": rft.average_from,
         "guidance": guidance,
         "reward_model": reward_summary,
         "weights": {t.sample_id: round(t.weight, 6) for t in trajectories},

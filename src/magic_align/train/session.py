@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from magic_align.errors import MagicError
 from magic_align.progress import StageProgress
 from magic_align.run import atomic_path, set_aside
+from magic_align.train.weight_average import WeightAverage
 
 CHECKPOINT_PREFIX = "step-"
 TRAINING_STATE = "training_state.json"  # written last: its presence marks a complete checkpoint
@@ -447,6 +448,17 @@ class TrainingSession:
     logger: MetricsLogger
     start_step: int
     resumed: dict | None
+    average: WeightAverage | None = None  # the weights' running mean over the last steps, when asked for
+
+    def count_step(self, step: int) -> None:
+        """After optimizer step `step` (before its checkpoint): add the weights to their running mean, if kept."""
+        if self.average is not None:
+            self.average.update(step)
+
+    def use_averaged_weights(self) -> None:
+        """After the last step, before saving what was trained: the weights become their mean, if kept."""
+        if self.average is not None:
+            self.average.copy_to_parameters()
 
     def close(self) -> None:
         """End the session: close the logger and release the model, optimizer and checkpoint hooks from the
@@ -541,10 +553,12 @@ def start_training(
     run_name: str | None = None,
     log_config: Mapping | None = None,
     check_resumed: Callable[[dict], None] | None = None,
+    average_from: int | None = None,
 ) -> TrainingSession:
     """The common start of a trainer: AdamW over the trainable parameters, the LR schedule (None: a constant
     learning rate, no schedule), `prepare`, checkpoints (resuming the latest one) and the metrics logger (trimmed
-    to the resumed step).
+    to the resumed step). `average_from`: also keep the trainable weights' mean from that optimizer step on
+    (`WeightAverage`, checkpointed with the rest); the trainer updates it after each step and saves it.
 
     `check_resumed(state)` may refuse a resumed checkpoint (raise) before the logger touches the old metrics.
     """
@@ -556,6 +570,10 @@ def start_training(
     prepared, optimizer = accelerator.prepare(model, optimizer)
     if schedule is not None:
         accelerator.register_for_checkpointing(schedule)
+    average = None
+    if average_from is not None:
+        average = WeightAverage(parameters, start=average_from)
+        accelerator.register_for_checkpointing(average)
     checkpoints = Checkpoints(accelerator, checkpoint_dir)
     resumed = checkpoints.resume()
     if resumed is not None and check_resumed is not None:
@@ -566,7 +584,7 @@ def start_training(
         run_name=run_name, config=log_config,
     )
     return TrainingSession(accelerator, prepared, accelerator.unwrap_model(prepared), parameters, optimizer, schedule,
-                           checkpoints, logger, start, resumed)
+                           checkpoints, logger, start, resumed, average)
 
 
 def training_progress(

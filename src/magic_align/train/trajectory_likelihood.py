@@ -226,7 +226,7 @@ def start_policy_training(
     """The common start of a trainer on stored trajectories (`stage` "dpo" or "rft", whose config section gives
     lora_rank, lora_alpha, lr, weight_decay, use_8bit_adam, lr_scheduler, log_with and log_prob_reduction):
     the policy UNet (`prepare_policy_unet`), frozen weights and text encoder in the mixed-precision dtype,
-    `session.start_training` with checkpoints in `checkpoints/<stage>/round-<k>/` and logs in
+    `session.start_training` (with the section's `average_from`) with checkpoints in `checkpoints/<stage>/round-<k>/` and logs in
     `logs/<stage>/round-<k>/`, the scheduler set to the sampling steps, and the negative prompt's embedding.
     `guidance` None: the guidance the trajectories were sampled with.
 
@@ -268,6 +268,7 @@ def start_policy_training(
         checkpoint_dir=checkpoint_dir,
         log_dir=log_dir, log_with=section.log_with,
         run_name=f"{config.name}-{stage}-round-{round_index}", log_config=section.model_dump(mode="json"),
+        average_from=section.average_from,
     )
     scheduler = pipe.scheduler
     scheduler.set_timesteps(sampling.steps, device=accelerator.device)

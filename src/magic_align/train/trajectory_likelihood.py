@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
+from accelerate import PartialState
 from rich.console import Console
 
 from magic_align.config import digest_values
@@ -201,9 +202,10 @@ def of_chosen_skin_types(items: list, skin_type_of: Mapping[str, int], types: Se
         raise TrainingError(f"{setting} = {list(types)} leaves none of the {len(items)} {what} of round {round_index}: "
                             f"their sources are of types {sorted({skin_type_of.get(i.source_id, -1) for i in items})} "
                             "(-1: unknown)")
-    Console(stderr=True).print(f"{setting.split('.')[0]} round {round_index}: {len(kept)} of {len(items)} {what}, those "
-                               f"whose source is of skin type {list(types)}", highlight=False, markup=False,
-                               soft_wrap=True)
+    if PartialState().is_main_process:  # every process filters alike; one of them says so
+        Console(stderr=True).print(f"{setting.split('.')[0]} round {round_index}: {len(kept)} of {len(items)} {what}, "
+                                   f"those whose source is of skin type {list(types)}", highlight=False, markup=False,
+                                   soft_wrap=True)
     return kept
 
 

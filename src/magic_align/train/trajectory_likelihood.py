@@ -228,8 +228,9 @@ def start_policy_training(
     """The common start of a trainer on stored trajectories (`stage` "dpo" or "rft", whose config section gives
     lora_rank, lora_alpha, lr, weight_decay, use_8bit_adam, lr_scheduler, log_with and log_prob_reduction):
     the policy UNet (`prepare_policy_unet`), frozen weights and text encoder in the mixed-precision dtype,
-    `session.start_training` (with the section's `average_from`) with checkpoints in `checkpoints/<stage>/round-<k>/` and logs in
-    `logs/<stage>/round-<k>/`, the scheduler set to the sampling steps, and the negative prompt's embedding.
+    `session.start_training` (with the section's `average_from`) with checkpoints in `checkpoints/<stage>/round-<k>/`
+    and logs in `logs/<stage>/round-<k>/`, the scheduler set to the sampling steps, and the negative prompt's
+    embedding.
     `guidance` None: the guidance the trajectories were sampled with.
 
     `training_data` is a digest of what the stage trains on (its pairs, or its samples and weights). With the

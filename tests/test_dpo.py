@@ -657,6 +657,12 @@ def test_an_averaged_run_resumes_to_the_same_lora(prepared_run, tiny_model_dir, 
     copy_run(prepared_run, "averaged-resumed")
     config = load_config("tiny", run_overrides(prepared_run, "averaged-resumed", tiny_model_dir, *settings))
     assert_same_tensors(whole, killed_then_resumed(config, 5, monkeypatch))
+    # a rerun of the finished round resumes its last checkpoint, trains nothing, and saves the same mean again
+    recorded = []
+    monkeypatch.setattr(dpo_module, "optimizer_step", recording_weights(dpo_module.optimizer_step, recorded))
+    again = dpo_module.run_dpo(config)
+    assert recorded == []
+    assert_same_tensors(whole, again)
 
 
 def killed_then_resumed(config, kill_at: int, monkeypatch):

@@ -245,7 +245,7 @@ def fitzpatrick_types(types: list[int] | None) -> list[int] | None:
     return sorted(set(types)) if types is not None else None
 
 
-def average_within(average_from: int | None, total: int, name: str) -> None:
+def check_average_within(average_from: int | None, total: int, name: str) -> None:
     """The weight average must begin at an optimizer step the run takes."""
     if average_from is not None and average_from > total:
         raise ValueError(f"average_from = {average_from} is after the last of the {name} ({name} = {total}); set it to "
@@ -253,7 +253,7 @@ def average_within(average_from: int | None, total: int, name: str) -> None:
                          "out to keep the last weights")
 
 
-def reference_weight_needs_denoising(reference_weight: float, objective: str) -> None:
+def check_reference_weight_objective(reference_weight: float, objective: str) -> None:
     """The KL penalty to the initial model is defined on the denoising objective's draws only."""
     if reference_weight > 0 and objective != "denoising":
         raise ValueError(f"reference_weight = {reference_weight} applies to objective = 'denoising' only "
@@ -337,7 +337,7 @@ class DPOConfig(Section):
 
     @model_validator(mode="after")
     def _average_from_within_the_iterations(self) -> "DPOConfig":
-        average_within(self.average_from, self.iterations, "iterations")
+        check_average_within(self.average_from, self.iterations, "iterations")
         return self
 
     @field_validator("source_skin_types")
@@ -347,7 +347,7 @@ class DPOConfig(Section):
 
     @model_validator(mode="after")
     def _reference_weight_needs_the_denoising_objective(self) -> "DPOConfig":
-        reference_weight_needs_denoising(self.reference_weight, self.objective)
+        check_reference_weight_objective(self.reference_weight, self.objective)
         return self
 
 
@@ -402,12 +402,12 @@ class RFTConfig(Section):
 
     @model_validator(mode="after")
     def _average_from_within_the_steps(self) -> "RFTConfig":
-        average_within(self.average_from, self.steps, "steps")
+        check_average_within(self.average_from, self.steps, "steps")
         return self
 
     @model_validator(mode="after")
     def _reference_weight_needs_the_denoising_objective(self) -> "RFTConfig":
-        reference_weight_needs_denoising(self.reference_weight, self.objective)
+        check_reference_weight_objective(self.reference_weight, self.objective)
         return self
 
     @field_validator("source_skin_types")

@@ -304,18 +304,17 @@ def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple
         prediction = training.session.model(noisy, row_timesteps, encoder_hidden_states=cond).sample
         error = prediction_error(prediction, target).reshape(-1, 2)
         loss, _ = denoising_dpo_loss(error, reference_error, signs, settings.denoising_beta)
-        if settings.reference_weight > 0:
-            distance = weighted_error(prediction, reference)
-            loss = loss + settings.reference_weight * distance
-    accelerator.backward(loss)  # the mean over this process's pairs; DDP averages the processes
+        distance = weighted_error(prediction, reference) if settings.reference_weight > 0 else None
+        total = loss if distance is None else loss + settings.reference_weight * distance
+    accelerator.backward(total)  # the mean over this process's pairs; DDP averages the processes
     gathered = [accelerator.gather(rows) for rows in (error.detach().float(), reference_error, signs)]
     preference_loss, stats = denoising_dpo_loss(*gathered, settings.denoising_beta)
     logged = stats.as_dict()
-    if settings.reference_weight > 0:
-        logged["preference_loss"] = float(preference_loss)
-        logged["reference_distance"] = float(accelerator.reduce(distance.detach().float(), reduction="mean"))
-        preference_loss = preference_loss + settings.reference_weight * logged["reference_distance"]
-    return preference_loss, logged
+    if distance is None:
+        return preference_loss, logged
+    mean_distance = float(accelerator.reduce(distance.detach().float(), reduction="mean"))
+    logged.update(preference_loss=float(preference_loss), reference_distance=mean_distance)
+    return preference_loss + settings.reference_weight * mean_distance, logged
 
 
 DPO_STEPS = {"trajectory": trajectory_dpo_step, "denoising": diffusion_dpo_step}
@@ -375,7 +374,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         grad_norm = optimizer_step(accelerator, session.optimizer, session.lr_scheduler, session.parameters,
                                    settings.grad_clip)
         done = step + 1
-        session.count_step(done)
+        session.add_to_weight_average(done)
         session.logger.log(done, {"loss": float(loss), **logged, "grad_norm": grad_norm,
                                   "lr": session.lr_scheduler.get_last_lr()[0]})
         # The last step is checkpointed too, so rerunning a finished round trains nothing again.

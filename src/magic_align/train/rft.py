@@ -558,7 +558,7 @@ def run_rft(
         real_value = float(accelerator.reduce(real_term.detach().float().to(accelerator.device), "mean"))
         mean_weight = sum(trajectories[index].weight for index in chosen) / len(chosen)
         done = step + 1
-        session.count_step(done)
+        session.add_to_weight_average(done)
         # reference_distance: the denoising objective's distance to the preliminary model, when reference_weight > 0
         loss = (logged["weighted_nll"] + rft.beta_real * real_value
                 + rft.reference_weight * logged.get("reference_distance", 0.0))

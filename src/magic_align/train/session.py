@@ -450,7 +450,7 @@ class TrainingSession:
     resumed: dict | None
     average: WeightAverage | None = None  # the weights' running mean over the last steps, when asked for
 
-    def count_step(self, step: int) -> None:
+    def add_to_weight_average(self, step: int) -> None:
         """After optimizer step `step` (before its checkpoint): add the weights to their running mean, if kept."""
         if self.average is not None:
             self.average.update(step)

@@ -3,8 +3,8 @@
 Izmailov et al. (2018, "Averaging Weights Leads to Wider Optima and Better Generalization") average the weights a
 run passes through late in training instead of keeping the last ones. DPO and RFT on a few hundred pairs or
 samples take many passes over the same data; the last weights carry the noise of the last batches, and the
-average over the second half of training keeps what every step agreed on (on the demo, the images drift less
-from the real ones for the same gain: docs/demo.md).
+average over the second half of training keeps what every step agreed on (on the demo, DPO's images drifted
+half as far from the real ones, at some cost in items and in the classifier's gain: docs/demo.md).
 
 `WeightAverage(parameters, start)` keeps, beside the trainable parameters, their mean over the optimizer steps
 `start`, `start + 1`, ..., the step it was last told about (`update(step)` after each optimizer step); before

@@ -149,10 +149,15 @@ def test_the_rft_reference_weight_is_refused_where_it_does_nothing():
     assert load_config("paper").rft.reference_weight == 0.0
 
 
-def test_the_dpo_reference_weight_needs_the_denoising_objective():
+def test_the_dpo_settings_of_the_denoising_draws_need_the_denoising_objective():
     with pytest.raises(ConfigError, match=r"dpo: reference_weight = 100.0 applies to objective = 'denoising' only"):
         load_config("paper", ["dpo.reference_weight=100.0"])
+    with pytest.raises(ConfigError, match=r"dpo: timestep_floor = 0.5 applies to objective = 'denoising' only"):
+        load_config("paper", ["dpo.timestep_floor=0.5"])
+    with pytest.raises(ConfigError, match="timestep_floor"):
+        load_config("demo", ["dpo.timestep_floor=1.0"])
     assert load_config("demo", ["dpo.reference_weight=100.0"]).dpo.reference_weight == 100.0
+    assert load_config("demo", ["dpo.timestep_floor=0.5"]).dpo.timestep_floor == 0.5
 
 
 @pytest.mark.parametrize("section, total_key", [("dpo", "iterations"), ("rft", "steps")])

@@ -253,11 +253,12 @@ def check_average_within(average_from: int | None, total: int, name: str) -> Non
                          "out to keep the last weights")
 
 
-def check_reference_weight_objective(reference_weight: float, objective: str) -> None:
-    """The KL penalty to the initial model is defined on the denoising objective's draws only."""
-    if reference_weight > 0 and objective != "denoising":
-        raise ValueError(f"reference_weight = {reference_weight} applies to objective = 'denoising' only "
-                         f"(objective is {objective!r}); set reference_weight = 0 or the denoising objective")
+def check_denoising_only(key: str, value: float, objective: str) -> None:
+    """A setting of the denoising objective's draws (the KL penalty, the re-noising range), set above 0 with another
+    objective, would silently do nothing."""
+    if value > 0 and objective != "denoising":
+        raise ValueError(f"{key} = {value} applies to objective = 'denoising' only "
+                         f"(objective is {objective!r}); set {key} = 0 or the denoising objective")
 
 
 class FinetuneConfig(Section):
@@ -306,6 +307,9 @@ class DPOConfig(Section):
     # the denoising objective only: weight of the distance between the policy's and the initial model's noise
     # predictions on the pairs' draws (a KL penalty, as rft.reference_weight); 0 (Diffusion-DPO) leaves it out
     reference_weight: float = Field(0.0, ge=0)
+    # the denoising objective only: the lowest timestep a pair is re-noised to, as a fraction of the highest one the
+    # sampler visited (0: every timestep from 0 up, Diffusion-DPO as published); the draws are uniform above it
+    timestep_floor: float = Field(0.0, ge=0, lt=1)
     clip: float = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 disables it
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     lora_rank: int = Field(32, ge=1)
@@ -346,8 +350,9 @@ class DPOConfig(Section):
         return fitzpatrick_types(types)
 
     @model_validator(mode="after")
-    def _reference_weight_needs_the_denoising_objective(self) -> "DPOConfig":
-        check_reference_weight_objective(self.reference_weight, self.objective)
+    def _denoising_settings_need_the_denoising_objective(self) -> "DPOConfig":
+        check_denoising_only("reference_weight", self.reference_weight, self.objective)
+        check_denoising_only("timestep_floor", self.timestep_floor, self.objective)
         return self
 
 
@@ -407,7 +412,7 @@ class RFTConfig(Section):
 
     @model_validator(mode="after")
     def _reference_weight_needs_the_denoising_objective(self) -> "RFTConfig":
-        check_reference_weight_objective(self.reference_weight, self.objective)
+        check_denoising_only("reference_weight", self.reference_weight, self.objective)
         return self
 
     @field_validator("source_skin_types")
@@ -623,6 +628,7 @@ ADDED_KEYS: dict[str, Any] = {
     "dpo.preference_control": "none",
     "dpo.source_skin_types": None,
     "dpo.reference_weight": 0.0,
+    "dpo.timestep_floor": 0.0,
     "dpo.average_from": None,
     "rft.average_from": None,
     "rft.balance": "none",

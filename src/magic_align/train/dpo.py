@@ -288,7 +288,9 @@ def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple
     for index, batch in zip(chosen, pairs):
         generator = torch.Generator().manual_seed(step_seed(settings.seed, "dpo-denoising", step, index))
         noises.append(torch.randn(final.shape[2:], generator=generator))
-        timesteps.append(int(torch.randint(0, int(batch.timesteps[0].max()) + 1, (1,), generator=generator)))
+        highest = int(batch.timesteps[0].max())
+        lowest = int(settings.timestep_floor * highest)
+        timesteps.append(int(torch.randint(lowest, highest + 1, (1,), generator=generator)))
     noise = torch.stack(noises)[:, None].expand_as(final)
     row_timesteps = torch.tensor(timesteps).repeat_interleave(2).to(accelerator.device)
     clean = final.flatten(0, 1)

@@ -152,12 +152,13 @@ def test_the_rft_reference_weight_is_refused_where_it_does_nothing():
 def test_the_dpo_settings_of_the_denoising_draws_need_the_denoising_objective():
     with pytest.raises(ConfigError, match=r"dpo: reference_weight = 100.0 applies to objective = 'denoising' only"):
         load_config("paper", ["dpo.reference_weight=100.0"])
-    with pytest.raises(ConfigError, match=r"dpo: timestep_floor = 0.5 applies to objective = 'denoising' only"):
-        load_config("paper", ["dpo.timestep_floor=0.5"])
-    with pytest.raises(ConfigError, match="timestep_floor"):
-        load_config("demo", ["dpo.timestep_floor=1.0"])
+    with pytest.raises(ConfigError, match=r"dpo: timestep_range = \[0.5, 1.0\] applies to objective = 'denoising' only"):
+        load_config("paper", ["dpo.timestep_range=[0.5, 1.0]"])
+    for bad in ("[0.5, 0.5]", "[-0.1, 1.0]", "[0.0, 1.2]"):
+        with pytest.raises(ConfigError, match=r"expected \[low, high\] with 0 <= low < high <= 1"):
+            load_config("demo", [f"dpo.timestep_range={bad}"])
     assert load_config("demo", ["dpo.reference_weight=100.0"]).dpo.reference_weight == 100.0
-    assert load_config("demo", ["dpo.timestep_floor=0.5"]).dpo.timestep_floor == 0.5
+    assert load_config("demo", ["dpo.timestep_range=[0.0, 0.5]"]).dpo.timestep_range == (0.0, 0.5)
 
 
 @pytest.mark.parametrize("section, total_key", [("dpo", "iterations"), ("rft", "steps")])

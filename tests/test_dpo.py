@@ -626,10 +626,9 @@ def test_the_reference_weight_keeps_the_dpo_policy_near_the_initial_model(prepar
     assert 0 < distance_from_initial(pipe, prepared_run / "anchored", anchored) < free
 
 
-def test_timestep_floor_re_noises_pairs_only_above_it(prepared_run, tiny_model_dir, monkeypatch):
-    """dpo.timestep_floor = 0.6: every pair is re-noised to a timestep from 0.6 x the highest one its sampler
-    visited up to that highest one (without the floor, a dozen uniform draws from 0 would all land above it with
-    probability 0.4 ** 12)."""
+def test_timestep_range_re_noises_pairs_only_within_it(prepared_run, tiny_model_dir, monkeypatch):
+    """dpo.timestep_range = [0.6, 0.9]: every pair is re-noised to a timestep from 0.6 to 0.9 x the highest one its
+    sampler visited (a dozen uniform draws over the whole range would all land there with probability 0.3 ** 12)."""
     from magic_align.diffusion.trajectories import TrajectoryStore
     from magic_align.run import RunPaths
 
@@ -642,11 +641,11 @@ def test_timestep_floor_re_noises_pairs_only_above_it(prepared_run, tiny_model_d
 
     monkeypatch.setattr(dpo_module, "noised_with_target", noise_and_record)
     dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "floored", tiny_model_dir, *DENOISING,
-                                                         "dpo.timestep_floor=0.6")))
+                                                         "dpo.timestep_range=[0.6, 0.9]")))
     store = TrajectoryStore(RunPaths(prepared_run / "floored").trajectories(0))
-    highest = int(store.get(store.sample_ids()[:1]).timesteps[0].max())
+    visited = int(store.get(store.sample_ids()[:1]).timesteps[0].max())
     assert len(drawn) == 6 * 2 * 2  # 6 iterations x 2 pairs x both samples
-    assert all(int(0.6 * highest) <= t <= highest for t in drawn), (highest, sorted(drawn))
+    assert all(int(0.6 * visited) <= t <= int(0.9 * visited) for t in drawn), (visited, sorted(drawn))
 
 
 def test_average_from_saves_the_mean_of_the_weights_from_that_iteration_on(prepared_run, tiny_model_dir, monkeypatch):

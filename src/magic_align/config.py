@@ -307,9 +307,9 @@ class DPOConfig(Section):
     # the denoising objective only: weight of the distance between the policy's and the initial model's noise
     # predictions on the pairs' draws (a KL penalty, as rft.reference_weight); 0 (Diffusion-DPO) leaves it out
     reference_weight: float = Field(0.0, ge=0)
-    # the denoising objective only: the lowest timestep a pair is re-noised to, as a fraction of the highest one the
-    # sampler visited (0: every timestep from 0 up, Diffusion-DPO as published); the draws are uniform above it
-    timestep_floor: float = Field(0.0, ge=0, lt=1)
+    # the denoising objective only: the timesteps a pair is re-noised to, as fractions [low, high] of the highest one
+    # the sampler visited, drawn uniformly ([0, 1]: every timestep it visited, Diffusion-DPO as published)
+    timestep_range: tuple[float, float] = (0.0, 1.0)
     clip: float = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 disables it
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     lora_rank: int = Field(32, ge=1)
@@ -352,8 +352,19 @@ class DPOConfig(Section):
     @model_validator(mode="after")
     def _denoising_settings_need_the_denoising_objective(self) -> "DPOConfig":
         check_denoising_only("reference_weight", self.reference_weight, self.objective)
-        check_denoising_only("timestep_floor", self.timestep_floor, self.objective)
+        if self.timestep_range != (0.0, 1.0) and self.objective != "denoising":
+            raise ValueError(f"timestep_range = {list(self.timestep_range)} applies to objective = 'denoising' only "
+                             f"(objective is {self.objective!r}); leave it at [0.0, 1.0] or use the denoising objective")
         return self
+
+    @field_validator("timestep_range")
+    @classmethod
+    def _a_range_within_the_visited_timesteps(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        low, high = bounds
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"{list(bounds)}: expected [low, high] with 0 <= low < high <= 1 (fractions of the highest "
+                             "timestep the sampler visited)")
+        return bounds
 
 
 class RFTConfig(Section):
@@ -628,7 +639,7 @@ ADDED_KEYS: dict[str, Any] = {
     "dpo.preference_control": "none",
     "dpo.source_skin_types": None,
     "dpo.reference_weight": 0.0,
-    "dpo.timestep_floor": 0.0,
+    "dpo.timestep_range": [0.0, 1.0],
     "dpo.average_from": None,
     "rft.average_from": None,
     "rft.balance": "none",

@@ -288,9 +288,9 @@ def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple
     for index, batch in zip(chosen, pairs):
         generator = torch.Generator().manual_seed(step_seed(settings.seed, "dpo-denoising", step, index))
         noises.append(torch.randn(final.shape[2:], generator=generator))
-        highest = int(batch.timesteps[0].max())
-        lowest = int(settings.timestep_floor * highest)
-        timesteps.append(int(torch.randint(lowest, highest + 1, (1,), generator=generator)))
+        visited = int(batch.timesteps[0].max())
+        low, high = (int(fraction * visited) for fraction in settings.timestep_range)
+        timesteps.append(int(torch.randint(low, high + 1, (1,), generator=generator)))
     noise = torch.stack(noises)[:, None].expand_as(final)
     row_timesteps = torch.tensor(timesteps).repeat_interleave(2).to(accelerator.device)
     clean = final.flatten(0, 1)

@@ -201,3 +201,19 @@ def test_the_grader_never_learns_from_what_it_grades():
     assert ids(learn) == ids(train) + ["tuning0", "tuning2", "tuning4"]
     assert ids(check) == ["tuning1", "tuning3"]
     assert not set(ids(learn)) & set(ids(locked))
+
+
+def test_a_long_breakdown_prints_only_its_clearest_groups():
+    """Up to the limit every group is printed; beyond it, the groups whose difference's interval excludes zero,
+    the largest first, in their own order."""
+    from magic_align.evaluate.alignment import groups_to_print
+
+    def group(value, low, high):
+        return {"sources": 10, "differences": {"magic-dpo - i2i": {"value": value, "low": low, "high": high}}}
+
+    few = {"a": group(0.1, -0.2, 0.4), "b": group(0.5, 0.1, 0.9)}
+    assert groups_to_print(few, limit=2) == ["a", "b"]
+    many = {"a": group(0.1, -0.2, 0.4), "b": group(0.5, 0.1, 0.9), "c": group(-0.9, -1.4, -0.3),
+            "d": group(0.3, 0.05, 0.6), "e": group(-0.2, -0.5, 0.1)}
+    assert groups_to_print(many, limit=2) == ["b", "c"]  # the two clearest, in the breakdown's order
+    assert groups_to_print(many, limit=4) == ["b", "c", "d"]  # every decided group, still fewer than the limit

@@ -260,15 +260,38 @@ def run_alignment_comparison(
     for name, estimate in summary["differences"].items():
         console.print(f"  {name}: {estimate['value']:+.2f} [{estimate['low']:+.2f}, {estimate['high']:+.2f}]")
     for title, groups in (("source skin types", by_skin), ("target", by_target)):
-        for group, part in groups.items():
+        shown = groups_to_print(groups)
+        for group in shown:
+            part = groups[group]
             gains = ", ".join(f"{name} {e['value']:+.2f} [{e['low']:+.2f}, {e['high']:+.2f}]"
                               for name, e in part["differences"].items())
             if gains:
                 console.print(f"    {title} {group} ({part['sources']} sources): {gains}")
+        if len(shown) < len(groups):
+            console.print(f"    {len(groups) - len(shown)} other {title} groups not shown (their differences' "
+                          f"intervals include zero, or they are smaller): every group is in {output.name} and the report")
     _print_independent(console, labels, independent)
     for note in notes:
         console.print(f"  [yellow]note[/yellow]: {note}")
     return output
+
+
+GROUP_LINES = 8  # a breakdown by 20 or 100 target conditions would bury the printed summary
+
+
+def groups_to_print(groups: dict[str, dict], limit: int = GROUP_LINES) -> list[str]:
+    """The groups of a breakdown worth a printed line, in their own order: all of them up to `limit`; beyond it, the
+    `limit` whose largest difference is furthest from zero among those with an interval that excludes zero."""
+    if len(groups) <= limit:
+        return list(groups)
+
+    def excludes_zero(estimate: dict) -> bool:
+        return estimate["low"] > 0 or estimate["high"] < 0
+
+    decided = {group: max(abs(e["value"]) for e in part["differences"].values() if excludes_zero(e))
+               for group, part in groups.items() if any(excludes_zero(e) for e in part["differences"].values())}
+    kept = set(sorted(decided, key=decided.get, reverse=True)[:limit])
+    return [group for group in groups if group in kept]
 
 
 def grader_images(split, set_name: str, recognition_images: str, sources: Sequence) -> tuple[list, list]:

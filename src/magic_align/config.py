@@ -11,7 +11,7 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import tomli_w
@@ -238,27 +238,41 @@ class PairsConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------- training
-def fitzpatrick_types(types: list[int] | None) -> list[int] | None:
-    """A `source_skin_types` setting checked and sorted: each a Fitzpatrick type 1-6 (None: no restriction)."""
-    if types is not None and any(t not in range(1, 7) for t in types):
-        raise ValueError(f"{types}: each must be a Fitzpatrick skin type, 1 to 6")
-    return sorted(set(types)) if types is not None else None
+class PolicyTrainingSection(Section):
+    """The checks DPO and RFT share (both train a LoRA on the stored samples): `source_skin_types`, `average_from`
+    within the run's steps (`STEPS_KEY`: iterations or steps), and the settings of the denoising objective's draws
+    (`DENOISING_ONLY`: setting -> its as-published value), refused with another objective, where they would
+    silently do nothing."""
 
+    STEPS_KEY: ClassVar[str]
+    DENOISING_ONLY: ClassVar[dict[str, Any]]
 
-def check_average_within(average_from: int | None, total: int, name: str) -> None:
-    """The weight average must begin at an optimizer step the run takes."""
-    if average_from is not None and average_from > total:
-        raise ValueError(f"average_from = {average_from} is after the last of the {name} ({name} = {total}); set it to "
-                         f"a step from 1 to {total}, e.g. {max(1, total // 2)} to average the second half, or leave it "
-                         "out to keep the last weights")
+    @field_validator("source_skin_types", check_fields=False)
+    @classmethod
+    def _fitzpatrick_types(cls, types: list[int] | None) -> list[int] | None:
+        """Checked and sorted: each a Fitzpatrick type 1-6 (None: no restriction)."""
+        if types is not None and any(t not in range(1, 7) for t in types):
+            raise ValueError(f"{types}: each must be a Fitzpatrick skin type, 1 to 6")
+        return sorted(set(types)) if types is not None else None
 
+    @model_validator(mode="after")
+    def _average_within_the_steps(self):
+        total, key = getattr(self, self.STEPS_KEY), self.STEPS_KEY
+        if self.average_from is not None and self.average_from > total:
+            raise ValueError(f"average_from = {self.average_from} is after the last of the {key} ({key} = {total}); set "
+                             f"it to a step from 1 to {total}, e.g. {max(1, total // 2)} to average the second half, or "
+                             "leave it out to keep the last weights")
+        return self
 
-def check_denoising_only(key: str, value: float, objective: str) -> None:
-    """A setting of the denoising objective's draws (the KL penalty, the re-noising range), set above 0 with another
-    objective, would silently do nothing."""
-    if value > 0 and objective != "denoising":
-        raise ValueError(f"{key} = {value} applies to objective = 'denoising' only "
-                         f"(objective is {objective!r}); set {key} = 0 or the denoising objective")
+    @model_validator(mode="after")
+    def _denoising_settings_need_the_denoising_objective(self):
+        for key, published in self.DENOISING_ONLY.items():
+            value = getattr(self, key)
+            value = list(value) if isinstance(value, tuple) else value  # a range reads back as a tuple
+            if value != published and self.objective != "denoising":
+                raise ValueError(f"{key} = {value} applies to objective = 'denoising' only (objective is "
+                                 f"{self.objective!r}); leave it at {published} or use the denoising objective")
+        return self
 
 
 class FinetuneConfig(Section):
@@ -292,7 +306,10 @@ class FinetuneConfig(Section):
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
 
 
-class DPOConfig(Section):
+class DPOConfig(PolicyTrainingSection):
+    STEPS_KEY = "iterations"
+    DENOISING_ONLY = {"reference_weight": 0.0, "timestep_range": [0.0, 1.0]}
+
     seed: int = 0
     # what the preference acts on: "trajectory" = the log-likelihood ratios of the stored denoising transitions
     # (MAGIC-DPO as in the paper; beta, clip, log_prob_reduction and steps_per_forward belong to it);
@@ -339,24 +356,6 @@ class DPOConfig(Section):
     checkpoint_every: int = Field(32, ge=1)
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
 
-    @model_validator(mode="after")
-    def _average_from_within_the_iterations(self) -> "DPOConfig":
-        check_average_within(self.average_from, self.iterations, "iterations")
-        return self
-
-    @field_validator("source_skin_types")
-    @classmethod
-    def _fitzpatrick_types(cls, types: list[int] | None) -> list[int] | None:
-        return fitzpatrick_types(types)
-
-    @model_validator(mode="after")
-    def _denoising_settings_need_the_denoising_objective(self) -> "DPOConfig":
-        check_denoising_only("reference_weight", self.reference_weight, self.objective)
-        if self.timestep_range != (0.0, 1.0) and self.objective != "denoising":
-            raise ValueError(f"timestep_range = {list(self.timestep_range)} applies to objective = 'denoising' only "
-                             f"(objective is {self.objective!r}); leave it at [0.0, 1.0] or use the denoising objective")
-        return self
-
     @field_validator("timestep_range")
     @classmethod
     def _a_range_within_the_visited_timesteps(cls, bounds: tuple[float, float]) -> tuple[float, float]:
@@ -367,7 +366,10 @@ class DPOConfig(Section):
         return bounds
 
 
-class RFTConfig(Section):
+class RFTConfig(PolicyTrainingSection):
+    STEPS_KEY = "steps"
+    DENOISING_ONLY = {"reference_weight": 0.0}
+
     seed: int = 0
     # reward model: a head on frozen image features (backbones.py), FiLM-conditioned on the condition
     reward_backbone: str = "efficientnet-lite0"
@@ -415,21 +417,6 @@ class RFTConfig(Section):
     checkpoint_every: int = Field(100, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     log_with: list[Literal["tensorboard", "csv", "wandb"]] = Field(default_factory=lambda: ["tensorboard", "csv"])
-
-    @model_validator(mode="after")
-    def _average_from_within_the_steps(self) -> "RFTConfig":
-        check_average_within(self.average_from, self.steps, "steps")
-        return self
-
-    @model_validator(mode="after")
-    def _reference_weight_needs_the_denoising_objective(self) -> "RFTConfig":
-        check_denoising_only("reference_weight", self.reference_weight, self.objective)
-        return self
-
-    @field_validator("source_skin_types")
-    @classmethod
-    def _fitzpatrick_types(cls, types: list[int] | None) -> list[int] | None:
-        return fitzpatrick_types(types)
 
     @model_validator(mode="after")
     def _balance_needs_plain_weights(self) -> "RFTConfig":

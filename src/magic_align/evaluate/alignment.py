@@ -285,11 +285,11 @@ def groups_to_print(groups: dict[str, dict], limit: int = GROUP_LINES) -> list[s
     if len(groups) <= limit:
         return list(groups)
 
-    def excludes_zero(estimate: dict) -> bool:
-        return estimate["low"] > 0 or estimate["high"] < 0
-
-    decided = {group: max(abs(e["value"]) for e in part["differences"].values() if excludes_zero(e))
-               for group, part in groups.items() if any(excludes_zero(e) for e in part["differences"].values())}
+    decided = {}  # group -> its largest difference whose interval excludes zero
+    for group, part in groups.items():
+        clear = [abs(e["value"]) for e in part["differences"].values() if e["low"] > 0 or e["high"] < 0]
+        if clear:
+            decided[group] = max(clear)
     kept = set(sorted(decided, key=decided.get, reverse=True)[:limit])
     return [group for group in groups if group in kept]
 

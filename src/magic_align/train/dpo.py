@@ -31,7 +31,7 @@ import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Mapping
+from typing import Callable, Mapping
 
 import torch
 

@@ -574,16 +574,17 @@ def test_the_flipped_preference_control_learns_to_prefer_the_losers_and_says_it_
 
 
 @torch.no_grad()
-def distance_from_initial(pipe, root, lora, draws=6):
-    """Mean squared distance between the noise predictions with and without the DPO LoRA at the pairs' final latents,
-    on fixed noises and timesteps: how far training moved the policy from the model it started from."""
+def distance_from_initial(pipe, root, lora, draws=6, sample_ids=None):
+    """Mean squared distance between the noise predictions with and without the DPO LoRA at the final latents of
+    `sample_ids` (every sample: None), on fixed noises and timesteps: how far training moved the policy from the model
+    it started from."""
     from diffusers import DDPMScheduler
 
     from magic_align.diffusion.trajectories import TrajectoryStore
     from magic_align.run import RunPaths
 
     store = TrajectoryStore(RunPaths(root).trajectories(0))
-    batch = store.get(store.sample_ids())
+    batch = store.get(sample_ids or store.sample_ids())
     clean, cond = batch.latents[:, -1], pipe.text_encoder(batch.prompt_ids)[0]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(11)
@@ -624,6 +625,60 @@ def test_the_reference_weight_keeps_the_dpo_policy_near_the_initial_model(prepar
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
     free = distance_from_initial(pipe, prepared_run / "denoising", denoising_run)
     assert 0 < distance_from_initial(pipe, prepared_run / "anchored", anchored) < free
+
+
+def test_preserved_samples_are_those_of_units_where_every_sample_won():
+    """Only a unit all of whose pairs are both-win ties gives its samples (each once); a unit with a loser, or whose
+    samples all lost, gives none."""
+    from types import SimpleNamespace
+
+    def pair(unit, a, b, outcome_a, outcome_b):
+        return SimpleNamespace(unit_id=unit, sample_a=a, sample_b=b, outcome_a=outcome_a, outcome_b=outcome_b)
+
+    ledger = SimpleNamespace(pairs=lambda round_index: [
+        pair("u0", "u0-k0", "u0-k1", 1, 1), pair("u0", "u0-k0", "u0-k2", 1, 1), pair("u0", "u0-k1", "u0-k2", 1, 1),
+        pair("u1", "u1-k0", "u1-k1", 1, 1), pair("u1", "u1-k0", "u1-k2", 1, 0), pair("u1", "u1-k1", "u1-k2", 1, 0),
+        pair("u2", "u2-k0", "u2-k1", 0, 0),
+        pair("u3", "u3-k1", "u3-k0", 1, 1),
+    ])
+    assert dpo_module.preserved_samples(ledger, 0) == ["u0-k0", "u0-k1", "u0-k2", "u3-k0", "u3-k1"]
+
+
+def test_preservation_keeps_the_policy_near_the_initial_model_on_the_units_it_already_draws_well(prepared_run,
+                                                                                                 denoising_run,
+                                                                                                 tiny_model_dir):
+    """dpo.preservation_weight adds the distance of the policy's noise predictions from the initial model's on the
+    samples of the units where every sample won: logged, part of the logged loss, recorded in dpo.json, and a heavy
+    weight leaves the policy closer to the initial model on those samples than Diffusion-DPO alone does. A run with
+    no such unit is refused with the setting named."""
+    from dataclasses import replace
+
+    from diffusers import StableDiffusionPipeline
+
+    from magic_align.ledger import Ledger
+
+    root = copy_run(prepared_run, "preserved")
+    with pytest.raises(dpo_module.TrainingError, match=r"dpo.preservation_weight = 10.0, but no unit of round 0"):
+        dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "preserved", tiny_model_dir, *DENOISING,
+                                                             "dpo.preservation_weight=10.0")))
+    ledger = Ledger(root / "ledger.sqlite")
+    pairs = ledger.pairs(0)
+    ledger.replace_pairs(0, [p if p.unit_id != "r0-u2" else replace(p, outcome_a=1, outcome_b=1, score_a=1, score_b=1)
+                             for p in pairs])  # unit 2: both samples win, a tie DPO never sees
+    ledger.close()
+    weight = 1e5
+    preserved = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "preserved", tiny_model_dir,
+                                                                     *DENOISING, f"dpo.preservation_weight={weight}")))
+    assert json.loads((preserved / "dpo.json").read_text())["preservation_weight"] == weight
+    rows = read_metrics(root / "logs" / "dpo" / "round-0" / "metrics.csv")
+    assert rows[0]["preservation_distance"] == 0 and rows[-1]["preservation_distance"] > 0
+    for row in rows:
+        assert row["loss"] == pytest.approx(row["preference_loss"] + weight * row["preservation_distance"], rel=1e-5)
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir), safety_checker=None, requires_safety_checker=False)
+    kept = ["r0-u2-k0", "r0-u2-k1"]
+    free = distance_from_initial(pipe, prepared_run / "denoising", denoising_run, sample_ids=kept)
+    assert 0 < distance_from_initial(pipe, root, preserved, sample_ids=kept) < free
 
 
 def test_timestep_range_re_noises_pairs_only_within_it(prepared_run, tiny_model_dir, monkeypatch):

@@ -308,7 +308,7 @@ class FinetuneConfig(Section):
 
 class DPOConfig(PolicyTrainingSection):
     STEPS_KEY = "iterations"
-    DENOISING_ONLY = {"reference_weight": 0.0, "timestep_range": [0.0, 1.0]}
+    DENOISING_ONLY = {"reference_weight": 0.0, "timestep_range": [0.0, 1.0], "preservation_weight": 0.0}
 
     seed: int = 0
     # what the preference acts on: "trajectory" = the log-likelihood ratios of the stored denoising transitions
@@ -327,6 +327,11 @@ class DPOConfig(PolicyTrainingSection):
     # the denoising objective only: the timesteps a pair is re-noised to, as fractions [low, high] of the highest one
     # the sampler visited, drawn uniformly ([0, 1]: every timestep it visited, Diffusion-DPO as published)
     timestep_range: tuple[float, float] = (0.0, 1.0)
+    # the denoising objective only: weight of the same distance on the samples of the units where every sample won
+    # (the units DPO has nothing to teach, since all their pairs tie), `preservation_per_step` of them a step; 0
+    # leaves it out. One LoRA serves every condition, so what the pairs of one condition teach moves the others too
+    preservation_weight: float = Field(0.0, ge=0)
+    preservation_per_step: int = Field(8, ge=1)
     clip: float = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 disables it
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     lora_rank: int = Field(32, ge=1)
@@ -628,6 +633,8 @@ ADDED_KEYS: dict[str, Any] = {
     "dpo.reference_weight": 0.0,
     "dpo.timestep_range": [0.0, 1.0],
     "dpo.average_from": None,
+    "dpo.preservation_weight": 0.0,
+    "dpo.preservation_per_step": 8,
     "rft.average_from": None,
     "rft.balance": "none",
     "rft.source_skin_types": None,

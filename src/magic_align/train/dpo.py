@@ -110,6 +110,19 @@ def informative_pairs(ledger: "Ledger", paths: RunPaths, round_index: int, contr
     return examples, ties
 
 
+def preserved_samples(ledger: "Ledger", round_index: int) -> list[str]:
+    """The samples of the units of `round_index` in which every sample won (all their pairs are both-win ties):
+    what the model already draws as the judge asks, which the pairs never show DPO."""
+    pairs_of_unit: dict[str, list] = {}
+    for pair in ledger.pairs(round_index):
+        pairs_of_unit.setdefault(pair.unit_id, []).append(pair)
+    samples = []
+    for unit_pairs in pairs_of_unit.values():
+        if all(pair.outcome_a == 1 and pair.outcome_b == 1 for pair in unit_pairs):
+            samples.extend(sorted({sample_id for pair in unit_pairs for sample_id in (pair.sample_a, pair.sample_b)}))
+    return samples
+
+
 def pair_epoch_seed(seed: int) -> Callable[[int], int]:
     """`epoch_seed` of DPO's pair schedule (`session.batch_indices`): pass `epoch` over the pairs is permuted with
     seed * 1_000_003 + epoch (kept as it was, so existing checkpoints resume on the same pairs)."""
@@ -214,6 +227,7 @@ class PairTraining:
     settings: DPOConfig
     stored_reference: bool  # the stored log-probs are the reference's (else recomputed, once per sample)
     noise_scheduler: object = None  # DDPM noising of the denoising objective
+    preserved: list[str] = field(default_factory=list)  # `preserved_samples`, when dpo.preservation_weight > 0
     reference_cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -288,35 +302,83 @@ def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple
     for index, batch in zip(chosen, pairs):
         generator = torch.Generator().manual_seed(step_seed(settings.seed, "dpo-denoising", step, index))
         noises.append(torch.randn(final.shape[2:], generator=generator))
-        visited = int(batch.timesteps[0].max())
-        low, high = (int(fraction * visited) for fraction in settings.timestep_range)
-        timesteps.append(int(torch.randint(low, high + 1, (1,), generator=generator)))
+        timesteps.append(renoising_timestep(batch.timesteps[0], settings.timestep_range, generator))
     noise = torch.stack(noises)[:, None].expand_as(final)
     row_timesteps = torch.tensor(timesteps).repeat_interleave(2).to(accelerator.device)
     clean = final.flatten(0, 1)
     noisy, target = noised_with_target(run.noise_scheduler, clean, noise.to(clean).flatten(0, 1), row_timesteps)
-    noisy = noisy.to(training.frozen_dtype)
-    unwrapped = training.session.unwrapped
     with torch.no_grad():
         cond = embed_prompt_ids(run.text_encoder, prompt_ids)
-        with adapters_disabled(unwrapped), accelerator.autocast():
-            reference = unwrapped(noisy, row_timesteps, encoder_hidden_states=cond).sample
-        reference_error = prediction_error(reference, target).reshape(-1, 2)
-    with accelerator.autocast():
-        prediction = training.session.model(noisy, row_timesteps, encoder_hidden_states=cond).sample
-        error = prediction_error(prediction, target).reshape(-1, 2)
-        loss, _ = denoising_dpo_loss(error, reference_error, signs, settings.denoising_beta)
-        distance = weighted_error(prediction, reference) if settings.reference_weight > 0 else None
-        total = loss if distance is None else loss + settings.reference_weight * distance
-    accelerator.backward(total)  # the mean over this process's pairs; DDP averages the processes
+    prediction, reference = policy_and_reference(run, noisy, row_timesteps, cond)
+    reference_error = prediction_error(reference, target).reshape(-1, 2)
+    error = prediction_error(prediction, target).reshape(-1, 2)
+    loss, _ = denoising_dpo_loss(error, reference_error, signs, settings.denoising_beta)
+    # the penalties: (name, weight, distance from the preliminary model's predictions), those switched on
+    penalties = []
+    if settings.reference_weight > 0:
+        penalties.append(("reference_distance", settings.reference_weight, weighted_error(prediction, reference)))
+    if settings.preservation_weight > 0:
+        penalties.append(("preservation_distance", settings.preservation_weight, preservation_distance(run, step)))
+    accelerator.backward(loss + sum(weight * distance for _, weight, distance in penalties))
     gathered = [accelerator.gather(rows) for rows in (error.detach().float(), reference_error, signs)]
     preference_loss, stats = denoising_dpo_loss(*gathered, settings.denoising_beta)
     logged = stats.as_dict()
-    if distance is None:
+    if not penalties:
         return preference_loss, logged
-    mean_distance = float(accelerator.reduce(distance.detach().float(), reduction="mean"))
-    logged.update(preference_loss=float(preference_loss), reference_distance=mean_distance)
-    return preference_loss + settings.reference_weight * mean_distance, logged
+    logged["preference_loss"] = total = float(preference_loss)
+    for name, weight, distance in penalties:
+        logged[name] = float(accelerator.reduce(distance.detach().float(), reduction="mean"))
+        total += weight * logged[name]
+    return torch.tensor(total), logged
+
+
+def renoising_timestep(visited: torch.Tensor, timestep_range: tuple[float, float], generator: torch.Generator) -> int:
+    """A timestep drawn uniformly within `timestep_range`, as fractions of the highest of the `visited` ones: only
+    up to where the I2I sampler started, since it never denoises from higher."""
+    low, high = (int(fraction * int(visited.max())) for fraction in timestep_range)
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+def policy_and_reference(run: PairTraining, noisy: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor):
+    """(the policy's noise predictions, with gradient; the preliminary model's, the DPO adapter off, without)."""
+    accelerator, training = run.accelerator, run.training
+    noisy = noisy.to(training.frozen_dtype)
+    unwrapped = training.session.unwrapped
+    with torch.no_grad(), adapters_disabled(unwrapped), accelerator.autocast():
+        reference = unwrapped(noisy, timesteps, encoder_hidden_states=cond).sample
+    with accelerator.autocast():
+        prediction = training.session.model(noisy, timesteps, encoder_hidden_states=cond).sample
+    return prediction, reference
+
+
+def preservation_distance(run: PairTraining, step: int) -> torch.Tensor:
+    """The mean distance between the policy's and the preliminary model's noise predictions on
+    `dpo.preservation_per_step` samples of `run.preserved` (this process's share), each re-noised to its own timestep
+    within `dpo.timestep_range`; drawn by (seed, step), so N processes draw as one."""
+    accelerator, settings = run.accelerator, run.settings
+    generator = torch.Generator().manual_seed(step_seed(settings.seed, "dpo-preservation", step))
+    count = min(settings.preservation_per_step, len(run.preserved))
+    drawn = torch.randperm(len(run.preserved), generator=generator)[:count].tolist()
+    sample_ids = [run.preserved[index] for index in drawn]
+    try:
+        batch = run.store.get(sample_ids)
+    except TrajectoryError as error:
+        raise TrainingError(f"dpo.preservation_weight: {error}") from None
+    clean = batch.latents[:, -1]
+    noises, timesteps = [], []
+    for visited in batch.timesteps:
+        noises.append(torch.randn(clean.shape[1:], generator=generator))
+        timesteps.append(renoising_timestep(visited, settings.timestep_range, generator))
+    noise, timesteps = torch.stack(noises), torch.tensor(timesteps)
+    mine = slice(accelerator.process_index, None, accelerator.num_processes)  # every process draws all, keeps its share
+    if not sample_ids[mine]:
+        return torch.zeros((), device=accelerator.device)
+    clean, noise, timesteps = (tensor[mine].to(accelerator.device) for tensor in (clean, noise, timesteps))
+    noisy, _ = noised_with_target(run.noise_scheduler, clean, noise.to(clean), timesteps)
+    with torch.no_grad():
+        cond = embed_prompt_ids(run.text_encoder, batch.prompt_ids[mine].to(accelerator.device))
+    prediction, reference = policy_and_reference(run, noisy, timesteps, cond)
+    return weighted_error(prediction, reference)
 
 
 DPO_STEPS = {"trajectory": trajectory_dpo_step, "denoising": diffusion_dpo_step}
@@ -364,6 +426,11 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         from diffusers import DDPMScheduler
 
         run.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if settings.preservation_weight > 0:
+        run.preserved = preserved_samples(Ledger(paths.ledger), round_index)
+        if not run.preserved:
+            raise TrainingError(f"dpo.preservation_weight = {settings.preservation_weight}, but no unit of round "
+                                f"{round_index} has every sample winning; set it to 0.0")
     train_step = DPO_STEPS[settings.objective]
 
     session = training.session
@@ -390,7 +457,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     summary = {"round": round_index, "objective": settings.objective, "iterations": settings.iterations,
                "pairs": len(examples), "ties_skipped": ties, "preference_control": settings.preference_control,
                "source_skin_types": settings.source_skin_types, "reference_weight": settings.reference_weight,
-               "average_from": settings.average_from}
+               "preservation_weight": settings.preservation_weight, "average_from": settings.average_from}
     outputs = [round_output(paths, round_index)] + ([paths.aligned / "dpo"] if round_index == config.rounds - 1 else [])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -18,7 +18,9 @@ start at zero, so at step 0 the policy is exactly the preliminary model. That mo
   visited, against the same errors of the preliminary model (the DPO adapter off); four UNet rows per pair.
   `reference_weight` > 0 adds the distance of the policy's predictions from that model's on the same draws, a KL
   penalty: the sigmoid of DPO stops pulling once a pair is won, and nothing else holds the policy near the model
-  it started from.
+  it started from. `preservation_weight` > 0 adds the same distance on the samples of the units where every sample
+  won (`preserved_samples`), which give no pair: the LoRA serves every condition, and without it the pairs of some
+  conditions change what the model already drew right for others.
 
 Only informative pairs are trained on: a pair both samples of which win, or both lose, has h = (0, 0) and no
 gradient (`dpo_loss.preference_signs`), so spending UNet passes on it would only dilute the batch.

@@ -159,6 +159,8 @@ def test_the_dpo_settings_of_the_denoising_draws_need_the_denoising_objective():
             load_config("demo", [f"dpo.timestep_range={bad}"])
     with pytest.raises(ConfigError, match=r"dpo: preservation_weight = 250.0 applies to objective = 'denoising' only"):
         load_config("paper", ["dpo.preservation_weight=250.0"])
+    with pytest.raises(ConfigError, match=r"dpo: winner_penalty = 5.0 applies to objective = 'denoising' only"):
+        load_config("paper", ["dpo.winner_penalty=5.0"])
     assert load_config("demo", ["dpo.reference_weight=100.0"]).dpo.reference_weight == 100.0
     assert load_config("demo", ["dpo.timestep_range=[0.0, 0.5]"]).dpo.timestep_range == (0.0, 0.5)
 

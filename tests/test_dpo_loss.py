@@ -112,6 +112,34 @@ def test_shape_errors_name_the_argument():
 
 
 # ------------------------------------------------------------------------------ Diffusion-DPO (denoising)
+def test_the_winner_penalty_counts_a_rise_of_the_winners_error_against_the_margin():
+    # pair 0 prefers sample 0, whose error rose by 0.02 above the reference's (the loser's fell by 0.05);
+    # pair 1 prefers sample 1, whose error fell by 0.03 (the loser's rose by 0.01): no penalty there
+    error = torch.tensor([[0.40, 0.50], [0.31, 0.20]])
+    reference = torch.tensor([[0.38, 0.55], [0.30, 0.23]])
+    h = torch.tensor([[1, -1], [-1, 1]])
+    beta, penalty = 100.0, 2.0
+    # pair 0: 100 * ((-0.02 - 0.05) - 2 * 0.02) = -11; pair 1: 100 * (0.01 + 0.03) = 4
+    expected = (-log_sigmoid(-11.0) - log_sigmoid(4.0)) / 2
+    loss, stats = denoising_dpo_loss(error, reference, h, beta, winner_penalty=penalty)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert stats.winner_log_ratio == pytest.approx((-0.02 + 0.03) / 2, abs=1e-6)
+    assert stats.implicit_accuracy == 0.5
+    plain, _ = denoising_dpo_loss(error, reference, h, beta)  # without it: 100 * -0.07 = -7 and 4
+    assert plain.item() == pytest.approx((-log_sigmoid(-7.0) - log_sigmoid(4.0)) / 2, abs=1e-5)
+    # the penalty's gradient pushes the winner's error down: d loss / d error_winner is larger with it
+    error.requires_grad_(True)
+    denoising_dpo_loss(error, reference, h, beta, winner_penalty=penalty)[0].backward()
+    with_penalty = error.grad[0, 0].item()
+    error.grad = None
+    denoising_dpo_loss(error, reference, h, beta)[0].backward()
+    assert with_penalty > error.grad[0, 0].item() > 0
+    # a tie has no winner: no penalty, log 2
+    tie, _ = denoising_dpo_loss(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.1, 0.1]]), torch.tensor([[0, 0]]), 50.0,
+                                winner_penalty=5.0)
+    assert tie.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_denoising_loss_equals_a_hand_computation():
     # two pairs; pair 0 prefers sample 0, pair 1 prefers sample 1
     error = torch.tensor([[0.40, 0.50], [0.30, 0.20]])

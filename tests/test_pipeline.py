@@ -95,5 +95,7 @@ def test_a_key_added_later_at_its_as_before_value_leaves_every_digest_as_it_was(
         stage_hash(denoising, ("dpo",), "u")
     assert stage_hash(load_config("tiny", ["dpo.objective='denoising'", "dpo.preservation_weight=10.0"]), ("dpo",), "u") != \
         stage_hash(denoising, ("dpo",), "u")
+    assert stage_hash(load_config("tiny", ["dpo.objective='denoising'", "dpo.winner_penalty=5.0"]), ("dpo",), "u") != \
+        stage_hash(denoising, ("dpo",), "u")
     assert stage_hash(load_config("tiny", ["dpo.average_from=2"]), ("dpo",), "u") != stage_hash(config, ("dpo",), "u")
     assert stage_hash(load_config("tiny", ["rft.average_from=2"]), ("rft",), "u") != stage_hash(config, ("rft",), "u")

@@ -308,7 +308,8 @@ class FinetuneConfig(Section):
 
 class DPOConfig(PolicyTrainingSection):
     STEPS_KEY = "iterations"
-    DENOISING_ONLY = {"reference_weight": 0.0, "timestep_range": [0.0, 1.0], "preservation_weight": 0.0}
+    DENOISING_ONLY = {"reference_weight": 0.0, "timestep_range": [0.0, 1.0], "preservation_weight": 0.0,
+                      "winner_penalty": 0.0}
 
     seed: int = 0
     # what the preference acts on: "trajectory" = the log-likelihood ratios of the stored denoising transitions
@@ -332,6 +333,9 @@ class DPOConfig(PolicyTrainingSection):
     # leaves it out. One LoRA serves every condition, so what the pairs of one condition teach moves the others too
     preservation_weight: float = Field(0.0, ge=0)
     preservation_per_step: int = Field(8, ge=1)
+    # the denoising objective only: DPO-Positive's lambda (Pal et al. 2024), how much a rise of the winner's own error
+    # above the initial model's counts against a pair's margin; 0 (Diffusion-DPO as published) leaves it out
+    winner_penalty: float = Field(0.0, ge=0)
     clip: float = Field(0.1, ge=0, lt=1)  # ratio clamp [1 - clip, 1 + clip]; 0 disables it
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     lora_rank: int = Field(32, ge=1)
@@ -635,6 +639,7 @@ ADDED_KEYS: dict[str, Any] = {
     "dpo.average_from": None,
     "dpo.preservation_weight": 0.0,
     "dpo.preservation_per_step": 8,
+    "dpo.winner_penalty": 0.0,
     "rft.average_from": None,
     "rft.balance": "none",
     "rft.source_skin_types": None,

@@ -314,7 +314,7 @@ def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple
     prediction, reference = policy_and_reference(run, noisy, row_timesteps, cond)
     reference_error = prediction_error(reference, target).reshape(-1, 2)
     error = prediction_error(prediction, target).reshape(-1, 2)
-    loss, _ = denoising_dpo_loss(error, reference_error, signs, settings.denoising_beta)
+    loss, _ = denoising_dpo_loss(error, reference_error, signs, settings.denoising_beta, settings.winner_penalty)
     # the penalties: (name, weight, distance from the preliminary model's predictions), those switched on
     penalties = []
     if settings.reference_weight > 0:
@@ -323,7 +323,7 @@ def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple
         penalties.append(("preservation_distance", settings.preservation_weight, preservation_distance(run, step)))
     accelerator.backward(loss + sum(weight * distance for _, weight, distance in penalties))
     gathered = [accelerator.gather(rows) for rows in (error.detach().float(), reference_error, signs)]
-    preference_loss, stats = denoising_dpo_loss(*gathered, settings.denoising_beta)
+    preference_loss, stats = denoising_dpo_loss(*gathered, settings.denoising_beta, settings.winner_penalty)
     logged = stats.as_dict()
     if not penalties:
         return preference_loss, logged
@@ -459,7 +459,8 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     summary = {"round": round_index, "objective": settings.objective, "iterations": settings.iterations,
                "pairs": len(examples), "ties_skipped": ties, "preference_control": settings.preference_control,
                "source_skin_types": settings.source_skin_types, "reference_weight": settings.reference_weight,
-               "preservation_weight": settings.preservation_weight, "average_from": settings.average_from}
+               "preservation_weight": settings.preservation_weight, "winner_penalty": settings.winner_penalty,
+               "average_from": settings.average_from}
     outputs = [round_output(paths, round_index)] + ([paths.aligned / "dpo"] if round_index == config.rounds - 1 else [])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -61,14 +61,18 @@ class DPOStats:
     clamped_share: float  # share of ratios r_i outside [1 - clip, 1 + clip] (0 without clip)
     mean_log_ratio: float  # mean of lp - lp_ref over both samples and all steps
     informative_pairs: int  # pairs with h != 0
+    winner_log_ratio: float | None = None  # the denoising objective: mean of error_ref - error_policy of the winners
 
     def as_dict(self) -> dict[str, float]:
-        return {
+        values = {
             "implicit_accuracy": self.implicit_accuracy,
             "clamped_share": self.clamped_share,
             "mean_log_ratio": self.mean_log_ratio,
             "informative_pairs": float(self.informative_pairs),
         }
+        if self.winner_log_ratio is not None:
+            values["winner_log_ratio"] = self.winner_log_ratio
+        return values
 
 
 def clamped_log_ratio(log_prob_policy: torch.Tensor, log_prob_ref: torch.Tensor, clip: float) -> torch.Tensor:
@@ -133,18 +137,23 @@ def denoising_dpo_loss(
     error_ref: torch.Tensor,
     preference: torch.Tensor,
     beta: float,
+    winner_penalty: float = 0.0,
 ) -> tuple[torch.Tensor, DPOStats]:
     """Diffusion-DPO (Wallace et al., 2024): the preference on the noise-prediction errors of the two final images.
 
     error_policy, error_ref: [B, 2], each sample's mean squared error of the predicted noise (or velocity) at
     one noisy version of its final latent, shared by both models and by both samples of a pair; preference h:
-    [B, 2] as in `dpo_loss`. A lower error than the reference's is a higher likelihood, so
+    [B, 2] as in `dpo_loss`. A lower error than the reference's is a higher likelihood, so with
+    improvement_i = error_ref_i - error_policy_i
 
-        margin = -beta * sum_i h_i * (error_policy_i - error_ref_i)
+        margin = beta * (sum_i h_i * improvement_i - winner_penalty * max(0, -improvement_winner))
         L      = -log sigmoid(margin)
 
-    averaged over pairs. Ties (h = 0) contribute log 2 and no gradient. In the stats, `mean_log_ratio` is the mean
-    of error_ref - error_policy (the log-ratio up to the positive factor the errors stand in for).
+    averaged over pairs. The second term (DPO-Positive, Pal et al. 2024; 0: Diffusion-DPO as published) counts
+    against the margin any rise of the winner's own error above the reference's: the plain loss is also won by
+    making both samples less likely, the loser faster. Ties (h = 0) contribute log 2 and no gradient. In the
+    stats, `mean_log_ratio` is the mean of the improvements over both samples (the log-ratio up to the positive
+    factor the errors stand in for), `winner_log_ratio` the winners' alone.
     """
     if error_policy.ndim != 2 or error_policy.shape[1] != 2:
         raise ValueError(f"error_policy has shape {tuple(error_policy.shape)}; expected [B, 2]")
@@ -154,14 +163,16 @@ def denoising_dpo_loss(
         raise ValueError(f"preference has shape {tuple(preference.shape)}; expected {tuple(error_policy.shape)}")
     h = preference.to(error_policy.dtype)
     improvement = error_ref.to(error_policy.dtype) - error_policy  # > 0: the policy finds the sample more likely
-    margin = beta * (h * improvement).sum(dim=1)  # [B]
+    winner_improvement = (improvement * (h > 0)).sum(dim=1)  # [B]; 0 for a tie, which has no winner
+    margin = beta * ((h * improvement).sum(dim=1) - winner_penalty * torch.relu(-winner_improvement))  # [B]
     loss = -F.logsigmoid(margin).mean()
     with torch.no_grad():
         informative = (preference != 0).any(dim=1)
         count = int(informative.sum())
         if count == 0:
             nan = float("nan")
-            return loss, DPOStats(nan, nan, nan, 0)
+            return loss, DPOStats(nan, nan, nan, 0, nan)
         accuracy = float((margin.detach()[informative] > 0).float().mean())
         mean_ratio = float(improvement.detach()[informative].float().mean())
-    return loss, DPOStats(accuracy, 0.0, mean_ratio, count)
+        winner_ratio = float(winner_improvement.detach()[informative].float().mean())
+    return loss, DPOStats(accuracy, 0.0, mean_ratio, count, winner_ratio)

@@ -644,6 +644,61 @@ def test_preserved_samples_are_those_of_units_where_every_sample_won():
     assert dpo_module.preserved_samples(ledger, 0) == ["u0-k0", "u0-k1", "u0-k2", "u3-k0", "u3-k1"]
 
 
+def both_win(root, unit_id, sample_b=None):
+    """Make `unit_id`'s pair a both-win tie in the run's ledger (optionally naming another second sample)."""
+    from dataclasses import replace
+
+    from magic_align.ledger import Ledger
+
+    ledger = Ledger(root / "ledger.sqlite")
+    ledger.replace_pairs(0, [
+        pair if pair.unit_id != unit_id else
+        replace(pair, outcome_a=1, outcome_b=1, score_a=1, score_b=1, sample_b=sample_b or pair.sample_b)
+        for pair in ledger.pairs(0)
+    ])
+    ledger.close()
+
+
+def test_share_of_the_mean_gives_the_mean_over_processes_however_the_values_split():
+    values = torch.tensor([0.3, 1.2, 0.5, 2.0, 0.1, 0.7, 0.9, 1.6])
+    for processes in (1, 2, 3, 5, 8, 11):  # 3: shares of 3, 3 and 2; 11: three processes hold nothing
+        shares = [values[rank::processes] for rank in range(processes)]
+        parts = [dpo_module.share_of_the_mean(share, len(values), processes) for share in shares]
+        assert float(torch.stack(parts).mean()) == pytest.approx(float(values.mean()), rel=1e-6), processes
+
+
+def test_preserved_samples_are_drawn_within_the_timestep_range_and_checked_before_training(prepared_run, tiny_model_dir,
+                                                                                          monkeypatch):
+    """One preserved sample a step (of 2), re-noised within dpo.timestep_range as the pairs are; a preserved sample
+    with no stored trajectory is refused before training starts."""
+    from magic_align.diffusion.trajectories import TrajectoryStore
+    from magic_align.run import RunPaths
+
+    root = copy_run(prepared_run, "preserved-range")
+    both_win(root, "r0-u2")
+    real_noising, drawn = dpo_module.noised_with_target, []
+
+    def noise_and_record(scheduler, clean, noise, timesteps):
+        drawn.append([int(t) for t in timesteps])
+        return real_noising(scheduler, clean, noise, timesteps)
+
+    monkeypatch.setattr(dpo_module, "noised_with_target", noise_and_record)
+    dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "preserved-range", tiny_model_dir, *DENOISING,
+                                                         "dpo.timestep_range=[0.6, 0.9]", "dpo.preservation_weight=1.0",
+                                                         "dpo.preservation_per_step=1")))
+    store = TrajectoryStore(RunPaths(root).trajectories(0))
+    visited = int(store.get(store.sample_ids()[:1]).timesteps[0].max())
+    assert [len(rows) for rows in drawn] == [4, 1] * 6  # each iteration: 2 pairs x 2 samples, then 1 preserved
+    assert all(int(0.6 * visited) <= t <= int(0.9 * visited) for rows in drawn for t in rows), (visited, drawn)
+
+    missing = copy_run(prepared_run, "preserved-missing")
+    both_win(missing, "r0-u2", sample_b="r0-u9-k1")
+    with pytest.raises(dpo_module.TrainingError, match=r"no trajectory shard in .* holds sample r0-u9-k1"):
+        dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "preserved-missing", tiny_model_dir,
+                                                             *DENOISING, "dpo.preservation_weight=1.0")))
+    assert not (missing / "checkpoints" / "dpo").exists()
+
+
 def test_preservation_keeps_the_policy_near_the_initial_model_on_the_units_it_already_draws_well(prepared_run,
                                                                                                  denoising_run,
                                                                                                  tiny_model_dir):
@@ -651,25 +706,19 @@ def test_preservation_keeps_the_policy_near_the_initial_model_on_the_units_it_al
     samples of the units where every sample won: logged, part of the logged loss, recorded in dpo.json, and a heavy
     weight leaves the policy closer to the initial model on those samples than Diffusion-DPO alone does. A run with
     no such unit is refused with the setting named."""
-    from dataclasses import replace
-
     from diffusers import StableDiffusionPipeline
-
-    from magic_align.ledger import Ledger
 
     root = copy_run(prepared_run, "preserved")
     with pytest.raises(dpo_module.TrainingError, match=r"dpo.preservation_weight = 10.0, but no unit of round 0"):
         dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "preserved", tiny_model_dir, *DENOISING,
                                                              "dpo.preservation_weight=10.0")))
-    ledger = Ledger(root / "ledger.sqlite")
-    pairs = ledger.pairs(0)
-    ledger.replace_pairs(0, [p if p.unit_id != "r0-u2" else replace(p, outcome_a=1, outcome_b=1, score_a=1, score_b=1)
-                             for p in pairs])  # unit 2: both samples win, a tie DPO never sees
-    ledger.close()
+    assert not (root / "checkpoints" / "dpo").exists()  # refused before anything was loaded or written
+    both_win(root, "r0-u2")
     weight = 1e5
     preserved = dpo_module.run_dpo(load_config("tiny", run_overrides(prepared_run, "preserved", tiny_model_dir,
                                                                      *DENOISING, f"dpo.preservation_weight={weight}")))
-    assert json.loads((preserved / "dpo.json").read_text())["preservation_weight"] == weight
+    summary = json.loads((preserved / "dpo.json").read_text())
+    assert (summary["preservation_weight"], summary["preserved_samples"], summary["pairs"]) == (weight, 2, 3)
     rows = read_metrics(root / "logs" / "dpo" / "round-0" / "metrics.csv")
     assert rows[0]["preservation_distance"] == 0 and rows[-1]["preservation_distance"] > 0
     for row in rows:

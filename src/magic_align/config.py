@@ -309,7 +309,7 @@ class FinetuneConfig(Section):
 class DPOConfig(PolicyTrainingSection):
     STEPS_KEY = "iterations"
     DENOISING_ONLY = {"reference_weight": 0.0, "timestep_range": [0.0, 1.0], "preservation_weight": 0.0,
-                      "winner_penalty": 0.0}
+                      "preservation_per_step": 8, "winner_penalty": 0.0}
 
     seed: int = 0
     # what the preference acts on: "trajectory" = the log-likelihood ratios of the stored denoising transitions

@@ -291,8 +291,9 @@ def trajectory_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tupl
 
 def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Diffusion-DPO on the chosen pairs' final latents (plus `reference_weight` x the policy's distance from the
-    initial model on the same draws), backpropagated; returns (loss, what to log) over all processes. Both samples
-    of a pair get the same noise and timestep, so their errors compare fairly."""
+    initial model on the same draws, and `preservation_weight` x that distance on the preserved samples),
+    backpropagated; returns (loss, what to log) over all processes. Both samples of a pair get the same noise and
+    timestep, so their errors compare fairly."""
     accelerator, training, settings = run.accelerator, run.training, run.settings
     pairs = [load_pair(run.store, run.examples[index], run.sampling) for index in chosen]
     final = torch.stack([batch.latents[:, -1] for batch in pairs]).to(accelerator.device)  # [P, 2, C, h, w]
@@ -327,10 +328,10 @@ def diffusion_dpo_step(run: PairTraining, chosen: list[int], step: int) -> tuple
     logged = stats.as_dict()
     if not penalties:
         return preference_loss, logged
-    logged["preference_loss"] = total = float(preference_loss)
-    for name, weight, distance in penalties:
+    logged["preference_loss"] = float(preference_loss)
+    for name, _, distance in penalties:
         logged[name] = float(accelerator.reduce(distance.detach().float(), reduction="mean"))
-        total += weight * logged[name]
+    total = logged["preference_loss"] + sum(weight * logged[name] for name, weight, _ in penalties)
     return torch.tensor(total), logged
 
 
@@ -353,26 +354,32 @@ def policy_and_reference(run: PairTraining, noisy: torch.Tensor, timesteps: torc
     return prediction, reference
 
 
+def share_of_the_mean(values: torch.Tensor, count: int, processes: int) -> torch.Tensor:
+    """This process's part of the mean of `count` values spread over `processes` (`values`: its share, possibly
+    empty): scaled so that the mean over the processes, which DDP takes of the gradients and `reduce` of the logged
+    values, is the mean over all `count`, however unevenly they split."""
+    return values.sum() * processes / count
+
+
 def preservation_distance(run: PairTraining, step: int) -> torch.Tensor:
-    """The mean distance between the policy's and the preliminary model's noise predictions on
-    `dpo.preservation_per_step` samples of `run.preserved` (this process's share), each re-noised to its own timestep
-    within `dpo.timestep_range`; drawn by (seed, step), so N processes draw as one."""
+    """The distance between the policy's and the preliminary model's noise predictions on
+    `dpo.preservation_per_step` samples of `run.preserved` (at most all of them), each re-noised to its own timestep
+    within `dpo.timestep_range`: this process's part of their mean (`share_of_the_mean`). Drawn by (seed, step), so
+    N processes draw and train as one."""
     accelerator, settings = run.accelerator, run.settings
     generator = torch.Generator().manual_seed(step_seed(settings.seed, "dpo-preservation", step))
     count = min(settings.preservation_per_step, len(run.preserved))
     drawn = torch.randperm(len(run.preserved), generator=generator)[:count].tolist()
     sample_ids = [run.preserved[index] for index in drawn]
-    try:
-        batch = run.store.get(sample_ids)
-    except TrajectoryError as error:
-        raise TrainingError(f"dpo.preservation_weight: {error}") from None
+    batch = run.store.get(sample_ids)  # checked once before training (`check_preserved_samples`)
     clean = batch.latents[:, -1]
     noises, timesteps = [], []
     for visited in batch.timesteps:
         noises.append(torch.randn(clean.shape[1:], generator=generator))
         timesteps.append(renoising_timestep(visited, settings.timestep_range, generator))
     noise, timesteps = torch.stack(noises), torch.tensor(timesteps)
-    mine = slice(accelerator.process_index, None, accelerator.num_processes)  # every process draws all, keeps its share
+    world = accelerator.num_processes
+    mine = slice(accelerator.process_index, None, world)  # every process draws all, keeps its share
     if not sample_ids[mine]:
         return torch.zeros((), device=accelerator.device)
     clean, noise, timesteps = (tensor[mine].to(accelerator.device) for tensor in (clean, noise, timesteps))
@@ -380,7 +387,17 @@ def preservation_distance(run: PairTraining, step: int) -> torch.Tensor:
     with torch.no_grad():
         cond = embed_prompt_ids(run.text_encoder, batch.prompt_ids[mine].to(accelerator.device))
     prediction, reference = policy_and_reference(run, noisy, timesteps, cond)
-    return weighted_error(prediction, reference)
+    return share_of_the_mean(prediction_error(prediction, reference), count, world)
+
+
+def check_preserved_samples(store, sample_ids: list[str], expected: TrajectorySettings, folder: Path) -> None:
+    """Refuse, before training, a preserved sample without a stored trajectory in `folder` or made with other
+    sampling settings than the pairs' (`load_pair` checks the pairs' samples the same way)."""
+    for sample_id in sample_ids:
+        if sample_id not in store:
+            raise TrainingError(f"dpo.preservation_weight: no trajectory shard in {folder} holds sample {sample_id} "
+                                "(a sample of a unit where every sample won); rerun `magic sample` for this round")
+        check_trajectory_settings(store.header(sample_id), sample_id, expected)
 
 
 DPO_STEPS = {"trajectory": trajectory_dpo_step, "denoising": diffusion_dpo_step}
@@ -412,6 +429,12 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     skin_type_of = source_skin_types(config, run_split(config, paths)) if settings.source_skin_types else None
     examples, ties = training_pairs(paths, round_index, settings, skin_type_of)
     store, header, sampling = round_trajectories(paths, round_index, examples)
+    preserved = preserved_samples(Ledger(paths.ledger), round_index) if settings.preservation_weight > 0 else []
+    if settings.preservation_weight > 0:
+        if not preserved:
+            raise TrainingError(f"dpo.preservation_weight = {settings.preservation_weight}, but no unit of round "
+                                f"{round_index} has every sample winning; set it to 0.0")
+        check_preserved_samples(store, preserved, sampling, paths.trajectories(round_index))
     # the denoising objective runs the preliminary model itself: the stored log-probs play no part in it
     stored_reference = settings.objective == "trajectory" and stored_log_probs_are_reference(settings, round_index,
                                                                                               header)
@@ -421,18 +444,16 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     training = start_policy_training(
         accelerator, pipe, config, paths, sampling, stage="dpo", adapter_name=ADAPTER_NAME, round_index=round_index,
         total_steps=settings.iterations, warmup_steps=settings.lr_warmup_steps, init_lora=init_lora,
-        training_data=settings_digest([[e.pair_id, list(e.sample_ids), list(e.signs)] for e in examples]),
+        # the preserved samples join the digest only when used, so the digest of a run without them is as before
+        training_data=settings_digest([[e.pair_id, list(e.sample_ids), list(e.signs)] for e in examples]
+                                      + ([["preserved", preserved]] if preserved else [])),
     )
     run = PairTraining(accelerator, training, pipe.text_encoder, store, examples, sampling, settings, stored_reference)
     if settings.objective == "denoising":
         from diffusers import DDPMScheduler
 
         run.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if settings.preservation_weight > 0:
-        run.preserved = preserved_samples(Ledger(paths.ledger), round_index)
-        if not run.preserved:
-            raise TrainingError(f"dpo.preservation_weight = {settings.preservation_weight}, but no unit of round "
-                                f"{round_index} has every sample winning; set it to 0.0")
+    run.preserved = preserved
     train_step = DPO_STEPS[settings.objective]
 
     session = training.session
@@ -459,7 +480,8 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     summary = {"round": round_index, "objective": settings.objective, "iterations": settings.iterations,
                "pairs": len(examples), "ties_skipped": ties, "preference_control": settings.preference_control,
                "source_skin_types": settings.source_skin_types, "reference_weight": settings.reference_weight,
-               "preservation_weight": settings.preservation_weight, "winner_penalty": settings.winner_penalty,
+               "preservation_weight": settings.preservation_weight, "preserved_samples": len(preserved),
+               "preservation_per_step": settings.preservation_per_step, "winner_penalty": settings.winner_penalty,
                "average_from": settings.average_from}
     outputs = [round_output(paths, round_index)] + ([paths.aligned / "dpo"] if round_index == config.rounds - 1 else [])
     accelerator.wait_for_everyone()

@@ -371,7 +371,7 @@ def preservation_distance(run: PairTraining, step: int) -> torch.Tensor:
     count = min(settings.preservation_per_step, len(run.preserved))
     drawn = torch.randperm(len(run.preserved), generator=generator)[:count].tolist()
     sample_ids = [run.preserved[index] for index in drawn]
-    batch = run.store.get(sample_ids)  # checked once before training (`check_preserved_samples`)
+    batch = run.store.get(sample_ids)  # checked once before training (`training_preserved_samples`)
     clean = batch.latents[:, -1]
     noises, timesteps = [], []
     for visited in batch.timesteps:
@@ -390,14 +390,24 @@ def preservation_distance(run: PairTraining, step: int) -> torch.Tensor:
     return share_of_the_mean(prediction_error(prediction, reference), count, world)
 
 
-def check_preserved_samples(store, sample_ids: list[str], expected: TrajectorySettings, folder: Path) -> None:
-    """Refuse, before training, a preserved sample without a stored trajectory in `folder` or made with other
-    sampling settings than the pairs' (`load_pair` checks the pairs' samples the same way)."""
-    for sample_id in sample_ids:
+def training_preserved_samples(paths: RunPaths, round_index: int, settings: DPOConfig, store,
+                               expected: TrajectorySettings) -> list[str]:
+    """The round's `preserved_samples` when `dpo.preservation_weight` > 0 (else none), refused before training when
+    there are none, or one has no stored trajectory or was made with other sampling settings than the pairs'
+    (`load_pair` checks the pairs' samples the same way)."""
+    if settings.preservation_weight == 0:
+        return []
+    preserved = preserved_samples(Ledger(paths.ledger), round_index)
+    if not preserved:
+        raise TrainingError(f"dpo.preservation_weight = {settings.preservation_weight}, but no unit of round "
+                            f"{round_index} has every sample winning; set it to 0.0")
+    for sample_id in preserved:
         if sample_id not in store:
-            raise TrainingError(f"dpo.preservation_weight: no trajectory shard in {folder} holds sample {sample_id} "
-                                "(a sample of a unit where every sample won); rerun `magic sample` for this round")
+            raise TrainingError(f"dpo.preservation_weight: no trajectory shard in {paths.trajectories(round_index)} "
+                                f"holds sample {sample_id} (a sample of a unit where every sample won); rerun "
+                                "`magic sample` for this round")
         check_trajectory_settings(store.header(sample_id), sample_id, expected)
+    return preserved
 
 
 DPO_STEPS = {"trajectory": trajectory_dpo_step, "denoising": diffusion_dpo_step}
@@ -429,12 +439,7 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
     skin_type_of = source_skin_types(config, run_split(config, paths)) if settings.source_skin_types else None
     examples, ties = training_pairs(paths, round_index, settings, skin_type_of)
     store, header, sampling = round_trajectories(paths, round_index, examples)
-    preserved = preserved_samples(Ledger(paths.ledger), round_index) if settings.preservation_weight > 0 else []
-    if settings.preservation_weight > 0:
-        if not preserved:
-            raise TrainingError(f"dpo.preservation_weight = {settings.preservation_weight}, but no unit of round "
-                                f"{round_index} has every sample winning; set it to 0.0")
-        check_preserved_samples(store, preserved, sampling, paths.trajectories(round_index))
+    preserved = training_preserved_samples(paths, round_index, settings, store, sampling)
     # the denoising objective runs the preliminary model itself: the stored log-probs play no part in it
     stored_reference = settings.objective == "trajectory" and stored_log_probs_are_reference(settings, round_index,
                                                                                               header)
@@ -448,12 +453,12 @@ def run_dpo(config: RunConfig, round_index: int = 0, init_lora: Path | None = No
         training_data=settings_digest([[e.pair_id, list(e.sample_ids), list(e.signs)] for e in examples]
                                       + ([["preserved", preserved]] if preserved else [])),
     )
-    run = PairTraining(accelerator, training, pipe.text_encoder, store, examples, sampling, settings, stored_reference)
+    run = PairTraining(accelerator, training, pipe.text_encoder, store, examples, sampling, settings, stored_reference,
+                       preserved=preserved)
     if settings.objective == "denoising":
         from diffusers import DDPMScheduler
 
         run.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    run.preserved = preserved
     train_step = DPO_STEPS[settings.objective]
 
     session = training.session
